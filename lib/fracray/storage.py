@@ -173,10 +173,9 @@ def read_prefix(uri: str, nbytes: int, options: StorageOptions | None = None) ->
 
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
     fs, path = resolve(uri, options)
-    parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
     try:
-        if parent:
-            fs.create_dir(parent, recursive=True)
+        if not is_remote(uri):  # object stores have no folders; creating one leaves a marker object
+            fs.create_dir(os.path.dirname(path), recursive=True)
         with fs.open_output_stream(path) as f:
             f.write(data)
     except OSError as exc:

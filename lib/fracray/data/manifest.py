@@ -149,13 +149,12 @@ def filter_rows(manifest: pa.Table, *, split: str | None = None, exclude_hardwar
                 body_part: str | None = None) -> pa.Table:
     """Common selections: one split, one body part, or the hardware-free subset
     (MURA humerus paper: images with metal implants removed)."""
-    mask = pc.scalar(True)
-    if split is not None:
-        mask = pc.and_(mask, pc.equal(manifest["split"], split))
-    if body_part is not None:
-        mask = pc.and_(mask, pc.equal(manifest["body_part"], body_part))
-    if exclude_hardware:
-        mask = pc.and_(mask, pc.invert(pc.fill_null(manifest["hardware"], False)))
-    if isinstance(mask, pa.Scalar):
-        return manifest
-    return manifest.filter(mask)
+    mask = None
+    for condition in (
+        pc.equal(manifest["split"], split) if split is not None else None,
+        pc.equal(manifest["body_part"], body_part) if body_part is not None else None,
+        pc.invert(pc.fill_null(manifest["hardware"], False)) if exclude_hardware else None,
+    ):
+        if condition is not None:
+            mask = condition if mask is None else pc.and_(mask, condition)
+    return manifest if mask is None else manifest.filter(mask)

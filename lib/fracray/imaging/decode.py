@@ -147,8 +147,12 @@ def _decode_pillow(data: bytes, *, max_pixels: int, min_side: int, draft_size) -
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageRejected(RejectReason.DECOMPRESSION_BOMB, str(exc)) from exc
+        raise ImageRejected(RejectReason.DECOMPRESSION_BOMB,
+                            f"{exc} Raise max_pixels (and PIL.Image.MAX_IMAGE_PIXELS) if this image is genuine") from exc
     except UnidentifiedImageError as exc:
+        fmt = sniff_format(data)
+        if fmt is not None:
+            raise ImageRejected(RejectReason.CORRUPT, f"starts like a {fmt} file but its header is unreadable") from exc
         raise ImageRejected(
             RejectReason.NOT_AN_IMAGE,
             f"not a recognised image ({len(data):,} bytes, starts with {data[:8]!r})",

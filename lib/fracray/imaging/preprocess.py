@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Literal
 
 import numpy as np
@@ -80,6 +81,10 @@ class PreprocessConfig:
             raise ValueError(f"Unknown enhancement {self.enhancement!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3. Got {self.channels}")
+        if self.channels == 1 and len(self.mean) == 3 and len(self.std) == 3:
+            # One-channel models: average the per-channel statistics, as timm does for in_chans=1.
+            object.__setattr__(self, "mean", (sum(self.mean) / 3,))
+            object.__setattr__(self, "std", (sum(self.std) / 3,))
         if self.normalization == "imagenet" and (len(self.mean) not in (1, self.channels) or len(self.std) != len(self.mean)):
             raise ValueError(f"mean/std must have 1 or {self.channels} values. Got {self.mean}, {self.std}")
         # Tuples survive JSON round trips as lists; keep the dataclass hashable.
@@ -191,7 +196,10 @@ def _finalize_numpy(base: np.ndarray, config: PreprocessConfig) -> np.ndarray:
         raise ValueError(f"Expected one channel before finalize. Got shape {tuple(base.shape)}")
     if base.dtype == np.float16:
         import torch  # torch's float16 -> float32 copy is SIMD; NumPy's is ~20x slower
-        base = torch.from_numpy(np.ascontiguousarray(base)).float().numpy()
+        with warnings.catch_warnings():
+            # Ray hands out read-only views of its object store; we only read from it.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            base = torch.from_numpy(np.ascontiguousarray(base)).float().numpy()
     plane = base[..., 0, :, :]
     out = np.empty((*base.shape[:-3], config.channels, *base.shape[-2:]), np.float32)
     if config.normalization != "imagenet":

@@ -1,0 +1,124 @@
+"""Shared fixtures: a real local Ray, a real S3-compatible server (moto in server mode
+on 127.0.0.1), synthetic datasets in the released layouts, and the real FracAtlas copy."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FRACRAY_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# Fake credentials for the local S3 server; set before Ray starts so its workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the session (2 CPUs, as on the build machine)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "lib")}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server as its own process on 127.0.0.1; yields the endpoint URL."""
+    port = _free_port()
+    # This interpreter's moto (a moto_server on PATH may be another install's).
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto_server did not start within 30 s")
+    yield endpoint
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the local S3 server; yields (boto3 client, bucket name, endpoint)."""
+    import uuid
+
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    name = f"fracray-{uuid.uuid4().hex[:10]}"
+    client.create_bucket(Bucket=name)
+    return client, name, s3_server
+
+
+def upload_tree(client, local_root: Path, bucket: str, prefix: str) -> int:
+    count = 0
+    for path in sorted(local_root.rglob("*")):
+        if path.is_file():
+            key = f"{prefix}/{path.relative_to(local_root).as_posix()}"
+            client.upload_file(str(path), bucket, key)
+            count += 1
+    return count
+
+
+@pytest.fixture(scope="session")
+def mura_root(tmp_path_factory) -> Path:
+    from fracray.data.synthetic import generate_mura
+
+    root = tmp_path_factory.mktemp("mura")
+    generate_mura(str(root), patients_per_part=3, seed=7, max_side=256)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fracatlas_root(tmp_path_factory) -> Path:
+    from fracray.data.synthetic import generate_fracatlas
+
+    root = tmp_path_factory.mktemp("fracatlas")
+    generate_fracatlas(str(root), n_images=60, seed=3, fractured_fraction=0.3, truncated=2, large_images=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_fracatlas() -> Path:
+    root = SHARED_DATA / "fracatlas"
+    if not (root / "FracAtlas" / "dataset.csv").exists():
+        pytest.skip(f"real FracAtlas data not found at {root} (../shared/data beside the checkout; "
+                    f"set FRACRAY_SHARED_DATA to point elsewhere)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_fracatlas_fullres() -> Path:
+    root = SHARED_DATA / "fracatlas-fullres"
+    if not (root / "FracAtlas" / "dataset.csv").exists():
+        pytest.skip(f"full-resolution FracAtlas sample not found at {root}")
+    return root
