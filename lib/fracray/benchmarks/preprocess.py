@@ -155,7 +155,8 @@ def machine_description() -> str:
 
 
 def run_benchmark(name: str, uris: list[str], *, config: PreprocessConfig, cores: int, min_seconds: float,
-                  batch_size: int, rows_per_block: int = 256, with_ray: bool = True, with_gpu: bool = True) -> BenchResult:
+                  batch_size: int, rows_per_block: int = 256, ray_seconds: float = 10.0,
+                  with_ray: bool = True, with_gpu: bool = True) -> BenchResult:
     payloads = []
     usable_uris = []
     for uri in uris:
@@ -172,8 +173,8 @@ def run_benchmark(name: str, uris: list[str], *, config: PreprocessConfig, cores
     bare = _rate(_bare_decode, payloads, min_seconds)
     full = _rate(lambda d: preprocess_bytes(d, config), payloads, min_seconds)
     naive = _rate(_naive(config), payloads, min_seconds)
-    # Enough images for about 10 s of ideal all-core work.
-    min_images = int(full * cores * 10)
+    # Enough images for about ``ray_seconds`` of ideal all-core work.
+    min_images = int(full * cores * ray_seconds)
     ray_rate, ray_rate_cpu_finalize = (_ray_rates(usable_uris, config, cores, batch_size, rows_per_block, min_images)
                                        if with_ray else (None, None))
     gpu = _gpu_rate(payloads, config, min_seconds) if with_gpu else None
@@ -221,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="at most this many images per dataset")
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="CPU cores for the Ray pipeline")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="minimum timed seconds per single-core stage")
+    parser.add_argument("--ray-seconds", type=float, default=10.0,
+                        help="size the Ray stage's input (the file list, cycled) to about this many seconds of "
+                             "ideal all-core work, so start-up does not dominate (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rows-per-block", type=int, default=256)
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray Data stage")
@@ -254,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         uris = _images_under(uri, args.limit)
         print(f"[{name}] {len(uris)} files from {uri} ...", flush=True)
         results.append(run_benchmark(name, uris, config=config, cores=args.cores, min_seconds=args.min_seconds,
-                                     batch_size=args.batch_size, rows_per_block=args.rows_per_block, with_ray=not args.no_ray))
+                                     batch_size=args.batch_size, rows_per_block=args.rows_per_block,
+                                     ray_seconds=args.ray_seconds, with_ray=not args.no_ray))
     print(f"\nMachine: {results[0].machine}; input {args.image_size}x{args.image_size}, ImageNet normalisation\n")
     print(format_table(results))
     if args.json:

@@ -1,0 +1,96 @@
+"""The command-line entry points, run as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import REPO
+
+SCRIPTS = ["index_dataset.py", "train_all.py", "bench_preprocess.py"]
+
+
+def _run(*args, timeout=600, **kw):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, **kw)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_command_has_help(script):
+    out = _run(REPO / "pipelines" / script, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout and len(out.stdout) > 300
+
+
+def test_index_fracatlas_writes_manifest_rejects_and_pictures(fracatlas_root, tmp_path):
+    out = _run(REPO / "pipelines" / "index_dataset.py", "--dataset", "fracatlas", "--data", fracatlas_root,
+               "--output", tmp_path / "idx", "--verify")
+    assert out.returncode == 0, out.stderr
+    assert "split  body part" in out.stdout and "all" in out.stdout
+    assert "2 truncated" in out.stdout
+    manifest = pq.read_table(tmp_path / "idx" / "manifest.parquet")
+    rejects = pq.read_table(tmp_path / "idx" / "rejects.parquet").to_pylist()
+    assert manifest.num_rows == 60
+    assert [r["reason"] for r in rejects] == ["truncated", "truncated"]
+    summary = json.loads((tmp_path / "idx" / "summary.json").read_text())
+    assert summary["images"] == 60 and summary["rejects"] == {"truncated": 2}
+    for name, min_size in (("contact_sheet.png", (400, 400)), ("image_sizes.png", (600, 300))):
+        with Image.open(tmp_path / "idx" / name) as img:
+            assert img.format == "PNG" and img.size[0] >= min_size[0] and img.size[1] >= min_size[1]
+            # Not a blank canvas: the sheet shows radiographs.
+            assert len(img.convert("L").getcolors(1 << 16) or []) > 50
+
+
+def test_index_bad_layout_is_a_clear_error_and_exit_code(tmp_path):
+    out = _run(REPO / "pipelines" / "index_dataset.py", "--dataset", "mura", "--data", tmp_path,
+               "--output", tmp_path / "out")
+    assert out.returncode == 2
+    assert "error:" in out.stderr and "MURA-v1.1" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_index_rejects_unknown_layout_name(tmp_path):
+    out = _run(REPO / "pipelines" / "index_dataset.py", "--dataset", "chexpert", "--data", tmp_path,
+               "--output", tmp_path)
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_train_all_embedded_default_runs_end_to_end(tmp_path):
+    """The README's main command, with a smaller synthetic set: index + Ray Data preprocessing."""
+    out = _run(REPO / "pipelines" / "train_all.py", "--output", tmp_path / "run", "--synthetic-patients-per-part",
+               "2", "--batch-size", "16")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "data_stage.json").read_text())
+    stream = report["stream"]
+    assert stream["rows"] == stream["ok"] + sum(stream["rejected"].values()) > 0
+    assert report["model_input_shape"] == [3, 224, 224]
+    assert "Every image accounted for" in out.stdout
+    assert (tmp_path / "run" / "index" / "contact_sheet.png").exists()
+
+
+def test_train_all_reads_a_yaml_config(tmp_path, fracatlas_root):
+    config = tmp_path / "job.yaml"
+    config.write_text(f"dataset: fracatlas\ndata: {fracatlas_root}\nimage-size: 128\nbatch_size: 8\n"
+                      f"output: {tmp_path / 'run'}\n")
+    out = _run(REPO / "pipelines" / "train_all.py", "--config", config)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "data_stage.json").read_text())
+    assert report["model_input_shape"] == [3, 128, 128]
+    assert report["stream"] == {"rows": 60, "ok": 58, "rejected": {"truncated": 2}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rat: 0.1\n")
+    out = _run(REPO / "pipelines" / "train_all.py", "--config", bad)
+    assert out.returncode == 2 and "unknown keys" in out.stderr
+
+
+def test_benchmark_prints_side_by_side_ratios(tmp_path, fracatlas_root):
+    out = _run(REPO / "pipelines" / "bench_preprocess.py", "--data", f"synthetic={fracatlas_root / 'FracAtlas' / 'images'}",
+               "--min-seconds", "0.2", "--ray-seconds", "1", "--json", tmp_path / "bench.json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| b/a |" in out.stdout and "d/(b x cores)" in out.stdout and "Machine:" in out.stdout
+    result = json.loads((tmp_path / "bench.json").read_text())[0]
+    assert result["images"] == 58  # the 2 truncated files are rejected, not timed
+    assert result["bare_decode"] > 0 and result["full_path"] > 0 and result["ray_pipeline"] > 0
+    assert result["ratios"]["b/a"] == pytest.approx(result["full_path"] / result["bare_decode"])
