@@ -144,7 +144,7 @@ def _to_uri(template: str, fs_path: str) -> str:
     scheme = _scheme(template)
     if scheme in ("file", "local"):
         return fs_path
-    return f"{scheme}://{fs_path}"
+    return f"{scheme}://{fs_path.lstrip('/')}"
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:

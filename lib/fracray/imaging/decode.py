@@ -293,7 +293,8 @@ def _apply_voi(values: np.ndarray, ds) -> np.ndarray:
         from pydicom.pixels import apply_voi_lut
         item = ds.VOILUTSequence[0]
         lut_bits = int(item.LUTDescriptor[2])
-        out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
+        # A LUT is indexed by integer modality values.
+        out = apply_voi_lut(np.rint(values).astype(np.int64), ds, index=0, prefer_lut=True).astype(np.float64)
         return (out / float(2 ** lut_bits - 1)).astype(np.float32)
     if "WindowCenter" in ds and "WindowWidth" in ds:
         center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
