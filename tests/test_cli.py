@@ -13,9 +13,9 @@ from conftest import REPO
 SCRIPTS = ["index_dataset.py", "train_all.py", "bench_preprocess.py"]
 
 
-def _run(*args, timeout=600, **kw):
+def _run(*args, timeout=600, cwd=REPO, **kw):
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO, **kw)
+                          cwd=cwd, **kw)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -58,16 +58,19 @@ def test_index_rejects_unknown_layout_name(tmp_path):
 
 
 def test_train_all_embedded_default_runs_end_to_end(tmp_path):
-    """The README's main command, with a smaller synthetic set: index + Ray Data preprocessing."""
-    out = _run(REPO / "pipelines" / "train_all.py", "--output", tmp_path / "run", "--synthetic-patients-per-part",
-               "2", "--batch-size", "16")
+    """The README's main command, with a smaller synthetic set: index + Ray Data preprocessing.
+    A relative --output, as in the README: Ray workers run in other directories."""
+    out = _run(REPO / "pipelines" / "train_all.py", "--output", "run", "--synthetic-patients-per-part",
+               "2", "--batch-size", "16", cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "data_stage.json").read_text())
     stream = report["stream"]
     assert stream["rows"] == stream["ok"] + sum(stream["rejected"].values()) > 0
     assert report["model_input_shape"] == [3, 224, 224]
-    assert "Every image accounted for" in out.stdout
+    assert "Every image accounted for" in out.stdout and stream["ok"] == stream["rows"]
     assert (tmp_path / "run" / "index" / "contact_sheet.png").exists()
+    manifest = pq.read_table(tmp_path / "run" / "index" / "manifest.parquet")
+    assert all(u.startswith(str(tmp_path)) for u in manifest["image_uri"].to_pylist())
 
 
 def test_train_all_reads_a_yaml_config(tmp_path, fracatlas_root):

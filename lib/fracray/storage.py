@@ -34,6 +34,7 @@ __all__ = [
     "ensure_dir",
     "is_dir",
     "relative_to",
+    "normalize",
 ]
 
 
@@ -130,6 +131,15 @@ def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileS
         return _s3_filesystem(options), (parsed.netloc + parsed.path).rstrip("/") or parsed.netloc
     parsed = urlparse(uri)
     return _fsspec_filesystem(scheme), parsed.netloc + parsed.path
+
+
+def normalize(uri: str) -> str:
+    """Local paths become absolute (Ray workers do not share the driver's working
+    directory, so a manifest must never hold a relative path); other URIs are unchanged."""
+    if is_remote(uri):
+        return uri
+    path = urlparse(uri).path if uri.startswith("file://") else uri
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def join(base: str, *parts: str) -> str:

@@ -74,6 +74,7 @@ def _mura_base(data_uri: str, options: StorageOptions | None) -> str:
 
 
 def index_mura(data_uri: str, options: StorageOptions | None = None) -> IndexResult:
+    data_uri = storage.normalize(data_uri)  # Ray workers have their own working directory
     base = _mura_base(data_uri, options)
     rows, rejects, notes = [], [], []
     disagreements = 0
@@ -185,6 +186,7 @@ def _flag(value: str) -> bool | None:
 
 
 def index_fracatlas(data_uri: str, options: StorageOptions | None = None, *, split_seed: int = DEFAULT_SPLIT_SEED) -> IndexResult:
+    data_uri = storage.normalize(data_uri)  # Ray workers have their own working directory
     root = _fracatlas_root(data_uri, options)
     rows_csv = _csv_rows(_read_text(storage.join(root, "dataset.csv"), options))
     header = [h.strip() for h in rows_csv[0]]
@@ -322,6 +324,7 @@ def index_folder(data_uri: str, options: StorageOptions | None = None, *,
                  positive_classes: tuple[str, ...] = (), negative_classes: tuple[str, ...] = (),
                  split_seed: int = DEFAULT_SPLIT_SEED) -> IndexResult:
     """``<split>/<class>/*.png|jpg`` or ``<class>/*`` (then split 80/11.5/8.5 by seed)."""
+    data_uri = storage.normalize(data_uri)
     positive = POSITIVE_NAMES | {c.lower() for c in positive_classes}
     negative = NEGATIVE_NAMES | {c.lower() for c in negative_classes}
     files = storage.list_files(data_uri, options)
@@ -369,6 +372,7 @@ _LABEL_ALIASES = ("image_label", "label", "fractured", "abnormal")
 def index_manifest_file(data_uri: str, options: StorageOptions | None = None) -> IndexResult:
     """A user's CSV or Parquet listing images. Needs a URI/path column; relative paths
     are taken relative to the manifest's folder. Other manifest columns are optional."""
+    data_uri = storage.normalize(data_uri)
     if data_uri.lower().endswith(".parquet"):
         table = read_table(data_uri, options)
     else:
@@ -428,6 +432,3 @@ def index_dataset(kind: str, data_uri: str, options: StorageOptions | None = Non
         raise ValueError(f"Unknown dataset layout {kind!r}; expected one of {sorted(ADAPTERS)}") from None
     return adapter(data_uri, options, **kwargs)
 
-
-def label_counts(result: IndexResult) -> Counter:
-    return Counter(result.manifest["image_label"].to_pylist())
