@@ -42,7 +42,8 @@ class StreamConfig:
         and keep memory bounded (a block's outputs are held until consumed).
     augment: per-image random flip + affine for training; rows with an
         ``augment_copy`` column > 0 are always augmented.
-    seed: augmentation seed (combine with the epoch number for new draws per epoch).
+    seed: augmentation seed: the same seed gives the same draws; None draws afresh on
+        every execution, so each training epoch sees new augmentations.
     num_cpus: CPUs reserved by each preprocessing task.
     concurrency: max parallel preprocessing tasks (None: as many as CPUs allow).
     output_dtype: dtype of the shipped single-channel image. float16 halves the
@@ -54,7 +55,7 @@ class StreamConfig:
     batch_size: int = 256
     rows_per_block: int = 256
     augment: AugmentConfig | None = None
-    seed: int = 0
+    seed: int | None = 0
     num_cpus: float = 1.0
     concurrency: int | None = None
     output_dtype: str = "float16"
@@ -66,14 +67,16 @@ class StreamConfig:
             raise ValueError(f"batch_size and rows_per_block must be > 0. Got {self.batch_size}, {self.rows_per_block}")
 
 
-def _row_rng(uri: str, seed: int, copy: int) -> np.random.Generator:
+def _row_rng(uri: str, seed: int | None, copy: int) -> np.random.Generator:
+    if seed is None:  # fresh draws on every pass (training epochs re-execute the stream)
+        return np.random.default_rng()
     digest = hashlib.blake2b(f"{seed}|{copy}|{uri}".encode(), digest_size=8).digest()
     return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
 def preprocess_batch(batch: pa.Table | dict[str, Any], *, preprocess: PreprocessConfig,
                      storage_options: StorageOptions | None = None, augment: AugmentConfig | None = None,
-                     seed: int = 0, output_dtype: str = "float32") -> dict[str, np.ndarray]:
+                     seed: int | None = 0, output_dtype: str = "float32") -> dict[str, np.ndarray]:
     """One batch of manifest rows -> single-channel preprocessed images (N x 1 x H x W,
     before :func:`finalize`) plus per-row status. Never raises for bad images."""
     if isinstance(batch, pa.Table):

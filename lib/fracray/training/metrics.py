@@ -1,0 +1,103 @@
+"""Evaluation metrics, with the conventions of the papers: confusion counts,
+accuracy, precision, sensitivity (recall), specificity, F1, AUROC, and MURA's
+study-level Cohen's kappa (mean probability over a study's images)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["binary_metrics", "choose_threshold", "study_level", "multiclass_metrics"]
+
+
+def _safe_div(a: float, b: float) -> float | None:
+    return float(a / b) if b else None
+
+
+def binary_metrics(labels: Sequence[int], probs: Sequence[float], threshold: float = 0.5) -> dict[str, Any]:
+    y = np.asarray(labels, dtype=int)
+    p = np.asarray(probs, dtype=float)
+    if y.shape != p.shape:
+        raise ValueError(f"labels and probabilities differ in length: {y.shape} vs {p.shape}")
+    pred = p >= threshold
+    tp = int(np.sum(pred & (y == 1)))
+    fn = int(np.sum(~pred & (y == 1)))
+    fp = int(np.sum(pred & (y == 0)))
+    tn = int(np.sum(~pred & (y == 0)))
+    precision = _safe_div(tp, tp + fp)
+    sensitivity = _safe_div(tp, tp + fn)
+    f1 = (2 * precision * sensitivity / (precision + sensitivity)
+          if precision is not None and sensitivity is not None and precision + sensitivity > 0 else None)
+    auroc = None
+    if 0 < y.sum() < len(y):
+        from sklearn.metrics import roc_auc_score
+        auroc = float(roc_auc_score(y, p))
+    return {"n": int(len(y)), "tp": tp, "fn": fn, "fp": fp, "tn": tn, "threshold": float(threshold),
+            "accuracy": _safe_div(tp + tn, len(y)), "precision": precision, "sensitivity": sensitivity,
+            "specificity": _safe_div(tn, tn + fp), "f1": f1, "auroc": auroc}
+
+
+def choose_threshold(labels: Sequence[int], probs: Sequence[float], *, target: str = "youden",
+                     value: float | None = None) -> float:
+    """An operating threshold chosen on validation data.
+
+    target: "youden" (max sensitivity + specificity - 1), "sensitivity" (the highest
+    threshold whose sensitivity >= value) or "specificity" (the lowest threshold whose
+    specificity >= value). Falls back to 0.5 when a class is missing.
+    """
+    y = np.asarray(labels, dtype=int)
+    p = np.asarray(probs, dtype=float)
+    if not 0 < y.sum() < len(y):
+        return 0.5
+    from sklearn.metrics import roc_curve
+    fpr, tpr, thresholds = roc_curve(y, p)
+    thresholds = np.clip(thresholds, 0.0, 1.0)
+    if target == "youden":
+        best = int(np.argmax(tpr - fpr))
+    elif target == "sensitivity":
+        if value is None:
+            raise ValueError("target='sensitivity' needs value, e.g. 0.9")
+        best = int(np.flatnonzero(tpr >= value)[0])
+    elif target == "specificity":
+        if value is None:
+            raise ValueError("target='specificity' needs value, e.g. 0.9")
+        best = int(np.flatnonzero(1 - fpr >= value)[-1])
+    else:
+        raise ValueError(f"target must be youden, sensitivity or specificity. Got {target!r}")
+    return float(thresholds[best])
+
+
+def study_level(study_ids: Sequence[str], labels: Sequence[int], probs: Sequence[float],
+                threshold: float = 0.5) -> dict[str, Any]:
+    """MURA's study-level evaluation: a study's probability is the mean over its images;
+    returns Cohen's kappa and the binary metrics on studies."""
+    grouped: dict[str, list[float]] = defaultdict(list)
+    study_label: dict[str, int] = {}
+    for sid, label, prob in zip(study_ids, labels, probs):
+        grouped[sid].append(float(prob))
+        study_label[sid] = int(label)
+    ids = sorted(grouped)
+    y = [study_label[s] for s in ids]
+    p = [float(np.mean(grouped[s])) for s in ids]
+    out = binary_metrics(y, p, threshold)
+    from sklearn.metrics import cohen_kappa_score
+    pred = [int(v >= threshold) for v in p]
+    out["kappa"] = float(cohen_kappa_score(y, pred)) if len(set(y) | set(pred)) > 1 else None
+    out["studies"] = len(ids)
+    return out
+
+
+def multiclass_metrics(labels: Sequence[int], probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    y = np.asarray(labels, dtype=int)
+    probs = np.asarray(probs, dtype=float)
+    pred = probs.argmax(axis=1)
+    confusion = np.zeros((len(classes), len(classes)), dtype=int)
+    for t, q in zip(y, pred):
+        confusion[t, q] += 1
+    per_class = {c: {"recall": _safe_div(confusion[i, i], confusion[i].sum()),
+                     "precision": _safe_div(confusion[i, i], confusion[:, i].sum()), "n": int(confusion[i].sum())}
+                 for i, c in enumerate(classes)}
+    return {"n": int(len(y)), "accuracy": _safe_div(int((pred == y).sum()), len(y)), "per_class": per_class,
+            "confusion": confusion.tolist(), "classes": list(classes)}

@@ -1,0 +1,389 @@
+"""Fine-tuning one classifier with Ray Train, fed by the Ray Data pipeline.
+
+TorchTrainer runs ``train_loop_per_worker`` on N workers (DDP; GPUs when asked,
+else CPUs). Each worker reads its shard of the preprocessed stream, finalises the
+compact images on its device, and trains with Adam (1e-4 by default), a cosine
+schedule, class-weighted cross-entropy or focal loss, AMP + channels_last on GPU.
+Every epoch it validates, reports metrics to Ray and saves a checkpoint; it stops
+early when the validation score stops improving. With ``max_failures`` > 0 a
+killed worker restarts the group from the last checkpoint.
+
+The result is a self-describing bundle (see ``bundle.py``) with the operating
+threshold chosen on validation data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .. import storage
+from ..data.pipeline import OK, StreamConfig, build_image_dataset
+from ..imaging.preprocess import AugmentConfig, PreprocessConfig, finalize
+from ..storage import StorageOptions
+from . import metrics as M
+from .bundle import BundleMeta, save_bundle
+
+__all__ = ["TrainConfig", "TrainResult", "train_classifier", "predict_manifest"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One classifier's training run.
+
+    task: "fracture" (binary, label = image_label) or "body_part" (label = the index
+        of body_part in ``classes``: the router).
+    threshold_target / threshold_value: operating point chosen on validation data
+        ("youden", or "sensitivity"/"specificity" with a value such as 0.9).
+    progress_file: a local file each worker appends JSON lines to (rank, pid, epoch):
+        a heartbeat for monitoring, and how the fault-tolerance test finds a worker.
+    """
+
+    model: str = "efficientnet_lite0"
+    pretrained: bool | str = True
+    strategy: str = "full"
+    head: str = "linear"
+    bam: bool = False
+    task: str = "fracture"
+    classes: tuple[str, ...] = ("normal", "abnormal")
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    loss: str = "weighted_ce"
+    focal_gamma: float = 2.0
+    lr_schedule: str = "cosine"
+    early_stopping_patience: int = 3
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    amp: bool = True
+    augment: bool = True
+    normalization: str | None = None
+    enhancement: str = "none"
+    threshold_target: str = "youden"
+    threshold_value: float | None = None
+    max_failures: int = 0
+    seed: int = 0
+    progress_file: str | None = None
+
+    def __post_init__(self):
+        if self.task not in ("fracture", "body_part"):
+            raise ValueError(f"task must be fracture or body_part. Got {self.task!r}")
+        if self.loss not in ("weighted_ce", "ce", "focal"):
+            raise ValueError(f"loss must be weighted_ce, ce or focal. Got {self.loss!r}")
+        if self.lr_schedule not in ("cosine", "none"):
+            raise ValueError(f"lr_schedule must be cosine or none. Got {self.lr_schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("epochs, batch_size and num_workers must be >= 1")
+        object.__setattr__(self, "classes", tuple(self.classes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    bundle_uri: str
+    meta: BundleMeta
+    history: list[dict[str, Any]]
+    seconds: float
+    valid_predictions: dict[str, list]
+
+
+def _labels_of(batch: dict[str, np.ndarray], task: str, classes: tuple[str, ...]) -> np.ndarray:
+    if task == "fracture":
+        return batch["image_label"].astype(np.int64)
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index.get(str(p), -1) for p in batch["body_part"]], dtype=np.int64)
+
+
+def _usable(batch: dict[str, np.ndarray], task: str, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    labels = _labels_of(batch, task, classes)
+    keep = (batch["status"] == OK) & (labels >= 0)
+    return keep, labels
+
+
+def _focal_loss(logits, target, weight, gamma: float):
+    import torch.nn.functional as F
+
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    ce = F.nll_loss(log_p, target, weight=weight, reduction="none")
+    p_t = log_p.gather(1, target[:, None]).squeeze(1).exp()
+    return ((1 - p_t) ** gamma * ce).mean()
+
+
+def _log_progress(path: str | None, **event) -> None:
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+
+def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.nn.functional as F
+
+    tc = TrainConfig(**cfg["train"])
+    preprocess = PreprocessConfig.from_dict(cfg["preprocess"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(tc.seed + rank)
+    use_amp = tc.amp and device.type == "cuda"
+
+    from ..models.registry import create_model
+
+    model = create_model(tc.model, pretrained=tc.pretrained, num_classes=len(tc.classes), strategy=tc.strategy,
+                         head=tc.head, bam=tc.bam)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    start_epoch, best_score, stale, history = 0, -math.inf, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    resume_state = None
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            from safetensors.torch import load_file
+            model.load_state_dict(load_file(os.path.join(ckpt_dir, "model.safetensors")))
+            resume_state = torch.load(os.path.join(ckpt_dir, "train_state.pt"), map_location="cpu", weights_only=True)
+            with open(os.path.join(ckpt_dir, "history.json")) as f:
+                saved = json.load(f)
+        start_epoch, best_score, stale, history = saved["epoch"] + 1, saved["best_score"], saved["stale"], saved["history"]
+    model = ray.train.torch.prepare_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs)
+                 if tc.lr_schedule == "cosine" else None)
+    if resume_state:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume_state["scheduler"])
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    weight = torch.tensor(cfg["class_weights"], dtype=torch.float32, device=device) if tc.loss != "ce" else None
+    _log_progress(tc.progress_file, rank=rank, pid=os.getpid(), event="start", epoch=start_epoch)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard("valid")
+    binary = len(tc.classes) == 2
+    for epoch in range(start_epoch, tc.epochs):
+        model.train()
+        epoch_start, seen, loss_sum = time.time(), 0, 0.0
+        for batch in train_shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy", prefetch_batches=2):
+            keep, labels = _usable(batch, tc.task, tc.classes)
+            if not keep.any():
+                continue
+            x = torch.from_numpy(np.ascontiguousarray(batch["image"][keep])).to(device, non_blocking=True)
+            x = finalize(x, preprocess)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(labels[keep]).to(device)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                logits = model(x)
+            loss = (_focal_loss(logits, y, weight, tc.focal_gamma) if tc.loss == "focal"
+                    else F.cross_entropy(logits.float(), y, weight=weight))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            seen += len(y)
+            loss_sum += float(loss) * len(y)
+        if scheduler is not None:
+            scheduler.step()
+        train_seconds = time.time() - epoch_start
+
+        model.eval()
+        probs, ys, studies = [], [], []
+        with torch.no_grad():
+            for batch in valid_shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy"):
+                keep, labels = _usable(batch, tc.task, tc.classes)
+                if not keep.any():
+                    continue
+                x = finalize(torch.from_numpy(np.ascontiguousarray(batch["image"][keep])).to(device), preprocess)
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                    probs.append(model(x).float().softmax(-1).cpu().numpy())
+                ys.append(labels[keep])
+                studies += [str(s) for s in batch["study_id"][keep]]
+        local = (np.concatenate(probs) if probs else np.zeros((0, len(tc.classes))),
+                 np.concatenate(ys) if ys else np.zeros(0, np.int64), studies)
+        if world > 1:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, local)
+            local = (np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]),
+                     sum((g[2] for g in gathered), []))
+        v_probs, v_labels, _ = local
+        if binary:
+            val = M.binary_metrics(v_labels, v_probs[:, 1] if len(v_probs) else [], 0.5)
+            score = val["auroc"] if val["auroc"] is not None else (val["accuracy"] or 0.0)
+        else:
+            val = M.multiclass_metrics(v_labels, v_probs, tc.classes) if len(v_probs) else {"accuracy": None}
+            score = val["accuracy"] or 0.0
+        improved = score > best_score
+        best_score, stale = (score, 0) if improved else (best_score, stale + 1)
+        record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_images": seen,
+                  "images_per_second": seen * world / max(train_seconds, 1e-9),
+                  "lr": optimizer.param_groups[0]["lr"], "val_score": float(score),
+                  "val_accuracy": val.get("accuracy"), "val_auroc": val.get("auroc"),
+                  "val_sensitivity": val.get("sensitivity"), "val_specificity": val.get("specificity"),
+                  "best_score": float(best_score)}
+        history.append(record)
+        _log_progress(tc.progress_file, rank=rank, pid=os.getpid(), event="epoch_end", epoch=epoch)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                from safetensors.torch import save_file
+                module = getattr(model, "module", model)
+                save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
+                          os.path.join(tmp, "model.safetensors"))
+                torch.save({"optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict() if scheduler else {}},
+                           os.path.join(tmp, "train_state.pt"))
+                with open(os.path.join(tmp, "history.json"), "w") as f:
+                    json.dump({"epoch": epoch, "best_score": best_score, "stale": stale, "history": history,
+                               "improved": improved}, f)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({k: v for k, v in record.items() if v is not None}, checkpoint=ckpt)
+        if stale >= tc.early_stopping_patience:
+            break
+
+
+def _class_weights(labels: list[int], n_classes: int) -> list[float]:
+    """Inverse-frequency weights normalised to mean 1 (absent classes get weight 1)."""
+    counts = Counter(labels)
+    raw = [len(labels) / (n_classes * counts[c]) if counts.get(c) else 1.0 for c in range(n_classes)]
+    mean = sum(raw) / n_classes
+    return [w / mean for w in raw]
+
+
+def _manifest_labels(manifest: pa.Table, task: str, classes: tuple[str, ...]) -> list[int]:
+    if task == "fracture":
+        return [int(v) for v in manifest["image_label"].to_pylist() if v in (0, 1)]
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[p] for p in manifest["body_part"].to_pylist() if p in index]
+
+
+def predict_manifest(model, manifest: pa.Table, preprocess: PreprocessConfig, *,
+                     storage_options: StorageOptions | None = None, batch_size: int = 64) -> dict[str, list]:
+    """Probabilities for every ok row of a manifest (driver-side, for thresholds and reports)."""
+    import torch
+
+    from ..data.pipeline import StreamTally, iter_model_batches
+
+    out: dict[str, list] = {"image_uri": [], "study_id": [], "image_label": [], "body_part": [], "probs": []}
+    tally = StreamTally()
+    model.eval()
+    with torch.no_grad():
+        for batch in iter_model_batches(build_image_dataset(manifest, preprocess, storage_options=storage_options,
+                                                            stream=StreamConfig(batch_size=batch_size)),
+                                        batch_size=batch_size, tally=tally):
+            x = finalize(torch.from_numpy(np.ascontiguousarray(batch["image"])), preprocess)
+            out["probs"] += model(x).softmax(-1).numpy().tolist()
+            for key in ("image_uri", "study_id", "image_label", "body_part"):
+                out[key] += [v.item() if hasattr(v, "item") else v for v in batch[key]]
+    out["rejected"] = tally.as_dict()["rejected"]
+    return out
+
+
+def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, output_uri: str, name: str,
+                     storage_options: StorageOptions | None = None, data_info: dict | None = None,
+                     log=print) -> TrainResult:
+    """Train one classifier with Ray Train and write its bundle to ``output_uri/name``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ..models.registry import model_data_config
+
+    started = time.time()
+    if train.num_rows == 0 or valid.num_rows == 0:
+        raise ValueError(f"{name}: needs training and validation images (got {train.num_rows} and {valid.num_rows})")
+    data_cfg = model_data_config(config.model)
+    preprocess = PreprocessConfig(image_size=tuple(data_cfg["input_size"][1:]), mean=data_cfg["mean"],
+                                  std=data_cfg["std"], normalization=config.normalization or "imagenet",
+                                  enhancement=config.enhancement)
+    labels = _manifest_labels(train, config.task, config.classes)
+    weights = _class_weights(labels, len(config.classes))
+    stream_train = StreamConfig(batch_size=config.batch_size, augment=AugmentConfig() if config.augment else None,
+                                seed=None)
+    datasets = {
+        "train": build_image_dataset(train.select([c for c in train.column_names]), preprocess,
+                                     storage_options=storage_options, stream=stream_train),
+        "valid": build_image_dataset(valid, preprocess, storage_options=storage_options,
+                                     stream=StreamConfig(batch_size=config.batch_size)),
+    }
+    options = (storage_options or StorageOptions()).resolved()
+    run_root = storage.join(output_uri, "ray_train")
+    fs, path = storage.resolve(run_root, options)
+    if not storage.is_remote(run_root):
+        os.makedirs(path, exist_ok=True)
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"train": config.to_dict(), "preprocess": preprocess.to_dict(), "class_weights": weights},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                               resources_per_worker={"CPU": config.cpus_per_worker}),
+        datasets=datasets,
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_score",
+                                                         checkpoint_score_order="max"),
+        ),
+    )
+    log(f"[{name}] training {config.model} ({config.strategy}) on {train.num_rows} images, "
+        f"validating on {valid.num_rows}, {config.num_workers} worker(s){' with GPU' if config.use_gpu else ''}")
+    result = trainer.fit()
+    best = result.get_best_checkpoint("val_score", "max") if result.best_checkpoints else result.checkpoint
+    if best is None:
+        raise RuntimeError(f"{name}: training produced no checkpoint")
+    from safetensors.torch import load_file
+
+    from ..models.registry import create_model
+
+    with best.as_directory() as ckpt_dir:
+        state = load_file(os.path.join(ckpt_dir, "model.safetensors"))
+        with open(os.path.join(ckpt_dir, "history.json")) as f:
+            history = json.load(f)["history"]
+    if result.checkpoint is not None and result.checkpoint != best:
+        with result.checkpoint.as_directory() as latest_dir, open(os.path.join(latest_dir, "history.json")) as f:
+            history = json.load(f)["history"]
+    model = create_model(config.model, pretrained=False, num_classes=len(config.classes), strategy=config.strategy,
+                         head=config.head, bam=config.bam)
+    model.load_state_dict(state)
+    model.weights = "imagenet" if config.pretrained is True else str(config.pretrained or "random")
+    model.eval()
+
+    # Operating threshold and final metrics on the validation split, in the driver.
+    preds = predict_manifest(model, valid, preprocess, storage_options=storage_options, batch_size=config.batch_size)
+    probs = np.asarray(preds["probs"])
+    if len(config.classes) == 2:
+        y = np.asarray(preds["image_label"] if config.task == "fracture" else
+                       [config.classes.index(p) if p in config.classes else -1 for p in preds["body_part"]])
+        threshold = M.choose_threshold(y, probs[:, 1], target=config.threshold_target, value=config.threshold_value)
+        metrics = {"valid": M.binary_metrics(y, probs[:, 1], threshold),
+                   "valid_study": M.study_level(preds["study_id"], y, probs[:, 1], threshold)}
+        rule = config.threshold_target + (f">={config.threshold_value}" if config.threshold_value else "")
+    else:
+        index = {c: i for i, c in enumerate(config.classes)}
+        y = np.asarray([index.get(p, -1) for p in preds["body_part"]])
+        keep = y >= 0
+        threshold, rule = 0.0, "argmax"
+        metrics = {"valid": M.multiclass_metrics(y[keep], probs[keep], config.classes)}
+    metrics["rejected"] = preds["rejected"]
+    seconds = time.time() - started
+    meta = BundleMeta(task=config.task, model={}, preprocess=preprocess.to_dict(), classes=list(config.classes),
+                      threshold=threshold, threshold_rule=rule, metrics=metrics,
+                      data=dict(data_info or {}, train_images=train.num_rows, valid_images=valid.num_rows),
+                      training={"config": config.to_dict(), "epochs_run": len(history), "seconds": round(seconds, 1),
+                                "history": history})
+    bundle_uri = save_bundle(storage.join(output_uri, name), model, meta, storage_options)
+    valid_predictions = {k: preds[k] for k in ("image_uri", "study_id", "image_label", "body_part")}
+    valid_predictions["probs"] = probs.tolist()
+    return TrainResult(bundle_uri, meta, history, seconds, valid_predictions)
