@@ -1,0 +1,146 @@
+"""Metrics, bundles, and Ray Train fine-tuning for real (local Ray, CPU workers), including
+recovery from a training worker killed mid-run."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fracray.data import adapters
+from fracray.data.manifest import filter_rows
+from fracray.models.registry import create_model
+from fracray.training import metrics as M
+from fracray.training.bundle import BundleMeta, load_bundle, read_bundle_meta, save_bundle
+from fracray.training.trainer import TrainConfig, train_classifier
+
+
+def test_binary_metrics_by_hand():
+    y = [1, 1, 1, 0, 0, 0, 0, 0]
+    p = [0.9, 0.6, 0.2, 0.7, 0.3, 0.1, 0.1, 0.05]
+    m = M.binary_metrics(y, p, threshold=0.5)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (2, 1, 1, 4)
+    assert m["accuracy"] == 6 / 8 and m["precision"] == 2 / 3 and m["sensitivity"] == 2 / 3
+    assert m["specificity"] == 4 / 5 and m["f1"] == pytest.approx(2 / 3)
+    # AUROC: of 15 positive/negative pairs the positive ranks higher in 5 + 4 + 3 = 12
+    # (0.6 loses to 0.7; 0.2 loses to 0.7 and 0.3).
+    assert m["auroc"] == pytest.approx(12 / 15)
+    assert M.binary_metrics([0, 0], [0.1, 0.2])["auroc"] is None
+
+
+def test_threshold_choices():
+    y = [0, 0, 0, 1, 1, 1]
+    p = [0.1, 0.2, 0.6, 0.4, 0.8, 0.9]
+    t = M.choose_threshold(y, p, target="sensitivity", value=1.0)
+    assert M.binary_metrics(y, p, t)["sensitivity"] == 1.0 and t == pytest.approx(0.4)
+    t = M.choose_threshold(y, p, target="specificity", value=1.0)
+    assert M.binary_metrics(y, p, t)["specificity"] == 1.0
+    assert M.choose_threshold([1, 1], [0.2, 0.3]) == 0.5
+    with pytest.raises(ValueError):
+        M.choose_threshold(y, p, target="sensitivity")
+
+
+def test_study_level_kappa_uses_the_mean_probability_per_study():
+    studies = ["a", "a", "b", "b", "c", "d"]
+    labels = [1, 1, 0, 0, 1, 0]
+    probs = [0.9, 0.3, 0.2, 0.4, 0.7, 0.6]  # a: 0.6 -> 1, b: 0.3 -> 0, c: 1, d: 1 (wrong)
+    out = M.study_level(studies, labels, probs, 0.5)
+    assert out["studies"] == 4 and (out["tp"], out["fp"], out["tn"], out["fn"]) == (2, 1, 1, 0)
+    # Cohen's kappa: po = 3/4, pe = (3/4*2/4 + 1/4*2/4) = 1/2 -> (0.75 - 0.5) / 0.5.
+    assert out["kappa"] == pytest.approx(0.5)
+
+
+def test_bundle_round_trip_without_pickle(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("efficientnet_b0", num_classes=2, head="dense3", strategy="last20_bn_frozen").eval()
+    meta = BundleMeta(task="fracture", model={}, preprocess=model.preprocess_config().to_dict(),
+                      classes=["normal", "abnormal"], threshold=0.37, metrics={"valid": {"auroc": 0.9}})
+    save_bundle(str(tmp_path / "b"), model, meta)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["bundle.json", "model.safetensors"]
+    loaded, meta2 = load_bundle(str(tmp_path / "b"))
+    x = torch.randn(2, 3, 224, 224)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert meta2.threshold == 0.37 and meta2.model["head"] == "dense3" and meta2.intended_use
+    assert meta2.preprocess_config() == model.preprocess_config()
+    assert meta2.code_version.startswith("fracray ")
+    raw = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    raw["format"] = "something-else"
+    (tmp_path / "b" / "bundle.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="unsupported bundle format"):
+        read_bundle_meta(str(tmp_path / "b"))
+    with pytest.raises(FileNotFoundError, match="No model bundle"):
+        read_bundle_meta(str(tmp_path / "nothing"))
+
+
+@pytest.fixture(scope="module")
+def small_mura(tmp_path_factory):
+    from fracray.data.synthetic import generate_mura
+
+    root = tmp_path_factory.mktemp("train-mura")
+    generate_mura(str(root), patients_per_part=3, seed=21, max_side=192, valid_fraction=0.3)
+    manifest = adapters.index_mura(str(root)).manifest
+    return filter_rows(manifest, split="train"), filter_rows(manifest, split="valid")
+
+
+def test_train_classifier_writes_a_usable_bundle(ray_local, small_mura, tmp_path):
+    train, valid = small_mura
+    config = TrainConfig(model="efficientnet_lite0", epochs=2, batch_size=16, early_stopping_patience=5)
+    result = train_classifier(config, train, valid, output_uri=str(tmp_path), name="fracture_all")
+    assert len(result.history) == 2 and [h["epoch"] for h in result.history] == [0, 1]
+    assert all(np.isfinite(h["train_loss"]) for h in result.history)
+    assert sum(h["train_images"] for h in result.history) == 2 * train.num_rows
+    meta = read_bundle_meta(result.bundle_uri)
+    valid_metrics = meta.metrics["valid"]
+    assert valid_metrics["n"] == valid.num_rows
+    assert {"tp", "fn", "fp", "tn", "auroc", "sensitivity", "specificity", "f1"} <= set(valid_metrics)
+    assert "kappa" in meta.metrics["valid_study"]
+    assert 0.0 <= meta.threshold <= 1.0 and meta.threshold_rule == "youden"
+    assert meta.preprocess["image_size"] == [224, 224] and meta.model["name"] == "efficientnet_lite0"
+    assert meta.model["weights"].startswith("imagenet")
+    model, _ = load_bundle(result.bundle_uri)
+    probs = model.predict_proba(torch.zeros(1, 3, 224, 224))
+    assert probs.shape == (1, 2)
+
+
+@pytest.mark.slow
+def test_killed_training_worker_resumes_from_the_last_checkpoint(ray_local, small_mura, tmp_path):
+    """A real SIGKILL of the Ray Train worker process after its first checkpoint: the run
+    restarts the worker group, resumes at epoch 1 from that checkpoint, and finishes."""
+    train, valid = small_mura
+    progress = tmp_path / "progress.jsonl"
+    config = TrainConfig(model="efficientnet_lite0", epochs=3, batch_size=16, max_failures=1,
+                         early_stopping_patience=10, progress_file=str(progress))
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = train_classifier(config, train, valid, output_uri=str(tmp_path), name="ft")
+        except BaseException as exc:  # surfaced by the assertion below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    checkpoints = tmp_path / "ray_train" / "ft"
+    deadline = time.time() + 400
+    victim = None
+    while time.time() < deadline and victim is None:
+        events = [json.loads(line) for line in progress.read_text().splitlines()] if progress.exists() else []
+        done = [e for e in events if e["event"] == "epoch_end" and e["epoch"] == 0]
+        if done and list(checkpoints.glob("checkpoint_*")):
+            time.sleep(2)  # let the report register the checkpoint
+            victim = done[0]["pid"]
+        time.sleep(0.5)
+    assert victim, "the first epoch never finished"
+    os.kill(victim, signal.SIGKILL)
+    thread.join(600)
+    assert "error" not in outcome, outcome.get("error")
+    events = [json.loads(line) for line in progress.read_text().splitlines()]
+    starts = [e for e in events if e["event"] == "start"]
+    assert len(starts) == 2 and starts[0]["pid"] == victim and starts[1]["pid"] != victim
+    assert starts[1]["epoch"] == 1  # resumed after the checkpointed epoch 0, not from scratch
+    assert [h["epoch"] for h in outcome["result"].history] == [0, 1, 2]
