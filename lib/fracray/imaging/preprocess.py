@@ -21,7 +21,7 @@ from . import ops
 from .decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 
 __all__ = ["PreprocessConfig", "AugmentConfig", "preprocess_base", "finalize", "preprocess_pixels", "preprocess_bytes",
-           "decode_for", "augment_params"]
+           "decode_for", "augment_params", "to_tensor"]
 
 Normalization = Literal["imagenet", "per_image", "none"]
 Enhancement = Literal["none", "sobel", "prewitt", "roberts", "canny", "laplacian_sharpen"]
@@ -182,6 +182,16 @@ def finalize(base, config: PreprocessConfig):
     return torch.addcmul(shift_t, base, scale_t)
 
 
+def to_tensor(array: np.ndarray):
+    """A torch view of a (possibly read-only) NumPy batch, e.g. one Ray handed out from
+    its object store. We only read from it, so the view is safe."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
 def _affine_coefficients(config: PreprocessConfig) -> tuple[list[float], list[float]]:
     """(x - mean) / std == x * scale + shift, per output channel."""
     mean = list(config.mean) * (config.channels if len(config.mean) == 1 else 1)
@@ -195,11 +205,8 @@ def _finalize_numpy(base: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     if base.shape[-3] != 1:
         raise ValueError(f"Expected one channel before finalize. Got shape {tuple(base.shape)}")
     if base.dtype == np.float16:
-        import torch  # torch's float16 -> float32 copy is SIMD; NumPy's is ~20x slower
-        with warnings.catch_warnings():
-            # Ray hands out read-only views of its object store; we only read from it.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            base = torch.from_numpy(np.ascontiguousarray(base)).float().numpy()
+        # torch's float16 -> float32 copy is SIMD; NumPy's is ~20x slower.
+        base = to_tensor(base).float().numpy()
     plane = base[..., 0, :, :]
     out = np.empty((*base.shape[:-3], config.channels, *base.shape[-2:]), np.float32)
     if config.normalization != "imagenet":

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["binary_metrics", "choose_threshold", "study_level", "multiclass_metrics"]
+__all__ = ["binary_metrics", "choose_threshold", "study_level", "multiclass_metrics", "sensitivity_at_specificity"]
 
 
 def _safe_div(a: float, b: float) -> float | None:
@@ -101,3 +101,15 @@ def multiclass_metrics(labels: Sequence[int], probs: np.ndarray, classes: Sequen
                  for i, c in enumerate(classes)}
     return {"n": int(len(y)), "accuracy": _safe_div(int((pred == y).sum()), len(y)), "per_class": per_class,
             "confusion": confusion.tolist(), "classes": list(classes)}
+
+
+def sensitivity_at_specificity(labels: Sequence[int], probs: Sequence[float], specificity: float) -> dict[str, Any]:
+    """The best sensitivity at a specificity of at least ``specificity`` (accuracy alone
+    misleads on FracAtlas, where 82% of images are non-fractured)."""
+    y = np.asarray(labels, dtype=int)
+    if not 0 < y.sum() < len(y):
+        return {"specificity_target": specificity, "sensitivity": None, "threshold": None}
+    threshold = choose_threshold(labels, probs, target="specificity", value=specificity)
+    m = binary_metrics(labels, probs, threshold)
+    return {"specificity_target": specificity, "sensitivity": m["sensitivity"], "specificity": m["specificity"],
+            "threshold": threshold}

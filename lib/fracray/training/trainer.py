@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from .. import storage
 from ..data.pipeline import OK, StreamConfig, build_image_dataset
-from ..imaging.preprocess import AugmentConfig, PreprocessConfig, finalize
+from ..imaging.preprocess import AugmentConfig, PreprocessConfig, finalize, to_tensor
 from ..storage import StorageOptions
 from . import metrics as M
 from .bundle import BundleMeta, save_bundle
@@ -174,7 +174,7 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
-    binary = len(tc.classes) == 2
+    binary = tc.task == "fracture"
     for epoch in range(start_epoch, tc.epochs):
         model.train()
         epoch_start, seen, loss_sum = time.time(), 0, 0.0
@@ -182,7 +182,7 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
             keep, labels = _usable(batch, tc.task, tc.classes)
             if not keep.any():
                 continue
-            x = torch.from_numpy(np.ascontiguousarray(batch["image"][keep])).to(device, non_blocking=True)
+            x = to_tensor(batch["image"][keep]).to(device, non_blocking=True)
             x = finalize(x, preprocess)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -208,7 +208,7 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 keep, labels = _usable(batch, tc.task, tc.classes)
                 if not keep.any():
                     continue
-                x = finalize(torch.from_numpy(np.ascontiguousarray(batch["image"][keep])).to(device), preprocess)
+                x = finalize(to_tensor(batch["image"][keep]).to(device), preprocess)
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                     probs.append(model(x).float().softmax(-1).cpu().numpy())
                 ys.append(labels[keep])
@@ -282,10 +282,11 @@ def predict_manifest(model, manifest: pa.Table, preprocess: PreprocessConfig, *,
     tally = StreamTally()
     model.eval()
     with torch.no_grad():
-        for batch in iter_model_batches(build_image_dataset(manifest, preprocess, storage_options=storage_options,
-                                                            stream=StreamConfig(batch_size=batch_size)),
-                                        batch_size=batch_size, tally=tally):
-            x = finalize(torch.from_numpy(np.ascontiguousarray(batch["image"])), preprocess)
+        ds = build_image_dataset(manifest, preprocess, storage_options=storage_options,
+                                 stream=StreamConfig(batch_size=batch_size))
+        ds.context.enable_progress_bars = False
+        for batch in iter_model_batches(ds, batch_size=batch_size, tally=tally):
+            x = finalize(to_tensor(batch["image"]), preprocess)
             out["probs"] += model(x).softmax(-1).numpy().tolist()
             for key in ("image_uri", "study_id", "image_label", "body_part"):
                 out[key] += [v.item() if hasattr(v, "item") else v for v in batch[key]]
@@ -314,11 +315,13 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
     stream_train = StreamConfig(batch_size=config.batch_size, augment=AugmentConfig() if config.augment else None,
                                 seed=None)
     datasets = {
-        "train": build_image_dataset(train.select([c for c in train.column_names]), preprocess,
-                                     storage_options=storage_options, stream=stream_train),
+        "train": build_image_dataset(train, preprocess, storage_options=storage_options, stream=stream_train),
         "valid": build_image_dataset(valid, preprocess, storage_options=storage_options,
                                      stream=StreamConfig(batch_size=config.batch_size)),
     }
+    for ds in datasets.values():
+        # Ray Train reports per-epoch metrics; per-epoch data progress bars from every run would drown them.
+        ds.context.enable_progress_bars = False
     options = (storage_options or StorageOptions()).resolved()
     run_root = storage.join(output_uri, "ray_train")
     fs, path = storage.resolve(run_root, options)
@@ -363,12 +366,12 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
     # Operating threshold and final metrics on the validation split, in the driver.
     preds = predict_manifest(model, valid, preprocess, storage_options=storage_options, batch_size=config.batch_size)
     probs = np.asarray(preds["probs"])
-    if len(config.classes) == 2:
-        y = np.asarray(preds["image_label"] if config.task == "fracture" else
-                       [config.classes.index(p) if p in config.classes else -1 for p in preds["body_part"]])
+    if config.task == "fracture":
+        y = np.asarray(preds["image_label"])
         threshold = M.choose_threshold(y, probs[:, 1], target=config.threshold_target, value=config.threshold_value)
         metrics = {"valid": M.binary_metrics(y, probs[:, 1], threshold),
-                   "valid_study": M.study_level(preds["study_id"], y, probs[:, 1], threshold)}
+                   "valid_study": M.study_level(preds["study_id"], y, probs[:, 1], threshold),
+                   "valid_operating_points": [M.sensitivity_at_specificity(y, probs[:, 1], s) for s in (0.8, 0.9)]}
         rule = config.threshold_target + (f">={config.threshold_value}" if config.threshold_value else "")
     else:
         index = {c: i for i, c in enumerate(config.classes)}

@@ -1,0 +1,92 @@
+"""Training curves, confusion matrices and the backbone comparison, as PNG files."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .. import storage
+from ..storage import StorageOptions
+from .plots import _png, _pyplot
+
+__all__ = ["write_training_plots"]
+
+
+def _curves(histories: dict[str, list[dict]]) -> bytes:
+    plt = _pyplot()
+    names = [n for n, h in sorted(histories.items()) if h]
+    cols = min(4, max(1, len(names)))
+    rows = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        hist = histories[name]
+        epochs = [h["epoch"] + 1 for h in hist]
+        ax.plot(epochs, [h["train_loss"] for h in hist], "o-", label="train loss")
+        ax.set_xlabel("epoch")
+        ax.set_title(name, fontsize=9)
+        ax2 = ax.twinx()
+        ax2.plot(epochs, [h["val_score"] for h in hist], "s--", color="tab:orange", label="validation score")
+        ax2.set_ylim(0, 1)
+        ax.legend(loc="upper left", fontsize=7)
+        ax2.legend(loc="upper right", fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("Training curves (validation score: AUROC for fracture models, accuracy for the router)",
+                 fontsize=10)
+    fig.tight_layout()
+    return _png(fig, plt)
+
+
+def _confusions(per_part: dict[str, dict]) -> bytes:
+    plt = _pyplot()
+    parts = sorted(per_part)
+    cols = min(4, max(1, len(parts)))
+    rows = max(1, math.ceil(len(parts) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3 * rows), squeeze=False)
+    for ax, part in zip(axes.flat, parts):
+        m = per_part[part]
+        grid = [[m["tn"], m["fp"]], [m["fn"], m["tp"]]]
+        ax.imshow(grid, cmap="Blues")
+        for i in range(2):
+            for j in range(2):
+                ax.text(j, i, str(grid[i][j]), ha="center", va="center", fontsize=12)
+        ax.set_xticks([0, 1], ["pred normal", "pred abnormal"], fontsize=8)
+        ax.set_yticks([0, 1], ["normal", "abnormal"], fontsize=8)
+        ax.set_title(part, fontsize=10)
+    for ax in list(axes.flat)[len(parts):]:
+        ax.axis("off")
+    fig.suptitle("Confusion matrices at each model's operating threshold", fontsize=10)
+    fig.tight_layout()
+    return _png(fig, plt)
+
+
+def _comparison(comparison: dict[str, dict]) -> bytes:
+    plt = _pyplot()
+    names = sorted(comparison)
+    scores = [((comparison[n].get("valid") or {}).get("auroc") or 0.0) for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.9), 4))
+    colors = ["tab:blue" if n.endswith("imagenet") else "tab:gray" for n in names]
+    ax.bar(range(len(names)), scores, color=colors)
+    ax.set_xticks(range(len(names)), [n.removeprefix("compare_") for n in names], rotation=45, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("validation AUROC")
+    ax.set_ylim(0, 1)
+    ax.set_title("Backbones with (blue) and without (grey) ImageNet weights")
+    fig.tight_layout()
+    return _png(fig, plt)
+
+
+def write_training_plots(report: dict[str, Any], output_uri: str, options: StorageOptions | None) -> dict[str, str]:
+    out = {}
+    histories = {k: v for k, v in report["histories"].items() if v}
+    if histories:
+        out["training_curves"] = storage.join(output_uri, "training_curves.png")
+        storage.write_bytes(out["training_curves"], _curves(histories), options)
+    per_part = report["evaluation"]["per_body_part"]
+    if per_part:
+        out["confusion_matrices"] = storage.join(output_uri, "confusion_matrices.png")
+        storage.write_bytes(out["confusion_matrices"], _confusions(per_part), options)
+    if report.get("comparison"):
+        out["comparison"] = storage.join(output_uri, "backbone_comparison.png")
+        storage.write_bytes(out["comparison"], _comparison(report["comparison"]), options)
+    return out

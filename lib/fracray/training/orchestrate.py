@@ -1,0 +1,248 @@
+"""train_all's training stage: the router, the per-bone fracture models in parallel,
+the optional backbone comparison, evaluation of the composed graph and the report.
+
+Each model is one Ray Train run (TorchTrainer). The runs are launched from Ray
+tasks so several share the cluster at once; how many run together follows the
+cluster's free CPUs/GPUs, leaving CPUs for the Ray Data preprocessing that feeds
+them (on a 2-CPU laptop that means one at a time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from .. import storage
+from ..data.manifest import filter_rows
+from ..storage import StorageOptions
+from .evaluation import score_manifest, summarize_predictions
+from .trainer import TrainConfig, train_classifier
+
+__all__ = ["TrainingSettings", "run_training_stage", "max_concurrent_runs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSettings:
+    model: str = "efficientnet_lite0"
+    router_model: str = "efficientnet_lite0"
+    pretrained: bool | str = True
+    strategy: str = "full"
+    router_strategy: str = "full"
+    head: str = "linear"
+    bam: bool = False
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 1e-4
+    loss: str = "weighted_ce"
+    num_workers: int = 1
+    use_gpu: bool = False
+    augment: bool = True
+    exclude_hardware: bool = False
+    min_images_per_part: int = 4
+    single_model: bool = False      # one fracture model for all body parts, no router
+    compare_backbones: tuple[str, ...] = ()
+    max_concurrent: int | None = None
+    threshold_target: str = "youden"
+    threshold_value: float | None = None
+    max_failures: int = 1
+
+
+def max_concurrent_runs(settings: TrainingSettings, requested: int) -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus = resources.get("CPU", 1)
+    per_run_cpu = settings.num_workers * (0 if settings.use_gpu else 1) + 1  # + one CPU for its data stream
+    limit = max(1, int(cpus // per_run_cpu))
+    if settings.use_gpu:
+        limit = min(limit, max(1, int(resources.get("GPU", 0) // settings.num_workers)))
+    if settings.max_concurrent:
+        limit = min(limit, settings.max_concurrent)
+    return max(1, min(limit, requested))
+
+
+def _hold_out_studies(train: pa.Table, fraction: float) -> tuple[pa.Table, pa.Table]:
+    """Split by study (never the images of one study on both sides), deterministically."""
+    import hashlib
+
+    studies = [s or u for s, u in zip(train["study_id"].to_pylist(), train["image_uri"].to_pylist())]
+    held = [int(hashlib.md5(s.encode()).hexdigest(), 16) % 1000 < fraction * 1000 for s in studies]
+    mask = pa.array(held)
+    return train.filter(pa.compute.invert(mask)), train.filter(mask)
+
+
+def _model_size(bundle_uri: str, options: StorageOptions | None) -> dict[str, Any]:
+    _, path = storage.resolve(storage.join(bundle_uri, "model.safetensors"), options)
+    fs, _ = storage.resolve(bundle_uri, options)
+    size = fs.get_file_info(path).size
+    return {"weights_mb": round(size / 2 ** 20, 2)}
+
+
+def _train_remote(config: TrainConfig, train: pa.Table, valid: pa.Table, output_uri: str, name: str,
+                  options: StorageOptions | None, data_info: dict) -> dict[str, Any]:
+    result = train_classifier(config, train, valid, output_uri=output_uri, name=name, storage_options=options,
+                              data_info=data_info, log=lambda *_: None)
+    return {"name": name, "bundle": result.bundle_uri, "seconds": round(result.seconds, 1),
+            "history": result.history, "metrics": result.meta.metrics, "threshold": result.meta.threshold,
+            "model": result.meta.model, "size": _model_size(result.bundle_uri, options)}
+
+
+def _run_all(jobs: list[dict[str, Any]], settings: TrainingSettings, log: Callable) -> dict[str, dict]:
+    """Run train jobs as Ray tasks, at most max_concurrent_runs at once, as results come back."""
+    import ray
+
+    remote = ray.remote(num_cpus=0)(_train_remote)
+    limit = max_concurrent_runs(settings, len(jobs))
+    log(f"Training {len(jobs)} models, {limit} at a time on this cluster "
+        f"({ray.cluster_resources().get('CPU', 0):.0f} CPUs, {ray.cluster_resources().get('GPU', 0):.0f} GPUs)")
+    pending, results, queue = {}, {}, list(jobs)
+    while queue or pending:
+        while queue and len(pending) < limit:
+            job = queue.pop(0)
+            ref = remote.remote(job["config"], job["train"], job["valid"], job["output"], job["name"],
+                                job["options"], job["data_info"])
+            pending[ref] = job["name"]
+            log(f"  started {job['name']} ({job['config'].model}, {job['train'].num_rows} training images)")
+        done, _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(done[0])
+        try:
+            results[name] = ray.get(done[0])
+        except Exception as exc:  # one bone's failure must not lose the others
+            cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the original exception
+            results[name] = {"name": name, "error": f"{type(cause).__name__}: {str(cause).splitlines()[-1][:500]}"}
+            log(f"  FAILED {name}: {results[name]['error']}")
+            continue
+        valid = results[name]["metrics"]["valid"]
+        score = valid.get("auroc") if valid.get("auroc") is not None else valid.get("accuracy")
+        log(f"  finished {name} in {results[name]['seconds']}s (validation "
+            f"{'AUROC' if valid.get('auroc') is not None else 'accuracy'} {score if score is None else round(score, 3)})")
+    return results
+
+
+def run_training_stage(manifest: pa.Table, settings: TrainingSettings, *, output_uri: str, dataset: str,
+                       storage_options: StorageOptions | None = None, log: Callable = print) -> dict[str, Any]:
+    from ..inference.predictor import ModelIndex, write_model_index
+    from ..reports.training_plots import write_training_plots
+
+    started = time.time()
+    if settings.exclude_hardware:
+        manifest = filter_rows(manifest, exclude_hardware=True)
+    train, valid = filter_rows(manifest, split="train"), filter_rows(manifest, split="valid")
+    if valid.num_rows == 0:
+        train, valid = _hold_out_studies(train, fraction=0.2)
+        log(f"note: no validation split; holding out {valid.num_rows} training images (20% of studies) to validate")
+    test = filter_rows(manifest, split="test")
+    # A test split is used only with both classes (FracAtlas's shared copy holds out its fractured test images).
+    labelled_test = test.num_rows and {0, 1} <= set(test["image_label"].to_pylist())
+    evaluation = test if labelled_test else valid
+    eval_split = "test" if labelled_test else "valid"
+    counts = Counter(train["body_part"].to_pylist())
+    parts = sorted(p for p, n in counts.items() if p not in ("unknown", "mixed") and n >= settings.min_images_per_part)
+    skipped = sorted(set(counts) - set(parts))
+    if settings.single_model:
+        parts, skipped = ["all"], []
+    if not parts:
+        raise ValueError(f"No body part has {settings.min_images_per_part}+ training images; counts: {dict(counts)}")
+    models_uri = storage.join(output_uri, "models")
+    data_info = {"dataset": dataset, "manifest_rows": manifest.num_rows}
+
+    def config(**kw) -> TrainConfig:
+        base = dict(model=settings.model, pretrained=settings.pretrained, strategy=settings.strategy,
+                    head=settings.head, bam=settings.bam, epochs=settings.epochs, batch_size=settings.batch_size,
+                    lr=settings.lr, loss=settings.loss, num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+                    augment=settings.augment, threshold_target=settings.threshold_target,
+                    threshold_value=settings.threshold_value, max_failures=settings.max_failures)
+        base.update(kw)
+        return TrainConfig(**base)
+
+    jobs = []
+    if len(parts) > 1 and not settings.single_model:
+        keep = lambda t: t.filter(pa.compute.is_in(t["body_part"], pa.array(parts)))  # noqa: E731
+        jobs.append({"name": "router", "config": config(model=settings.router_model, task="body_part",
+                                                        classes=tuple(parts), strategy=settings.router_strategy,
+                                                        head="linear", bam=False),
+                     "train": keep(train), "valid": keep(valid)})
+    for part in parts:
+        if part == "all":
+            jobs.append({"name": "fracture_all", "config": config(classes=("normal", "abnormal")),
+                         "train": train, "valid": valid})
+            continue
+        part_train, part_valid = filter_rows(train, body_part=part), filter_rows(valid, body_part=part)
+        if part_valid.num_rows == 0:
+            log(f"note: {part} has no validation images; validating its model on all parts' validation images")
+            part_valid = valid
+        jobs.append({"name": f"fracture_{part}", "config": config(classes=("normal", "abnormal")),
+                     "train": part_train, "valid": part_valid})
+    for backbone in settings.compare_backbones:
+        for weights in (True, False):
+            jobs.append({"name": f"compare_{backbone}_{'imagenet' if weights else 'scratch'}",
+                         "config": config(model=backbone, pretrained=weights, classes=("normal", "abnormal")),
+                         "train": train, "valid": valid, "comparison": True})
+    for job in jobs:
+        job.update(output=models_uri, options=storage_options, data_info=dict(data_info, body_part=job["name"]))
+    results = _run_all(jobs, settings, log)
+
+    classifiers = {p: results[f"fracture_{p}"]["bundle"] for p in parts if "bundle" in results[f"fracture_{p}"]}
+    router = results.get("router", {}).get("bundle")
+    if not classifiers:
+        raise RuntimeError("Every fracture model failed to train: " +
+                           "; ".join(f"{k}: {v.get('error')}" for k, v in results.items()))
+    index_uri = storage.join(output_uri, "model_index.json")
+    write_model_index(index_uri, ModelIndex(router=router, classifiers=classifiers, dataset=dataset,
+                                            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
+                      storage_options)
+    log(f"Model index: {index_uri}")
+
+    log(f"Evaluating router -> classifier on the {eval_split} split ({evaluation.num_rows} images) ...")
+    preds = score_manifest(evaluation, index_uri, storage_options=storage_options)
+    summary = summarize_predictions(preds)
+    comparison = {name: {"valid": r.get("metrics", {}).get("valid"), "seconds": r.get("seconds"),
+                         "size": r.get("size"), "error": r.get("error")}
+                  for name, r in results.items() if name.startswith("compare_")}
+    report = {"dataset": dataset, "evaluated_split": eval_split, "body_parts": parts, "skipped_body_parts": skipped,
+              "model_index": index_uri, "evaluation": summary, "comparison": comparison,
+              "models": {name: {k: r.get(k) for k in ("bundle", "seconds", "threshold", "size", "error", "model")}
+                         | {"valid": r.get("metrics", {}).get("valid")} for name, r in results.items()},
+              "histories": {name: r.get("history") for name, r in results.items()},
+              "seconds": round(time.time() - started, 1)}
+    report["plots"] = write_training_plots(report, output_uri, storage_options)
+    storage.write_bytes(storage.join(output_uri, "report.json"), json.dumps(report, indent=2, default=str).encode(),
+                        storage_options)
+    storage.write_bytes(storage.join(output_uri, "report.md"), format_report(report).encode(), storage_options)
+    return report
+
+
+def _fmt(v, digits=3):
+    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def format_report(report: dict[str, Any]) -> str:
+    ev = report["evaluation"]
+    lines = [f"# fracray training report: {report['dataset']}", "",
+             f"Evaluated on the {report['evaluated_split']} split through router -> per-bone classifier: "
+             f"{ev['scored']} images scored, rejected: {ev['rejected'] or 'none'}"
+             + (f"; router accuracy {_fmt(ev.get('router_accuracy'))}" if ev.get("router_accuracy") is not None else ""),
+             "", "| body part | TP | FN | FP | TN | accuracy | precision | sensitivity | specificity | F1 | AUROC | "
+             "study kappa |", "|" + "---|" * 12]
+    rows = list(ev["per_body_part"].items()) + ([("all", ev["overall"])] if ev["overall"] else [])
+    for part, m in rows:
+        lines.append(f"| {part} | {m['tp']} | {m['fn']} | {m['fp']} | {m['tn']} | {_fmt(m['accuracy'])} | "
+                     f"{_fmt(m['precision'])} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | {_fmt(m['f1'])} | "
+                     f"{_fmt(m['auroc'])} | {_fmt(m.get('study_kappa'))} |")
+    lines += ["", "| model | backbone | seconds | weights MB | validation AUROC / accuracy | threshold |",
+              "|---|---|---|---|---|---|"]
+    for name, m in sorted(report["models"].items()):
+        if m.get("error"):
+            lines.append(f"| {name} | failed: {m['error'][:80]} | | | | |")
+            continue
+        valid = m.get("valid") or {}
+        score = valid.get("auroc") if valid.get("auroc") is not None else valid.get("accuracy")
+        lines.append(f"| {name} | {(m.get('model') or {}).get('name')} | {m['seconds']} | "
+                     f"{(m.get('size') or {}).get('weights_mb')} | {_fmt(score)} | {_fmt(m.get('threshold'))} |")
+    return "\n".join(lines) + "\n"
