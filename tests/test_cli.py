@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import REPO
 
-SCRIPTS = ["index_dataset.py", "train_all.py", "bench_preprocess.py"]
+SCRIPTS = ["index_dataset.py", "train_all.py", "bench_preprocess.py", "evaluate.py"]
 
 
 def _run(*args, timeout=600, cwd=REPO, **kw):
@@ -57,11 +57,11 @@ def test_index_rejects_unknown_layout_name(tmp_path):
     assert out.returncode == 2 and "invalid choice" in out.stderr
 
 
-def test_train_all_embedded_default_runs_end_to_end(tmp_path):
-    """The README's main command, with a smaller synthetic set: index + Ray Data preprocessing.
-    A relative --output, as in the README: Ray workers run in other directories."""
+def test_train_all_data_stage_on_the_embedded_default(tmp_path):
+    """The README's main command's data stage, with a smaller synthetic set: index + Ray Data
+    preprocessing. A relative --output, as in the README: Ray workers run in other directories."""
     out = _run(REPO / "pipelines" / "train_all.py", "--output", "run", "--synthetic-patients-per-part",
-               "2", "--batch-size", "16", cwd=tmp_path)
+               "2", "--batch-size", "16", "--skip-training", cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "data_stage.json").read_text())
     stream = report["stream"]
@@ -76,7 +76,7 @@ def test_train_all_embedded_default_runs_end_to_end(tmp_path):
 def test_train_all_reads_a_yaml_config(tmp_path, fracatlas_root):
     config = tmp_path / "job.yaml"
     config.write_text(f"dataset: fracatlas\ndata: {fracatlas_root}\nimage-size: 128\nbatch_size: 8\n"
-                      f"output: {tmp_path / 'run'}\n")
+                      f"output: {tmp_path / 'run'}\nskip_training: true\n")
     out = _run(REPO / "pipelines" / "train_all.py", "--config", config)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "data_stage.json").read_text())

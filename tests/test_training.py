@@ -144,3 +144,38 @@ def test_killed_training_worker_resumes_from_the_last_checkpoint(ray_local, smal
     assert len(starts) == 2 and starts[0]["pid"] == victim and starts[1]["pid"] != victim
     assert starts[1]["epoch"] == 1  # resumed after the checkpointed epoch 0, not from scratch
     assert [h["epoch"] for h in outcome["result"].history] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_ddp_over_two_cpu_workers(ray_local, small_mura, tmp_path):
+    """Two Ray Train workers (DDP with gloo), each reading its own shard; validation
+    predictions are gathered from both before metrics are computed."""
+    train, valid = small_mura
+    progress = tmp_path / "progress.jsonl"
+    # Half a CPU each leaves a CPU for the Ray Data tasks that feed them on a 2-CPU machine.
+    config = TrainConfig(model="efficientnet_lite0", epochs=1, batch_size=8, num_workers=2, cpus_per_worker=0.5,
+                         progress_file=str(progress))
+    result = train_classifier(config, train, valid, output_uri=str(tmp_path), name="ddp")
+    events = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert {e["rank"] for e in events} == {0, 1}
+    assert len({e["pid"] for e in events}) == 2
+    # Each worker trained on its shard; together they covered the training set once.
+    assert result.history[0]["train_images"] * 2 >= train.num_rows - 1
+    assert read_bundle_meta(result.bundle_uri).metrics["valid"]["n"] == valid.num_rows
+
+
+@pytest.mark.slow
+def test_checkpoints_and_bundle_in_s3(ray_local, small_mura, s3_bucket):
+    from fracray.storage import StorageOptions
+
+    client, bucket, endpoint = s3_bucket
+    train, valid = small_mura
+    options = StorageOptions(endpoint_url=endpoint)
+    result = train_classifier(TrainConfig(model="efficientnet_lite0", epochs=1, batch_size=16), train, valid,
+                              output_uri=f"s3://{bucket}/runs/r1", name="fracture_all", storage_options=options)
+    assert result.bundle_uri == f"s3://{bucket}/runs/r1/fracture_all"
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/r1/")["Contents"]}
+    assert {"runs/r1/fracture_all/model.safetensors", "runs/r1/fracture_all/bundle.json"} <= keys
+    assert any(k.startswith("runs/r1/ray_train/fracture_all/checkpoint_") for k in keys)
+    model, meta = load_bundle(result.bundle_uri, options)
+    assert meta.metrics["valid"]["n"] == valid.num_rows

@@ -87,8 +87,9 @@ def summarize_predictions(preds: dict[str, list]) -> dict[str, Any]:
     summary: dict[str, Any] = {"images": n, "scored": len(ok), "labelled": len(labelled), "rejected": dict(rejected),
                                "overall": block(labelled) if labelled else None,
                                "per_body_part": {part: block(idx) for part, idx in sorted(groups.items())}}
-    if "true_body_part" in preds:
-        known = [i for i in ok if preds["true_body_part"][i] not in (None, "", "unknown", "mixed")]
+    routed = [i for i in ok if _clean(preds["body_part_probability"][i]) is not None]
+    if "true_body_part" in preds and routed:  # only where a router chose the body part
+        known = [i for i in routed if preds["true_body_part"][i] not in (None, "", "unknown", "mixed")]
         if known:
             right = sum(preds["true_body_part"][i] == preds["body_part"][i] for i in known)
             summary["router_accuracy"] = right / len(known)

@@ -196,7 +196,7 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
             scaler.step(optimizer)
             scaler.update()
             seen += len(y)
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
         if scheduler is not None:
             scheduler.step()
         train_seconds = time.time() - epoch_start

@@ -1,0 +1,85 @@
+"""train_all end to end on a small synthetic MURA-layout set: router + per-bone models with
+Ray Train, evaluation of the composed graph, report, plots, model index; then evaluate.py
+and the shared predictor on the result."""
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train-all")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pipelines" / "train_all.py"), "--output", str(out / "run"),
+         "--body-parts", "wrist,humerus", "--synthetic-patients-per-part", "5", "--epochs", "1",
+         "--train-batch-size", "16", "--compare-backbones", "efficientnet_lite0"],
+        capture_output=True, text=True, timeout=1500, cwd=out)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out / "run", proc.stdout
+
+
+@pytest.mark.slow
+def test_train_all_trains_router_and_per_bone_models_and_reports(trained):
+    run, stdout = trained
+    index = json.loads((run / "model_index.json").read_text())
+    assert index["format"] == "fracray-model-index/1"
+    assert sorted(index["classifiers"]) == ["humerus", "wrist"] and index["router"]
+    for uri in [index["router"], *index["classifiers"].values()]:
+        meta = json.loads((__import__("pathlib").Path(uri) / "bundle.json").read_text())
+        assert meta["format"] == "fracray-bundle/1" and meta["preprocess"]["image_size"] == [224, 224]
+        assert meta["training"]["history"] and meta["intended_use"]
+    router_meta = json.loads((__import__("pathlib").Path(index["router"]) / "bundle.json").read_text())
+    assert router_meta["task"] == "body_part" and router_meta["classes"] == ["humerus", "wrist"]
+    report = json.loads((run / "report.json").read_text())
+    per_part = report["evaluation"]["per_body_part"]
+    assert set(per_part) <= {"humerus", "wrist"} and per_part
+    for m in per_part.values():
+        assert {"tp", "fn", "fp", "tn", "accuracy", "precision", "sensitivity", "f1", "auroc", "study_kappa"} <= set(m)
+    assert report["evaluation"]["scored"] + sum(report["evaluation"]["rejected"].values()) == \
+        report["evaluation"]["images"]
+    assert "router_accuracy" in report["evaluation"]
+    for name in ("router", "fracture_humerus", "fracture_wrist"):
+        assert report["models"][name]["seconds"] > 0 and report["models"][name]["size"]["weights_mb"] > 1
+    for png in ("training_curves.png", "confusion_matrices.png"):
+        with Image.open(run / png) as img:
+            assert img.size[0] > 300
+    assert "| body part | TP | FN | FP | TN |" in (run / "report.md").read_text()
+    # Backbone comparison: with and without ImageNet weights, validation metrics and a plot.
+    assert set(report["comparison"]) == {"compare_efficientnet_lite0_imagenet", "compare_efficientnet_lite0_scratch"}
+    assert all(c["valid"] and c["valid"]["n"] > 0 and c["seconds"] > 0 for c in report["comparison"].values())
+    assert (run / "backbone_comparison.png").exists()
+    assert "Model index for serving and scoring" in stdout
+
+
+@pytest.mark.slow
+def test_evaluate_command_and_predictor_on_the_trained_models(trained, ray_local):
+    run, _ = trained
+    out = subprocess.run(
+        [sys.executable, str(REPO / "pipelines" / "evaluate.py"), "--models", str(run / "model_index.json"),
+         "--dataset", "mura", "--data", str(run / "synthetic-mura"), "--split", "all", "--output", str(run / "ev")],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert summary["images"] == summary["scored"] > 0 and summary["overall"]["n"] == summary["labelled"]
+    assert (run / "ev" / "predictions.parquet").exists() and (run / "ev" / "confusion_matrices.png").exists()
+
+    from fracray.inference.predictor import FracturePredictor
+
+    predictor = FracturePredictor(str(run / "model_index.json"))
+    good = next((run / "synthetic-mura").rglob("image1.png")).read_bytes()
+    results = predictor.predict_bytes([good, b"", b"GIF89a-not-really", good], body_parts=[None, None, None, "wrist"])
+    assert results[0]["status"] == "ok" and results[0]["body_part"] in ("humerus", "wrist")
+    assert 0 <= results[0]["fracture_probability"] <= 1 and results[0]["label"] in (0, 1)
+    assert results[0]["body_part_probability"] is not None
+    assert results[1]["status"] == "empty_file" and results[2]["status"] in ("corrupt", "not_an_image")
+    assert results[3]["body_part"] == "wrist" and results[3]["body_part_probability"] is None
+    with pytest.raises(KeyError):
+        predictor.predict_bytes([good], body_parts=["skull"])
