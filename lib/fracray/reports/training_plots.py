@@ -47,9 +47,11 @@ def _confusions(per_part: dict[str, dict]) -> bytes:
         m = per_part[part]
         grid = [[m["tn"], m["fp"]], [m["fn"], m["tp"]]]
         ax.imshow(grid, cmap="Blues")
+        top = max(max(row) for row in grid) or 1
         for i in range(2):
             for j in range(2):
-                ax.text(j, i, str(grid[i][j]), ha="center", va="center", fontsize=12)
+                ax.text(j, i, str(grid[i][j]), ha="center", va="center", fontsize=12,
+                        color="white" if grid[i][j] > top / 2 else "black")
         ax.set_xticks([0, 1], ["pred normal", "pred abnormal"], fontsize=8)
         ax.set_yticks([0, 1], ["normal", "abnormal"], fontsize=8)
         ax.set_title(part, fontsize=10)
