@@ -6,8 +6,6 @@ import io
 import shutil
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pytest
 from PIL import Image
 

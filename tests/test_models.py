@@ -1,8 +1,6 @@
 """The model registry: every registered backbone, the transfer strategies, BAM, weights."""
 
-import io
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

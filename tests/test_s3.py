@@ -4,7 +4,6 @@ the indexer and the Ray Data pipeline reading s3:// URIs."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

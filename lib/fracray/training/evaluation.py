@@ -11,7 +11,6 @@ import math
 from collections import defaultdict
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from ..storage import StorageOptions

@@ -78,8 +78,7 @@ def _hold_out_studies(train: pa.Table, fraction: float) -> tuple[pa.Table, pa.Ta
 
 
 def _model_size(bundle_uri: str, options: StorageOptions | None) -> dict[str, Any]:
-    _, path = storage.resolve(storage.join(bundle_uri, "model.safetensors"), options)
-    fs, _ = storage.resolve(bundle_uri, options)
+    fs, path = storage.resolve(storage.join(bundle_uri, "model.safetensors"), options)
     size = fs.get_file_info(path).size
     return {"weights_mb": round(size / 2 ** 20, 2)}
 
