@@ -121,12 +121,12 @@ def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileS
     """Return ``(filesystem, path)`` for a URI; the path is what that filesystem expects."""
     if not isinstance(uri, str) or not uri:
         raise StorageError(f"Expected a non-empty URI string. Got {uri!r}")
-    options = (options or StorageOptions()).resolved()
     scheme = _scheme(uri)
     if scheme in ("file", "local"):
-        path = urlparse(uri).path if uri.startswith("file://") else uri
-        return _LOCAL, os.path.abspath(os.path.expanduser(path))
+        return _LOCAL, normalize(uri)
     if scheme in ("s3", "s3a"):
+        # Only S3 needs the environment read (per-image reads of local files skip it).
+        options = (options or StorageOptions()).resolved()
         parsed = urlparse(uri)
         return _s3_filesystem(options), (parsed.netloc + parsed.path).rstrip("/") or parsed.netloc
     parsed = urlparse(uri)

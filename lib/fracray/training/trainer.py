@@ -343,7 +343,8 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
     log(f"[{name}] training {config.model} ({config.strategy}) on {train.num_rows} images, "
         f"validating on {valid.num_rows}, {config.num_workers} worker(s){' with GPU' if config.use_gpu else ''}")
     result = trainer.fit()
-    best = result.get_best_checkpoint("val_score", "max") if result.best_checkpoints else result.checkpoint
+    latest = result.checkpoint
+    best = result.get_best_checkpoint("val_score", "max") if result.best_checkpoints else latest
     if best is None:
         raise RuntimeError(f"{name}: training produced no checkpoint")
     from safetensors.torch import load_file
@@ -352,11 +353,9 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
 
     with best.as_directory() as ckpt_dir:
         state = load_file(os.path.join(ckpt_dir, "model.safetensors"))
-        with open(os.path.join(ckpt_dir, "history.json")) as f:
-            history = json.load(f)["history"]
-    if result.checkpoint is not None and result.checkpoint != best:
-        with result.checkpoint.as_directory() as latest_dir, open(os.path.join(latest_dir, "history.json")) as f:
-            history = json.load(f)["history"]
+    # The best weights may be from an earlier epoch; the latest checkpoint holds the whole history.
+    with latest.as_directory() as latest_dir, open(os.path.join(latest_dir, "history.json")) as f:
+        history = json.load(f)["history"]
     model = create_model(config.model, pretrained=False, num_classes=len(config.classes), strategy=config.strategy,
                          head=config.head, bam=config.bam)
     model.load_state_dict(state)
