@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import uuid
 import posixpath
 from urllib.parse import urlparse
 
@@ -182,12 +183,23 @@ def read_prefix(uri: str, nbytes: int, options: StorageOptions | None = None) ->
 
 
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    """Write a whole object. Readers never see a partial file: local files are written
+    beside the target and renamed over it; S3 objects appear only once complete."""
     fs, path = resolve(uri, options)
     try:
-        if not is_remote(uri):  # object stores have no folders; creating one leaves a marker object
-            fs.create_dir(os.path.dirname(path), recursive=True)
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+        if is_remote(uri):  # object stores have no folders; creating one leaves a marker object
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        fs.create_dir(os.path.dirname(path), recursive=True)
+        partial = f"{path}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with fs.open_output_stream(partial) as f:
+                f.write(data)
+            fs.move(partial, path)
+        finally:
+            if fs.get_file_info(partial).type != pafs.FileType.NotFound:
+                fs.delete_file(partial)
     except OSError as exc:
         raise StorageError(f"Could not write {uri}: {exc}") from exc
 

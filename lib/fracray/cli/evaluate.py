@@ -11,7 +11,7 @@ from typing import Any
 from .. import storage
 from ..data import adapters
 from ..data.manifest import filter_rows
-from ..training.evaluation import score_manifest, summarize_predictions
+from ..training.evaluation import pointing_game, score_manifest, summarize_predictions
 from .common import add_storage_arguments, storage_options_from_args
 
 __all__ = ["main", "build_parser", "run_evaluate"]
@@ -32,6 +32,7 @@ def run_evaluate(models: str, dataset: str, data: str, *, split: str | None, out
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     preds = score_manifest(manifest, models, storage_options=options)
     summary = summarize_predictions(preds)
+    summary["pointing_game"] = pointing_game(manifest, models, storage_options=options)
     summary.update(models=models, dataset=dataset, data=data, split=split or "all")
     if output:
         report = {"evaluation": summary, "histories": {}, "comparison": {}}
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evaluate.py",
         description="Score a labelled dataset through the router -> per-bone classifier graph named by a model "
                     "index, and print accuracy, sensitivity, specificity, F1, AUROC and study-level kappa, overall "
-                    "and per body part, as JSON. With --output also writes evaluation.json, predictions.parquet "
+                    "and per body part, as JSON, and - where images carry fracture boxes (FracAtlas) - the Grad-CAM pointing game. With --output also writes evaluation.json, predictions.parquet "
                     "and confusion_matrices.png.",
         epilog="Example: evaluate.py --models runs/latest/model_index.json --dataset mura "
                "--data runs/latest/synthetic-mura --split valid",

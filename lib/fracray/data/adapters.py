@@ -1,7 +1,7 @@
 """Dataset adapters: a collection in its own layout -> one manifest.
 
-Layouts: MURA v1.1 and FracAtlas exactly as released, class folders, and a
-user's manifest CSV/Parquet. Each adapter accounts for every file it sees: a row
+Layouts: MURA v1.1 and FracAtlas exactly as released, class folders, a
+user's manifest CSV/Parquet, and any plain folder tree of images (unlabelled). Each adapter accounts for every file it sees: a row
 in the manifest, or a reject with a reason. Label conflicts between sources are
 resolved by a stated rule and reported.
 """
@@ -22,7 +22,8 @@ from .. import storage
 from ..storage import StorageOptions
 from .manifest import MANIFEST_SCHEMA, IndexResult, LABEL_UNKNOWN, conform, make_manifest, make_rejects, read_table
 
-__all__ = ["index_mura", "index_fracatlas", "index_folder", "index_manifest_file", "ADAPTERS", "index_dataset",
+__all__ = ["index_mura", "index_fracatlas", "index_folder", "index_manifest_file", "index_tree", "detect_layout",
+           "ADAPTERS", "index_dataset",
            "fracatlas_split_for_nonfractured", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
@@ -416,15 +417,59 @@ def _label_value(value) -> int:
     raise ValueError(f"Cannot read {value!r} as a label (expected 0/1, true/false or a class name)")
 
 
+# ----------------------------------------------------------------------------- plain archives
+
+def index_tree(data_uri: str, options: StorageOptions | None = None) -> IndexResult:
+    """Any folder tree of radiographs, unlabelled (an archive to score).
+
+    Image files by suffix, plus files with no suffix (DICOM exports often have none;
+    the decoder decides). A study is the folder an image lies in (PACS exports keep
+    one study per folder); images at the top level are their own study.
+    """
+    data_uri = storage.normalize(data_uri)
+    files = storage.list_files(data_uri, options)
+    if not files:
+        raise FileNotFoundError(f"No files under {data_uri}")
+    rows, rejects = [], []
+    for uri in files:
+        rel = storage.relative_to(uri, data_uri)
+        name = rel.rsplit("/", 1)[-1]
+        stray = _is_stray(name)
+        if stray:
+            rejects.append((uri, "stray_file", stray))
+        elif name.lower().endswith(IMAGE_SUFFIXES) or "." not in name:
+            folder = rel.rsplit("/", 1)[0] if "/" in rel else rel.rsplit(".", 1)[0]
+            rows.append({"image_uri": uri, "dataset": "tree", "study_id": folder, "label_note": "unlabelled archive"})
+        else:
+            rejects.append((uri, "unrecognised_path", f"not an image file name ({rel})"))
+    return IndexResult(make_manifest(rows), make_rejects(rejects), [])
+
+
+def detect_layout(data_uri: str, options: StorageOptions | None = None) -> str:
+    """mura, fracatlas, manifest or tree, from what lies at ``data_uri``."""
+    if data_uri.lower().endswith((".csv", ".parquet")):
+        return "manifest"
+    for layout, probe in (("mura", _mura_base), ("fracatlas", _fracatlas_root)):
+        try:
+            probe(data_uri, options)
+            return layout
+        except FileNotFoundError:
+            pass
+    return "tree"
+
+
 ADAPTERS: dict[str, Callable[..., IndexResult]] = {
     "mura": index_mura,
     "fracatlas": index_fracatlas,
     "folder": index_folder,
     "manifest": index_manifest_file,
+    "tree": index_tree,
 }
 
 
 def index_dataset(kind: str, data_uri: str, options: StorageOptions | None = None, **kwargs) -> IndexResult:
+    if kind == "auto":
+        kind = detect_layout(data_uri, options)
     try:
         adapter = ADAPTERS[kind]
     except KeyError:

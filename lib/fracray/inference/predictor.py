@@ -20,7 +20,7 @@ from ..imaging.preprocess import decode_for, finalize, preprocess_base
 from ..storage import StorageOptions
 from ..training.bundle import load_bundle
 
-__all__ = ["ModelIndex", "FracturePredictor", "write_model_index", "read_model_index", "MODEL_INDEX_FORMAT"]
+__all__ = ["ModelIndex", "FracturePredictor", "BundleModel", "image_result", "route_decoded", "describe_bundle", "bundle_name", "resolve_threshold", "UnknownBodyPart", "write_model_index", "read_model_index", "MODEL_INDEX_FORMAT"]
 
 MODEL_INDEX_FORMAT = "fracray-model-index/1"
 
@@ -49,6 +49,116 @@ def read_model_index(uri: str, options: StorageOptions | None = None) -> ModelIn
     return ModelIndex(**raw)
 
 
+class BundleModel:
+    """One bundle, ready to use: its model, its preprocessing and its temperature.
+
+    The unit both the predictor (batch scoring, evaluation) and the Serve
+    deployments wrap, so an image gets the same numbers whichever path it takes.
+    """
+
+    def __init__(self, uri: str, storage_options: StorageOptions | None = None, device: str | torch.device = "cpu"):
+        self.uri = uri
+        self.device = torch.device(device)
+        self.model, self.meta = load_bundle(uri, storage_options, device=str(self.device))
+        self.config = self.meta.preprocess_config()
+        self.name = bundle_name(uri, self.meta)
+
+    def inputs(self, decoded: list) -> torch.Tensor:
+        base = np.stack([preprocess_base(d, self.config)[None] for d in decoded])
+        return finalize(torch.from_numpy(base).to(self.device), self.config)
+
+    @torch.no_grad()
+    def probabilities(self, decoded: list) -> np.ndarray:
+        """N x classes calibrated probabilities (softmax(logits / temperature))."""
+        if not decoded:
+            return np.zeros((0, len(self.meta.classes)), dtype=np.float64)
+        logits = self.model(self.inputs(decoded)).float() / float(self.meta.temperature)
+        return logits.softmax(-1).cpu().numpy().astype(np.float64)
+
+    def threshold_for(self, operating_point: str | float | None) -> float:
+        """The bundle's threshold, a named operating point from validation, or a number in [0, 1]."""
+        return resolve_threshold(self.meta, operating_point)
+
+    def gradcam(self, decoded, target_class: int = 1) -> np.ndarray:
+        """Grad-CAM heatmap in the decoded image's own pixel grid (values in [0, 1])."""
+        from .gradcam import gradcam_for_image
+
+        return gradcam_for_image(self.model, self.inputs([decoded]), decoded.pixels.shape[:2], self.config,
+                                 target_class=target_class)
+
+    def describe(self) -> dict[str, Any]:
+        return describe_bundle(self.uri, self.meta)
+
+
+def bundle_name(uri: str, meta) -> str:
+    """"fracture_wrist:efficientnet_lite0@2026-11-22T10:00:00+00:00": which bundle, backbone and version."""
+    return f"{uri.rstrip('/').rsplit('/', 1)[-1]}:{meta.model['name']}@{meta.created}"
+
+
+def describe_bundle(uri: str, meta) -> dict[str, Any]:
+    """What /v1/models and reports show of a bundle (from its metadata alone)."""
+    return {"name": bundle_name(uri, meta), "uri": uri, "task": meta.task, "backbone": meta.model["name"],
+            "version": meta.created, "code_version": meta.code_version, "classes": meta.classes,
+            "threshold": meta.threshold, "threshold_rule": meta.threshold_rule,
+            "operating_points": meta.operating_points, "temperature": meta.temperature,
+            "input_size": list(meta.preprocess["image_size"]), "intended_use": meta.intended_use,
+            "validation": {k: v for k, v in (meta.metrics.get("valid") or {}).items()
+                           if k in ("auroc", "sensitivity", "specificity", "accuracy", "n")}}
+
+
+def route_decoded(router: "BundleModel | None", body_parts: list[str], decoded: list) -> list[tuple[str, float | None]]:
+    """(body part, probability) per image from the router; with no router and one
+    classifier, that classifier's part (probability None)."""
+    if router is None:
+        if len(body_parts) != 1:
+            raise ValueError("No router in the model index: pass the body part")
+        return [(body_parts[0], None)] * len(decoded)
+    probs = router.probabilities(decoded)
+    classes = router.meta.classes
+    return [(classes[int(p.argmax())], float(p.max())) for p in probs]
+
+
+def resolve_threshold(meta, operating_point: str | float | None) -> float:
+    if operating_point is None or operating_point == "" or operating_point == "default":
+        return float(meta.threshold)
+    if isinstance(operating_point, (int, float)) or _is_number(operating_point):
+        value = float(operating_point)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1]. Got {value}")
+        return value
+    try:
+        return float(meta.operating_points[operating_point]["threshold"])
+    except KeyError:
+        raise ValueError(f"Unknown operating point {operating_point!r}; this model has "
+                         f"{sorted(meta.operating_points) + ['default']} or a number in [0, 1]") from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def image_result(part: str, part_probability: float | None, fracture_probability: float, threshold: float,
+                 classifier: str, router: str | None) -> dict[str, Any]:
+    """The per-image answer, identical for batch scoring and the HTTP API."""
+    return {"body_part": part, "body_part_probability": part_probability,
+            "fracture_probability": float(fracture_probability), "label": int(fracture_probability >= threshold),
+            "threshold": float(threshold), "classifier": classifier,
+            "router": router if part_probability is not None else None}
+
+
+class UnknownBodyPart(KeyError):
+    def __init__(self, part: str, known: list[str]):
+        super().__init__(part)
+        self.part, self.known = part, known
+
+    def __str__(self) -> str:
+        return f"No fracture model for body part {self.part!r}; known: {self.known}"
+
+
 class FracturePredictor:
     """Loads the router and per-bone bundles named by a model index.
 
@@ -58,15 +168,17 @@ class FracturePredictor:
     with the reject reason. A client-supplied body part skips the router.
     """
 
-    def __init__(self, index_uri: str, storage_options: StorageOptions | None = None, device: str | None = None):
+    def __init__(self, index_uri: str, storage_options: StorageOptions | None = None, device: str | None = None,
+                 *, use_known_body_part: bool = False, operating_point: str | float | None = None):
         self.options = storage_options
+        # Batch path only: trust the body part the archive layout gives (e.g. MURA's XR_WRIST) over the router.
+        self.use_known_body_part = use_known_body_part
+        self.operating_point = operating_point
         self.index = read_model_index(index_uri, storage_options)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.router, self.router_meta = (load_bundle(self.index.router, storage_options, device=str(self.device))
-                                         if self.index.router else (None, None))
-        self.classifiers = {}
-        for part, uri in self.index.classifiers.items():
-            self.classifiers[part] = load_bundle(uri, storage_options, device=str(self.device))
+        self.router = BundleModel(self.index.router, storage_options, self.device) if self.index.router else None
+        self.classifiers = {part: BundleModel(uri, storage_options, self.device)
+                            for part, uri in self.index.classifiers.items()}
         if not self.classifiers:
             raise ValueError("The model index names no fracture classifiers")
 
@@ -74,50 +186,43 @@ class FracturePredictor:
     def body_parts(self) -> list[str]:
         return sorted(self.classifiers)
 
-    def _inputs(self, decoded: list, meta) -> torch.Tensor:
-        config = meta.preprocess_config()
-        base = np.stack([preprocess_base(d, config)[None] for d in decoded])
-        return finalize(torch.from_numpy(base).to(self.device), config)
+    @property
+    def decode_config(self):
+        return (self.router or next(iter(self.classifiers.values()))).config
 
-    @torch.no_grad()
-    def predict_decoded(self, decoded: list, body_parts: list[str | None] | None = None) -> list[dict[str, Any]]:
+    def route(self, decoded: list) -> list[tuple[str, float]]:
+        """(body part, probability) for each image, from the router."""
+        return route_decoded(self.router, self.body_parts, decoded)
+
+    def predict_decoded(self, decoded: list, body_parts: list[str | None] | None = None,
+                        operating_point: str | float | None = None) -> list[dict[str, Any]]:
         n = len(decoded)
-        body_parts = list(body_parts or [None] * n)
-        results: list[dict[str, Any]] = [{} for _ in range(n)]
-        need_router = [i for i in range(n) if not body_parts[i]]
+        parts = list(body_parts or [None] * n)
+        part_probs: list[float | None] = [None] * n
+        for part in parts:
+            if part and part not in self.classifiers:
+                raise UnknownBodyPart(part, self.body_parts)
+        need_router = [i for i in range(n) if not parts[i]]
         if need_router:
-            if self.router is None:
-                if len(self.classifiers) != 1:
-                    raise ValueError("No router in the model index: pass the body part")
-                for i in need_router:
-                    body_parts[i] = self.body_parts[0]
-            else:
-                probs = self.router(self._inputs([decoded[i] for i in need_router], self.router_meta)).softmax(-1)
-                classes = self.router_meta.classes
-                for i, p in zip(need_router, probs.cpu().numpy()):
-                    k = int(p.argmax())
-                    body_parts[i] = classes[k]
-                    results[i]["body_part_probability"] = float(p[k])
-        for part in set(body_parts):
-            if part not in self.classifiers:
-                raise KeyError(part)
-            members = [i for i in range(n) if body_parts[i] == part]
-            model, meta = self.classifiers[part]
-            probs = model(self._inputs([decoded[i] for i in members], meta)).softmax(-1)[:, 1].cpu().numpy()
+            for i, (part, prob) in zip(need_router, self.route([decoded[i] for i in need_router])):
+                parts[i], part_probs[i] = part, prob
+        results: list[dict[str, Any]] = [{} for _ in range(n)]
+        for part in set(parts):
+            if part not in self.classifiers:  # the router knows a part no classifier was trained for
+                raise UnknownBodyPart(part, self.body_parts)
+            members = [i for i in range(n) if parts[i] == part]
+            classifier = self.classifiers[part]
+            threshold = classifier.threshold_for(operating_point)
+            probs = classifier.probabilities([decoded[i] for i in members])[:, 1]
             for i, p in zip(members, probs):
-                results[i].update({
-                    "body_part": part, "fracture_probability": float(p), "label": int(p >= meta.threshold),
-                    "threshold": meta.threshold,
-                    "classifier": f"{meta.model['name']}@{meta.created}",
-                    "router": f"{self.router_meta.model['name']}@{self.router_meta.created}" if self.router_meta else None,
-                })
-                results[i].setdefault("body_part_probability", None)
+                results[i] = image_result(part, part_probs[i], p, threshold, classifier.name,
+                                          self.router.name if self.router else None)
         return results
 
     def predict_bytes(self, payloads: list[bytes], body_parts: list[str | None] | None = None,
-                      names: list[str] | None = None) -> list[dict[str, Any]]:
+                      names: list[str] | None = None, operating_point: str | float | None = None) -> list[dict[str, Any]]:
         """Bad images get ``status`` = reject reason; the rest ``status`` = "ok"."""
-        config = (self.router_meta or next(iter(self.classifiers.values()))[1]).preprocess_config()
+        config = self.decode_config
         decoded, keep, out = [], [], []
         for i, data in enumerate(payloads):
             name = names[i] if names else ""
@@ -129,13 +234,16 @@ class FracturePredictor:
                 out.append({"status": exc.reason.value, "error": exc.detail})
         if keep:
             parts = [body_parts[i] for i in keep] if body_parts else None
-            for i, result in zip(keep, self.predict_decoded(decoded, parts)):
+            for i, result in zip(keep, self.predict_decoded(decoded, parts, operating_point)):
                 out[i].update(result)
         return out
 
     # Ray Data: ds.map_batches(FracturePredictor, fn_constructor_kwargs=..., batch_format="pyarrow")
     def __call__(self, batch) -> dict[str, np.ndarray]:
+        """One output row per input row: scored, or rejected with the reason."""
         uris = batch["image_uri"].to_pylist()
+        known = batch["body_part"].to_pylist() if "body_part" in batch.column_names else [None] * len(uris)
+        parts = [p if self.use_known_body_part and p in self.classifiers else None for p in known]
         payloads, errors = [], {}
         for i, uri in enumerate(uris):
             try:
@@ -143,11 +251,11 @@ class FracturePredictor:
             except storage.StorageError as exc:
                 payloads.append(b"")
                 errors[i] = str(exc)
-        results = self.predict_bytes(payloads, names=uris)
+        results = self.predict_bytes(payloads, body_parts=parts, names=uris, operating_point=self.operating_point)
         for i, msg in errors.items():
             results[i] = {"status": RejectReason.READ_ERROR.value, "error": msg}
         columns = {"image_uri": np.asarray(uris, dtype=object)}
-        for key, typ in (("status", str), ("error", str), ("body_part", str)):
+        for key in ("status", "error", "body_part", "classifier", "router"):
             columns[key] = np.asarray([str(r.get(key) or "") for r in results], dtype=object)
         for key in ("body_part_probability", "fracture_probability", "threshold"):
             columns[key] = np.asarray([np.nan if r.get(key) is None else r[key] for r in results], dtype=np.float64)
@@ -156,5 +264,7 @@ class FracturePredictor:
             if key in batch.column_names:
                 columns["true_" + key if key != "study_id" else key] = np.asarray(batch[key].to_pylist(), dtype=object)
         if "body_part" in batch.column_names:
-            columns["true_body_part"] = np.asarray(batch["body_part"].to_pylist(), dtype=object)
+            columns["true_body_part"] = np.asarray(known, dtype=object)
+        if "chunk_id" in batch.column_names:  # score_archive's unit of resumable work
+            columns["chunk_id"] = np.asarray(batch["chunk_id"].to_pylist(), dtype=np.int64)
         return columns

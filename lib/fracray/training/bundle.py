@@ -42,6 +42,10 @@ class BundleMeta:
     classes: list[str]
     threshold: float = 0.5           # operating threshold on P(classes[1]) for binary tasks
     threshold_rule: str = "0.5"
+    # Named thresholds from validation data ("sensitivity>=0.95": {threshold, sensitivity, specificity}).
+    operating_points: dict[str, Any] = dataclasses.field(default_factory=dict)
+    temperature: float = 1.0         # probabilities are softmax(logits / temperature)
+    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
     training: dict[str, Any] = dataclasses.field(default_factory=dict)

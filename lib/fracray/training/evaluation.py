@@ -30,7 +30,8 @@ def score_manifest(manifest: pa.Table, index_uri: str, *, storage_options: Stora
     rows = max(1, min(256, math.ceil(manifest.num_rows / 8)))
     ds = ray.data.from_arrow([manifest.slice(s, rows) for s in range(0, manifest.num_rows, rows)])
     ds = ds.map_batches(FracturePredictor, fn_constructor_kwargs={"index_uri": index_uri, "storage_options": options},
-                        batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency)
+                        batch_size=batch_size, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=concurrency))
     ds.context.enable_progress_bars = False
     out: dict[str, list] = defaultdict(list)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -93,3 +94,88 @@ def summarize_predictions(preds: dict[str, list]) -> dict[str, Any]:
             right = sum(preds["true_body_part"][i] == preds["body_part"][i] for i in known)
             summary["router_accuracy"] = right / len(known)
     return summary
+
+
+class _PointingGameScorer:
+    """Ray Data actor: Grad-CAM of the fracture class for images with fracture boxes,
+    through the same router -> classifier path as scoring."""
+
+    def __init__(self, index_uri: str, storage_options: StorageOptions | None = None, tolerance: float = 0.0):
+        from .. import storage
+        from ..inference.predictor import FracturePredictor
+
+        self.storage = storage
+        self.predictor = FracturePredictor(index_uri, storage_options)
+        self.options = storage_options
+        self.tolerance = tolerance
+
+    def __call__(self, batch):
+        import numpy as np
+
+        from ..imaging.decode import ImageRejected
+        from ..imaging.preprocess import decode_for
+        from ..inference.gradcam import heatmap_peak, pointing_hit
+
+        out = {k: [] for k in ("image_uri", "body_part", "hit", "center_hit", "peak_x", "peak_y", "status")}
+        for uri, boxes in zip(batch["image_uri"].to_pylist(), batch["boxes"].to_pylist()):
+            try:
+                decoded = decode_for(self.storage.read_bytes(uri, self.options), self.predictor.decode_config,
+                                     is_dicom_name=uri.lower().endswith((".dcm", ".dicom")))
+            except (ImageRejected, self.storage.StorageError) as exc:
+                status = exc.reason.value if isinstance(exc, ImageRejected) else "read_error"
+                for key, value in (("image_uri", uri), ("body_part", ""), ("hit", False), ("center_hit", False),
+                                   ("peak_x", np.nan), ("peak_y", np.nan), ("status", status)):
+                    out[key].append(value)
+                continue
+            part = self.predictor.route([decoded])[0][0]
+            peak = heatmap_peak(self.predictor.classifiers[part].gradcam(decoded))
+            out["image_uri"].append(uri)
+            out["body_part"].append(part)
+            out["hit"].append(pointing_hit(peak, boxes, self.tolerance))
+            out["center_hit"].append(pointing_hit((0.5, 0.5), boxes, self.tolerance))
+            out["peak_x"].append(peak[0])
+            out["peak_y"].append(peak[1])
+            out["status"].append("ok")
+        return {k: np.asarray(v, dtype=object if k in ("image_uri", "body_part", "status") else None)
+                for k, v in out.items()}
+
+
+def pointing_game(manifest: pa.Table, index_uri: str, *, storage_options: StorageOptions | None = None,
+                  tolerance: float = 0.0, limit: int | None = None) -> dict[str, Any] | None:
+    """How often the Grad-CAM peak of the fracture class falls inside a fracture box
+    (FracAtlas YOLO boxes), per body part, against the image-centre baseline.
+    None when the manifest has no fractured images with boxes."""
+    import pyarrow.compute as pc
+    import ray
+
+    if "boxes" not in manifest.column_names:
+        return None
+    has_boxes = pc.greater(pc.fill_null(pc.list_value_length(manifest["boxes"]), 0), 0)
+    rows = manifest.filter(pc.and_(has_boxes, pc.equal(manifest["image_label"], 1))).select(["image_uri", "boxes"])
+    if rows.num_rows == 0:
+        return None
+    if limit:
+        rows = rows.slice(0, limit)
+    options = (storage_options or StorageOptions()).resolved()
+    block = max(1, min(64, math.ceil(rows.num_rows / 4)))
+    ds = ray.data.from_arrow([rows.slice(s, block) for s in range(0, rows.num_rows, block)])
+    ds = ds.map_batches(_PointingGameScorer, fn_constructor_kwargs={"index_uri": index_uri, "storage_options": options,
+                                                                    "tolerance": tolerance},
+                        batch_size=8, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1))
+    ds.context.enable_progress_bars = False
+    results = defaultdict(list)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for key, values in batch.items():
+            results[key] += list(values)
+    ok = [i for i, s in enumerate(results["status"]) if s == "ok"]
+
+    def rate(idx: list[int]) -> dict[str, Any]:
+        return {"images": len(idx), "hit_rate": sum(bool(results["hit"][i]) for i in idx) / len(idx) if idx else None,
+                "center_baseline": sum(bool(results["center_hit"][i]) for i in idx) / len(idx) if idx else None}
+
+    parts = defaultdict(list)
+    for i in ok:
+        parts[results["body_part"][i]].append(i)
+    return {"method": "Grad-CAM peak inside a fracture box (YOLO boxes)", "tolerance": tolerance,
+            "overall": rate(ok), "per_body_part": {p: rate(idx) for p, idx in sorted(parts.items())},
+            "not_scored": len(results["status"]) - len(ok)}

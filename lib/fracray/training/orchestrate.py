@@ -21,7 +21,7 @@ import pyarrow as pa
 from .. import storage
 from ..data.manifest import filter_rows
 from ..storage import StorageOptions
-from .evaluation import score_manifest, summarize_predictions
+from .evaluation import pointing_game, score_manifest, summarize_predictions
 from .trainer import TrainConfig, train_classifier
 
 __all__ = ["TrainingSettings", "run_training_stage", "max_concurrent_runs"]
@@ -89,7 +89,8 @@ def _train_remote(config: TrainConfig, train: pa.Table, valid: pa.Table, output_
                               data_info=data_info, log=lambda *_: None)
     return {"name": name, "bundle": result.bundle_uri, "seconds": round(result.seconds, 1),
             "history": result.history, "metrics": result.meta.metrics, "threshold": result.meta.threshold,
-            "model": result.meta.model, "size": _model_size(result.bundle_uri, options)}
+            "model": result.meta.model, "size": _model_size(result.bundle_uri, options),
+            "calibration": {k: v for k, v in result.meta.calibration.items() if k != "reliability_after"}}
 
 
 def _run_all(jobs: list[dict[str, Any]], settings: TrainingSettings, log: Callable) -> dict[str, dict]:
@@ -119,6 +120,7 @@ def _run_all(jobs: list[dict[str, Any]], settings: TrainingSettings, log: Callab
             continue
         valid = results[name]["metrics"]["valid"]
         score = valid.get("auroc") if valid.get("auroc") is not None else valid.get("accuracy")
+        cal = m.get("calibration") or {}
         log(f"  finished {name} in {results[name]['seconds']}s (validation "
             f"{'AUROC' if valid.get('auroc') is not None else 'accuracy'} {score if score is None else round(score, 3)})")
     return results
@@ -201,12 +203,14 @@ def run_training_stage(manifest: pa.Table, settings: TrainingSettings, *, output
     log(f"Evaluating router -> classifier on the {eval_split} split ({evaluation.num_rows} images) ...")
     preds = score_manifest(evaluation, index_uri, storage_options=storage_options)
     summary = summarize_predictions(preds)
+    summary["pointing_game"] = pointing_game(evaluation, index_uri, storage_options=storage_options)
     comparison = {name: {"valid": r.get("metrics", {}).get("valid"), "seconds": r.get("seconds"),
                          "size": r.get("size"), "error": r.get("error")}
                   for name, r in results.items() if name.startswith("compare_")}
     report = {"dataset": dataset, "evaluated_split": eval_split, "body_parts": parts, "skipped_body_parts": skipped,
               "model_index": index_uri, "evaluation": summary, "comparison": comparison,
-              "models": {name: {k: r.get(k) for k in ("bundle", "seconds", "threshold", "size", "error", "model")}
+              "models": {name: {k: r.get(k) for k in ("bundle", "seconds", "threshold", "size", "error", "model",
+                                                       "calibration")}
                          | {"valid": r.get("metrics", {}).get("valid")} for name, r in results.items()},
               "histories": {name: r.get("history") for name, r in results.items()},
               "seconds": round(time.time() - started, 1)}
@@ -234,14 +238,21 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"| {part} | {m['tp']} | {m['fn']} | {m['fp']} | {m['tn']} | {_fmt(m['accuracy'])} | "
                      f"{_fmt(m['precision'])} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | {_fmt(m['f1'])} | "
                      f"{_fmt(m['auroc'])} | {_fmt(m.get('study_kappa'))} |")
-    lines += ["", "| model | backbone | seconds | weights MB | validation AUROC / accuracy | threshold |",
-              "|---|---|---|---|---|---|"]
+    game = ev.get("pointing_game")
+    if game:
+        lines += ["", f"Grad-CAM pointing game ({game['overall']['images']} fractured images with boxes): the heatmap "
+                      f"peak falls inside a fracture box for {_fmt(game['overall']['hit_rate'])} of them "
+                      f"(image-centre baseline {_fmt(game['overall']['center_baseline'])})."]
+    lines += ["", "| model | backbone | seconds | weights MB | validation AUROC / accuracy | threshold | temperature | "
+              "ECE before -> after |", "|---|---|---|---|---|---|---|---|"]
     for name, m in sorted(report["models"].items()):
         if m.get("error"):
-            lines.append(f"| {name} | failed: {m['error'][:80]} | | | | |")
+            lines.append(f"| {name} | failed: {m['error'][:80]} | | | | | | |")
             continue
         valid = m.get("valid") or {}
         score = valid.get("auroc") if valid.get("auroc") is not None else valid.get("accuracy")
+        cal = m.get("calibration") or {}
         lines.append(f"| {name} | {(m.get('model') or {}).get('name')} | {m['seconds']} | "
-                     f"{(m.get('size') or {}).get('weights_mb')} | {_fmt(score)} | {_fmt(m.get('threshold'))} |")
+                     f"{(m.get('size') or {}).get('weights_mb')} | {_fmt(score)} | {_fmt(m.get('threshold'))} | "
+                     f"{_fmt(cal.get('temperature'))} | {_fmt(cal.get('ece_before'))} -> {_fmt(cal.get('ece_after'))} |")
     return "\n".join(lines) + "\n"

@@ -30,6 +30,7 @@ from .. import storage
 from ..data.pipeline import OK, StreamConfig, build_image_dataset
 from ..imaging.preprocess import AugmentConfig, PreprocessConfig, finalize, to_tensor
 from ..storage import StorageOptions
+from ..inference.calibration import calibrate, operating_points, softmax
 from . import metrics as M
 from .bundle import BundleMeta, save_bundle
 
@@ -273,12 +274,12 @@ def _manifest_labels(manifest: pa.Table, task: str, classes: tuple[str, ...]) ->
 
 def predict_manifest(model, manifest: pa.Table, preprocess: PreprocessConfig, *,
                      storage_options: StorageOptions | None = None, batch_size: int = 64) -> dict[str, list]:
-    """Probabilities for every ok row of a manifest (driver-side, for thresholds and reports)."""
+    """Logits for every ok row of a manifest (driver-side, for calibration, thresholds and reports)."""
     import torch
 
     from ..data.pipeline import StreamTally, iter_model_batches
 
-    out: dict[str, list] = {"image_uri": [], "study_id": [], "image_label": [], "body_part": [], "probs": []}
+    out: dict[str, list] = {"image_uri": [], "study_id": [], "image_label": [], "body_part": [], "logits": []}
     tally = StreamTally()
     model.eval()
     with torch.no_grad():
@@ -287,7 +288,7 @@ def predict_manifest(model, manifest: pa.Table, preprocess: PreprocessConfig, *,
         ds.context.enable_progress_bars = False
         for batch in iter_model_batches(ds, batch_size=batch_size, tally=tally):
             x = finalize(to_tensor(batch["image"]), preprocess)
-            out["probs"] += model(x).softmax(-1).numpy().tolist()
+            out["logits"] += model(x).float().numpy().tolist()
             for key in ("image_uri", "study_id", "image_label", "body_part"):
                 out[key] += [v.item() if hasattr(v, "item") else v for v in batch[key]]
     out["rejected"] = tally.as_dict()["rejected"]
@@ -362,26 +363,33 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
     model.weights = "imagenet" if config.pretrained is True else str(config.pretrained or "random")
     model.eval()
 
-    # Operating threshold and final metrics on the validation split, in the driver.
+    # Calibration, operating threshold and final metrics on the validation split, in the driver.
     preds = predict_manifest(model, valid, preprocess, storage_options=storage_options, batch_size=config.batch_size)
-    probs = np.asarray(preds["probs"])
+    logits = np.asarray(preds["logits"], dtype=np.float64).reshape(-1, len(config.classes))
     if config.task == "fracture":
-        y = np.asarray(preds["image_label"])
+        y = np.asarray(preds["image_label"], dtype=int)
+    else:
+        index = {c: i for i, c in enumerate(config.classes)}
+        y = np.asarray([index.get(p, -1) for p in preds["body_part"]], dtype=int)
+    keep = y >= 0
+    calibration = calibrate(logits[keep], y[keep])
+    temperature = calibration["temperature"]
+    probs = softmax(logits, temperature)
+    if config.task == "fracture":
         threshold = M.choose_threshold(y, probs[:, 1], target=config.threshold_target, value=config.threshold_value)
         metrics = {"valid": M.binary_metrics(y, probs[:, 1], threshold),
                    "valid_study": M.study_level(preds["study_id"], y, probs[:, 1], threshold),
                    "valid_operating_points": [M.sensitivity_at_specificity(y, probs[:, 1], s) for s in (0.8, 0.9)]}
         rule = config.threshold_target + (f">={config.threshold_value}" if config.threshold_value else "")
+        points = operating_points(y, probs[:, 1])
     else:
-        index = {c: i for i, c in enumerate(config.classes)}
-        y = np.asarray([index.get(p, -1) for p in preds["body_part"]])
-        keep = y >= 0
-        threshold, rule = 0.0, "argmax"
+        threshold, rule, points = 0.0, "argmax", {}
         metrics = {"valid": M.multiclass_metrics(y[keep], probs[keep], config.classes)}
     metrics["rejected"] = preds["rejected"]
     seconds = time.time() - started
     meta = BundleMeta(task=config.task, model={}, preprocess=preprocess.to_dict(), classes=list(config.classes),
-                      threshold=threshold, threshold_rule=rule, metrics=metrics,
+                      threshold=threshold, threshold_rule=rule, operating_points=points, temperature=temperature,
+                      calibration=calibration, metrics=metrics,
                       data=dict(data_info or {}, train_images=train.num_rows, valid_images=valid.num_rows),
                       training={"config": config.to_dict(), "epochs_run": len(history), "seconds": round(seconds, 1),
                                 "history": history})

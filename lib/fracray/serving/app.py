@@ -1,0 +1,434 @@
+"""The Ray Serve application: HTTP ingress -> body-part router -> bone-specific classifiers.
+
+    Ingress (FastAPI, /docs)        bounds and decodes uploads, auth, JSON errors, Grad-CAM PNGs
+      -> BodyPartRouter             the 7-class router, dynamic batching (@serve.batch)
+      -> FractureClassifiers        every bone's model, Serve model multiplexing (model id =
+                                    body part), dynamic batching across requests
+
+Built by ``build_app(args)`` from a model index URI; ``serve run serving/config.yaml``
+and ``serve deploy serving/config.yaml`` use the same builder. The deployments
+wrap the same ``BundleModel`` as batch scoring, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hmac
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from ray import serve
+from starlette.requests import Request
+
+from .. import storage
+from ..storage import StorageOptions
+
+__all__ = ["ServeArgs", "build_app", "app_builder", "Ingress", "BodyPartRouter", "FractureClassifiers",
+           "HTTP_STATUS_FOR_REJECT"]
+
+# Why an upload was refused -> the HTTP status that says so.
+HTTP_STATUS_FOR_REJECT = {
+    "empty_file": 400, "truncated": 400, "corrupt": 400, "too_small": 400, "read_error": 400,
+    "not_an_image": 415, "unsupported_format": 415, "unsupported_dicom": 415,
+    "decompression_bomb": 413,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeArgs:
+    """The application's arguments (the ``args:`` of serving/config.yaml)."""
+
+    models: str = "runs/latest/model_index.json"
+    max_upload_mb: float = 64.0          # per request; DICOM studies run large
+    max_pixels: int | None = None        # default: the models' own decode limit (bomb guard)
+    max_study_images: int = 32
+    max_batch_size: int = 16             # dynamic batching; 1 turns it off
+    batch_wait_timeout_s: float = 0.01
+    auth_token_env: str = "FRACRAY_API_TOKEN"  # bearer token required when this variable is set
+    endpoint_url: str | None = None
+    region: str | None = None
+    anonymous: bool = False
+    # Overrides of the deployments' options (serving/config.yaml sets them for clusters).
+    max_ongoing_requests: int | None = None
+    max_queued_requests: int | None = None
+    num_gpus: float | None = None        # per model replica; default 0 (config.yaml: 1 on GPU workers)
+
+    @classmethod
+    def parse(cls, args: "ServeArgs | dict[str, Any] | None") -> "ServeArgs":
+        if isinstance(args, cls):
+            return args
+        args = dict(args or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"Unknown application arguments {unknown}; known: {sorted(known)}")
+        parsed = cls(**args)
+        if parsed.max_batch_size < 1 or parsed.max_upload_mb <= 0 or parsed.max_study_images < 1:
+            raise ValueError(f"max_batch_size, max_upload_mb and max_study_images must be positive. Got {parsed}")
+        return parsed
+
+    @property
+    def storage_options(self) -> StorageOptions:
+        return StorageOptions(endpoint_url=self.endpoint_url, region=self.region, anonymous=self.anonymous).resolved()
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------- model deployments
+
+@serve.deployment(
+    name="BodyPartRouter",
+    max_ongoing_requests=32,
+    autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
+    ray_actor_options={"num_cpus": 0.5},
+    health_check_period_s=10,
+)
+class BodyPartRouter:
+    """The bone-type router (or, for a single-model index, its one body part)."""
+
+    def __init__(self, args: ServeArgs):
+        from ..inference.predictor import BundleModel, read_model_index
+
+        self.args = args
+        options = args.storage_options
+        index = read_model_index(args.models, options)
+        self.body_parts = sorted(index.classifiers)
+        self.model = BundleModel(index.router, options, _device()) if index.router else None
+        self.route.set_max_batch_size(args.max_batch_size)
+        self.route.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def route(self, images: list) -> list[tuple[str, float | None]]:
+        from ..inference.predictor import route_decoded
+
+        return route_decoded(self.model, self.body_parts, images)
+
+    def ready(self) -> dict[str, Any]:
+        return {"router": self.model.name if self.model else None}
+
+
+@serve.deployment(
+    name="FractureClassifiers",
+    max_ongoing_requests=32,
+    autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 16},
+    ray_actor_options={"num_cpus": 0.5},
+    health_check_period_s=10,
+)
+class FractureClassifiers:
+    """Every body part's fracture model, loaded on demand per replica (Serve model
+    multiplexing routes a body part's requests to replicas that hold its model)."""
+
+    def __init__(self, args: ServeArgs):
+        from ..inference.predictor import read_model_index
+
+        self.args = args
+        self.index = read_model_index(args.models, args.storage_options)
+        self.classify.set_max_batch_size(args.max_batch_size)
+        self.classify.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+
+    @serve.multiplexed(max_num_models_per_replica=8)
+    async def get_model(self, body_part: str):
+        from ..inference.predictor import BundleModel, UnknownBodyPart
+
+        if body_part not in self.index.classifiers:
+            raise UnknownBodyPart(body_part, sorted(self.index.classifiers))
+        return await asyncio.to_thread(BundleModel, self.index.classifiers[body_part], self.args.storage_options,
+                                       _device())
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def classify(self, images: list, body_parts: list[str]) -> list[tuple[float, str]]:
+        """P(fracture) and the model's name for each image, grouped by body part."""
+        out: list[tuple[float, str] | None] = [None] * len(images)
+        for part in sorted(set(body_parts)):
+            members = [i for i, p in enumerate(body_parts) if p == part]
+            model = await self.get_model(part)
+            probs = model.probabilities([images[i] for i in members])[:, 1]
+            for i, p in zip(members, probs):
+                out[i] = (float(p), model.name)
+        return out
+
+    async def explain(self, image, body_part: str) -> np.ndarray:
+        """Grad-CAM of the fracture class, in the image's own pixel grid."""
+        model = await self.get_model(body_part)
+        return model.gradcam(image)
+
+    async def load(self, body_part: str) -> str:
+        return (await self.get_model(body_part)).name
+
+
+# ----------------------------------------------------------------------------- HTTP ingress
+
+api = FastAPI(
+    title="fracray",
+    version="1",
+    description="Fracture / abnormality detection on musculoskeletal radiographs: a body-part router and "
+                "bone-specific classifiers. Decision support for qualified readers; not a diagnosis.",
+)
+
+
+class _Rejected(Exception):
+    def __init__(self, status: int, reason: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.reason, self.detail, self.headers = status, reason, detail, headers or {}
+
+
+@serve.deployment(
+    name="Ingress",
+    max_ongoing_requests=64,
+    max_queued_requests=256,
+    backpressure_config={"status_code": 503, "retry_after_s": 1},
+    autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32},
+    ray_actor_options={"num_cpus": 0.25},
+)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, router, classifiers, args: ServeArgs):
+        from ..inference.predictor import describe_bundle, read_model_index
+        from ..training.bundle import read_bundle_meta
+
+        self.router = router
+        self.classifiers = classifiers
+        self.args = args
+        options = args.storage_options
+        self.index = read_model_index(args.models, options)
+        self.metas = {part: read_bundle_meta(uri, options) for part, uri in self.index.classifiers.items()}
+        self.router_meta = read_bundle_meta(self.index.router, options) if self.index.router else None
+        self.models = {"router": describe_bundle(self.index.router, self.router_meta) if self.router_meta else None,
+                       "classifiers": {p: describe_bundle(self.index.classifiers[p], m) for p, m in self.metas.items()},
+                       "dataset": self.index.dataset, "index_created": self.index.created}
+        from ..imaging.preprocess import PreprocessConfig
+
+        decode = (self.router_meta or next(iter(self.metas.values()))).preprocess_config()
+        if args.max_pixels:
+            decode = PreprocessConfig.from_dict({**decode.to_dict(), "max_pixels": args.max_pixels})
+        self.decode_config = decode
+        self.max_bytes = int(args.max_upload_mb * 1024 * 1024)
+        self.token = os.environ.get(args.auth_token_env) or None
+
+    # --------------------------------------------------------------- helpers
+
+    def _check_auth(self, request) -> None:
+        if self.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, supplied = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip(), self.token):
+            raise _Rejected(401, "unauthorized", "Missing or wrong bearer token: send 'Authorization: Bearer <token>'",
+                            {"WWW-Authenticate": "Bearer"})
+
+    async def _read_body(self, request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            raise _Rejected(413, "upload_too_large", f"Upload of {int(declared)} bytes exceeds the limit of "
+                                                     f"{self.max_bytes} bytes (max_upload_mb)")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise _Rejected(413, "upload_too_large", f"Upload exceeds the limit of {self.max_bytes} bytes "
+                                                         f"(max_upload_mb)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _uploads(self, request) -> list[tuple[str, bytes]]:
+        """(file name, bytes) of each image: the raw body, or every file of a multipart form."""
+        body = await self._read_body(request)
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("multipart/form-data"):
+            return [("upload.dcm" if "dicom" in content_type else "upload", body)]
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=self.args.max_study_images + 1,
+                                                              max_fields=100)
+        except Exception as exc:  # malformed multipart bodies raise several starlette/multipart errors
+            raise _Rejected(400, "bad_multipart", f"Could not parse the multipart form: {exc}") from exc
+        files = [(f.filename or key, await f.read()) for key, f in form.multi_items() if hasattr(f, "read")]
+        if not files:
+            raise _Rejected(400, "no_file", "The multipart form has no file part; send the image as 'file'")
+        return files
+
+    def _decode(self, name: str, data: bytes):
+        from ..imaging.decode import ImageRejected
+        from ..imaging.preprocess import decode_for
+
+        try:
+            return decode_for(data, self.decode_config, is_dicom_name=name.lower().endswith((".dcm", ".dicom")))
+        except ImageRejected as exc:
+            raise _Rejected(HTTP_STATUS_FOR_REJECT.get(exc.reason.value, 400), exc.reason.value, exc.detail) from exc
+
+    def _threshold(self, part: str, operating_point: str | None) -> float:
+        from ..inference.predictor import resolve_threshold
+
+        try:
+            return resolve_threshold(self.metas[part], operating_point)
+        except ValueError as exc:
+            raise _Rejected(422, "bad_operating_point", str(exc)) from exc
+
+    async def _call(self, response):
+        """Await a downstream call; overload there becomes a 503 with Retry-After."""
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            return await response
+        except BackPressureError as exc:
+            raise _Rejected(503, "overloaded", f"The models are at capacity ({exc}); retry shortly",
+                            {"Retry-After": "1"}) from exc
+
+    async def _classify_one(self, name: str, data: bytes, body_part: str | None, operating_point: str | None,
+                            gradcam: bool) -> dict[str, Any]:
+        from ..inference.predictor import image_result
+
+        started = time.perf_counter()
+        if body_part is not None:
+            body_part = body_part.strip().lower()
+            if body_part not in self.metas:
+                raise _Rejected(422, "unknown_body_part", f"No fracture model for body part {body_part!r}; "
+                                                          f"known: {sorted(self.metas)}")
+        decoded = await asyncio.to_thread(self._decode, name, data)
+        decoded_at = time.perf_counter()
+        if body_part is None:
+            body_part, part_probability = await self._call(self.router.route.remote(decoded))
+        else:
+            part_probability = None
+        routed_at = time.perf_counter()
+        if body_part not in self.metas:  # a router class without a trained classifier
+            raise _Rejected(422, "unknown_body_part", f"The router chose {body_part!r}, which has no fracture model; "
+                                                      f"pass body_part (one of {sorted(self.metas)})")
+        threshold = self._threshold(body_part, operating_point)
+        handle = self.classifiers.options(multiplexed_model_id=body_part)
+        probability, classifier_name = await self._call(handle.classify.remote(decoded, body_part))
+        classified_at = time.perf_counter()
+        result = image_result(body_part, part_probability, probability, threshold, classifier_name,
+                              self.models["router"]["name"] if self.models["router"] else None)
+        result["operating_point"] = operating_point or "default"
+        if gradcam:
+            heatmap = await self._call(handle.explain.remote(decoded, body_part))
+            from ..inference.gradcam import heatmap_peak, overlay_png
+
+            png = await asyncio.to_thread(overlay_png, decoded.pixels, heatmap)
+            peak = heatmap_peak(heatmap)
+            result["gradcam"] = {"png_base64": base64.b64encode(png).decode(), "peak_xy": [peak[0], peak[1]],
+                                 "target": "fracture class"}
+        result["timings_ms"] = {"decode": round(1000 * (decoded_at - started), 2),
+                                "route": round(1000 * (routed_at - decoded_at), 2),
+                                "classify": round(1000 * (classified_at - routed_at), 2),
+                                "total": round(1000 * (time.perf_counter() - started), 2)}
+        result["image"] = {"name": name, "width": decoded.width, "height": decoded.height,
+                           "format": decoded.source_format}
+        return result
+
+    @staticmethod
+    def _error(exc: _Rejected):
+        return JSONResponse({"error": exc.reason, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    # --------------------------------------------------------------- endpoints
+
+    @api.get("/healthz", summary="Liveness: the ingress answers")
+    def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz", summary="Readiness: the router and every classifier are loaded")
+    async def readyz(self):
+        try:
+            router = await self.router.ready.remote()
+            loaded = await asyncio.gather(*[self.classifiers.options(multiplexed_model_id=p).load.remote(p)
+                                            for p in sorted(self.metas)])
+        except Exception as exc:  # not ready for any reason: say why, with 503
+            return JSONResponse({"status": "not_ready", "detail": f"{type(exc).__name__}: {exc}"}, status_code=503)
+        return {"status": "ready", "router": router["router"], "classifiers": dict(zip(sorted(self.metas), loaded))}
+
+    @api.get("/v1/models", summary="The router and classifiers this service runs")
+    def list_models(self) -> dict[str, Any]:
+        return self.models
+
+    @api.post("/v1/classify", summary="Classify one radiograph",
+              description="Send the image as the raw request body (image/jpeg, image/png, application/dicom) or as "
+                          "the 'file' part of a multipart form. body_part skips the router; operating_point is a "
+                          "named operating point of the model (see /v1/models) or a threshold in [0, 1]; "
+                          "gradcam=true adds a heatmap PNG (base64).")
+    async def classify(self, request: Request, body_part: str | None = None, operating_point: str | None = None,
+                       gradcam: bool = False):
+        try:
+            self._check_auth(request)
+            uploads = await self._uploads(request)
+            if len(uploads) != 1:
+                raise _Rejected(400, "too_many_files", f"/v1/classify takes one image; got {len(uploads)}. "
+                                                       f"Use /v1/classify/study for several")
+            name, data = uploads[0]
+            return await self._classify_one(name, data, body_part, operating_point, gradcam)
+        except _Rejected as exc:
+            return self._error(exc)
+
+    @api.post("/v1/classify/study", summary="Classify a study (several images of one examination)",
+              description="Multipart form with one 'files' part per image. Returns each image's result and the "
+                          "study's: mean fracture probability over its images (MURA's rule) against the mean "
+                          "threshold. Images that cannot be read are listed with their reason and left out.")
+    async def classify_study(self, request: Request, body_part: str | None = None, operating_point: str | None = None,
+                             gradcam: bool = False):
+        try:
+            self._check_auth(request)
+            uploads = await self._uploads(request)
+            if len(uploads) > self.args.max_study_images:
+                raise _Rejected(413, "too_many_files", f"A study may have at most {self.args.max_study_images} images")
+            outcomes = await asyncio.gather(*[self._classify_one(n, d, body_part, operating_point, gradcam)
+                                              for n, d in uploads], return_exceptions=True)
+            images = []
+            for (name, _), outcome in zip(uploads, outcomes):
+                if isinstance(outcome, _Rejected):
+                    if outcome.status in (401, 422, 503):  # not about this image: fail the request
+                        raise outcome
+                    images.append({"image": {"name": name}, "error": outcome.reason, "detail": outcome.detail})
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    images.append(outcome)
+            scored = [r for r in images if "fracture_probability" in r]
+            if not scored:
+                raise _Rejected(400, "no_readable_image", "None of the study's images could be read",)
+            probability = float(np.mean([r["fracture_probability"] for r in scored]))
+            threshold = float(np.mean([r["threshold"] for r in scored]))
+            study = {"images": len(images), "scored": len(scored), "fracture_probability": probability,
+                     "threshold": threshold, "label": int(probability >= threshold),
+                     "body_part": Counter(r["body_part"] for r in scored).most_common(1)[0][0],
+                     "rule": "mean probability over the study's images (MURA)"}
+            return {"study": study, "images": images}
+        except _Rejected as exc:
+            return self._error(exc)
+
+
+# ----------------------------------------------------------------------------- builder
+
+def build_app(args: ServeArgs | dict[str, Any] | None = None):
+    """The typed application builder: ``serve run fracray.serving.app:build_app models=...``
+    or serving/config.yaml's ``import_path`` + ``args``."""
+    args = ServeArgs.parse(args)
+    if not storage.is_remote(args.models):
+        args = dataclasses.replace(args, models=storage.normalize(args.models))  # replicas have other cwds
+    model_options: dict[str, Any] = {}
+    if args.num_gpus is not None:
+        model_options["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": args.num_gpus}
+    ingress_options: dict[str, Any] = {}
+    if args.max_ongoing_requests is not None:
+        ingress_options["max_ongoing_requests"] = args.max_ongoing_requests
+    if args.max_queued_requests is not None:
+        ingress_options["max_queued_requests"] = args.max_queued_requests
+    router = BodyPartRouter.options(**model_options).bind(args)
+    classifiers = FractureClassifiers.options(**model_options).bind(args)
+    return Ingress.options(**ingress_options).bind(router, classifiers, args)
+
+
+app_builder = build_app
