@@ -21,6 +21,9 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# The bearer token the test Serve application requires (its replicas read it from their environment).
+SERVE_TEST_TOKEN_ENV = "FRACRAY_TEST_API_TOKEN"
+SERVE_TEST_TOKEN = "test-token-4f2a"
 
 
 def _free_port() -> int:
@@ -36,7 +39,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "lib")}})
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "lib"), SERVE_TEST_TOKEN_ENV: SERVE_TEST_TOKEN}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -122,3 +125,11 @@ def shared_fracatlas_fullres() -> Path:
     if not (root / "FracAtlas" / "dataset.csv").exists():
         pytest.skip(f"full-resolution FracAtlas sample not found at {root}")
     return root
+
+
+@pytest.fixture(scope="session")
+def untrained_index(tmp_path_factory):
+    """A router + wrist/humerus classifiers with untrained heads (same compute as trained ones)."""
+    from fracray.inference.scaffold import build_untrained_index
+
+    return build_untrained_index(str(tmp_path_factory.mktemp("models")), body_parts=("humerus", "wrist"))

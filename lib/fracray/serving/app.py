@@ -109,10 +109,11 @@ class BodyPartRouter:
         self.route.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def route(self, images: list) -> list[tuple[str, float | None]]:
+    async def route(self, images: list) -> list[tuple[str, float | None, int]]:
+        """(body part, probability, size of the batch it ran in) per image."""
         from ..inference.predictor import route_decoded
 
-        return route_decoded(self.model, self.body_parts, images)
+        return [(part, prob, len(images)) for part, prob in route_decoded(self.model, self.body_parts, images)]
 
     def ready(self) -> dict[str, Any]:
         return {"router": self.model.name if self.model else None}
@@ -147,15 +148,15 @@ class FractureClassifiers:
                                        _device())
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def classify(self, images: list, body_parts: list[str]) -> list[tuple[float, str]]:
-        """P(fracture) and the model's name for each image, grouped by body part."""
-        out: list[tuple[float, str] | None] = [None] * len(images)
+    async def classify(self, images: list, body_parts: list[str]) -> list[tuple[float, str, int]]:
+        """(P(fracture), the model's name, the batch size) for each image, grouped by body part."""
+        out: list[tuple[float, str, int] | None] = [None] * len(images)
         for part in sorted(set(body_parts)):
             members = [i for i, p in enumerate(body_parts) if p == part]
             model = await self.get_model(part)
             probs = model.probabilities([images[i] for i in members])[:, 1]
             for i, p in zip(members, probs):
-                out[i] = (float(p), model.name)
+                out[i] = (float(p), model.name, len(members))
         return out
 
     async def explain(self, image, body_part: str) -> np.ndarray:
@@ -301,16 +302,16 @@ class Ingress:
         decoded = await asyncio.to_thread(self._decode, name, data)
         decoded_at = time.perf_counter()
         if body_part is None:
-            body_part, part_probability = await self._call(self.router.route.remote(decoded))
+            body_part, part_probability, route_batch = await self._call(self.router.route.remote(decoded))
         else:
-            part_probability = None
+            part_probability, route_batch = None, None
         routed_at = time.perf_counter()
         if body_part not in self.metas:  # a router class without a trained classifier
             raise _Rejected(422, "unknown_body_part", f"The router chose {body_part!r}, which has no fracture model; "
                                                       f"pass body_part (one of {sorted(self.metas)})")
         threshold = self._threshold(body_part, operating_point)
         handle = self.classifiers.options(multiplexed_model_id=body_part)
-        probability, classifier_name = await self._call(handle.classify.remote(decoded, body_part))
+        probability, classifier_name, classify_batch = await self._call(handle.classify.remote(decoded, body_part))
         classified_at = time.perf_counter()
         result = image_result(body_part, part_probability, probability, threshold, classifier_name,
                               self.models["router"]["name"] if self.models["router"] else None)
@@ -327,6 +328,7 @@ class Ingress:
                                 "route": round(1000 * (routed_at - decoded_at), 2),
                                 "classify": round(1000 * (classified_at - routed_at), 2),
                                 "total": round(1000 * (time.perf_counter() - started), 2)}
+        result["batch"] = {"route": route_batch, "classify": classify_batch}  # images per model call
         result["image"] = {"name": name, "width": decoded.width, "height": decoded.height,
                            "format": decoded.source_format}
         return result
@@ -352,7 +354,11 @@ class Ingress:
         return {"status": "ready", "router": router["router"], "classifiers": dict(zip(sorted(self.metas), loaded))}
 
     @api.get("/v1/models", summary="The router and classifiers this service runs")
-    def list_models(self) -> dict[str, Any]:
+    def list_models(self, request: Request):
+        try:
+            self._check_auth(request)
+        except _Rejected as exc:
+            return self._error(exc)
         return self.models
 
     @api.post("/v1/classify", summary="Classify one radiograph",

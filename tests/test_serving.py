@@ -1,0 +1,254 @@
+"""The Serve application, started for real on the local Ray and called over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from conftest import REPO, SERVE_TEST_TOKEN, SERVE_TEST_TOKEN_ENV
+from fracray.data.synthetic import render_radiograph
+from fracray.inference.predictor import FracturePredictor
+from test_decode import _dicom_bytes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _image(part="wrist", h=900, w=700, fmt="JPEG", seed=0, fracture=True) -> bytes:
+    pixels = render_radiograph(np.random.default_rng(seed), part, h, w, fracture=fracture).pixels
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt, quality=92) if fmt == "JPEG" else Image.fromarray(pixels).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _wait_ready(url: str, timeout: float = 180, headers=None) -> None:
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            last = requests.get(f"{url}/readyz", timeout=60, headers=headers)
+            if last.status_code == 200:
+                return
+        except requests.RequestException as exc:  # not listening yet, or still loading models
+            last = exc
+        time.sleep(1)
+    raise AssertionError(f"service not ready after {timeout}s: {getattr(last, 'text', last)}")
+
+
+@pytest.fixture(scope="module")
+def service(ray_local, untrained_index):
+    """The application with a bearer token, a 2 MB upload limit and a 4-Mpixel decode limit."""
+    from ray import serve
+
+    from fracray.serving.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({"models": untrained_index, "max_upload_mb": 2, "max_pixels": 4_000_000,
+                     "auth_token_env": SERVE_TEST_TOKEN_ENV, "max_study_images": 4})
+    serve.run(app, name="fracray", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {SERVE_TEST_TOKEN}"
+    _wait_ready(url, headers=session.headers)
+    yield url, session
+    serve.shutdown()
+
+
+def test_health_readiness_models_and_openapi(service, untrained_index):
+    url, session = service
+    assert requests.get(f"{url}/healthz").json() == {"status": "ok"}  # open: load balancers probe it
+    ready = requests.get(f"{url}/readyz").json()
+    assert ready["status"] == "ready" and set(ready["classifiers"]) == {"humerus", "wrist"}
+    models = session.get(f"{url}/v1/models").json()
+    assert set(models["classifiers"]) == {"humerus", "wrist"}
+    assert models["router"]["classes"] == ["humerus", "wrist"]
+    assert models["classifiers"]["wrist"]["operating_points"]["sensitivity>=0.90"]["threshold"] == 0.3
+    openapi = requests.get(f"{url}/openapi.json").json()
+    assert {"/v1/classify", "/v1/classify/study", "/v1/models", "/healthz", "/readyz"} <= set(openapi["paths"])
+    assert requests.get(f"{url}/docs").status_code == 200
+
+
+def test_classify_agrees_with_the_batch_predictor(service, untrained_index):
+    url, session = service
+    images = [_image("wrist", seed=1), _image("humerus", 1200, 800, fmt="PNG", seed=2)]
+    local = FracturePredictor(untrained_index).predict_bytes(images)
+    for data, expected in zip(images, local):
+        r = session.post(f"{url}/v1/classify", data=data, headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["body_part"] == expected["body_part"]
+        assert got["fracture_probability"] == pytest.approx(expected["fracture_probability"], abs=1e-5)
+        assert got["body_part_probability"] == pytest.approx(expected["body_part_probability"], abs=1e-5)
+        assert got["label"] == expected["label"] and got["threshold"] == expected["threshold"]
+        assert got["classifier"] == expected["classifier"] and got["router"] == expected["router"]
+        assert got["classifier"].startswith(f"fracture_{got['body_part']}:efficientnet_lite0@")
+        assert set(got["timings_ms"]) == {"decode", "route", "classify", "total"}
+
+
+def test_multipart_body_part_operating_point_and_gradcam(service):
+    url, session = service
+    data = _image("wrist", seed=3)
+    r = session.post(f"{url}/v1/classify", params={"body_part": "Humerus", "gradcam": "true"},
+                     files={"file": ("x.jpg", data, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["body_part"] == "humerus" and got["body_part_probability"] is None and got["router"] is None
+    heatmap = Image.open(io.BytesIO(base64.b64decode(got["gradcam"]["png_base64"])))
+    assert heatmap.format == "PNG" and heatmap.mode == "RGB" and max(heatmap.size) <= 512
+    assert all(0 <= v <= 1 for v in got["gradcam"]["peak_xy"])
+
+    named = session.post(f"{url}/v1/classify", params={"operating_point": "sensitivity>=0.90"}, data=data).json()
+    assert named["threshold"] == 0.3 and named["label"] == int(named["fracture_probability"] >= 0.3)
+    numeric = session.post(f"{url}/v1/classify", params={"operating_point": "0.99"}, data=data).json()
+    assert numeric["threshold"] == 0.99 and numeric["label"] == int(numeric["fracture_probability"] >= 0.99)
+    bad = session.post(f"{url}/v1/classify", params={"operating_point": "best"}, data=data)
+    assert bad.status_code == 422 and bad.json()["error"] == "bad_operating_point"
+
+
+def test_dicom_upload(service):
+    url, session = service
+    pixels = render_radiograph(np.random.default_rng(5), "wrist", 512, 400, fracture=False).pixels
+    dicom = _dicom_bytes(pixels.astype(np.uint16) * 16, body_part="WRIST")
+    r = session.post(f"{url}/v1/classify", data=dicom, headers={"content-type": "application/dicom"})
+    assert r.status_code == 200, r.text
+    assert r.json()["image"]["format"] == "DICOM"
+
+
+def test_study_mean_probability_and_a_bad_image_in_it(service):
+    url, session = service
+    files = [("files", (f"{i}.jpg", _image("wrist", seed=10 + i), "image/jpeg")) for i in range(3)]
+    files.append(("files", ("broken.jpg", _image("wrist", seed=20)[:2000], "image/jpeg")))
+    r = session.post(f"{url}/v1/classify/study", files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    scored = [i for i in body["images"] if "fracture_probability" in i]
+    assert len(body["images"]) == 4 and len(scored) == 3
+    assert [i["error"] for i in body["images"] if "error" in i] == ["truncated"]
+    assert body["study"]["fracture_probability"] == pytest.approx(np.mean([i["fracture_probability"] for i in scored]))
+    assert body["study"]["label"] == int(body["study"]["fracture_probability"] >= body["study"]["threshold"])
+    too_many = session.post(f"{url}/v1/classify/study", files=files + files)
+    assert too_many.status_code in (400, 413) and "error" in too_many.json()
+    none_readable = session.post(f"{url}/v1/classify/study", files=[("files", ("a.png", b"nope", "image/png"))])
+    assert none_readable.status_code == 400 and none_readable.json()["error"] == "no_readable_image"
+
+
+@pytest.mark.parametrize("payload,status,reason", [
+    (b"", 400, "empty_file"),
+    (b"just some text, not an image", 415, "not_an_image"),
+    ("truncated", 400, "truncated"),
+    ("too_many_pixels", 413, "decompression_bomb"),
+    ("too_many_bytes", 413, "upload_too_large"),
+])
+def test_bad_inputs_get_clear_json_errors_and_the_service_keeps_serving(service, payload, status, reason):
+    url, session = service
+    if payload == "truncated":
+        payload = _image("wrist", seed=4)[:3000]
+    elif payload == "too_many_pixels":  # 2500 x 2000 = 5 Mpixel > the 4 Mpixel limit of this deployment
+        buf = io.BytesIO()
+        Image.new("L", (2000, 2500), 128).save(buf, "PNG")
+        payload = buf.getvalue()
+    elif payload == "too_many_bytes":
+        payload = os.urandom(3 * 1024 * 1024)
+    r = session.post(f"{url}/v1/classify", data=payload)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == reason and r.json()["detail"]
+    assert session.post(f"{url}/v1/classify", data=_image("wrist", seed=6)).status_code == 200
+
+
+def test_unknown_body_part_is_422(service):
+    url, session = service
+    r = session.post(f"{url}/v1/classify", params={"body_part": "knee"}, data=_image())
+    assert r.status_code == 422 and r.json()["error"] == "unknown_body_part" and "wrist" in r.json()["detail"]
+
+
+def test_bearer_token_is_required_when_configured(service):
+    url, _ = service
+    data = _image(seed=7)
+    missing = requests.post(f"{url}/v1/classify", data=data)
+    assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == "Bearer"
+    wrong = requests.post(f"{url}/v1/classify", data=data, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"] == "unauthorized"
+    assert requests.get(f"{url}/v1/models").status_code == 401
+
+
+def test_concurrent_burst_is_batched_and_every_request_answered(service):
+    url, session = service
+    images = [_image("wrist" if i % 2 else "humerus", 600, 500, seed=100 + i) for i in range(24)]
+    with ThreadPoolExecutor(24) as pool:
+        responses = list(pool.map(lambda d: session.post(f"{url}/v1/classify", data=d, timeout=120), images))
+    assert [r.status_code for r in responses] == [200] * 24
+    batches = [r.json()["batch"]["classify"] for r in responses]
+    assert max(batches) > 1, f"no request was batched with another: {batches}"
+
+
+def _deployments(config: dict) -> dict[str, dict]:
+    return {d["name"]: d for d in config["applications"][0]["deployments"]}
+
+
+def test_config_yaml_matches_serve_build_of_the_code(tmp_path):
+    """serving/config.yaml was written with `serve build`; it must not drift from the code."""
+    from ray.serve.schema import ServeDeploySchema
+
+    built_path = tmp_path / "built.yaml"
+    subprocess.run([str(Path(sys.executable).parent / "serve"), "build", "serving.graph:app", "-o", str(built_path)],
+                   cwd=REPO, check=True, capture_output=True, timeout=120)
+    built = yaml.safe_load(built_path.read_text())
+    ours = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
+    ServeDeploySchema.model_validate(ours)
+    app = ours["applications"][0]
+    assert app["import_path"] == "fracray.serving.app:build_app"
+    from fracray.serving.app import ServeArgs
+    ServeArgs.parse(app["args"])  # every arg is one the builder knows
+    built_d, ours_d = _deployments(built), _deployments(ours)
+    assert set(built_d) == set(ours_d) == {"Ingress", "BodyPartRouter", "FractureClassifiers"}
+    for name in built_d:
+        expected = dict(built_d[name])
+        if name != "Ingress":  # left to the builder so args.num_gpus decides (see the file's header)
+            expected.pop("ray_actor_options")
+        assert ours_d[name] == expected, name
+    for key in ("proxy_location", "grpc_options", "logging_config"):
+        assert ours[key] == built[key], key
+    assert ours["http_options"]["port"] == built["http_options"]["port"] == 8000
+
+
+@pytest.mark.slow
+def test_serve_run_config_yaml(tmp_path, untrained_index):
+    """`serve run serving/config.yaml` (its own local Ray), pointed at a model index."""
+    config = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
+    port = _free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    config["applications"][0]["args"]["models"] = untrained_index
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(path)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, timeout=240)
+        r = requests.post(f"{url}/v1/classify", data=_image(seed=9), timeout=60)
+        assert r.status_code == 200 and r.json()["body_part"] in ("wrist", "humerus")
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

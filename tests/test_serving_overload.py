@@ -1,0 +1,43 @@
+"""Overload: its own Serve instance (after test_serving's module fixture has shut down)."""
+
+from __future__ import annotations
+
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from test_serving import _image, _wait_ready
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_overload_returns_503_with_retry_after_then_recovers(ray_local, untrained_index):
+    """An ingress that takes one request at a time and queues one more."""
+    from ray import serve
+
+    from fracray.serving.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"models": untrained_index, "max_ongoing_requests": 1, "max_queued_requests": 1}),
+                  name="small", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url)
+        data = _image(seed=8)
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(lambda _: requests.post(f"{url}/v1/classify", params={"gradcam": "true"},
+                                                              data=data, timeout=120), range(12)))
+        codes = [r.status_code for r in responses]
+        assert 503 in codes and 200 in codes, codes
+        assert all(r.headers.get("Retry-After") == "1" for r in responses if r.status_code == 503)
+        assert requests.post(f"{url}/v1/classify", data=data, timeout=60).status_code == 200
+    finally:
+        serve.shutdown()
