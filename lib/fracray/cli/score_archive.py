@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
+        from ..inference.predictor import read_model_index
+        read_model_index(storage.normalize(config.models), config.storage.resolved())  # before starting Ray
         import ray
 
         if not ray.is_initialized():

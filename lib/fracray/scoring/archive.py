@@ -205,7 +205,8 @@ def _study_table(images: pa.Table) -> pa.Table:
     by_study: dict[str, list[dict]] = defaultdict(list)
     for row in images.select(["image_uri", "study_id", "status", "body_part", "fracture_probability", "threshold",
                               "label", "known_label"]).to_pylist():
-        by_study[row["study_id"] or row["image_uri"]].append(row)
+        if row["study_id"]:  # files the indexer refused belong to no study
+            by_study[row["study_id"]].append(row)
     rows = []
     for study, members in sorted(by_study.items()):
         scored = [m for m in members if m["status"] == "ok"]
