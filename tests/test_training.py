@@ -99,6 +99,11 @@ def test_train_classifier_writes_a_usable_bundle(ray_local, small_mura, tmp_path
     assert {"tp", "fn", "fp", "tn", "auroc", "sensitivity", "specificity", "f1"} <= set(valid_metrics)
     assert "kappa" in meta.metrics["valid_study"]
     assert 0.0 <= meta.threshold <= 1.0 and meta.threshold_rule == "youden"
+    # Calibrated on validation data; the operating points were chosen on the calibrated probabilities.
+    assert meta.temperature > 0 and meta.calibration["temperature"] == meta.temperature
+    assert meta.calibration["ece_after"] <= meta.calibration["ece_before"] + 1e-9
+    assert meta.operating_points["youden"]["threshold"] == pytest.approx(meta.threshold)
+    assert meta.operating_points["sensitivity>=0.95"]["sensitivity"] >= 0.95
     assert meta.preprocess["image_size"] == [224, 224] and meta.model["name"] == "efficientnet_lite0"
     assert meta.model["weights"].startswith("imagenet")
     model, _ = load_bundle(result.bundle_uri)

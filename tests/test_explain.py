@@ -1,0 +1,138 @@
+"""Grad-CAM for every registered backbone, the pointing game, temperature scaling and operating points."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fracray.imaging.decode import decode_image
+from fracray.imaging.preprocess import PreprocessConfig, finalize, preprocess_base
+from fracray.inference.calibration import (calibrate, expected_calibration_error, fit_temperature, operating_points,
+                                           softmax)
+from fracray.inference.gradcam import (gradcam, gradcam_for_image, heatmap_peak, letterbox_box, overlay_png,
+                                       pointing_hit)
+from fracray.models.registry import BACKBONES, create_model
+
+
+class _Backbone(nn.Module):
+    """forward_features = the image itself; forward_head = global average pooling."""
+
+    def forward_features(self, x):
+        return x[:, :1]
+
+    def forward_head(self, x):
+        return x.mean(dim=(2, 3))
+
+
+class _Toy(nn.Module):
+    """P(class 1) rises with brightness, so Grad-CAM must point at the bright spot."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = _Backbone()
+        self.head = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+            self.head.bias.zero_()
+
+
+def _spot_image(h, w, row, col) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return (255 * np.exp(-((yy - row) ** 2 + (xx - col) ** 2) / (2 * 6.0 ** 2))).astype(np.uint8)
+
+
+def test_gradcam_points_at_the_evidence_through_the_letterbox():
+    config = PreprocessConfig(image_size=(96, 96), normalization="none")
+    pixels = _spot_image(100, 300, 30, 240)  # wide image: letterboxed top and bottom
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    decoded = decode_image(buf.getvalue())
+    x = finalize(torch.from_numpy(preprocess_base(decoded, config)[None, None]), config)
+    heat = gradcam_for_image(_Toy(), x, decoded.pixels.shape, config)
+    assert heat.shape == (100, 300) and heat.max() == pytest.approx(1.0) and heat.min() >= 0
+    px, py = heatmap_peak(heat)
+    assert abs(px * 300 - 240) <= 6 and abs(py * 100 - 30) <= 6
+    assert letterbox_box((100, 300), config) == (32, 0, 32, 96)
+    png = overlay_png(decoded.pixels, heat, boxes=[{"x_center": 0.8, "y_center": 0.3, "width": 0.1, "height": 0.2}])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gradcam_of_the_other_class_is_empty_where_evidence_is_against_it():
+    x = torch.zeros(1, 3, 32, 32)
+    x[..., 10, 10] = 1.0
+    cam = gradcam(_Toy(), x, target_class=0)  # class 0 falls with brightness: no positive evidence
+    assert float(cam.max()) == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_gradcam_runs_on_every_registered_backbone(name):
+    torch.manual_seed(0)
+    model = create_model(name, pretrained=False, bam=name == "inception_v3")
+    x = torch.randn(1, 3, 128, 128)
+    cam = gradcam(model, x)
+    assert cam.shape == (1, 128, 128) and torch.isfinite(cam).all()
+    assert 0.0 <= float(cam.min()) and float(cam.max()) <= 1.0 + 1e-6
+    assert all(p.grad is None for p in model.parameters()), "Grad-CAM must not leave gradients on the weights"
+
+
+def test_pointing_hit_with_yolo_boxes():
+    box = {"x_center": 0.5, "y_center": 0.5, "width": 0.2, "height": 0.1}
+    assert pointing_hit((0.55, 0.52), [box])
+    assert not pointing_hit((0.7, 0.5), [box])
+    assert pointing_hit((0.7, 0.5), [box], tolerance=0.1)
+    assert not pointing_hit((0.5, 0.5), [])
+
+
+def test_temperature_scaling_recovers_an_overconfident_model():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 1.5, size=(4000, 2))
+    labels = np.array([rng.random() < p for p in softmax(true_logits)[:, 1]], dtype=int)
+    overconfident = 3.0 * true_logits
+    assert fit_temperature(overconfident, labels) == pytest.approx(3.0, rel=0.15)
+    report = calibrate(overconfident, labels)
+    assert report["ece_after"] < report["ece_before"] / 2 and report["nll_after"] < report["nll_before"]
+    # Scaling never changes the ranking, so AUROC and every operating point's sensitivity stay as they were.
+    before = softmax(overconfident)[:, 1]
+    after = softmax(overconfident, report["temperature"])[:, 1]
+    assert (np.argsort(before, kind="stable") == np.argsort(after, kind="stable")).all()
+    assert expected_calibration_error(softmax(true_logits), labels) < 0.05
+
+
+def test_temperature_is_one_without_both_classes():
+    assert fit_temperature(np.zeros((5, 2)), [1] * 5) == 1.0
+    with pytest.raises(ValueError, match="one label per row"):
+        fit_temperature(np.zeros((5, 2)), [1] * 4)
+
+
+def test_operating_points_meet_their_targets():
+    rng = np.random.default_rng(1)
+    y = (rng.random(500) < 0.2).astype(int)
+    p = np.clip(0.3 * y + rng.normal(0.35, 0.15, 500), 0, 1)
+    points = operating_points(y, p)
+    assert {"youden", "sensitivity>=0.90", "sensitivity>=0.95", "specificity>=0.90", "specificity>=0.95"} == set(points)
+    assert points["sensitivity>=0.95"]["sensitivity"] >= 0.95
+    assert points["specificity>=0.90"]["specificity"] >= 0.90
+    assert points["sensitivity>=0.95"]["threshold"] <= points["sensitivity>=0.90"]["threshold"]
+    assert operating_points([0, 0], [0.1, 0.2]) == {}
+
+
+def test_pointing_game_on_fracatlas_layout(ray_local, fracatlas_root, tmp_path):
+    """End to end on the FracAtlas layout's YOLO boxes, through the composed graph."""
+    from fracray.data.adapters import index_fracatlas
+    from fracray.inference.scaffold import build_untrained_index
+    from fracray.training.evaluation import pointing_game
+
+    manifest = index_fracatlas(str(fracatlas_root)).manifest
+    with_boxes = sum(1 for b, y in zip(manifest["boxes"].to_pylist(), manifest["image_label"].to_pylist())
+                     if b and y == 1)
+    assert with_boxes > 0
+    index = build_untrained_index(str(tmp_path / "models"), body_parts=("hand", "leg", "hip", "shoulder"))
+    game = pointing_game(manifest, index)
+    assert game["overall"]["images"] + game["not_scored"] == with_boxes
+    assert 0.0 <= game["overall"]["hit_rate"] <= 1.0 and 0.0 <= game["overall"]["center_baseline"] <= 1.0
+    assert sum(v["images"] for v in game["per_body_part"].values()) == game["overall"]["images"]
