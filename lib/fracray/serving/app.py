@@ -59,6 +59,7 @@ class ServeArgs:
     max_ongoing_requests: int | None = None
     max_queued_requests: int | None = None
     num_gpus: float | None = None        # per model replica; default 0 (config.yaml: 1 on GPU workers)
+    replicas: int | None = None          # a fixed replica count per deployment instead of autoscaling (benchmarks)
 
     @classmethod
     def parse(cls, args: "ServeArgs | dict[str, Any] | None") -> "ServeArgs":
@@ -432,6 +433,10 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None):
         ingress_options["max_ongoing_requests"] = args.max_ongoing_requests
     if args.max_queued_requests is not None:
         ingress_options["max_queued_requests"] = args.max_queued_requests
+    if args.replicas is not None:
+        fixed = {"num_replicas": args.replicas, "autoscaling_config": None}
+        model_options.update(fixed)
+        ingress_options.update(fixed)
     router = BodyPartRouter.options(**model_options).bind(args)
     classifiers = FractureClassifiers.options(**model_options).bind(args)
     return Ingress.options(**ingress_options).bind(router, classifiers, args)

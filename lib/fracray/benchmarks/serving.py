@@ -1,0 +1,217 @@
+"""Serving benchmark: the HTTP service against the same predictor called in-process, in one run.
+
+For 1, 8 and 32 concurrent clients, with and without dynamic batching: p50/p99
+latency and requests/s over HTTP. The Serve overhead is the 1-client p50 over HTTP
+(batching off, so no batch wait is counted) minus the in-process p50 of the same
+predictor doing the same work (decode -> router -> classifier) with the same number
+of torch threads as a model replica. Targets on the 2-core build machine: overhead
+<= 5 ms at p50; batching >= 2x the unbatched requests/s at 32 clients.
+
+Models are untrained bundles of the chosen backbone: the compute per image is that
+of trained ones, and the benchmark needs no training run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .preprocess import machine_description
+
+__all__ = ["main", "run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _images(n: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:
+    from PIL import Image
+
+    from ..data.synthetic import render_radiograph
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        part = ("wrist", "humerus")[i % 2]
+        pixels = render_radiograph(rng, part, size[0], size[1], fracture=bool(i % 3 == 0)).pixels
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=92)
+        out.append(buf.getvalue())
+    return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def in_process(index_uri: str, images: list[bytes], requests_: int, threads: int) -> dict[str, float]:
+    """The predictor called directly, one image per call, as an HTTP request would."""
+    import torch
+
+    from ..inference.predictor import FracturePredictor
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        predictor = FracturePredictor(index_uri, device="cpu")
+        for data in images[:3]:
+            predictor.predict_bytes([data])
+        latencies = []
+        for i in range(requests_):
+            start = time.perf_counter()
+            predictor.predict_bytes([images[i % len(images)]])
+            latencies.append(1000 * (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(previous)
+    return {"p50_ms": _percentile(latencies, 50), "p99_ms": _percentile(latencies, 99),
+            "requests_per_s": 1000 * len(latencies) / sum(latencies)}
+
+
+def http_load(url: str, images: list[bytes], clients: int, requests_: int) -> dict[str, float]:
+    import requests
+
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    counter = iter(range(requests_))
+
+    def worker():
+        nonlocal errors
+        session = requests.Session()
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            start = time.perf_counter()
+            r = session.post(f"{url}/v1/classify", data=images[i % len(images)],
+                             headers={"content-type": "image/jpeg"}, timeout=300)
+            elapsed = 1000 * (time.perf_counter() - start)
+            with lock:
+                if r.status_code == 200:
+                    latencies.append(elapsed)
+                else:
+                    errors += 1
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for _ in range(clients):
+            pool.submit(worker)
+    wall = time.perf_counter() - started
+    return {"clients": clients, "requests": requests_, "errors": errors, "p50_ms": _percentile(latencies, 50),
+            "p99_ms": _percentile(latencies, 99), "requests_per_s": len(latencies) / wall}
+
+
+def _replica_threads() -> int:
+    """Torch threads inside a model replica: Ray sets OMP_NUM_THREADS from the replica's
+    CPUs (0.5 -> 1), and torch follows it."""
+    return 1
+
+
+def run(*, model: str, clients: tuple[int, ...], requests_per_client: int, image_size: tuple[int, int],
+        batch_size: int, log=print) -> dict:
+    import ray
+    from ray import serve
+
+    from ..inference.scaffold import build_untrained_index
+    from ..serving.app import build_app
+
+    workdir = tempfile.mkdtemp(prefix="fracray-bench-serving-")
+    index = build_untrained_index(os.path.join(workdir, "models"), body_parts=("humerus", "wrist"), model=model)
+    images = _images(16, image_size)
+    threads = _replica_threads()
+    log(f"In-process predictor ({threads} torch thread(s), as a replica) ...")
+    local = in_process(index, images, requests_=60, threads=threads)
+    local_default = in_process(index, images, requests_=60, threads=os.cpu_count() or 1)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    results = {}
+    try:
+        for label, max_batch in (("unbatched", 1), ("batched", batch_size)):
+            app = build_app({"models": index, "max_batch_size": max_batch, "replicas": 1,
+                             "max_ongoing_requests": 256, "max_queued_requests": 1024})
+            serve.run(app, name="bench", route_prefix="/", blocking=False)
+            import requests
+            requests.get(f"{url}/readyz", timeout=300).raise_for_status()
+            http_load(url, images, 4, 16)  # warm-up
+            results[label] = []
+            for n in clients:
+                row = http_load(url, images, n, max(requests_per_client * n, 40))
+                log(f"  {label:9s} {n:3d} clients: p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
+                    f"{row['requests_per_s']:6.1f} req/s  errors {row['errors']}")
+                results[label].append(row)
+            serve.delete("bench")
+    finally:
+        serve.shutdown()
+    one_client = results["unbatched"][0]
+    overhead = one_client["p50_ms"] - local["p50_ms"]
+    by_clients = {r["clients"]: r for r in results["batched"]}
+    unbatched = {r["clients"]: r for r in results["unbatched"]}
+    top = max(clients)
+    speedup = by_clients[top]["requests_per_s"] / max(unbatched[top]["requests_per_s"], 1e-9)
+    return {"machine": machine_description(), "model": model, "image_size": list(image_size),
+            "max_batch_size": batch_size, "in_process": local, "in_process_all_threads": local_default,
+            "http": results, "serve_overhead_p50_ms": overhead, "batching_speedup_at_max_clients": speedup,
+            "targets": {"overhead_p50_ms_max": 5.0, "batching_speedup_min": 2.0},
+            "met": {"overhead": overhead <= 5.0, "batching": speedup >= 2.0}}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"Serving benchmark on {result['machine']} ({result['model']}, "
+             f"{result['image_size'][0]}x{result['image_size'][1]} JPEG, decode -> router -> classifier)", "",
+             "| path | clients | p50 ms | p99 ms | requests/s |", "|---|---|---|---|---|"]
+    local = result["in_process"]
+    lines.append(f"| in-process predictor, 1 thread (as a replica) | 1 | {local['p50_ms']:.1f} | "
+                 f"{local['p99_ms']:.1f} | {local['requests_per_s']:.1f} |")
+    full = result["in_process_all_threads"]
+    lines.append(f"| in-process predictor, all threads | 1 | {full['p50_ms']:.1f} | {full['p99_ms']:.1f} | "
+                 f"{full['requests_per_s']:.1f} |")
+    for label in ("unbatched", "batched"):
+        for row in result["http"][label]:
+            lines.append(f"| HTTP, {label} | {row['clients']} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+                         f"{row['requests_per_s']:.1f} |")
+    lines += ["", f"Serve overhead at p50 (1 client, unbatched HTTP - in-process, same threads): "
+                  f"{result['serve_overhead_p50_ms']:.1f} ms (target <= 5: "
+                  f"{'met' if result['met']['overhead'] else 'NOT met'})",
+              f"Batching at {result['http']['batched'][-1]['clients']} clients: "
+              f"{result['batching_speedup_at_max_clients']:.2f}x the unbatched requests/s (target >= 2: "
+              f"{'met' if result['met']['batching'] else 'NOT met'})"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bench_serving.py",
+        description="Latency and throughput of the Serve application over HTTP (1/8/32 clients, with and without "
+                    "dynamic batching) against the same predictor in-process. Prints a table and the two ratios.")
+    parser.add_argument("--model", default="efficientnet_lite0", help="backbone of the router and classifiers")
+    parser.add_argument("--clients", default="1,8,32", help="comma-separated client counts (default: %(default)s)")
+    parser.add_argument("--requests-per-client", type=int, default=8, help="requests per client per setting")
+    parser.add_argument("--image-size", default="512,416", help="height,width of the test JPEGs (MURA-like)")
+    parser.add_argument("--batch-size", type=int, default=16, help="max dynamic batch size when batching")
+    parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    result = run(model=args.model, clients=tuple(int(c) for c in args.clients.split(",")),
+                 requests_per_client=args.requests_per_client,
+                 image_size=tuple(int(v) for v in args.image_size.split(",")), batch_size=args.batch_size)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
