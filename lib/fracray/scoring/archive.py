@@ -132,7 +132,10 @@ def _prepare(config: ScoreConfig, output: str, log: Callable) -> tuple[pa.Table,
             first.setdefault(u, i)
         manifest = manifest.take(sorted(first.values()))
     manifest = manifest.sort_by("image_uri")
-    chunk_ids = np.arange(manifest.num_rows, dtype=np.int64) // config.chunk_size
+    # Small archives get smaller chunks (at least 16 when there are 128+ images), so every
+    # actor has work; fixed here and stored, so a resume on another cluster cuts the same.
+    chunk_size = max(1, min(config.chunk_size, max(8, math.ceil(manifest.num_rows / 16))))
+    chunk_ids = np.arange(manifest.num_rows, dtype=np.int64) // chunk_size
     work = pa.table({
         "image_uri": manifest["image_uri"], "study_id": manifest["study_id"], "body_part": manifest["body_part"],
         "image_label": manifest["image_label"], "chunk_id": pa.array(chunk_ids),
@@ -147,7 +150,8 @@ def _prepare(config: ScoreConfig, output: str, log: Callable) -> tuple[pa.Table,
     write_table(work, manifest_uri, options)
     run = _run_identity(config, layout) | {
         "images": work.num_rows, "index_rejects": rejects.num_rows, "duplicates_dropped": duplicates,
-        "chunks": int(math.ceil(work.num_rows / config.chunk_size)), "notes": result.notes,
+        "chunks": int(math.ceil(work.num_rows / chunk_size)), "effective_chunk_size": chunk_size,
+        "notes": result.notes,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     storage.write_bytes(run_uri, json.dumps(run, indent=2).encode(), options)  # written last: the set-up is done

@@ -217,6 +217,7 @@ class Ingress:
         self.decode_config = decode
         self.max_bytes = int(args.max_upload_mb * 1024 * 1024)
         self.token = os.environ.get(args.auth_token_env) or None
+        self._handles: dict[str, Any] = {}
 
     # --------------------------------------------------------------- helpers
 
@@ -272,6 +273,12 @@ class Ingress:
         except ImageRejected as exc:
             raise _Rejected(HTTP_STATUS_FOR_REJECT.get(exc.reason.value, 400), exc.reason.value, exc.detail) from exc
 
+    def _classifier_handle(self, body_part: str):
+        """One handle per body part, made once: a handle's router state warms up with use."""
+        if body_part not in self._handles:
+            self._handles[body_part] = self.classifiers.options(multiplexed_model_id=body_part)
+        return self._handles[body_part]
+
     def _threshold(self, part: str, operating_point: str | None) -> float:
         from ..inference.predictor import resolve_threshold
 
@@ -311,7 +318,7 @@ class Ingress:
             raise _Rejected(422, "unknown_body_part", f"The router chose {body_part!r}, which has no fracture model; "
                                                       f"pass body_part (one of {sorted(self.metas)})")
         threshold = self._threshold(body_part, operating_point)
-        handle = self.classifiers.options(multiplexed_model_id=body_part)
+        handle = self._classifier_handle(body_part)
         probability, classifier_name, classify_batch = await self._call(handle.classify.remote(decoded, body_part))
         classified_at = time.perf_counter()
         result = image_result(body_part, part_probability, probability, threshold, classifier_name,
@@ -348,7 +355,7 @@ class Ingress:
     async def readyz(self):
         try:
             router = await self.router.ready.remote()
-            loaded = await asyncio.gather(*[self.classifiers.options(multiplexed_model_id=p).load.remote(p)
+            loaded = await asyncio.gather(*[self._classifier_handle(p).load.remote(p)
                                             for p in sorted(self.metas)])
         except Exception as exc:  # not ready for any reason: say why, with 503
             return JSONResponse({"status": "not_ready", "detail": f"{type(exc).__name__}: {exc}"}, status_code=503)

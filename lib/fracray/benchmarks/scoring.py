@@ -1,0 +1,136 @@
+"""Bulk-scoring benchmark: score_archive against a plain single-process loop over the
+same files with the same predictor, in one run. Target on the 2-core build machine:
+score_archive >= 1.5x the loop's images/s; on a GPU machine the GPU figures.
+
+Both sides start from files on disk and a model index and end with every image
+scored; score_archive's time includes indexing, actor start-up and writing Parquet
+(a Ray cluster is already running, as under `ray job submit`). The loop is what a
+script would do: read a file, predict, next; a batched loop (32 images per call) is
+shown too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from .preprocess import machine_description
+
+__all__ = ["main", "run"]
+
+
+def _write_archive(root: str, n: int, size: tuple[int, int], seed: int = 0) -> list[str]:
+    from PIL import Image
+
+    from ..data.synthetic import render_radiograph
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        part = ("wrist", "humerus")[i % 2]
+        folder = os.path.join(root, f"patient{i // 4:05d}", "study1")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"image{i % 4}.jpg")
+        Image.fromarray(render_radiograph(rng, part, size[0], size[1], fracture=bool(i % 3 == 0)).pixels).save(
+            path, "JPEG", quality=92)
+        paths.append(path)
+    return paths
+
+
+def plain_loop(index_uri: str, paths: list[str], batch: int) -> float:
+    from ..inference.predictor import FracturePredictor
+
+    start = time.perf_counter()
+    predictor = FracturePredictor(index_uri)
+    for i in range(0, len(paths), batch):
+        chunk = paths[i:i + batch]
+        payloads = []
+        for path in chunk:
+            with open(path, "rb") as f:
+                payloads.append(f.read())
+        predictor.predict_bytes(payloads, names=chunk)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def run(*, model: str, images: int, image_size: tuple[int, int], log=print) -> dict:
+    import ray
+
+    from ..inference.scaffold import build_untrained_index
+    from ..scoring.archive import ScoreConfig, score_archive
+
+    workdir = tempfile.mkdtemp(prefix="fracray-bench-scoring-")
+    index = build_untrained_index(os.path.join(workdir, "models"), body_parts=("humerus", "wrist"), model=model)
+    archive = os.path.join(workdir, "archive")
+    paths = _write_archive(archive, images, image_size)
+    log(f"{images} JPEGs of {image_size[0]}x{image_size[1]} in {archive}")
+    log("plain loop, one image per call ...")
+    loop_one = plain_loop(index, paths, 1)
+    log(f"  {loop_one:.1f} images/s")
+    log("plain loop, 32 images per call ...")
+    loop_batched = plain_loop(index, paths, 32)
+    log(f"  {loop_batched:.1f} images/s")
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log("score_archive ...")
+    start = time.perf_counter()
+    chunk_times: list[float] = []
+    config = ScoreConfig(input=archive, models=index, output=os.path.join(workdir, "scores"))
+    summary = score_archive(config, log=lambda *_: None, on_chunk=lambda _: chunk_times.append(time.perf_counter()))
+    ray_rate = summary["scored"] / (time.perf_counter() - start)
+    # Once the actors are up: images of every chunk after the first, over the time they took.
+    per_chunk = summary["scored"] / max(len(chunk_times), 1)
+    steady = (per_chunk * (len(chunk_times) - 1) / (chunk_times[-1] - chunk_times[0])
+              if len(chunk_times) > 2 else None)
+    log(f"  {ray_rate:.1f} images/s end to end, {steady or float('nan'):.1f} once the actors are up")
+    resources = ray.cluster_resources()
+    return {"machine": machine_description(), "model": model, "images": images, "image_size": list(image_size),
+            "cluster": {"CPU": resources.get("CPU"), "GPU": resources.get("GPU", 0)},
+            "plain_loop_images_per_s": loop_one, "plain_loop_batched_images_per_s": loop_batched,
+            "score_archive_images_per_s": ray_rate, "score_archive_steady_images_per_s": steady,
+            "ratio_vs_plain_loop": ray_rate / loop_one,
+            "ratio_vs_batched_loop": ray_rate / loop_batched, "target_ratio": 1.5,
+            "met": ray_rate / loop_one >= 1.5}
+
+
+def format_table(result: dict) -> str:
+    return "\n".join([
+        f"Scoring benchmark on {result['machine']} (Ray cluster: {result['cluster']['CPU']:g} CPU, "
+        f"{result['cluster']['GPU']:g} GPU; {result['model']}; {result['images']} JPEGs of "
+        f"{result['image_size'][0]}x{result['image_size'][1]})", "",
+        "| path | images/s | ratio |", "|---|---|---|",
+        f"| plain loop, 1 image per call (baseline) | {result['plain_loop_images_per_s']:.1f} | 1.00 |",
+        f"| plain loop, 32 images per call | {result['plain_loop_batched_images_per_s']:.1f} | "
+        f"{result['plain_loop_batched_images_per_s'] / result['plain_loop_images_per_s']:.2f} |",
+        f"| score_archive (Ray Data, predictor actor pool), end to end | "
+        f"{result['score_archive_images_per_s']:.1f} | {result['ratio_vs_plain_loop']:.2f} |",
+        f"| score_archive, once its actors are up | {result['score_archive_steady_images_per_s'] or float('nan'):.1f} | "
+        f"{(result['score_archive_steady_images_per_s'] or float('nan')) / result['plain_loop_images_per_s']:.2f} |",
+        "",
+        f"score_archive / plain loop = {result['ratio_vs_plain_loop']:.2f} (target >= {result['target_ratio']}: "
+        f"{'met' if result['met'] else 'NOT met'}); / batched loop = {result['ratio_vs_batched_loop']:.2f}",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bench_scoring.py",
+        description="images/s of score_archive against a plain single-process loop over the same files with the "
+                    "same predictor, in one run; prints the table and the ratio.")
+    parser.add_argument("--model", default="efficientnet_lite0", help="backbone of the router and classifiers")
+    parser.add_argument("--images", type=int, default=400, help="synthetic JPEGs to score (default: %(default)s)")
+    parser.add_argument("--image-size", default="512,416", help="height,width (MURA-like; default: %(default)s)")
+    parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    result = run(model=args.model, images=args.images, image_size=tuple(int(v) for v in args.image_size.split(",")))
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
