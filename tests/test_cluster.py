@@ -9,9 +9,11 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -152,30 +154,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_cluster(sessions: list[int]) -> None:
+    """Stop only this cluster's processes (`ray stop` would stop every Ray on the machine,
+    the test session's own included). Each `ray start` ran in a session of its own, and
+    the daemons it forked (GCS, raylet, dashboard, agents, workers) stay in it."""
+    def members() -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    if os.getsid(int(proc.name)) in sessions:
+                        pids.append(int(proc.name))
+                except OSError:
+                    pass
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in members():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(3)
+
+
+def _ray_start(args: list[str], env: dict, sessions: list[int]) -> None:
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    sessions.append(proc.pid)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, f"ray start {' '.join(args)}\n{output[-3000:]}"
+
+
 @pytest.fixture
-def two_node_cluster(tmp_path):
+def two_node_cluster():
     """A Ray head and a second Ray node, each its own `ray start` (1 CPU each)."""
-    ray_bin = str(Path(sys.executable).parent / "ray")
     port, dashboard = _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    temp = tmp_path / "ray"  # a short path of its own: sockets live here
-    head = [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
-            f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
-            "--disable-usage-stats"]
-    subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
+    # Token auth off: a throwaway cluster on 127.0.0.1 (a second node would need the head's token).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
+    # Ray started from inside the project's environment (as an activated venv would), so a job's
+    # `python` is this environment's Python.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    temp = tempfile.mkdtemp(prefix="fr-ray-", dir="/tmp")  # short: Ray's sockets live here
+    sessions: list[int] = []
     try:
-        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats"],
-                       check=True, env=env, capture_output=True, timeout=180)
+        _ray_start(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
+                    f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
+                    "--disable-usage-stats"], env, sessions)
+        _ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats"],
+                   env, sessions)
         yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(sessions)
 
 
 def _submit(cluster: dict, entrypoint: list[str], timeout: int) -> str:
     ray_bin = str(Path(sys.executable).parent / "ray")
     command = [ray_bin, "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
                "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--", *entrypoint]
-    done = subprocess.run(command, env=cluster["env"], capture_output=True, text=True, timeout=timeout)
+    for _ in range(30):  # right after `ray start` the job agent may still be coming up
+        done = subprocess.run(command, env=cluster["env"], capture_output=True, text=True, timeout=timeout)
+        if "No available agent to submit job" not in done.stderr:
+            break
+        time.sleep(3)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 

@@ -12,7 +12,6 @@ shown too.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import tempfile

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import socket
-import statistics
 import tempfile
 import threading
 import time

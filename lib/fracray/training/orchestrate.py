@@ -120,7 +120,6 @@ def _run_all(jobs: list[dict[str, Any]], settings: TrainingSettings, log: Callab
             continue
         valid = results[name]["metrics"]["valid"]
         score = valid.get("auroc") if valid.get("auroc") is not None else valid.get("accuracy")
-        cal = m.get("calibration") or {}
         log(f"  finished {name} in {results[name]['seconds']}s (validation "
             f"{'AUROC' if valid.get('auroc') is not None else 'accuracy'} {score if score is None else round(score, 3)})")
     return results
