@@ -320,6 +320,14 @@ def _class_label(name: str, positive: set[str], negative: set[str]) -> int:
     )
 
 
+def _files_under(data_uri: str, options: StorageOptions | None) -> list[tuple[str, str]]:
+    """(URI, path relative to data_uri) of every file below it; an empty tree is an error."""
+    files = storage.list_files(data_uri, options)
+    if not files:
+        raise FileNotFoundError(f"No files under {data_uri}")
+    return [(uri, storage.relative_to(uri, data_uri)) for uri in files]
+
+
 def index_folder(data_uri: str, options: StorageOptions | None = None, *,
                  positive_classes: tuple[str, ...] = (), negative_classes: tuple[str, ...] = (),
                  split_seed: int = DEFAULT_SPLIT_SEED) -> IndexResult:
@@ -327,12 +335,8 @@ def index_folder(data_uri: str, options: StorageOptions | None = None, *,
     data_uri = storage.normalize(data_uri)
     positive = POSITIVE_NAMES | {c.lower() for c in positive_classes}
     negative = NEGATIVE_NAMES | {c.lower() for c in negative_classes}
-    files = storage.list_files(data_uri, options)
-    if not files:
-        raise FileNotFoundError(f"No files under {data_uri}")
     rows, rejects = [], []
-    for uri in files:
-        rel = storage.relative_to(uri, data_uri)
+    for uri, rel in _files_under(data_uri, options):
         parts = rel.split("/")
         stray = _is_stray(parts[-1])
         if stray:
@@ -427,12 +431,8 @@ def index_tree(data_uri: str, options: StorageOptions | None = None) -> IndexRes
     one study per folder); images at the top level are their own study.
     """
     data_uri = storage.normalize(data_uri)
-    files = storage.list_files(data_uri, options)
-    if not files:
-        raise FileNotFoundError(f"No files under {data_uri}")
     rows, rejects = [], []
-    for uri in files:
-        rel = storage.relative_to(uri, data_uri)
+    for uri, rel in _files_under(data_uri, options):
         name = rel.rsplit("/", 1)[-1]
         stray = _is_stray(name)
         if stray:
