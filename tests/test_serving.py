@@ -252,3 +252,24 @@ def test_serve_run_config_yaml(tmp_path, untrained_index):
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_pipelines_serve_one_command_start(tmp_path, untrained_index):
+    """`python pipelines/serve.py --models ... --port ...` serves until SIGTERM, then stops cleanly."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--models", untrained_index,
+                             "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, timeout=240)
+        assert requests.post(f"{url}/v1/classify", data=_image(seed=11), timeout=60).status_code == 200
+        os.kill(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, output[-2000:]
+        assert "API docs" in output and f"{url}/docs" in output
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
