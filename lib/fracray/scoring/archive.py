@@ -265,6 +265,7 @@ def score_archive(config: ScoreConfig, *, log: Callable[[str], None] = print,
     scored_now = 0
     if pending:
         actors, gpus_per_actor, cpus_per_actor = _default_actors(config)
+        actors = min(actors, len(pending))  # a chunk is one block: more actors than chunks would idle
         # One block per chunk: a chunk's rows travel together, so they finish close in time.
         blocks = [work.filter(pc.equal(work["chunk_id"], c)) for c in pending]
         ds = ray.data.from_arrow(blocks)
