@@ -18,7 +18,7 @@ __all__ = ["main", "build_parser", "run_evaluate"]
 
 
 def run_evaluate(models: str, dataset: str, data: str, *, split: str | None, output: str | None,
-                 options=None) -> dict[str, Any]:
+                 options=None, pointing_tolerance: float = 0.0) -> dict[str, Any]:
     import ray
 
     from ..reports.training_plots import write_training_plots
@@ -32,7 +32,7 @@ def run_evaluate(models: str, dataset: str, data: str, *, split: str | None, out
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     preds = score_manifest(manifest, models, storage_options=options)
     summary = summarize_predictions(preds)
-    summary["pointing_game"] = pointing_game(manifest, models, storage_options=options)
+    summary["pointing_game"] = pointing_game(manifest, models, storage_options=options, tolerance=pointing_tolerance)
     summary.update(models=models, dataset=dataset, data=data, split=split or "all")
     if output:
         report = {"evaluation": summary, "histories": {}, "comparison": {}}
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="URI of the labelled collection")
     parser.add_argument("--split", default="valid", help="split to score, or 'all' (default: %(default)s)")
     parser.add_argument("--output", default=None, help="folder URI for the report files")
+    parser.add_argument("--pointing-tolerance", type=float, default=0.0,
+                        help="pointing game: grow each fracture box by this fraction of the image on every side "
+                             "(default: %(default)s, the peak must lie inside the box)")
     add_storage_arguments(parser)
     return parser
 
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = run_evaluate(args.models, args.dataset, args.data, split=args.split, output=args.output,
-                               options=storage_options_from_args(args))
+                               options=storage_options_from_args(args), pointing_tolerance=args.pointing_tolerance)
     except (FileNotFoundError, ValueError, KeyError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
