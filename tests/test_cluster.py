@@ -208,6 +208,12 @@ def two_node_cluster():
         _stop_cluster(sessions)
 
 
+def _run_cli(command: list[str], env: dict, timeout: int) -> str:
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    return done.stdout
+
+
 def _submit(cluster: dict, entrypoint: list[str], timeout: int) -> str:
     ray_bin = str(Path(sys.executable).parent / "ray")
     command = [ray_bin, "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
@@ -254,3 +260,28 @@ def test_train_all_and_score_archive_run_on_both_nodes(two_node_cluster, tmp_pat
     used = _nodes_used(two_node_cluster)
     both = [job for job, nodes in used.items() if len(nodes) == 2]
     assert len(both) >= 2, f"train_all and score_archive should each use both nodes; nodes by job: {used}"
+
+    # `serve deploy` of serving/config.yaml onto the same cluster, pointed at the run just trained.
+    import requests
+
+    config = _load(REPO / "serving" / "config.yaml")
+    port = _free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    config["applications"][0]["args"]["models"] = str(index)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _run_cli([str(Path(sys.executable).parent / "serve"), "deploy", str(path), "-a", two_node_cluster["dashboard"]],
+             two_node_cluster["env"], 300)
+    deadline, ready = time.time() + 300, None
+    while time.time() < deadline:
+        try:
+            ready = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=30)
+            if ready.status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(2)
+    assert ready is not None and ready.status_code == 200, getattr(ready, "text", ready)
+    image = next((out / "synthetic-mura").rglob("*.png"), None) or next((out / "synthetic-mura").rglob("*.jpg"))
+    answer = requests.post(f"http://127.0.0.1:{port}/v1/classify", data=image.read_bytes(), timeout=60)
+    assert answer.status_code == 200 and answer.json()["body_part"] in ("wrist", "humerus"), answer.text
