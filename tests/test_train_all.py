@@ -47,7 +47,8 @@ def test_train_all_trains_router_and_per_bone_models_and_reports(trained):
     assert "router_accuracy" in report["evaluation"]
     for name in ("router", "fracture_humerus", "fracture_wrist"):
         assert report["models"][name]["seconds"] > 0 and report["models"][name]["size"]["weights_mb"] > 1
-    for png in ("training_curves.png", "confusion_matrices.png"):
+        assert report["models"][name]["calibration"]["temperature"] > 0
+    for png in ("training_curves.png", "confusion_matrices.png", "calibration.png"):
         with Image.open(run / png) as img:
             assert img.size[0] > 300
     assert "| body part | TP | FN | FP | TN |" in (run / "report.md").read_text()

@@ -90,7 +90,7 @@ def calibrate(logits: np.ndarray, labels: Sequence[int]) -> dict[str, Any]:
             "ece_before": expected_calibration_error(before, y), "ece_after": expected_calibration_error(after, y),
             "nll_before": _nll(logits, y, 1.0) if len(y) else None,
             "nll_after": _nll(logits, y, temperature) if len(y) else None,
-            "reliability_after": reliability_bins(after, y)}
+            "reliability_before": reliability_bins(before, y), "reliability_after": reliability_bins(after, y)}
 
 
 def operating_points(labels: Sequence[int], probs: Sequence[float], *,

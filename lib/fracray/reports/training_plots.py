@@ -1,4 +1,4 @@
-"""Training curves, confusion matrices and the backbone comparison, as PNG files."""
+"""Training curves, confusion matrices, reliability diagrams and the backbone comparison, as PNG files."""
 
 from __future__ import annotations
 
@@ -78,6 +78,34 @@ def _comparison(comparison: dict[str, dict]) -> bytes:
     return _png(fig, plt)
 
 
+def _reliability(calibrations: dict[str, dict]) -> bytes:
+    """Reliability diagrams: confidence against accuracy per bin, before and after
+    temperature scaling, one panel per model (a calibrated model follows the diagonal)."""
+    plt = _pyplot()
+    names = sorted(calibrations)
+    cols = min(4, max(1, len(names)))
+    rows = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        cal = calibrations[name]
+        ax.plot([0, 1], [0, 1], ":", color="gray", linewidth=1)
+        for key, style, label in (("reliability_before", "o--", "before"), ("reliability_after", "s-", "after")):
+            bins = cal.get(key) or []
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], style, markersize=3,
+                    label=f"{label} (ECE {cal.get('ece_' + label, float('nan')):.3f})")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{name}, T = {cal.get('temperature', 1.0):.2f}", fontsize=9)
+        ax.set_xlabel("confidence", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("Calibration on the validation split: temperature scaling", fontsize=10)
+    fig.tight_layout()
+    return _png(fig, plt)
+
+
 def write_training_plots(report: dict[str, Any], output_uri: str, options: StorageOptions | None) -> dict[str, str]:
     out = {}
     histories = {k: v for k, v in report["histories"].items() if v}
@@ -88,6 +116,11 @@ def write_training_plots(report: dict[str, Any], output_uri: str, options: Stora
     if per_part:
         out["confusion_matrices"] = storage.join(output_uri, "confusion_matrices.png")
         storage.write_bytes(out["confusion_matrices"], _confusions(per_part), options)
+    calibrations = {name: m["calibration"] for name, m in (report.get("models") or {}).items()
+                    if (m.get("calibration") or {}).get("reliability_after")}
+    if calibrations:
+        out["calibration"] = storage.join(output_uri, "calibration.png")
+        storage.write_bytes(out["calibration"], _reliability(calibrations), options)
     if report.get("comparison"):
         out["comparison"] = storage.join(output_uri, "backbone_comparison.png")
         storage.write_bytes(out["comparison"], _comparison(report["comparison"]), options)

@@ -90,7 +90,7 @@ def _train_remote(config: TrainConfig, train: pa.Table, valid: pa.Table, output_
     return {"name": name, "bundle": result.bundle_uri, "seconds": round(result.seconds, 1),
             "history": result.history, "metrics": result.meta.metrics, "threshold": result.meta.threshold,
             "model": result.meta.model, "size": _model_size(result.bundle_uri, options),
-            "calibration": {k: v for k, v in result.meta.calibration.items() if k != "reliability_after"}}
+            "calibration": result.meta.calibration}
 
 
 def _run_all(jobs: list[dict[str, Any]], settings: TrainingSettings, log: Callable) -> dict[str, dict]:
@@ -242,6 +242,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["", f"Grad-CAM pointing game ({game['overall']['images']} fractured images with boxes): the heatmap "
                       f"peak falls inside a fracture box for {_fmt(game['overall']['hit_rate'])} of them "
                       f"(image-centre baseline {_fmt(game['overall']['center_baseline'])})."]
+    if "calibration" in report.get("plots", {}):
+        lines += ["", "Calibration (reliability before and after temperature scaling): calibration.png"]
     lines += ["", "| model | backbone | seconds | weights MB | validation AUROC / accuracy | threshold | temperature | "
               "ECE before -> after |", "|---|---|---|---|---|---|---|---|"]
     for name, m in sorted(report["models"].items()):
