@@ -107,7 +107,7 @@ def preprocess_batch(batch: pa.Table | dict[str, Any], *, preprocess: Preprocess
         if augment is not None or copy > 0:
             params = augment_params(_row_rng(uri, seed, copy), augment or AugmentConfig())
         try:
-            decoded = decode_for(data, preprocess, is_dicom_name=uri.lower().endswith((".dcm", ".dicom")))
+            decoded = decode_for(data, preprocess, name=uri)
             images_t[i, 0].copy_(torch.from_numpy(preprocess_base(decoded, preprocess, params)))
         except ImageRejected as exc:
             status[i], errors[i] = exc.reason.value, exc.detail

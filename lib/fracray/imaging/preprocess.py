@@ -21,7 +21,7 @@ from . import ops
 from .decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 
 __all__ = ["PreprocessConfig", "AugmentConfig", "preprocess_base", "finalize", "preprocess_pixels", "preprocess_bytes",
-           "decode_for", "augment_params", "to_tensor"]
+           "decode_for", "augment_params", "to_tensor", "DICOM_SUFFIXES"]
 
 Normalization = Literal["imagenet", "per_image", "none"]
 Enhancement = Literal["none", "sobel", "prewitt", "roberts", "canny", "laplacian_sharpen"]
@@ -226,20 +226,24 @@ def preprocess_pixels(decoded: DecodedImage, config: PreprocessConfig,
     return finalize(preprocess_base(decoded, config, augment), config)
 
 
-def decode_for(data: bytes, config: PreprocessConfig, *, is_dicom_name: bool = False) -> DecodedImage:
-    """Decode with the limits and JPEG draft size that ``config`` implies."""
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+def decode_for(data: bytes, config: PreprocessConfig, *, name: str = "") -> DecodedImage:
+    """Decode with the limits and JPEG draft size that ``config`` implies. ``name`` is the
+    file name or URI: one ending in .dcm/.dicom may be DICOM without the file preamble."""
     return decode_image(
         data,
         max_pixels=config.max_pixels,
         draft_size=_DraftSizer(config) if config.fast_jpeg_downscale else None,
-        allow_headerless_dicom=is_dicom_name,
+        allow_headerless_dicom=name.lower().endswith(DICOM_SUFFIXES),
     )
 
 
 def preprocess_bytes(data: bytes, config: PreprocessConfig, *, augment: dict[str, Any] | None = None,
-                     is_dicom_name: bool = False) -> tuple[np.ndarray, DecodedImage]:
+                     name: str = "") -> tuple[np.ndarray, DecodedImage]:
     """File bytes -> (model input, decoded image). Raises ImageRejected for bad input."""
-    decoded = decode_for(data, config, is_dicom_name=is_dicom_name)
+    decoded = decode_for(data, config, name=name)
     return preprocess_pixels(decoded, config, augment), decoded
 
 

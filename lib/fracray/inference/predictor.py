@@ -235,7 +235,7 @@ class FracturePredictor:
         for i, data in enumerate(payloads):
             name = names[i] if names else ""
             try:
-                decoded.append(decode_for(data, config, is_dicom_name=name.lower().endswith((".dcm", ".dicom"))))
+                decoded.append(decode_for(data, config, name=name))
                 keep.append(i)
                 out.append({"status": "ok", "error": ""})
             except ImageRejected as exc:

@@ -269,7 +269,7 @@ class Ingress:
         from ..imaging.preprocess import decode_for
 
         try:
-            return decode_for(data, self.decode_config, is_dicom_name=name.lower().endswith((".dcm", ".dicom")))
+            return decode_for(data, self.decode_config, name=name)
         except ImageRejected as exc:
             raise _Rejected(HTTP_STATUS_FOR_REJECT.get(exc.reason.value, 400), exc.reason.value, exc.detail) from exc
 

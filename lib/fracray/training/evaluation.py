@@ -120,7 +120,7 @@ class _PointingGameScorer:
         for uri, boxes in zip(batch["image_uri"].to_pylist(), batch["boxes"].to_pylist()):
             try:
                 decoded = decode_for(self.storage.read_bytes(uri, self.options), self.predictor.decode_config,
-                                     is_dicom_name=uri.lower().endswith((".dcm", ".dicom")))
+                                     name=uri)
             except (ImageRejected, self.storage.StorageError) as exc:
                 status = exc.reason.value if isinstance(exc, ImageRejected) else "read_error"
                 for key, value in (("image_uri", uri), ("body_part", ""), ("hit", False), ("center_hit", False),
