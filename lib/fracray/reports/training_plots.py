@@ -12,13 +12,23 @@ from .plots import _png, _pyplot
 __all__ = ["write_training_plots"]
 
 
-def _curves(histories: dict[str, list[dict]]) -> bytes:
+def _panels(count: int, panel_size: tuple[float, float]):
+    """A grid of up to four panels a row for ``count`` plots; the spare cells are blank.
+    Returns (pyplot, figure, the first ``count`` axes)."""
     plt = _pyplot()
+    cols = min(4, max(1, count))
+    rows = max(1, math.ceil(count / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_size[0] * cols, panel_size[1] * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[count:]:
+        ax.axis("off")
+    return plt, fig, flat[:count]
+
+
+def _curves(histories: dict[str, list[dict]]) -> bytes:
     names = [n for n, h in sorted(histories.items()) if h]
-    cols = min(4, max(1, len(names)))
-    rows = max(1, math.ceil(len(names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    plt, fig, axes = _panels(len(names), (4, 3))
+    for ax, name in zip(axes, names):
         hist = histories[name]
         epochs = [h["epoch"] + 1 for h in hist]
         ax.plot(epochs, [h["train_loss"] for h in hist], "o-", label="train loss")
@@ -29,8 +39,6 @@ def _curves(histories: dict[str, list[dict]]) -> bytes:
         ax2.set_ylim(0, 1)
         ax.legend(loc="upper left", fontsize=7)
         ax2.legend(loc="upper right", fontsize=7)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
     fig.suptitle("Training curves (validation score: AUROC for fracture models, accuracy for the router)",
                  fontsize=10)
     fig.tight_layout()
@@ -38,12 +46,9 @@ def _curves(histories: dict[str, list[dict]]) -> bytes:
 
 
 def _confusions(per_part: dict[str, dict]) -> bytes:
-    plt = _pyplot()
     parts = sorted(per_part)
-    cols = min(4, max(1, len(parts)))
-    rows = max(1, math.ceil(len(parts) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3 * rows), squeeze=False)
-    for ax, part in zip(axes.flat, parts):
+    plt, fig, axes = _panels(len(parts), (3.2, 3))
+    for ax, part in zip(axes, parts):
         m = per_part[part]
         grid = [[m["tn"], m["fp"]], [m["fn"], m["tp"]]]
         ax.imshow(grid, cmap="Blues")
@@ -55,8 +60,6 @@ def _confusions(per_part: dict[str, dict]) -> bytes:
         ax.set_xticks([0, 1], ["pred normal", "pred abnormal"], fontsize=8)
         ax.set_yticks([0, 1], ["normal", "abnormal"], fontsize=8)
         ax.set_title(part, fontsize=10)
-    for ax in list(axes.flat)[len(parts):]:
-        ax.axis("off")
     fig.suptitle("Confusion matrices at each model's operating threshold", fontsize=10)
     fig.tight_layout()
     return _png(fig, plt)
@@ -81,12 +84,9 @@ def _comparison(comparison: dict[str, dict]) -> bytes:
 def _reliability(calibrations: dict[str, dict]) -> bytes:
     """Reliability diagrams: confidence against accuracy per bin, before and after
     temperature scaling, one panel per model (a calibrated model follows the diagonal)."""
-    plt = _pyplot()
     names = sorted(calibrations)
-    cols = min(4, max(1, len(names)))
-    rows = max(1, math.ceil(len(names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    plt, fig, axes = _panels(len(names), (3.2, 3.2))
+    for ax, name in zip(axes, names):
         cal = calibrations[name]
         ax.plot([0, 1], [0, 1], ":", color="gray", linewidth=1)
         for key, style, label in (("reliability_before", "o--", "before"), ("reliability_after", "s-", "after")):
@@ -99,8 +99,6 @@ def _reliability(calibrations: dict[str, dict]) -> bytes:
         ax.set_xlabel("confidence", fontsize=8)
         ax.set_ylabel("accuracy", fontsize=8)
         ax.legend(fontsize=7, loc="upper left")
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
     fig.suptitle("Calibration on the validation split: temperature scaling", fontsize=10)
     fig.tight_layout()
     return _png(fig, plt)
