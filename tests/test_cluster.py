@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, _free_port
+from test_serving import _wait_ready
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PINS = {re.split(r"[\[=<>]", d)[0].lower(): d.split("==")[1] for d in PYPROJECT["project"]["dependencies"] if "==" in d}
@@ -148,11 +148,6 @@ def test_rayservice_runs_serving_config_yaml():
 
 # ----------------------------------------------------------------------------- two nodes, ray job submit
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _stop_cluster(sessions: list[int]) -> None:
     """Stop only this cluster's processes (`ray stop` would stop every Ray on the machine,
@@ -197,12 +192,19 @@ def two_node_cluster():
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     temp = tempfile.mkdtemp(prefix="fr-ray-", dir="/tmp")  # short: Ray's sockets live here
     sessions: list[int] = []
+
+    def agent_ports() -> list[str]:
+        # Each node's agents on ports of their own: another Ray on this machine (the test
+        # session's) already holds the default agent port, and a job needs the head's agent.
+        return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+
     try:
         _ray_start(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
                     f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
-                    "--disable-usage-stats"], env, sessions)
-        _ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats"],
-                   env, sessions)
+                    "--disable-usage-stats", *agent_ports()], env, sessions)
+        _ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats",
+                    *agent_ports()], env, sessions)
         yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     finally:
         _stop_cluster(sessions)
@@ -272,16 +274,7 @@ def test_train_all_and_score_archive_run_on_both_nodes(two_node_cluster, tmp_pat
     path.write_text(yaml.safe_dump(config))
     _run_cli([str(Path(sys.executable).parent / "serve"), "deploy", str(path), "-a", two_node_cluster["dashboard"]],
              two_node_cluster["env"], 300)
-    deadline, ready = time.time() + 300, None
-    while time.time() < deadline:
-        try:
-            ready = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=30)
-            if ready.status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(2)
-    assert ready is not None and ready.status_code == 200, getattr(ready, "text", ready)
+    _wait_ready(f"http://127.0.0.1:{port}", timeout=300)
     image = next((out / "synthetic-mura").rglob("*.png"), None) or next((out / "synthetic-mura").rglob("*.jpg"))
     answer = requests.post(f"http://127.0.0.1:{port}/v1/classify", data=image.read_bytes(), timeout=60)
     assert answer.status_code == 200 and answer.json()["body_part"] in ("wrist", "humerus"), answer.text

@@ -6,7 +6,6 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,16 +18,11 @@ import requests
 import yaml
 from PIL import Image
 
-from conftest import REPO, SERVE_TEST_TOKEN, SERVE_TEST_TOKEN_ENV
+from conftest import REPO, SERVE_TEST_TOKEN, SERVE_TEST_TOKEN_ENV, _free_port
 from fracray.data.synthetic import render_radiograph
 from fracray.inference.predictor import FracturePredictor
 from test_decode import _dicom_bytes
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _image(part="wrist", h=900, w=700, fmt="JPEG", seed=0, fracture=True) -> bytes:
