@@ -76,6 +76,56 @@ def test_bundle_round_trip_without_pickle(tmp_path):
         read_bundle_meta(str(tmp_path / "nothing"))
 
 
+def test_train_step_trains_exactly_the_trainable_layers():
+    from fracray.imaging.preprocess import finalize
+    from fracray.training.step import TrainStep, model_input, place_model
+
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model = place_model(create_model("efficientnet_lite0", pretrained=False, strategy="classifier_only"), device)
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    step = TrainStep(model, optimizer, device=device, amp=True)
+    assert step.amp is False  # float16 autocast is for GPUs; CPU trains in float32
+    cfg = model.preprocess_config()
+    images = np.random.default_rng(0).random((4, 1, *cfg.image_size), dtype=np.float32).astype(np.float16)
+    x = model_input(images, cfg, device)
+    assert x.shape == (4, 3, *cfg.image_size) and x.dtype == torch.float32
+    np.testing.assert_allclose(x.numpy(), finalize(images, cfg), rtol=1e-6, atol=1e-6)
+    y = torch.tensor([0, 1, 0, 1])
+    def eval_loss():  # without dropout's noise
+        model.eval()
+        with torch.no_grad():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        model.train()
+        return float(loss)
+
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    start_loss = eval_loss()
+    losses = [float(step(x, y)) for _ in range(10)]
+    assert all(np.isfinite(losses)) and eval_loss() < start_loss  # it fits a fixed batch
+    after = model.state_dict()
+    changed = {k for k in before if k.endswith(("weight", "bias")) and not torch.equal(before[k], after[k])}
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert changed == trainable and trainable and all("classifier" in k or "head" in k for k in trainable)
+
+
+def test_training_benchmark_runs_both_sides_with_the_same_step(ray_local, tmp_path):
+    from fracray import storage
+    from fracray.benchmarks.training import measure
+    from fracray.data.synthetic import generate_fracatlas
+
+    generate_fracatlas(str(tmp_path), n_images=8, seed=3, large_images=False)
+    uris = storage.list_files(str(tmp_path / "FracAtlas" / "images"))
+    lines = []
+    row = measure("efficientnet_lite0", uris, batch_size=2, steps=2, repeats=2, device=torch.device("cpu"),
+                  amp=True, log=lines.append)
+    assert len(lines) == 2 and row["amp"] is False and row["repeats"] == 2
+    assert row["synthetic_images_per_s"] > 0 and row["pipeline_images_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["pipeline_images_per_s"] / row["synthetic_images_per_s"])
+    assert row["ratio_min"] <= row["ratio_max"]
+
+
 @pytest.fixture(scope="module")
 def small_mura(tmp_path_factory):
     from fracray.data.synthetic import generate_mura

@@ -16,48 +16,46 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.manifest import make_manifest
 from ..data.pipeline import StreamConfig, build_image_dataset
-from ..imaging.preprocess import AugmentConfig, finalize, to_tensor
+from ..imaging.preprocess import AugmentConfig, PreprocessConfig
 from ..models.registry import create_model
+from ..training.step import TrainStep, model_input, place_model
 from .preprocess import machine_description
 
 MURA_TRAIN_IMAGES = 36_808  # MURA v1.1 training images (router sees all, the 7 bone models split them)
 
 
-def _model_step(model, optimizer, x, y, amp: bool):
-    with torch.autocast(device_type=x.device.type, dtype=torch.float16, enabled=amp):
-        logits = model(x)
-    loss = F.cross_entropy(logits.float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss
-
-
-def synthetic_rate(name: str, batch_size: int, steps: int, device: torch.device, amp: bool) -> float:
-    model = create_model(name).to(device).train()
+def _make_step(name: str, device: torch.device, amp: bool) -> tuple[TrainStep, PreprocessConfig]:
+    model = place_model(create_model(name), device).train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    cfg = model.preprocess_config()
-    x = torch.randn(batch_size, 3, *cfg.image_size, device=device)
-    y = torch.randint(0, 2, (batch_size,), device=device)
-    _model_step(model, optimizer, x, y, amp)
+    return TrainStep(model, optimizer, device=device, amp=amp), model.preprocess_config()
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def synthetic_rate(step: TrainStep, cfg: PreprocessConfig, batch_size: int, steps: int) -> float:
+    """The training step alone, fed the same compact images the stream ships (float16, one
+    channel), so both sides include the same on-device finalisation."""
+    device = step.device
+    images = np.random.default_rng(0).random((batch_size, 1, *cfg.image_size), dtype=np.float32).astype(np.float16)
+    y = torch.randint(0, 2, (batch_size,), device=device)
+    step(model_input(images, cfg, device), y)  # warm-up (allocator, cuDNN autotuning)
+    _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        _model_step(model, optimizer, x, y, amp)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        step(model_input(images, cfg, device), y)
+    _sync(device)
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def pipeline_rate(name: str, uris: list[str], batch_size: int, steps: int, device: torch.device, amp: bool) -> float:
-    model = create_model(name).to(device).train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    cfg = model.preprocess_config()
+def pipeline_rate(step: TrainStep, cfg: PreprocessConfig, uris: list[str], batch_size: int, steps: int) -> float:
+    """Ray Data read + decode + preprocessing + augmentation -> the same step."""
+    device = step.device
     needed = (steps + 2) * batch_size
     manifest = make_manifest({"image_uri": uris[i % len(uris)], "dataset": "bench", "image_label": i % 2}
                              for i in range(needed))
@@ -66,18 +64,33 @@ def pipeline_rate(name: str, uris: list[str], batch_size: int, steps: int, devic
     ds.context.enable_progress_bars = False
     done, start = 0, None
     for i, batch in enumerate(ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=4)):
-        x = finalize(to_tensor(batch["image"]).to(device, non_blocking=True), cfg)
         y = torch.from_numpy(batch["image_label"].astype(np.int64)).to(device)
-        _model_step(model, optimizer, x, y, amp)
+        step(model_input(batch["image"], cfg, device), y)
         if i == 1:  # the first batches include start-up (workers, first tasks): time from here
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             start = time.perf_counter()
         elif i > 1:
             done += len(y)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     return done / (time.perf_counter() - start)
+
+
+def measure(name: str, uris: list[str], *, batch_size: int, steps: int, repeats: int, device: torch.device,
+            amp: bool, log=print) -> dict:
+    """Alternate the two measurements ``repeats`` times (machine noise hits both alike) and
+    keep the medians; the spread of the per-pair ratios shows how noisy the run was."""
+    step, cfg = _make_step(name, device, amp)
+    synthetic, full = [], []
+    for r in range(repeats):
+        synthetic.append(synthetic_rate(step, cfg, batch_size, steps))
+        full.append(pipeline_rate(step, cfg, uris, batch_size, steps))
+        log(f"[{name}] repeat {r + 1}/{repeats}: synthetic {synthetic[-1]:.1f} img/s, "
+            f"Ray Data {full[-1]:.1f} img/s, ratio {full[-1] / synthetic[-1]:.2f}")
+    pair_ratios = [f / s for f, s in zip(full, synthetic)]
+    return {"model": name, "device": str(device), "amp": step.amp, "batch_size": batch_size, "repeats": repeats,
+            "synthetic_images_per_s": float(np.median(synthetic)), "pipeline_images_per_s": float(np.median(full)),
+            "ratio": float(np.median(full) / np.median(synthetic)),
+            "ratio_min": min(pair_ratios), "ratio_max": max(pair_ratios)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                     "synthetic tensors, side by side, with the ratio (target >= 0.9).")
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternating synthetic / Ray Data measurements; medians are reported")
     parser.add_argument("--data", default=None, help="folder of JPEG/PNG images (default: synthetic radiographs)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -108,17 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     models = [args.model] + (["densenet121"] if device.type == "cuda" and args.model != "densenet121" else [])
     for name in models:
-        synthetic = synthetic_rate(name, args.batch_size, args.steps, device, amp)
-        full = pipeline_rate(name, uris, args.batch_size, args.steps, device, amp)
-        rows.append({"model": name, "device": str(device), "amp": amp, "batch_size": args.batch_size,
-                     "synthetic_images_per_s": synthetic, "pipeline_images_per_s": full, "ratio": full / synthetic})
+        rows.append(measure(name, uris, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
+                            device=device, amp=amp))
     print(f"\nMachine: {machine_description()}\n")
     print("| model | device | AMP | batch | model step on synthetic tensors (img/s) | Ray Data -> model step (img/s) "
-          "| ratio |")
-    print("|---|---|---|---|---|---|---|")
+          "| ratio (median) | per-repeat ratios |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['device']} | {r['amp']} | {r['batch_size']} | {r['synthetic_images_per_s']:.1f} "
-              f"| {r['pipeline_images_per_s']:.1f} | {r['ratio']:.2f} |")
+              f"| {r['pipeline_images_per_s']:.1f} | {r['ratio']:.2f} | {r['ratio_min']:.2f}-{r['ratio_max']:.2f} |")
     if device.type == "cuda":
         dn = next(r for r in rows if r["model"] == "densenet121")
         # Router over all MURA training images + 7 bone models over the same images split by bone,

@@ -33,6 +33,7 @@ from ..storage import StorageOptions
 from ..inference.calibration import calibrate, operating_points, softmax
 from . import metrics as M
 from .bundle import BundleMeta, save_bundle
+from .step import TrainStep, model_input, place_model
 
 __all__ = ["TrainConfig", "TrainResult", "train_classifier", "predict_manifest"]
 
@@ -141,14 +142,12 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(tc.seed + rank)
-    use_amp = tc.amp and device.type == "cuda"
 
     from ..models.registry import create_model
 
     model = create_model(tc.model, pretrained=tc.pretrained, num_classes=len(tc.classes), strategy=tc.strategy,
                          head=tc.head, bam=tc.bam)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(model, device)
     start_epoch, best_score, stale, history = 0, -math.inf, 0, []
     checkpoint = ray.train.get_checkpoint()
     resume_state = None
@@ -169,8 +168,12 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
         optimizer.load_state_dict(resume_state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(resume_state["scheduler"])
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     weight = torch.tensor(cfg["class_weights"], dtype=torch.float32, device=device) if tc.loss != "ce" else None
+    step = TrainStep(model, optimizer, device=device, amp=tc.amp,
+                     loss_fn=(lambda logits, y: _focal_loss(logits, y, weight, tc.focal_gamma)) if tc.loss == "focal"
+                     else (lambda logits, y: F.cross_entropy(logits, y, weight=weight)))
+    if resume_state and resume_state.get("scaler"):
+        step.scaler.load_state_dict(resume_state["scaler"])
     _log_progress(tc.progress_file, rank=rank, pid=os.getpid(), event="start", epoch=start_epoch)
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -183,21 +186,11 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
             keep, labels = _usable(batch, tc.task, tc.classes)
             if not keep.any():
                 continue
-            x = to_tensor(batch["image"][keep]).to(device, non_blocking=True)
-            x = finalize(x, preprocess)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = model_input(batch["image"][keep], preprocess, device)
             y = torch.from_numpy(labels[keep]).to(device)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                logits = model(x)
-            loss = (_focal_loss(logits, y, weight, tc.focal_gamma) if tc.loss == "focal"
-                    else F.cross_entropy(logits.float(), y, weight=weight))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss = step(x, y)
             seen += len(y)
-            loss_sum += float(loss.detach()) * len(y)
+            loss_sum += float(loss) * len(y)
         if scheduler is not None:
             scheduler.step()
         train_seconds = time.time() - epoch_start
@@ -209,8 +202,8 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 keep, labels = _usable(batch, tc.task, tc.classes)
                 if not keep.any():
                     continue
-                x = finalize(to_tensor(batch["image"][keep]).to(device), preprocess)
-                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                x = model_input(batch["image"][keep], preprocess, device)
+                with step.autocast():
                     probs.append(model(x).float().softmax(-1).cpu().numpy())
                 ys.append(labels[keep])
                 studies += [str(s) for s in batch["study_id"][keep]]
@@ -246,7 +239,8 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
                           os.path.join(tmp, "model.safetensors"))
                 torch.save({"optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict() if scheduler else {}},
+                            "scheduler": scheduler.state_dict() if scheduler else {},
+                            "scaler": step.scaler.state_dict()},
                            os.path.join(tmp, "train_state.pt"))
                 with open(os.path.join(tmp, "history.json"), "w") as f:
                     json.dump({"epoch": epoch, "best_score": best_score, "stale": stale, "history": history,
