@@ -136,10 +136,27 @@ def small_mura(tmp_path_factory):
     return filter_rows(manifest, split="train"), filter_rows(manifest, split="valid")
 
 
+def test_cpu_threads_share_the_cluster_among_concurrent_workers(ray_local):
+    from fracray.training.orchestrate import TrainingSettings, cpu_threads_per_worker
+
+    assert cpu_threads_per_worker(TrainingSettings(), concurrent_runs=1) == 2  # ray_local: 2 CPUs
+    assert cpu_threads_per_worker(TrainingSettings(), concurrent_runs=2) == 1
+    assert cpu_threads_per_worker(TrainingSettings(num_workers=2), concurrent_runs=4) == 1
+    assert cpu_threads_per_worker(TrainingSettings(cpu_threads=3), concurrent_runs=2) == 3
+    assert cpu_threads_per_worker(TrainingSettings(use_gpu=True), concurrent_runs=1) is None
+    with pytest.raises(ValueError, match="cpu_threads"):
+        TrainingSettings(cpu_threads=0)
+
+
 def test_train_classifier_writes_a_usable_bundle(ray_local, small_mura, tmp_path):
     train, valid = small_mura
-    config = TrainConfig(model="efficientnet_lite0", epochs=2, batch_size=16, early_stopping_patience=5)
+    progress = tmp_path / "progress.jsonl"
+    config = TrainConfig(model="efficientnet_lite0", epochs=2, batch_size=16, early_stopping_patience=5,
+                         cpu_threads=2, progress_file=str(progress))
     result = train_classifier(config, train, valid, output_uri=str(tmp_path), name="fracture_all")
+    start = json.loads(progress.read_text().splitlines()[0])
+    # Ray would give a 1-CPU worker one thread; cpu_threads lets it use the idle core too.
+    assert start["event"] == "start" and start["threads"] == min(2, len(os.sched_getaffinity(0)))
     assert len(result.history) == 2 and [h["epoch"] for h in result.history] == [0, 1]
     assert all(np.isfinite(h["train_loss"]) for h in result.history)
     assert sum(h["train_images"] for h in result.history) == 2 * train.num_rows

@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated backbones to compare (FracAtlas paper), each with and without "
                             "ImageNet weights where weights exist")
     train.add_argument("--max-concurrent", type=int, default=None, help="cap on models trained at once")
+    train.add_argument("--cpu-threads", type=int, default=None,
+                       help="threads per CPU training worker (default: the cluster's CPUs shared among the "
+                            "workers training at once)")
     train.add_argument("--threshold-target", choices=["youden", "sensitivity", "specificity"], default="youden")
     train.add_argument("--threshold-value", type=float, default=None, help="e.g. 0.9 with --threshold-target")
     parser.add_argument("--seed", type=int, default=0)
@@ -225,7 +228,7 @@ def parse_config(argv: list[str] | None) -> TrainAllConfig:
             num_workers=args.num_workers, use_gpu=args.use_gpu, augment=not args.no_augment,
             exclude_hardware=args.exclude_hardware, single_model=args.single_model,
             compare_backbones=tuple(b for b in args.compare_backbones.split(",") if b),
-            max_concurrent=args.max_concurrent, threshold_target=args.threshold_target,
+            max_concurrent=args.max_concurrent, cpu_threads=args.cpu_threads, threshold_target=args.threshold_target,
             threshold_value=args.threshold_value),
     )
 

@@ -24,7 +24,7 @@ from ..storage import StorageOptions
 from .evaluation import pointing_game, score_manifest, summarize_predictions
 from .trainer import TrainConfig, train_classifier
 
-__all__ = ["TrainingSettings", "run_training_stage", "max_concurrent_runs"]
+__all__ = ["TrainingSettings", "run_training_stage", "max_concurrent_runs", "cpu_threads_per_worker"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +48,14 @@ class TrainingSettings:
     single_model: bool = False      # one fracture model for all body parts, no router
     compare_backbones: tuple[str, ...] = ()
     max_concurrent: int | None = None
+    cpu_threads: int | None = None  # per CPU training worker; None: the cluster's CPUs shared among them
     threshold_target: str = "youden"
     threshold_value: float | None = None
     max_failures: int = 1
+
+    def __post_init__(self):
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1 (or None to share the cluster's CPUs). Got {self.cpu_threads}")
 
 
 def max_concurrent_runs(settings: TrainingSettings, requested: int) -> int:
@@ -65,6 +70,21 @@ def max_concurrent_runs(settings: TrainingSettings, requested: int) -> int:
     if settings.max_concurrent:
         limit = min(limit, settings.max_concurrent)
     return max(1, min(limit, requested))
+
+
+def cpu_threads_per_worker(settings: TrainingSettings, concurrent_runs: int) -> int | None:
+    """Intra-op threads for each CPU training worker: the cluster's CPUs divided among the
+    workers that train at once. Each run also reserves a CPU for its data stream, which
+    small images leave mostly idle; without this the workers would run one thread per
+    reserved CPU and that core would idle (on a 2-core laptop: half the machine)."""
+    import ray
+
+    if settings.use_gpu:
+        return None
+    if settings.cpu_threads:
+        return settings.cpu_threads
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, cpus // max(1, concurrent_runs * settings.num_workers))
 
 
 def _hold_out_studies(train: pa.Table, fraction: float) -> tuple[pa.Table, pa.Table]:
@@ -99,13 +119,16 @@ def _run_all(jobs: list[dict[str, Any]], settings: TrainingSettings, log: Callab
 
     remote = ray.remote(num_cpus=0)(_train_remote)
     limit = max_concurrent_runs(settings, len(jobs))
+    threads = cpu_threads_per_worker(settings, limit)
     log(f"Training {len(jobs)} models, {limit} at a time on this cluster "
-        f"({ray.cluster_resources().get('CPU', 0):.0f} CPUs, {ray.cluster_resources().get('GPU', 0):.0f} GPUs)")
+        f"({ray.cluster_resources().get('CPU', 0):.0f} CPUs, {ray.cluster_resources().get('GPU', 0):.0f} GPUs)"
+        + (f", {threads} CPU threads per training worker" if threads else ""))
     pending, results, queue = {}, {}, list(jobs)
     while queue or pending:
         while queue and len(pending) < limit:
             job = queue.pop(0)
-            ref = remote.remote(job["config"], job["train"], job["valid"], job["output"], job["name"],
+            config = job["config"] if threads is None else dataclasses.replace(job["config"], cpu_threads=threads)
+            ref = remote.remote(config, job["train"], job["valid"], job["output"], job["name"],
                                 job["options"], job["data_info"])
             pending[ref] = job["name"]
             log(f"  started {job['name']} ({job['config'].model}, {job['train'].num_rows} training images)")
