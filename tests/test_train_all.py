@@ -57,6 +57,8 @@ def test_train_all_trains_router_and_per_bone_models_and_reports(trained):
     assert all(c["valid"] and c["valid"]["n"] > 0 and c["seconds"] > 0 for c in report["comparison"].values())
     assert (run / "backbone_comparison.png").exists()
     assert "Model index for serving and scoring" in stdout
+    for name in ("router", "fracture_humerus", "fracture_wrist"):  # per-epoch progress from the workers
+        assert f"[{name}] epoch 1/1: train loss" in stdout
 
 
 @pytest.mark.slow

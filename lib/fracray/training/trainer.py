@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import tempfile
@@ -239,6 +240,14 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
                   "val_sensitivity": val.get("sensitivity"), "val_specificity": val.get("specificity"),
                   "best_score": float(best_score)}
         history.append(record)
+        if rank == 0:
+            # One progress line per epoch, through the logging that Ray Train sets up in its workers
+            # (forwarded to the driver and the job log). Its patched print() would show it twice.
+            shown = ("AUROC", val.get("auroc")) if binary else ("accuracy", val.get("accuracy"))
+            logging.getLogger("fracray.train").info(
+                f"[{cfg.get('name', tc.task)}] epoch {epoch + 1}/{tc.epochs}: train loss {record['train_loss']:.4f}, "
+                f"validation {shown[0]} {'n/a' if shown[1] is None else f'{shown[1]:.3f}'}, "
+                f"{record['images_per_second']:.1f} images/s, {train_seconds:.0f} s")
         _log_progress(tc.progress_file, rank=rank, pid=os.getpid(), event="epoch_end", epoch=epoch)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -333,7 +342,8 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
         os.makedirs(path, exist_ok=True)
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"train": config.to_dict(), "preprocess": preprocess.to_dict(), "class_weights": weights},
+        train_loop_config={"train": config.to_dict(), "preprocess": preprocess.to_dict(), "class_weights": weights,
+                           "name": name},
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                                resources_per_worker={"CPU": config.cpus_per_worker}),
         datasets=datasets,
