@@ -22,12 +22,12 @@ def trained(tmp_path_factory):
          "--train-batch-size", "16", "--compare-backbones", "efficientnet_lite0"],
         capture_output=True, text=True, timeout=1500, cwd=out)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out / "run", proc.stdout
+    return out / "run", proc.stdout, proc.stderr
 
 
 @pytest.mark.slow
 def test_train_all_trains_router_and_per_bone_models_and_reports(trained):
-    run, stdout = trained
+    run, stdout, stderr = trained
     index = json.loads((run / "model_index.json").read_text())
     assert index["format"] == "fracray-model-index/1"
     assert sorted(index["classifiers"]) == ["humerus", "wrist"] and index["router"]
@@ -57,13 +57,13 @@ def test_train_all_trains_router_and_per_bone_models_and_reports(trained):
     assert all(c["valid"] and c["valid"]["n"] > 0 and c["seconds"] > 0 for c in report["comparison"].values())
     assert (run / "backbone_comparison.png").exists()
     assert "Model index for serving and scoring" in stdout
-    for name in ("router", "fracture_humerus", "fracture_wrist"):  # per-epoch progress from the workers
-        assert f"[{name}] epoch 1/1: train loss" in stdout
+    for name in ("router", "fracture_humerus", "fracture_wrist"):  # per-epoch progress, logged by the workers
+        assert f"[{name}] epoch 1/1: train loss" in stderr
 
 
 @pytest.mark.slow
 def test_evaluate_command_and_predictor_on_the_trained_models(trained, ray_local):
-    run, _ = trained
+    run, _, _ = trained
     out = subprocess.run(
         [sys.executable, str(REPO / "pipelines" / "evaluate.py"), "--models", str(run / "model_index.json"),
          "--dataset", "mura", "--data", str(run / "synthetic-mura"), "--split", "all", "--output", str(run / "ev")],
