@@ -250,3 +250,11 @@ def test_checkpoints_and_bundle_in_s3(ray_local, small_mura, s3_bucket):
     assert any(k.startswith("runs/r1/ray_train/fracture_all/checkpoint_") for k in keys)
     model, meta = load_bundle(result.bundle_uri, options)
     assert meta.metrics["valid"]["n"] == valid.num_rows
+
+
+def test_training_benchmark_refuses_empty_measurements(capsys):
+    from fracray.benchmarks.training import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--repeats", "0"])
+    assert exc.value.code == 2 and "--repeats must be >= 1" in capsys.readouterr().err

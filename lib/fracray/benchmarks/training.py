@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="folder of JPEG/PNG images (default: synthetic radiographs)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if min(args.batch_size, args.steps, args.repeats) < 1:
+        parser.error(f"--batch-size, --steps and --repeats must be >= 1. Got {args.batch_size}, {args.steps}, "
+                     f"{args.repeats}")
     import ray
 
     from .. import storage
@@ -119,12 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         generate_fracatlas(tmp, n_images=64, seed=0, large_images=False)
         uris = storage.list_files(os.path.join(tmp, "FracAtlas", "images"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = device.type == "cuda"
     rows = []
     models = [args.model] + (["densenet121"] if device.type == "cuda" and args.model != "densenet121" else [])
     for name in models:
         rows.append(measure(name, uris, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
-                            device=device, amp=amp))
+                            device=device, amp=True))  # as training: TrainStep uses AMP where it applies (CUDA)
     print(f"\nMachine: {machine_description()}\n")
     print("| model | device | AMP | batch | model step on synthetic tensors (img/s) | Ray Data -> model step (img/s) "
           "| ratio (median) | per-repeat ratios |")

@@ -245,7 +245,7 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
             # (forwarded to the driver and the job log). Its patched print() would show it twice.
             shown = ("AUROC", val.get("auroc")) if binary else ("accuracy", val.get("accuracy"))
             logging.getLogger("fracray.train").info(
-                f"[{cfg.get('name', tc.task)}] epoch {epoch + 1}/{tc.epochs}: train loss {record['train_loss']:.4f}, "
+                f"[{cfg['name']}] epoch {epoch + 1}/{tc.epochs}: train loss {record['train_loss']:.4f}, "
                 f"validation {shown[0]} {'n/a' if shown[1] is None else f'{shown[1]:.3f}'}, "
                 f"{record['images_per_second']:.1f} images/s, {train_seconds:.0f} s")
         _log_progress(tc.progress_file, rank=rank, pid=os.getpid(), event="epoch_end", epoch=epoch)
