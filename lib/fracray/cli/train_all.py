@@ -26,31 +26,39 @@ import pyarrow as pa
 from .. import storage
 from ..data.adapters import ADAPTERS
 from ..data.pipeline import StreamConfig, StreamTally, build_image_dataset, iter_model_batches
-from ..imaging.preprocess import PreprocessConfig
 from ..storage import StorageOptions
-from .common import add_storage_arguments, storage_options_from_args
+from .common import add_storage_arguments
 from ..training.orchestrate import TrainingSettings, run_training_stage
 from .index_dataset import IndexConfig, run_index
 
-__all__ = ["TrainAllConfig", "run_train_all", "main", "build_parser"]
+__all__ = ["TrainAllConfig", "run_train_all", "main", "build_parser", "parse_config", "config_from_args"]
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainAllConfig:
+    """The whole job. Every per-model option (preprocessing included) lives once, in
+    ``training.fracture`` (a :class:`TrainConfig`); the data stage, the trainer and the
+    bundle all read it from there."""
+
     dataset: str | None = None          # None: the embedded synthetic MURA default
     data: str | None = None
     output: str = "runs/latest"
     storage: StorageOptions = StorageOptions()
-    image_size: int = 224
-    normalization: str = "imagenet"
-    enhancement: str = "none"
-    batch_size: int = 256
+    stream_batch_size: int = 256        # images per Ray Data batch in the data-stage pass
     synthetic_patients_per_part: int = 6
     body_parts: tuple[str, ...] = ()
-    seed: int = 0
     verify: bool = False
-    train: bool = True
+    skip_training: bool = False
     training: TrainingSettings = TrainingSettings()
+
+    @property
+    def seed(self) -> int:
+        return self.training.fracture.seed
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("storage", None)  # endpoints only; credentials never enter a bundle
+        return out
 
 
 def _init_ray() -> None:
@@ -88,17 +96,16 @@ def run_train_all(config: TrainAllConfig, *, log=print) -> dict[str, Any]:
         import pyarrow.compute as pc
         manifest = manifest.filter(pc.is_in(manifest["body_part"], pa.array(list(config.body_parts))))
 
-    preprocess = PreprocessConfig(image_size=(config.image_size, config.image_size),
-                                  normalization=config.normalization, enhancement=config.enhancement)
+    preprocess = config.training.fracture.preprocess()
     _init_ray()
     log(f"\nStreaming {manifest.num_rows} images through decode + preprocessing with Ray Data ...")
     ds = build_image_dataset(manifest, preprocess, storage_options=config.storage,
-                             stream=StreamConfig(batch_size=config.batch_size))
+                             stream=StreamConfig(batch_size=config.stream_batch_size))
     tally = StreamTally()
     stream_start = time.time()
     batches = 0
     shape = None
-    for batch in iter_model_batches(ds, batch_size=config.batch_size, tally=tally, preprocess=preprocess):
+    for batch in iter_model_batches(ds, batch_size=config.stream_batch_size, tally=tally, preprocess=preprocess):
         batches += 1
         shape = tuple(batch["image"].shape[1:])
     seconds = time.time() - stream_start
@@ -122,11 +129,11 @@ def run_train_all(config: TrainAllConfig, *, log=print) -> dict[str, Any]:
         log(f"  rejected {uri}: {reason}: {detail}")
     log(f"Every image accounted for: {tally.ok} ok + {sum(tally.rejected.values())} rejected = {tally.rows}")
     log(f"Data report: {out_uri}")
-    if not config.train:
+    if config.skip_training:
         return summary
     log("\nTraining ...")
     report = run_training_stage(manifest, config.training, output_uri=config.output, dataset=dataset,
-                                storage_options=config.storage, log=log)
+                                storage_options=config.storage, log=log, run_config=config.to_dict())
     from ..training.orchestrate import format_report
 
     log("\n" + format_report(report))
@@ -138,7 +145,19 @@ def run_train_all(config: TrainAllConfig, *, log=print) -> dict[str, Any]:
     return summary
 
 
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _weights_arg(value: str) -> bool | str:
+    return True if value == "imagenet" else False if value in ("none", "random", "scratch") else value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Each option's dest is the name of the config field it sets (TrainConfig for every
+    per-model option, TrainingSettings for how runs are laid out, TrainAllConfig for the
+    job): :func:`parse_config` routes them by name, and a test checks that every option
+    lands in a field and from there in the trained bundle."""
     parser = argparse.ArgumentParser(
         prog="train_all.py",
         description=(
@@ -148,28 +167,36 @@ def build_parser() -> argparse.ArgumentParser:
             "router -> classifier graph -> report, plots and the model index for serving/scoring. With "
             "--dataset/--data: the same on your collection, locally or on a cluster via `ray job submit`."
         ),
-        epilog="Example: train_all.py --dataset fracatlas --data ../shared/data/fracatlas --output runs/fracatlas",
+        epilog="Example: train_all.py --config pipelines/recipes/fracatlas_cpu.yaml --dataset fracatlas "
+               "--data ../shared/data/fracatlas --output runs/fracatlas",
     )
-    parser.add_argument("--config", metavar="YAML", help="YAML file whose keys are these options (flags win)")
+    parser.add_argument("--config", metavar="YAML", help="YAML file whose keys are these options, with - or _ "
+                        "(e.g. pipelines/recipes/fracatlas_cpu.yaml); flags on the command line win")
     parser.add_argument("--dataset", choices=sorted(ADAPTERS), help="layout of --data (default: synthetic MURA)")
     parser.add_argument("--data", help="URI of the collection (local path or s3://...)")
     parser.add_argument("--output", default="runs/latest", help="output URI (default: %(default)s)")
-    parser.add_argument("--image-size", type=int, default=224, help="model input side in pixels")
-    parser.add_argument("--normalization", choices=["imagenet", "per_image", "none"], default="imagenet")
-    parser.add_argument("--enhancement", default="none",
-                        choices=["none", "sobel", "prewitt", "roberts", "canny", "laplacian_sharpen"])
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", dest="stream_batch_size", type=int, default=256,
+                        help="images per Ray Data batch in the data-stage pass (default: %(default)s)")
     parser.add_argument("--synthetic-patients-per-part", type=int, default=6,
                         help="size of the embedded synthetic dataset (patients per body part)")
-    parser.add_argument("--body-parts", default="",
+    parser.add_argument("--body-parts", type=_csv, default=(),
                         help="comma-separated body parts to keep (default: all); also limits the synthetic set")
+    parser.add_argument("--verify", action="store_true", help="decode every image while indexing")
+    pre = parser.add_argument_group("preprocessing (the model's own input size and normalisation unless set)")
+    pre.add_argument("--image-size", type=int, default=None, help="fracture models' input side in pixels "
+                     "(default: the backbone's own, e.g. 224; the router always uses its backbone's own)")
+    pre.add_argument("--normalization", choices=["imagenet", "per_image", "none"], default=None,
+                     help="imagenet (the backbone's statistics; default), per_image standardisation, or none")
+    pre.add_argument("--enhancement", default="none",
+                     choices=["none", "sobel", "prewitt", "roberts", "canny", "laplacian_sharpen"])
+    pre.add_argument("--sharpen-factor", type=float, default=1.5, help="Laplacian sharpening factor (paper: 1.5, 3.0)")
     train = parser.add_argument_group("training")
     train.add_argument("--skip-training", action="store_true", help="stop after the data stage")
     train.add_argument("--model", default="efficientnet_lite0", help="backbone of the per-bone fracture models")
     train.add_argument("--router-model", default="efficientnet_lite0", help="backbone of the bone-type router")
-    train.add_argument("--weights", default="imagenet",
-                       help="imagenet (offline where they ship, else timm's hub), none (from scratch), or a URI of "
-                            "a weight file (safetensors / state dict)")
+    train.add_argument("--weights", dest="pretrained", type=_weights_arg, default=True,
+                       help="imagenet (offline where they ship, else timm's hub; default), none (from scratch), or a "
+                            "URI of a weight file (safetensors / state dict)")
     train.add_argument("--strategy", default="full",
                        help="full, classifier_only, last60 (DenseNet121 paper), last20_bn_frozen (EfficientNet-B0 "
                             "paper) or lastN")
@@ -177,64 +204,107 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--head", choices=["linear", "dense3"], default="linear")
     train.add_argument("--bam", action="store_true", help="insert BAM attention at the backbone's bottlenecks")
     train.add_argument("--epochs", type=int, default=2)
-    train.add_argument("--train-batch-size", type=int, default=16)
+    train.add_argument("--train-batch-size", dest="batch_size", type=int, default=16)
     train.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default %(default)s)")
+    train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--loss", choices=["weighted_ce", "ce", "focal"], default="weighted_ce")
+    train.add_argument("--early-stopping-patience", type=int, default=3)
     train.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per model (DDP)")
-    train.add_argument("--use-gpu", action="store_true", help="one GPU per training worker (AMP, channels_last)")
-    train.add_argument("--no-augment", action="store_true")
-    train.add_argument("--single-model", action="store_true",
+    train.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=False, help="one GPU per training worker (AMP, channels_last)")
+    train.add_argument("--no-augment", dest="augment", action="store_false", help="no flip + affine augmentation")
+    train.add_argument("--seed", type=int, default=0,
+                       help="model initialisation, per-epoch sampling, calibration slice and the synthetic data")
+    train.add_argument("--single-model", action=argparse.BooleanOptionalAction, default=False,
                        help="one fracture model for all body parts instead of the router + per-bone models")
-    train.add_argument("--exclude-hardware", action="store_true",
+    train.add_argument("--exclude-hardware", action=argparse.BooleanOptionalAction, default=False,
                        help="train and evaluate on the hardware-free subset (MURA humerus paper)")
-    train.add_argument("--compare-backbones", default="",
+    train.add_argument("--compare-backbones", type=_csv, default=(),
                        help="comma-separated backbones to compare (FracAtlas paper), each with and without "
                             "ImageNet weights where weights exist")
     train.add_argument("--max-concurrent", type=int, default=None, help="cap on models trained at once")
     train.add_argument("--cpu-threads", type=int, default=None,
                        help="threads per CPU training worker (default: the cluster's CPUs shared among the "
                             "workers training at once)")
-    train.add_argument("--threshold-target", choices=["youden", "sensitivity", "specificity"], default="youden")
-    train.add_argument("--threshold-value", type=float, default=None, help="e.g. 0.9 with --threshold-target")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--verify", action="store_true", help="decode every image while indexing")
+    loc = parser.add_argument_group("localisation, sampling, calibration")
+    loc.add_argument("--localization", action=argparse.BooleanOptionalAction, default=False,
+                     help="add a fracture-map branch trained from the dataset's fracture outlines/boxes (FracAtlas); "
+                          "models then return findings (boxes with scores) and heatmaps")
+    loc.add_argument("--map-loss-weight", type=float, default=1.0, help="weight of the fracture-map loss")
+    loc.add_argument("--map-pos-weight", type=float, default=10.0,
+                     help="weight of fracture cells against background cells in the map loss")
+    loc.add_argument("--negatives-per-positive", type=float, default=None,
+                     help="per epoch: every fractured image and about this many non-fractured ones per fractured "
+                          "one, drawn afresh each epoch (default: all images every epoch)")
+    loc.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=False, help="average each image's prediction with its mirror image")
+    loc.add_argument("--calibration-fraction", type=float, default=0.1,
+                     help="share of training studies held out to fit temperature, threshold and operating points "
+                          "(0: fit them on the validation split)")
+    loc.add_argument("--threshold-target", choices=["youden", "sensitivity", "specificity"], default="youden")
+    loc.add_argument("--threshold-value", type=float, default=None, help="e.g. 0.9 with --threshold-target")
     add_storage_arguments(parser)
     return parser
+
+
+_STORAGE_DESTS = {"endpoint_url", "region", "anonymous"}
+_JOB_ONLY_DESTS = {"config", "help"}
+
+
+def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """YAML keys are option names (``train-batch-size``, ``train_batch_size``) or dests; values
+    given as strings go through the option's own type, so YAML and flags mean the same."""
+    import yaml
+
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        parser.error(f"{path} must hold a mapping of option: value. Got {type(values).__name__}")
+    by_flag = {opt.lstrip("-").replace("-", "_"): a for a in parser._actions for opt in a.option_strings}
+    by_dest = {a.dest: a for a in parser._actions}
+    out, unknown = {}, []
+    for key, value in values.items():
+        k = str(key).replace("-", "_")
+        action = by_flag.get(k) or by_dest.get(k)
+        if action is None or action.dest in _JOB_ONLY_DESTS:
+            unknown.append(key)
+            continue
+        if isinstance(value, str) and action.type is not None:
+            value = action.type(value)
+        elif isinstance(action, argparse._StoreFalseAction) and k != action.dest:
+            value = not value  # no_augment: true -> augment = False
+        out[action.dest] = value
+    if unknown:
+        parser.error(f"unknown keys in {path}: {sorted(map(str, unknown))}")
+    return out
 
 
 def parse_config(argv: list[str] | None) -> TrainAllConfig:
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
-        import yaml
-
-        with open(pre.config) as f:
-            values = yaml.safe_load(f) or {}
-        known = {a.dest for a in parser._actions}
-        unknown = {k.replace("-", "_") for k in values} - known
-        if unknown:
-            parser.error(f"unknown keys in {pre.config}: {sorted(unknown)}")
-        parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
-    args = parser.parse_args(argv)
-    return TrainAllConfig(
-        dataset=args.dataset, data=args.data, output=args.output, storage=storage_options_from_args(args),
-        image_size=args.image_size, normalization=args.normalization, enhancement=args.enhancement,
-        batch_size=args.batch_size, synthetic_patients_per_part=args.synthetic_patients_per_part, seed=args.seed,
-        verify=args.verify, body_parts=tuple(p for p in args.body_parts.split(",") if p), train=not args.skip_training,
-        training=TrainingSettings(
-            model=args.model, router_model=args.router_model, pretrained=_weights_arg(args.weights),
-            strategy=args.strategy, router_strategy=args.router_strategy, head=args.head, bam=args.bam,
-            epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr, loss=args.loss,
-            num_workers=args.num_workers, use_gpu=args.use_gpu, augment=not args.no_augment,
-            exclude_hardware=args.exclude_hardware, single_model=args.single_model,
-            compare_backbones=tuple(b for b in args.compare_backbones.split(",") if b),
-            max_concurrent=args.max_concurrent, cpu_threads=args.cpu_threads, threshold_target=args.threshold_target,
-            threshold_value=args.threshold_value),
-    )
+        parser.set_defaults(**_yaml_defaults(parser, pre.config))
+    args = vars(parser.parse_args(argv))
+    try:
+        return config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
-def _weights_arg(value: str) -> bool | str:
-    return True if value == "imagenet" else False if value in ("none", "random", "scratch") else value
+def config_from_args(args: dict[str, Any]) -> TrainAllConfig:
+    """Route every parsed option to the config field of the same name."""
+    from ..training.trainer import TrainConfig
+
+    fields = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
+    train_fields, settings_fields, job_fields = fields(TrainConfig), fields(TrainingSettings), fields(TrainAllConfig)
+    leftover = set(args) - train_fields - settings_fields - job_fields - _STORAGE_DESTS - _JOB_ONLY_DESTS
+    if leftover:  # a new option without a field would be accepted and do nothing
+        raise RuntimeError(f"train_all options without a config field: {sorted(leftover)}")
+    fracture = dataclasses.replace(TrainingSettings().fracture,
+                                   **{k: v for k, v in args.items() if k in train_fields})
+    settings = TrainingSettings(fracture=fracture, **{k: v for k, v in args.items()
+                                                      if k in settings_fields and k != "fracture"})
+    storage_options = StorageOptions.from_env(args.get("endpoint_url"), args.get("region"), args.get("anonymous", False))
+    return TrainAllConfig(storage=storage_options, training=settings,
+                          **{k: v for k, v in args.items() if k in job_fields and k not in ("storage", "training")})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,6 +227,7 @@ def index_fracatlas(data_uri: str, options: StorageOptions | None = None, *, spl
     boxes_dir = storage.join(root, "Annotations", "YOLO")
     has_boxes = storage.exists(boxes_dir, options)
     box_files = set(storage.list_files(boxes_dir, options)) if has_boxes else set()
+    outlines_of = _read_coco_outlines(storage.join(root, "Annotations", "COCO JSON"), options, notes)
 
     rows, disagreements, seen = [], 0, set()
     unsplit: list[str] = []
@@ -261,7 +262,8 @@ def index_fracatlas(data_uri: str, options: StorageOptions | None = None, *, spl
             "patient_id": None, "study_id": stem, "image_label": label, "study_label": LABEL_UNKNOWN,
             "view_frontal": _flag(rec.get("frontal")), "view_lateral": _flag(rec.get("lateral")),
             "view_oblique": _flag(rec.get("oblique")), "hardware": _flag(rec.get("hardware")),
-            "multiscan": _flag(rec.get("multiscan")), "fracture_count": count, "boxes": boxes, "label_note": note,
+            "multiscan": _flag(rec.get("multiscan")), "fracture_count": count, "boxes": boxes,
+            "outlines": outlines_of.get(image_id), "label_note": note,
         })
     for name, (uri, _) in sorted(location.items()):
         if name not in seen:
@@ -282,6 +284,51 @@ def index_fracatlas(data_uri: str, options: StorageOptions | None = None, *, spl
     if missing:
         notes.append(f"{missing} dataset.csv rows have no image file here (held out or not downloaded)")
     return IndexResult(make_manifest(rows), make_rejects(rejects), notes, disagreements)
+
+
+def _read_coco_outlines(folder: str, options: StorageOptions | None, notes: list[str]) -> dict[str, list[list[float]]]:
+    """file name -> fracture polygons normalised to [0, 1], from the release's COCO file(s).
+
+    The release stores each polygon list as a JSON string; COCO tools write a plain
+    list: both are read. A file that cannot be read is a note, not a failure (the
+    boxes still localise the fracture)."""
+    import json
+
+    if not storage.exists(folder, options):
+        return {}
+    out: dict[str, list[list[float]]] = {}
+    for uri in storage.list_files(folder, options):
+        if not uri.lower().endswith(".json"):
+            continue
+        try:
+            coco = json.loads(storage.read_bytes(uri, options))
+            images = {im["id"]: im for im in coco["images"]}
+            annotations = coco["annotations"]
+        except (ValueError, KeyError, TypeError, storage.StorageError) as exc:
+            notes.append(f"{uri}: not a readable COCO file ({type(exc).__name__}: {exc}); outlines not used")
+            continue
+        bad = 0
+        for ann in annotations:
+            image = images.get(ann.get("image_id"))
+            segmentation = ann.get("segmentation")
+            if isinstance(segmentation, str):
+                try:
+                    segmentation = json.loads(segmentation)
+                except ValueError:
+                    segmentation = None
+            if not image or not isinstance(segmentation, list) or not image.get("width") or not image.get("height"):
+                bad += 1
+                continue
+            w, h = float(image["width"]), float(image["height"])
+            for polygon in segmentation:
+                if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
+                    bad += 1
+                    continue
+                out.setdefault(image["file_name"], []).append(
+                    [min(max(float(v) / (w if i % 2 == 0 else h), 0.0), 1.0) for i, v in enumerate(polygon)])
+        if bad:
+            notes.append(f"{uri}: {bad} annotations without a usable polygon were ignored")
+    return out
 
 
 def _parse_yolo(text: str, uri: str, notes: list[str]) -> list[dict]:

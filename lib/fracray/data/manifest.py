@@ -20,7 +20,7 @@ from .. import storage
 __all__ = [
     "MANIFEST_SCHEMA", "REJECT_SCHEMA", "BOX_TYPE", "LABEL_UNKNOWN",
     "MURA_BODY_PARTS", "FRACATLAS_BODY_PARTS",
-    "IndexResult", "make_manifest", "make_rejects", "write_manifest", "read_manifest", "summarize",
+    "IndexResult", "make_manifest", "make_rejects", "write_manifest", "read_manifest", "summarize", "split_by_study",
 ]
 
 LABEL_UNKNOWN = -1
@@ -52,6 +52,9 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("multiscan", pa.bool_()),
     pa.field("fracture_count", pa.int16()),
     pa.field("boxes", pa.list_(BOX_TYPE)),
+    # Fracture outlines (FracAtlas COCO polygons): each a flat [x0, y0, x1, y1, ...] list
+    # normalised to [0, 1] like the boxes. Null where the source has none (MURA).
+    pa.field("outlines", pa.list_(pa.list_(pa.float32()))),
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
     pa.field("mode", pa.string()),
@@ -158,3 +161,16 @@ def filter_rows(manifest: pa.Table, *, split: str | None = None, exclude_hardwar
         if condition is not None:
             mask = condition if mask is None else pc.and_(mask, condition)
     return manifest if mask is None else manifest.filter(mask)
+
+
+def split_by_study(table: pa.Table, fraction: float, *, seed: int = 0) -> tuple[pa.Table, pa.Table]:
+    """(rest, held out): about ``fraction`` of the studies held out, never one study on
+    both sides (an image without a study is its own study); deterministic per seed."""
+    import hashlib
+
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1). Got {fraction}")
+    studies = [s or u for s, u in zip(table["study_id"].to_pylist(), table["image_uri"].to_pylist())]
+    held = [int(hashlib.md5(f"{seed}|{s}".encode()).hexdigest(), 16) % 10_000 < fraction * 10_000 for s in studies]
+    mask = pa.array(held, type=pa.bool_())
+    return table.filter(pc.invert(mask)), table.filter(mask)

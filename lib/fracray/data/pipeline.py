@@ -22,7 +22,9 @@ import pyarrow as pa
 
 from .. import storage
 from ..imaging.decode import ImageRejected, RejectReason
-from ..imaging.preprocess import AugmentConfig, PreprocessConfig, augment_params, decode_for, finalize, preprocess_base
+from ..imaging.preprocess import (AugmentConfig, PreprocessConfig, augment_params, decode_for, finalize, geometry,
+                                  preprocess_base)
+from ..imaging.regions import has_regions, rasterize_regions
 from ..storage import StorageOptions
 
 __all__ = ["StreamConfig", "preprocess_batch", "build_image_dataset", "iter_model_batches", "StreamTally",
@@ -50,6 +52,10 @@ class StreamConfig:
         bytes through the object store and is exact for 8-bit sources (its 11-bit
         mantissa resolves 1/2048 steps on [0, 1]); use float32 for 16-bit sources
         whose last bits matter.
+    masks: also ship each image's fracture mask (``mask``, N x 1 x H x W, aligned with
+        the image through the same resize/flip/affine) and ``mask_known``: True for a
+        non-fractured image (its mask is known empty) or a fractured one with boxes or
+        outlines; False where the fracture's place is unknown (MURA: image labels only).
     """
 
     batch_size: int = 256
@@ -59,6 +65,7 @@ class StreamConfig:
     num_cpus: float = 1.0
     concurrency: int | None = None
     output_dtype: str = "float16"
+    masks: bool = False
 
     def __post_init__(self):
         if self.output_dtype not in ("float16", "float32"):
@@ -76,7 +83,8 @@ def _row_rng(uri: str, seed: int | None, copy: int) -> np.random.Generator:
 
 def preprocess_batch(batch: pa.Table | dict[str, Any], *, preprocess: PreprocessConfig,
                      storage_options: StorageOptions | None = None, augment: AugmentConfig | None = None,
-                     seed: int | None = 0, output_dtype: str = "float32") -> dict[str, np.ndarray]:
+                     seed: int | None = 0, output_dtype: str = "float32",
+                     masks: bool = False) -> dict[str, np.ndarray]:
     """One batch of manifest rows -> single-channel preprocessed images (N x 1 x H x W,
     before :func:`finalize`) plus per-row status. Never raises for bad images."""
     if isinstance(batch, pa.Table):
@@ -96,6 +104,11 @@ def preprocess_batch(batch: pa.Table | dict[str, Any], *, preprocess: Preprocess
     src_fmt = np.empty(n, dtype=object)
     dicom_part = np.empty(n, dtype=object)
     copies = columns.get("augment_copy") or [0] * n
+    if masks:
+        masks_t = torch.zeros((n, 1, height, width), dtype=getattr(torch, output_dtype))
+        mask_known = np.zeros(n, dtype=bool)
+        boxes_col, outlines_col = columns.get("boxes") or [None] * n, columns.get("outlines") or [None] * n
+        labels_col = columns.get("image_label") or [None] * n
     for i, uri in enumerate(uris):
         try:
             data = storage.read_bytes(uri, storage_options)
@@ -109,6 +122,13 @@ def preprocess_batch(batch: pa.Table | dict[str, Any], *, preprocess: Preprocess
         try:
             decoded = decode_for(data, preprocess, name=uri)
             images_t[i, 0].copy_(torch.from_numpy(preprocess_base(decoded, preprocess, params)))
+            if masks:
+                if has_regions(boxes_col[i], outlines_col[i]):
+                    plane = rasterize_regions(decoded.pixels.shape[:2], boxes=boxes_col[i], outlines=outlines_col[i])
+                    masks_t[i, 0].copy_(torch.from_numpy(geometry(plane, preprocess, params)))
+                    mask_known[i] = True
+                else:
+                    mask_known[i] = labels_col[i] == 0
         except ImageRejected as exc:
             status[i], errors[i] = exc.reason.value, exc.detail
             continue
@@ -124,6 +144,8 @@ def preprocess_batch(batch: pa.Table | dict[str, Any], *, preprocess: Preprocess
         "dicom_body_part": np.array([p or "" for p in dicom_part], dtype=str),
         "augment_copy": np.asarray(copies, dtype=np.int16),
     }
+    if masks:
+        out["mask"], out["mask_known"] = masks_t.numpy(), mask_known
     for name in PASSTHROUGH_COLUMNS:
         if name in columns and name != "image":
             values = columns[name]
@@ -158,7 +180,7 @@ def build_image_dataset(manifest: pa.Table, preprocess: PreprocessConfig, *,
     ds = ds.map_batches(
         preprocess_batch,
         fn_kwargs={"preprocess": preprocess, "storage_options": options, "augment": stream.augment,
-                   "seed": stream.seed, "output_dtype": stream.output_dtype},
+                   "seed": stream.seed, "output_dtype": stream.output_dtype, "masks": stream.masks},
         batch_size=stream.batch_size,
         batch_format="pyarrow",
         num_cpus=stream.num_cpus,

@@ -20,7 +20,7 @@ import numpy as np
 from . import ops
 from .decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 
-__all__ = ["PreprocessConfig", "AugmentConfig", "preprocess_base", "finalize", "preprocess_pixels", "preprocess_bytes",
+__all__ = ["PreprocessConfig", "AugmentConfig", "preprocess_base", "geometry", "finalize", "preprocess_pixels", "preprocess_bytes",
            "decode_for", "augment_params", "to_tensor", "DICOM_SUFFIXES"]
 
 Normalization = Literal["imagenet", "per_image", "none"]
@@ -132,19 +132,13 @@ def preprocess_base(decoded: DecodedImage, config: PreprocessConfig,
     Splitting here lets the data pipeline ship one channel (a third of the bytes)
     and leave the per-channel affine step to the consumer, e.g. on the GPU.
     """
-    image = ops.resize(decoded.pixels, config.image_size, keep_aspect=config.keep_aspect)
+    image = decoded.pixels
     if image.dtype == np.uint8:
+        image = ops.resize(image, config.image_size, keep_aspect=config.keep_aspect)
         image = image.astype(np.float32) * np.float32(1.0 / 255.0)
+        image = _augment_geometry(image, augment)
     else:
-        image = image.astype(np.float32, copy=False)
-
-    if augment is not None:
-        if augment["flip"]:
-            image = ops.hflip(image)
-        h, w = image.shape
-        dx, dy = augment["translate_frac"]
-        image = ops.affine(image, angle_deg=augment["angle_deg"], scale=augment["scale"],
-                           translate=(dx * w, dy * h))
+        image = geometry(image.astype(np.float32, copy=False), config, augment)
 
     if config.enhancement == "laplacian_sharpen":
         image = ops.laplacian_sharpen(image, config.sharpen_factor)
@@ -156,6 +150,23 @@ def preprocess_base(decoded: DecodedImage, config: PreprocessConfig,
     if config.normalization == "per_image":
         image = ops.per_image_standardize(image)
     return image
+
+
+def geometry(plane: np.ndarray, config: PreprocessConfig, augment: dict[str, Any] | None = None) -> np.ndarray:
+    """The spatial part of preprocessing (resize/letterbox, then flip + affine), for any
+    plane in the decoded image's pixel grid: the image itself, or its fracture mask, so
+    the mask stays aligned with what the model sees."""
+    return _augment_geometry(ops.resize(plane, config.image_size, keep_aspect=config.keep_aspect), augment)
+
+
+def _augment_geometry(image: np.ndarray, augment: dict[str, Any] | None) -> np.ndarray:
+    if augment is None:
+        return image
+    if augment["flip"]:
+        image = ops.hflip(image)
+    h, w = image.shape
+    dx, dy = augment["translate_frac"]
+    return ops.affine(image, angle_deg=augment["angle_deg"], scale=augment["scale"], translate=(dx * w, dy * h))
 
 
 def finalize(base, config: PreprocessConfig):

@@ -95,10 +95,17 @@ def calibrate(logits: np.ndarray, labels: Sequence[int]) -> dict[str, Any]:
 
 def operating_points(labels: Sequence[int], probs: Sequence[float], *,
                      targets: Sequence[tuple[str, float]] = (("sensitivity", 0.90), ("sensitivity", 0.95),
-                                                             ("specificity", 0.90), ("specificity", 0.95))
-                     ) -> dict[str, dict[str, Any]]:
-    """Named thresholds on validation data, each with the sensitivity and specificity it
-    gave there, so a client can pick e.g. "sensitivity>=0.95" for triage."""
+                                                             ("specificity", 0.90), ("specificity", 0.95)),
+                     evaluate: tuple[Sequence[int], Sequence[float]] | None = None) -> dict[str, dict[str, Any]]:
+    """Named thresholds chosen on (labels, probs), each with the sensitivity and specificity it
+    gave there, so a client can pick e.g. "sensitivity>=0.95" for triage.
+
+    With ``evaluate`` = (labels, probs) of other images (the validation split, when the
+    thresholds were chosen on a calibration slice), ``sensitivity``/``specificity`` are
+    measured there and the choosing set's own figures are kept as ``chosen_on``.
+    Two aliases follow what readers of cleared products expect: ``high_sensitivity``
+    (= sensitivity>=0.95, for triage/rule-out) and ``high_specificity`` (= specificity>=0.95).
+    """
     from ..training import metrics as M
 
     y = np.asarray(labels, dtype=int)
@@ -108,8 +115,14 @@ def operating_points(labels: Sequence[int], probs: Sequence[float], *,
     points = {"youden": M.choose_threshold(y, p, target="youden")}
     for target, value in targets:
         points[f"{target}>={value:.2f}"] = M.choose_threshold(y, p, target=target, value=value)
+    points["high_sensitivity"] = M.choose_threshold(y, p, target="sensitivity", value=0.95)
+    points["high_specificity"] = M.choose_threshold(y, p, target="specificity", value=0.95)
     out = {}
     for name, threshold in points.items():
         m = M.binary_metrics(y, p, threshold)
         out[name] = {"threshold": float(threshold), "sensitivity": m["sensitivity"], "specificity": m["specificity"]}
+        if evaluate is not None:
+            e = M.binary_metrics(np.asarray(evaluate[0], dtype=int), np.asarray(evaluate[1], dtype=float), threshold)
+            out[name] = {"threshold": float(threshold), "sensitivity": e["sensitivity"], "specificity": e["specificity"],
+                         "chosen_on": {"sensitivity": m["sensitivity"], "specificity": m["specificity"], "n": len(y)}}
     return out

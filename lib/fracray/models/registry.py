@@ -10,6 +10,7 @@ weights' own where they come from elsewhere), so preprocessing follows the model
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import timm
@@ -23,7 +24,7 @@ from .transfer import TransferStrategy, apply_strategy, is_batchnorm, resolve_st
 from .weights import WeightsError, efficientnet_pytorch_to_timm, lite0_package_state_dict, load_into, read_state_dict
 
 __all__ = ["BackboneSpec", "BACKBONES", "list_models", "create_model", "FractureClassifier", "HEADS",
-           "model_data_config", "WeightsError"]
+           "model_data_config", "resolve_preprocess", "WeightsError"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,6 +79,19 @@ def model_data_config(name: str) -> dict[str, Any]:
             "std": tuple(spec.std or cfg["std"]), "interpolation": cfg.get("interpolation", "bilinear")}
 
 
+def resolve_preprocess(name: str, *, image_size: int | tuple[int, int] | None = None, normalization: str | None = None,
+                       enhancement: str = "none", sharpen_factor: float = 1.5) -> PreprocessConfig:
+    """The one place a run's preprocessing is decided (as timm's resolve_model_data_config):
+    the model's own input size and normalisation statistics, with the run's overrides
+    merged on top. Training stores the result in the bundle; serving and scoring read it back."""
+    cfg = model_data_config(name)
+    size = tuple(cfg["input_size"][1:]) if image_size is None else \
+        (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return PreprocessConfig(image_size=size, mean=cfg["mean"], std=cfg["std"],
+                            normalization=normalization or "imagenet", enhancement=enhancement,
+                            sharpen_factor=sharpen_factor)
+
+
 class DenseHead(nn.Module):
     """"Three dense blocks" (Linear -> BatchNorm -> ReLU -> Dropout, 512/256/128 units)
     and a final linear layer whose softmax gives the class probabilities (MURA humerus paper)."""
@@ -103,6 +117,45 @@ def _linear_head(in_features: int, num_classes: int, dropout: float = 0.2) -> nn
 HEADS = {"linear": _linear_head, "dense3": DenseHead}
 
 
+class FractureMapHead(nn.Module):
+    """The localisation branch: a dense fracture map (one logit per cell) at stride 16.
+
+    A two-level feature pyramid: the backbone's last feature map (stride 32, what the
+    classifier pools) is projected, upsampled and added to the projected stride-16
+    features, then one 3x3 conv block and a 1x1 output. Stride 16 keeps a cell smaller
+    than a typical FracAtlas fracture box (median ~6 % of the image side).
+    """
+
+    def __init__(self, c16: int, c32: int, width: int = 64):
+        super().__init__()
+        self.lateral16 = nn.Conv2d(c16, width, 1)
+        self.lateral32 = nn.Conv2d(c32, width, 1)
+        self.smooth = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                    nn.ReLU(inplace=True))
+        self.out = nn.Conv2d(width, 1, 1)
+        # Start near "no fracture anywhere" (p ~ 0.02 per cell), as detection heads do.
+        nn.init.constant_(self.out.bias, -4.0)
+
+    def forward(self, f16: torch.Tensor, f32: torch.Tensor) -> torch.Tensor:
+        up = nn.functional.interpolate(self.lateral32(f32), size=f16.shape[-2:], mode="bilinear", align_corners=False)
+        return self.out(self.smooth(self.lateral16(f16) + up))[:, 0]
+
+
+def _stride16_module(backbone: nn.Module) -> str:
+    """Name of the backbone module whose output is the last stride-16 feature map (timm's feature_info)."""
+    info = getattr(backbone, "feature_info", None) or []
+    names = [f["module"] for f in info if f.get("reduction") == 16]
+    if not names:
+        raise ValueError(f"{type(backbone).__name__} reports no stride-16 features; it cannot take a fracture map")
+    return names[-1]
+
+
+def lse_pool(maps: torch.Tensor, r: float = 4.0) -> torch.Tensor:
+    """Log-sum-exp pooling of N x h x w logits: between the mean (r -> 0) and the max (r -> inf)."""
+    flat = maps.flatten(1).float()
+    return (torch.logsumexp(r * flat, dim=1) - math.log(flat.shape[1])) / r
+
+
 class FractureClassifier(nn.Module):
     """A timm backbone (global-pooled features) and a classification head.
 
@@ -111,7 +164,8 @@ class FractureClassifier(nn.Module):
     """
 
     def __init__(self, spec: BackboneSpec, backbone: nn.Module, head: nn.Module, *, num_classes: int,
-                 head_name: str, strategy: TransferStrategy, bam_modules: list[str], weights: str):
+                 head_name: str, strategy: TransferStrategy, bam_modules: list[str], weights: str,
+                 localization: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -121,10 +175,65 @@ class FractureClassifier(nn.Module):
         self.strategy = strategy
         self.bam_modules = bam_modules
         self.weights = weights
-        self.trainable_layers = apply_strategy(backbone, head, strategy)
+        self.map_head: FractureMapHead | None = None
+        self._captured: list[torch.Tensor] = []
+        if localization:
+            if num_classes != 2:
+                raise ValueError(f"A fracture map needs a binary model (2 classes). Got {num_classes}")
+            name = _stride16_module(backbone)
+            backbone.get_submodule(name).register_forward_hook(lambda _m, _i, out: self._captured.append(out))
+            was_training = backbone.training
+            with torch.no_grad():
+                f32 = backbone.eval().forward_features(torch.zeros(1, 3, 128, 128))
+            f16 = self._captured.pop()
+            self._captured.clear()
+            backbone.train(was_training)
+            self.map_head = FractureMapHead(f16.shape[1], f32.shape[1])
+            # Fusion: the image's fracture logit gains w x the map's LSE-pooled logit; w starts at 0
+            # (the plain classifier) and is learned with the rest.
+            self.fusion_weight = nn.Parameter(torch.zeros(()))
+            self.map_module = name
+        head_modules = nn.ModuleList([head] + ([self.map_head] if self.map_head is not None else []))
+        self.trainable_layers = apply_strategy(backbone, head_modules, strategy)
+        if self.map_head is not None:
+            self.fusion_weight.requires_grad_(True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+    @property
+    def localizes(self) -> bool:
+        return self.map_head is not None
+
+    def forward(self, x: torch.Tensor, with_map: bool = False):
+        """Logits; with ``with_map`` (a model with a fracture map) the tuple (logits, maps),
+        so a DDP-wrapped model can train both through its own forward."""
+        if self.map_head is None:
+            return self.head(self.backbone(x))
+        logits, maps = self.forward_with_map(x)
+        return (logits, maps) if with_map else logits
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor, *, tta_flip: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inference: (logits, fracture-map logits or None). With ``tta_flip`` the logits and
+        maps of the image and its mirror image are averaged (the map flipped back first)."""
+        logits, maps = self.forward_with_map(x)
+        if tta_flip:
+            logits_f, maps_f = self.forward_with_map(torch.flip(x, dims=[-1]))
+            logits = (logits + logits_f) / 2
+            maps = None if maps is None else (maps + torch.flip(maps_f, dims=[-1])) / 2
+        return logits, maps
+
+    def forward_with_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N x classes logits, N x h x w fracture-map logits at stride 16, or None without a map head)."""
+        if self.map_head is None:
+            return self.head(self.backbone(x)), None
+        self._captured.clear()
+        f32 = self.backbone.forward_features(x)
+        f16 = self._captured.pop()
+        self._captured.clear()
+        logits = self.head(self.backbone.forward_head(f32))
+        maps = self.map_head(f16, f32)
+        fused = self.fusion_weight * lse_pool(maps)
+        logits = logits + torch.stack([torch.zeros_like(fused), fused], dim=1).to(logits.dtype)
+        return logits, maps
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +259,7 @@ class FractureClassifier(nn.Module):
         """What a checkpoint bundle records to rebuild this model."""
         return {"name": self.spec.name, "timm_name": self.spec.timm_name, "num_classes": self.num_classes,
                 "head": self.head_name, "strategy": self.strategy.to_dict(), "bam": bool(self.bam_modules),
-                "bam_modules": self.bam_modules, "weights": self.weights}
+                "bam_modules": self.bam_modules, "weights": self.weights, "localization": self.localizes}
 
 
 def _imagenet_state(spec: BackboneSpec, backbone_with_classifier: nn.Module) -> dict[str, torch.Tensor]:
@@ -169,7 +278,8 @@ def _imagenet_state(spec: BackboneSpec, backbone_with_classifier: nn.Module) -> 
 
 def create_model(name: str, *, pretrained: bool | str = False, num_classes: int = 2,
                  strategy: str | TransferStrategy | dict = "full", head: str = "linear", bam: bool = False,
-                 storage_options: StorageOptions | None = None, imagenet_classifier: bool = False) -> nn.Module:
+                 storage_options: StorageOptions | None = None, imagenet_classifier: bool = False,
+                 localization: bool = False) -> nn.Module:
     """Build a registered model.
 
     pretrained: False (random init), True (ImageNet weights: offline where they ship,
@@ -177,6 +287,8 @@ def create_model(name: str, *, pretrained: bool | str = False, num_classes: int 
     strategy: "full", "classifier_only", "last60", "last20_bn_frozen", "lastN" or a TransferStrategy.
     head: "linear" or "dense3" (three dense blocks).
     bam: insert BAM at the backbone's three bottlenecks (FracAtlas paper: InceptionV3 + BAM).
+    localization: add the fracture-map branch (:class:`FractureMapHead`), trained from
+        fracture masks/boxes where the data has them, fused into the image's logit.
     imagenet_classifier: return the plain timm model with its 1000-class ImageNet head
         (to check weights on real photos); the other options are then ignored.
     """
@@ -203,4 +315,5 @@ def create_model(name: str, *, pretrained: bool | str = False, num_classes: int 
     features = getattr(full, "head_hidden_size", None) or full.num_features
     head_module = HEADS[head](features, num_classes)
     return FractureClassifier(spec, full, head_module, num_classes=num_classes, head_name=head,
-                              strategy=resolve_strategy(strategy), bam_modules=bam_modules, weights=weights)
+                              strategy=resolve_strategy(strategy), bam_modules=bam_modules, weights=weights,
+                              localization=localization)

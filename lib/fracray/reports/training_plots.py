@@ -87,7 +87,9 @@ def _reliability(calibrations: dict[str, dict]) -> bytes:
     names = sorted(calibrations)
     plt, fig, axes = _panels(len(names), (3.2, 3.2))
     for ax, name in zip(axes, names):
-        cal = calibrations[name]
+        fitted = calibrations[name]
+        # Show the validation split (images the temperature was not fitted on) where the bundle has it.
+        cal = dict(fitted.get("valid") or fitted, temperature=fitted.get("temperature", 1.0))
         ax.plot([0, 1], [0, 1], ":", color="gray", linewidth=1)
         for key, style, label in (("reliability_before", "o--", "before"), ("reliability_after", "s-", "after")):
             bins = cal.get(key) or []
@@ -99,7 +101,10 @@ def _reliability(calibrations: dict[str, dict]) -> bytes:
         ax.set_xlabel("confidence", fontsize=8)
         ax.set_ylabel("accuracy", fontsize=8)
         ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle("Calibration on the validation split: temperature scaling", fontsize=10)
+    fitted_on = {(c.get("fitted_on") or "valid") for c in calibrations.values()}
+    fig.suptitle("Calibration on the validation split: temperature scaling"
+                 + (" fitted on a calibration slice of the training studies" if fitted_on == {"calibration_slice"}
+                    else ""), fontsize=10)
     fig.tight_layout()
     return _png(fig, plt)
 

@@ -49,6 +49,8 @@ class BundleMeta:
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # How inference runs: test-time flip averaging, how fracture maps become findings.
+    inference: dict[str, Any] = dataclasses.field(default_factory=dict)
     code_version: str = ""
     intended_use: str = INTENDED_USE
     created: str = ""
@@ -100,7 +102,7 @@ def load_bundle(uri: str, options: StorageOptions | None = None, *, device: str 
     meta = read_bundle_meta(uri, options)
     spec = meta.model
     model = create_model(spec["name"], pretrained=False, num_classes=spec["num_classes"], head=spec["head"],
-                         bam=spec["bam"], strategy=spec["strategy"])
+                         bam=spec["bam"], strategy=spec["strategy"], localization=spec.get("localization", False))
     state = load_safetensors(storage.read_bytes(storage.join(uri, WEIGHTS_FILE), options))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), meta

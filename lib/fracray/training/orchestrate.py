@@ -19,7 +19,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from .. import storage
-from ..data.manifest import filter_rows
+from ..data.manifest import filter_rows, split_by_study
 from ..storage import StorageOptions
 from .evaluation import pointing_game, score_manifest, summarize_predictions
 from .trainer import TrainConfig, train_classifier
@@ -29,33 +29,41 @@ __all__ = ["TrainingSettings", "run_training_stage", "max_concurrent_runs", "cpu
 
 @dataclasses.dataclass(frozen=True)
 class TrainingSettings:
-    model: str = "efficientnet_lite0"
+    """How train_all trains. ``fracture`` is the fracture models' :class:`TrainConfig`, the one
+    place every per-model option lives (preprocessing overrides included); the router's run is
+    derived from it (its own backbone/strategy, linear head, the backbone's own input size,
+    no fracture map). The rest says which runs there are and how they share the cluster."""
+
+    fracture: TrainConfig = TrainConfig(epochs=3, batch_size=16, max_failures=1)
     router_model: str = "efficientnet_lite0"
-    pretrained: bool | str = True
-    strategy: str = "full"
     router_strategy: str = "full"
-    head: str = "linear"
-    bam: bool = False
-    epochs: int = 3
-    batch_size: int = 16
-    lr: float = 1e-4
-    loss: str = "weighted_ce"
-    num_workers: int = 1
-    use_gpu: bool = False
-    augment: bool = True
     exclude_hardware: bool = False
     min_images_per_part: int = 4
     single_model: bool = False      # one fracture model for all body parts, no router
     compare_backbones: tuple[str, ...] = ()
     max_concurrent: int | None = None
     cpu_threads: int | None = None  # per CPU training worker; None: the cluster's CPUs shared among them
-    threshold_target: str = "youden"
-    threshold_value: float | None = None
-    max_failures: int = 1
 
     def __post_init__(self):
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1 (or None to share the cluster's CPUs). Got {self.cpu_threads}")
+        object.__setattr__(self, "compare_backbones", tuple(self.compare_backbones))
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.fracture.use_gpu
+
+    @property
+    def num_workers(self) -> int:
+        return self.fracture.num_workers
+
+    def router_config(self, classes: tuple[str, ...]) -> TrainConfig:
+        return dataclasses.replace(self.fracture, model=self.router_model, strategy=self.router_strategy,
+                                   task="body_part", classes=tuple(classes), head="linear", bam=False,
+                                   image_size=None, localization=False, negatives_per_positive=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def max_concurrent_runs(settings: TrainingSettings, requested: int) -> int:
@@ -87,16 +95,6 @@ def cpu_threads_per_worker(settings: TrainingSettings, concurrent_runs: int) -> 
     return max(1, cpus // max(1, concurrent_runs * settings.num_workers))
 
 
-def _hold_out_studies(train: pa.Table, fraction: float) -> tuple[pa.Table, pa.Table]:
-    """Split by study (never the images of one study on both sides), deterministically."""
-    import hashlib
-
-    studies = [s or u for s, u in zip(train["study_id"].to_pylist(), train["image_uri"].to_pylist())]
-    held = [int(hashlib.md5(s.encode()).hexdigest(), 16) % 1000 < fraction * 1000 for s in studies]
-    mask = pa.array(held)
-    return train.filter(pa.compute.invert(mask)), train.filter(mask)
-
-
 def _model_size(bundle_uri: str, options: StorageOptions | None) -> dict[str, Any]:
     fs, path = storage.resolve(storage.join(bundle_uri, "model.safetensors"), options)
     size = fs.get_file_info(path).size
@@ -104,9 +102,9 @@ def _model_size(bundle_uri: str, options: StorageOptions | None) -> dict[str, An
 
 
 def _train_remote(config: TrainConfig, train: pa.Table, valid: pa.Table, output_uri: str, name: str,
-                  options: StorageOptions | None, data_info: dict) -> dict[str, Any]:
+                  options: StorageOptions | None, data_info: dict, run_config: dict) -> dict[str, Any]:
     result = train_classifier(config, train, valid, output_uri=output_uri, name=name, storage_options=options,
-                              data_info=data_info, log=lambda *_: None)
+                              data_info=data_info, run_config=run_config, log=lambda *_: None)
     return {"name": name, "bundle": result.bundle_uri, "seconds": round(result.seconds, 1),
             "history": result.history, "metrics": result.meta.metrics, "threshold": result.meta.threshold,
             "model": result.meta.model, "size": _model_size(result.bundle_uri, options),
@@ -129,7 +127,7 @@ def _run_all(jobs: list[dict[str, Any]], settings: TrainingSettings, log: Callab
             job = queue.pop(0)
             config = job["config"] if threads is None else dataclasses.replace(job["config"], cpu_threads=threads)
             ref = remote.remote(config, job["train"], job["valid"], job["output"], job["name"],
-                                job["options"], job["data_info"])
+                                job["options"], job["data_info"], job["run_config"])
             pending[ref] = job["name"]
             log(f"  started {job['name']} ({job['config'].model}, {job['train'].num_rows} training images)")
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -149,7 +147,8 @@ def _run_all(jobs: list[dict[str, Any]], settings: TrainingSettings, log: Callab
 
 
 def run_training_stage(manifest: pa.Table, settings: TrainingSettings, *, output_uri: str, dataset: str,
-                       storage_options: StorageOptions | None = None, log: Callable = print) -> dict[str, Any]:
+                       storage_options: StorageOptions | None = None, log: Callable = print,
+                       run_config: dict[str, Any] | None = None) -> dict[str, Any]:
     from ..inference.predictor import ModelIndex, write_model_index
     from ..reports.training_plots import write_training_plots
 
@@ -158,7 +157,7 @@ def run_training_stage(manifest: pa.Table, settings: TrainingSettings, *, output
         manifest = filter_rows(manifest, exclude_hardware=True)
     train, valid = filter_rows(manifest, split="train"), filter_rows(manifest, split="valid")
     if valid.num_rows == 0:
-        train, valid = _hold_out_studies(train, fraction=0.2)
+        train, valid = split_by_study(train, 0.2)
         log(f"note: no validation split; holding out {valid.num_rows} training images (20% of studies) to validate")
     test = filter_rows(manifest, split="test")
     # A test split is used only with both classes (FracAtlas's shared copy holds out its fractured test images).
@@ -176,20 +175,12 @@ def run_training_stage(manifest: pa.Table, settings: TrainingSettings, *, output
     data_info = {"dataset": dataset, "manifest_rows": manifest.num_rows}
 
     def config(**kw) -> TrainConfig:
-        base = dict(model=settings.model, pretrained=settings.pretrained, strategy=settings.strategy,
-                    head=settings.head, bam=settings.bam, epochs=settings.epochs, batch_size=settings.batch_size,
-                    lr=settings.lr, loss=settings.loss, num_workers=settings.num_workers, use_gpu=settings.use_gpu,
-                    augment=settings.augment, threshold_target=settings.threshold_target,
-                    threshold_value=settings.threshold_value, max_failures=settings.max_failures)
-        base.update(kw)
-        return TrainConfig(**base)
+        return dataclasses.replace(settings.fracture, **kw)
 
     jobs = []
     if len(parts) > 1 and not settings.single_model:
         keep = lambda t: t.filter(pa.compute.is_in(t["body_part"], pa.array(parts)))  # noqa: E731
-        jobs.append({"name": "router", "config": config(model=settings.router_model, task="body_part",
-                                                        classes=tuple(parts), strategy=settings.router_strategy,
-                                                        head="linear", bam=False),
+        jobs.append({"name": "router", "config": settings.router_config(tuple(parts)),
                      "train": keep(train), "valid": keep(valid)})
     for part in parts:
         if part == "all":
@@ -205,10 +196,12 @@ def run_training_stage(manifest: pa.Table, settings: TrainingSettings, *, output
     for backbone in settings.compare_backbones:
         for weights in (True, False):
             jobs.append({"name": f"compare_{backbone}_{'imagenet' if weights else 'scratch'}",
-                         "config": config(model=backbone, pretrained=weights, classes=("normal", "abnormal")),
+                         "config": config(model=backbone, pretrained=weights, classes=("normal", "abnormal"),
+                                          localization=False),
                          "train": train, "valid": valid, "comparison": True})
     for job in jobs:
-        job.update(output=models_uri, options=storage_options, data_info=dict(data_info, body_part=job["name"]))
+        job.update(output=models_uri, options=storage_options, data_info=dict(data_info, body_part=job["name"]),
+                   run_config=run_config or {"training": settings.to_dict()})
     results = _run_all(jobs, settings, log)
 
     classifiers = {p: results[f"fracture_{p}"]["bundle"] for p in parts if "bundle" in results[f"fracture_{p}"]}
@@ -268,7 +261,7 @@ def format_report(report: dict[str, Any]) -> str:
     if "calibration" in report.get("plots", {}):
         lines += ["", "Calibration (reliability before and after temperature scaling): calibration.png"]
     lines += ["", "| model | backbone | seconds | weights MB | validation AUROC / accuracy | threshold | temperature | "
-              "ECE before -> after |", "|---|---|---|---|---|---|---|---|"]
+              "ECE on validation, before -> after |", "|---|---|---|---|---|---|---|---|"]
     for name, m in sorted(report["models"].items()):
         if m.get("error"):
             lines.append(f"| {name} | failed: {m['error'][:80]} | | | | | | |")
@@ -276,6 +269,7 @@ def format_report(report: dict[str, Any]) -> str:
         valid = m.get("valid") or {}
         score = valid.get("auroc") if valid.get("auroc") is not None else valid.get("accuracy")
         cal = m.get("calibration") or {}
+        cal = dict(cal.get("valid") or cal, temperature=cal.get("temperature"))  # validation, not the fitting slice
         lines.append(f"| {name} | {(m.get('model') or {}).get('name')} | {m['seconds']} | "
                      f"{(m.get('size') or {}).get('weights_mb')} | {_fmt(score)} | {_fmt(m.get('threshold'))} | "
                      f"{_fmt(cal.get('temperature'))} | {_fmt(cal.get('ece_before'))} -> {_fmt(cal.get('ece_after'))} |")

@@ -51,10 +51,13 @@ class TrainStep:
         """The forward pass's precision context; use it for validation too."""
         return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y, **forward_kwargs) -> torch.Tensor:
+        """``forward_kwargs`` go to the model (through DDP, so gradients still synchronise);
+        with them the model may return a tuple (logits, fracture maps), which ``loss_fn`` gets whole."""
         with self.autocast():
-            logits = self.model(x)
-        loss = self.loss_fn(logits.float(), y)
+            outputs = self.model(x, **forward_kwargs)
+        outputs = outputs.float() if isinstance(outputs, torch.Tensor) else tuple(o.float() for o in outputs)
+        loss = self.loss_fn(outputs, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

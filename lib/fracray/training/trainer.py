@@ -31,7 +31,9 @@ from .. import storage
 from ..data.pipeline import OK, StreamConfig, build_image_dataset
 from ..imaging.preprocess import AugmentConfig, PreprocessConfig, finalize, to_tensor
 from ..storage import StorageOptions
-from ..inference.calibration import calibrate, operating_points, softmax
+from ..inference.calibration import (calibrate, expected_calibration_error, operating_points, reliability_bins,
+                                     softmax)
+from ..inference.localization import FindingsConfig, localization_metrics
 from . import metrics as M
 from .bundle import BundleMeta, save_bundle
 from .step import TrainStep, model_input, place_model
@@ -74,8 +76,23 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     amp: bool = True
     augment: bool = True
+    # Preprocessing overrides on the model's own data config (resolve_preprocess merges them).
+    image_size: int | None = None
     normalization: str | None = None
     enhancement: str = "none"
+    sharpen_factor: float = 1.5
+    # Localisation: a fracture-map branch trained from masks/boxes where the data has them.
+    localization: bool = False
+    map_loss_weight: float = 1.0
+    map_pos_weight: float = 10.0
+    # Per-epoch sampling: every positive and about this many negatives per positive, drawn
+    # afresh each epoch (None: every image every epoch).
+    negatives_per_positive: float | None = None
+    tta_flip: bool = False
+    # Temperature, threshold and operating points are fitted on this share of the training
+    # studies (held out of training), so validation figures are measured on images the
+    # calibration never saw. 0: fit on the validation split itself (optimistic).
+    calibration_fraction: float = 0.1
     threshold_target: str = "youden"
     threshold_value: float | None = None
     max_failures: int = 0
@@ -94,10 +111,33 @@ class TrainConfig:
             raise ValueError("epochs, batch_size and num_workers must be >= 1")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1 (or None for Ray's default). Got {self.cpu_threads}")
+        if self.image_size is not None and self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32 pixels (or None for the model's own). Got {self.image_size}")
+        if not 0.0 <= self.calibration_fraction < 0.5:
+            raise ValueError(f"calibration_fraction must be in [0, 0.5). Got {self.calibration_fraction}")
+        if self.negatives_per_positive is not None and self.negatives_per_positive <= 0:
+            raise ValueError(f"negatives_per_positive must be > 0 (or None for all). Got {self.negatives_per_positive}")
+        if self.localization and self.task != "fracture":
+            raise ValueError("localization applies to fracture models, not the body-part router")
         object.__setattr__(self, "classes", tuple(self.classes))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"Unknown training keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def preprocess(self) -> PreprocessConfig:
+        """What this run's model sees: the model's data config merged with this run's overrides."""
+        from ..models.registry import resolve_preprocess
+
+        return resolve_preprocess(self.model, image_size=self.image_size, normalization=self.normalization,
+                                  enhancement=self.enhancement, sharpen_factor=self.sharpen_factor)
 
 
 @dataclasses.dataclass
@@ -155,7 +195,7 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from ..models.registry import create_model
 
     model = create_model(tc.model, pretrained=tc.pretrained, num_classes=len(tc.classes), strategy=tc.strategy,
-                         head=tc.head, bam=tc.bam)
+                         head=tc.head, bam=tc.bam, localization=tc.localization)
     model = place_model(model, device)
     start_epoch, best_score, stale, history = 0, -math.inf, 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -178,9 +218,15 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if scheduler is not None:
             scheduler.load_state_dict(resume_state["scheduler"])
     weight = torch.tensor(cfg["class_weights"], dtype=torch.float32, device=device) if tc.loss != "ce" else None
-    step = TrainStep(model, optimizer, device=device, amp=tc.amp,
-                     loss_fn=(lambda logits, y: _focal_loss(logits, y, weight, tc.focal_gamma)) if tc.loss == "focal"
-                     else (lambda logits, y: F.cross_entropy(logits, y, weight=weight)))
+    classify = ((lambda logits, y: _focal_loss(logits, y, weight, tc.focal_gamma)) if tc.loss == "focal"
+                else (lambda logits, y: F.cross_entropy(logits, y, weight=weight)))
+    if tc.localization:
+        def loss_fn(outputs, target):
+            (logits, maps), (y, mask, known) = outputs, target
+            return classify(logits, y) + tc.map_loss_weight * _map_loss(maps, mask, known, tc.map_pos_weight)
+    else:
+        loss_fn = classify
+    step = TrainStep(model, optimizer, device=device, amp=tc.amp, loss_fn=loss_fn)
     if resume_state and resume_state.get("scaler"):
         step.scaler.load_state_dict(resume_state["scaler"])
     _log_progress(tc.progress_file, rank=rank, pid=os.getpid(), event="start", epoch=start_epoch,
@@ -189,16 +235,25 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
     binary = tc.task == "fracture"
+    input_shape = None
     for epoch in range(start_epoch, tc.epochs):
         model.train()
         epoch_start, seen, loss_sum = time.time(), 0, 0.0
         for batch in train_shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy", prefetch_batches=2):
             keep, labels = _usable(batch, tc.task, tc.classes)
+            if tc.negatives_per_positive and binary:
+                keep &= _epoch_sample(batch["image_uri"], labels, epoch, tc.seed, cfg["negative_keep"])
             if not keep.any():
                 continue
             x = model_input(batch["image"][keep], preprocess, device)
+            input_shape = input_shape or list(x.shape[1:])
             y = torch.from_numpy(labels[keep]).to(device)
-            loss = step(x, y)
+            if tc.localization:
+                mask = to_tensor(batch["mask"][keep]).to(device).float()
+                known = torch.from_numpy(np.asarray(batch["mask_known"][keep], dtype=bool)).to(device)
+                loss = step(x, (y, mask, known), with_map=True)
+            else:
+                loss = step(x, y)
             seen += len(y)
             loss_sum += float(loss) * len(y)
         if scheduler is not None:
@@ -238,7 +293,7 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
                   "lr": optimizer.param_groups[0]["lr"], "val_score": float(score),
                   "val_accuracy": val.get("accuracy"), "val_auroc": val.get("auroc"),
                   "val_sensitivity": val.get("sensitivity"), "val_specificity": val.get("specificity"),
-                  "best_score": float(best_score)}
+                  "best_score": float(best_score), "input_shape": input_shape}
         history.append(record)
         if rank == 0:
             # One progress line per epoch, through the logging that Ray Train sets up in its workers
@@ -269,6 +324,32 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
             break
 
 
+def _map_loss(maps, mask, known, pos_weight: float):
+    """Per-cell binary cross-entropy of the fracture map against the mask, on images whose
+    fracture regions are known (annotated positives, and negatives: known empty). A cell is
+    positive when any part of a fracture falls in it (max-pooled mask)."""
+    import torch
+    import torch.nn.functional as F
+
+    if not bool(known.any()):
+        return maps.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) whole
+    target = (F.adaptive_max_pool2d(mask.float(), maps.shape[-2:])[:, 0] > 0.25).float()
+    return F.binary_cross_entropy_with_logits(
+        maps[known], target[known], pos_weight=torch.tensor(pos_weight, device=maps.device))
+
+
+def _epoch_sample(uris, labels: np.ndarray, epoch: int, seed: int, negative_keep: float) -> np.ndarray:
+    """Which rows train this epoch: every positive, and each negative with probability
+    ``negative_keep``, drawn per (seed, epoch, image) so workers agree and epochs differ."""
+    import hashlib
+
+    keep = labels != 0
+    for i in np.flatnonzero(labels == 0):
+        digest = hashlib.blake2b(f"{seed}|{epoch}|{uris[i]}".encode(), digest_size=8).digest()
+        keep[i] = int.from_bytes(digest, "little") / 2 ** 64 < negative_keep
+    return keep
+
+
 def _class_weights(labels: list[int], n_classes: int) -> list[float]:
     """Inverse-frequency weights normalised to mean 1 (absent classes get weight 1)."""
     counts = Counter(labels)
@@ -285,13 +366,16 @@ def _manifest_labels(manifest: pa.Table, task: str, classes: tuple[str, ...]) ->
 
 
 def predict_manifest(model, manifest: pa.Table, preprocess: PreprocessConfig, *,
-                     storage_options: StorageOptions | None = None, batch_size: int = 64) -> dict[str, list]:
-    """Logits for every ok row of a manifest (driver-side, for calibration, thresholds and reports)."""
+                     storage_options: StorageOptions | None = None, batch_size: int = 64,
+                     tta_flip: bool = False) -> dict[str, list]:
+    """Logits (and fracture-map probabilities, for a model with a map) for every ok row of a
+    manifest: driver-side, for calibration, thresholds and reports."""
     import torch
 
     from ..data.pipeline import StreamTally, iter_model_batches
 
-    out: dict[str, list] = {"image_uri": [], "study_id": [], "image_label": [], "body_part": [], "logits": []}
+    out: dict[str, list] = {"image_uri": [], "study_id": [], "image_label": [], "body_part": [], "logits": [],
+                            "maps": [], "source_size": []}
     tally = StreamTally()
     model.eval()
     with torch.no_grad():
@@ -300,33 +384,58 @@ def predict_manifest(model, manifest: pa.Table, preprocess: PreprocessConfig, *,
         ds.context.enable_progress_bars = False
         for batch in iter_model_batches(ds, batch_size=batch_size, tally=tally):
             x = finalize(to_tensor(batch["image"]), preprocess)
-            out["logits"] += model(x).float().numpy().tolist()
+            logits, maps = model.infer(x, tta_flip=tta_flip)
+            out["logits"] += logits.float().numpy().tolist()
+            if maps is not None:
+                out["maps"] += list(torch.sigmoid(maps.float()).numpy())
+            out["source_size"] += list(zip(batch["source_height"].tolist(), batch["source_width"].tolist()))
             for key in ("image_uri", "study_id", "image_label", "body_part"):
                 out[key] += [v.item() if hasattr(v, "item") else v for v in batch[key]]
     out["rejected"] = tally.as_dict()["rejected"]
     return out
 
 
+def _labels_for(preds: dict[str, list], config: TrainConfig) -> np.ndarray:
+    if config.task == "fracture":
+        return np.asarray(preds["image_label"], dtype=int)
+    index = {c: i for i, c in enumerate(config.classes)}
+    return np.asarray([index.get(p, -1) for p in preds["body_part"]], dtype=int)
+
+
 def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, output_uri: str, name: str,
                      storage_options: StorageOptions | None = None, data_info: dict | None = None,
-                     log=print) -> TrainResult:
-    """Train one classifier with Ray Train and write its bundle to ``output_uri/name``."""
+                     run_config: dict | None = None, log=print) -> TrainResult:
+    """Train one classifier with Ray Train and write its bundle to ``output_uri/name``.
+
+    ``run_config``: the whole job's resolved settings, recorded in the bundle beside this
+    model's own :class:`TrainConfig` so a bundle tells everything it was trained with."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ..models.registry import model_data_config
+    from ..data.manifest import split_by_study
 
     started = time.time()
     if train.num_rows == 0 or valid.num_rows == 0:
         raise ValueError(f"{name}: needs training and validation images (got {train.num_rows} and {valid.num_rows})")
-    data_cfg = model_data_config(config.model)
-    preprocess = PreprocessConfig(image_size=tuple(data_cfg["input_size"][1:]), mean=data_cfg["mean"],
-                                  std=data_cfg["std"], normalization=config.normalization or "imagenet",
-                                  enhancement=config.enhancement)
+    preprocess = config.preprocess()
+    calibration_set = None
+    if config.calibration_fraction > 0:
+        fit, calibration_set = split_by_study(train, config.calibration_fraction, seed=config.seed)
+        # A calibration slice needs both classes (and the training part some images) to be of use.
+        if fit.num_rows and len(set(_manifest_labels(calibration_set, config.task, config.classes))) >= 2:
+            train = fit
+        else:
+            calibration_set = None
     labels = _manifest_labels(train, config.task, config.classes)
+    counts = Counter(labels)
+    negative_keep = 1.0
+    if config.negatives_per_positive and config.task == "fracture" and counts.get(0) and counts.get(1):
+        negative_keep = min(1.0, config.negatives_per_positive * counts[1] / counts[0])
+        # Class weights follow the distribution the model actually sees per epoch.
+        labels = [1] * counts[1] + [0] * max(1, round(counts[0] * negative_keep))
     weights = _class_weights(labels, len(config.classes))
     stream_train = StreamConfig(batch_size=config.batch_size, augment=AugmentConfig() if config.augment else None,
-                                seed=None)
+                                seed=None, masks=config.localization)
     datasets = {
         "train": build_image_dataset(train, preprocess, storage_options=storage_options, stream=stream_train),
         "valid": build_image_dataset(valid, preprocess, storage_options=storage_options,
@@ -343,7 +452,7 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={"train": config.to_dict(), "preprocess": preprocess.to_dict(), "class_weights": weights,
-                           "name": name},
+                           "name": name, "negative_keep": negative_keep},
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                                resources_per_worker={"CPU": config.cpus_per_worker}),
         datasets=datasets,
@@ -371,30 +480,41 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
     with latest.as_directory() as latest_dir, open(os.path.join(latest_dir, "history.json")) as f:
         history = json.load(f)["history"]
     model = create_model(config.model, pretrained=False, num_classes=len(config.classes), strategy=config.strategy,
-                         head=config.head, bam=config.bam)
+                         head=config.head, bam=config.bam, localization=config.localization)
     model.load_state_dict(state)
     model.weights = "imagenet" if config.pretrained is True else str(config.pretrained or "random")
     model.eval()
 
-    # Calibration, operating threshold and final metrics on the validation split, in the driver.
-    preds = predict_manifest(model, valid, preprocess, storage_options=storage_options, batch_size=config.batch_size)
+    # Calibration, thresholds and operating points on the calibration slice (or, without one, on
+    # validation); every reported figure on the validation split.
+    predict = lambda table: predict_manifest(model, table, preprocess, storage_options=storage_options,  # noqa: E731
+                                             batch_size=config.batch_size, tta_flip=config.tta_flip)
+    preds = predict(valid)
+    cal_preds = predict(calibration_set) if calibration_set is not None else preds
     logits = np.asarray(preds["logits"], dtype=np.float64).reshape(-1, len(config.classes))
-    if config.task == "fracture":
-        y = np.asarray(preds["image_label"], dtype=int)
-    else:
-        index = {c: i for i, c in enumerate(config.classes)}
-        y = np.asarray([index.get(p, -1) for p in preds["body_part"]], dtype=int)
-    keep = y >= 0
-    calibration = calibrate(logits[keep], y[keep])
+    cal_logits = np.asarray(cal_preds["logits"], dtype=np.float64).reshape(-1, len(config.classes))
+    y, cal_y = _labels_for(preds, config), _labels_for(cal_preds, config)
+    keep, cal_keep = y >= 0, cal_y >= 0
+    calibration = calibrate(cal_logits[cal_keep], cal_y[cal_keep])
     temperature = calibration["temperature"]
-    probs = softmax(logits, temperature)
+    probs, cal_probs = softmax(logits, temperature), softmax(cal_logits, temperature)
+    calibration["fitted_on"] = "calibration_slice" if calibration_set is not None else "valid"
+    calibration["valid"] = {
+        "n": int(keep.sum()),
+        "ece_before": expected_calibration_error(softmax(logits[keep]), y[keep]),
+        "ece_after": expected_calibration_error(probs[keep], y[keep]),
+        "reliability_before": reliability_bins(softmax(logits[keep]), y[keep]),
+        "reliability_after": reliability_bins(probs[keep], y[keep])}
     if config.task == "fracture":
-        threshold = M.choose_threshold(y, probs[:, 1], target=config.threshold_target, value=config.threshold_value)
-        metrics = {"valid": M.binary_metrics(y, probs[:, 1], threshold),
-                   "valid_study": M.study_level(preds["study_id"], y, probs[:, 1], threshold),
-                   "valid_operating_points": [M.sensitivity_at_specificity(y, probs[:, 1], s) for s in (0.8, 0.9)]}
+        p, cal_p = probs[:, 1], cal_probs[:, 1]
+        threshold = M.choose_threshold(cal_y, cal_p, target=config.threshold_target, value=config.threshold_value)
+        metrics = {"valid": M.binary_metrics(y, p, threshold),
+                   "valid_study": M.study_level(preds["study_id"], y, p, threshold),
+                   "valid_operating_points": [M.sensitivity_at_specificity(y, p, s) for s in (0.8, 0.9, 0.95)]}
         rule = config.threshold_target + (f">={config.threshold_value}" if config.threshold_value else "")
-        points = operating_points(y, probs[:, 1])
+        points = operating_points(cal_y, cal_p, evaluate=(y, p))
+        if config.localization:
+            metrics["valid_localization"] = localization_metrics(preds, valid, preprocess)
     else:
         threshold, rule, points = 0.0, "argmax", {}
         metrics = {"valid": M.multiclass_metrics(y[keep], probs[keep], config.classes)}
@@ -403,10 +523,25 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
     meta = BundleMeta(task=config.task, model={}, preprocess=preprocess.to_dict(), classes=list(config.classes),
                       threshold=threshold, threshold_rule=rule, operating_points=points, temperature=temperature,
                       calibration=calibration, metrics=metrics,
-                      data=dict(data_info or {}, train_images=train.num_rows, valid_images=valid.num_rows),
-                      training={"config": config.to_dict(), "epochs_run": len(history), "seconds": round(seconds, 1),
-                                "history": history})
+                      data=dict(data_info or {}, train_images=train.num_rows, valid_images=valid.num_rows,
+                                calibration_images=calibration_set.num_rows if calibration_set is not None else 0,
+                                localization=_annotated(train) if config.localization else None),
+                      training={"config": config.to_dict(), "run": run_config or {}, "epochs_run": len(history),
+                                "seconds": round(seconds, 1), "history": history,
+                                "negative_keep": negative_keep},
+                      inference={"tta_flip": config.tta_flip,
+                                 "findings": dataclasses.asdict(FindingsConfig()) if config.localization else None})
     bundle_uri = save_bundle(storage.join(output_uri, name), model, meta, storage_options)
     valid_predictions = {k: preds[k] for k in ("image_uri", "study_id", "image_label", "body_part")}
     valid_predictions["probs"] = probs.tolist()
     return TrainResult(bundle_uri, meta, history, seconds, valid_predictions)
+
+
+def _annotated(table: pa.Table) -> dict[str, int]:
+    """What localisation data the model was trained with: images with outlines, with boxes only."""
+    outlines = table["outlines"].to_pylist() if "outlines" in table.column_names else [None] * table.num_rows
+    boxes = table["boxes"].to_pylist() if "boxes" in table.column_names else [None] * table.num_rows
+    labels = table["image_label"].to_pylist()
+    return {"images_with_outlines": sum(1 for o in outlines if o),
+            "images_with_boxes_only": sum(1 for o, b in zip(outlines, boxes) if b and not o),
+            "positives_without_regions": sum(1 for o, b, y in zip(outlines, boxes, labels) if y == 1 and not o and not b)}

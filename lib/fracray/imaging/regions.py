@@ -1,0 +1,177 @@
+"""Fracture regions: annotation masks for training, findings (boxes with scores) from a
+fracture map at inference, and lesion-level scoring (pointing game, FROC).
+
+Coordinates: annotations arrive normalised to [0, 1] (YOLO boxes, COCO outlines
+divided by the image size); findings leave in the original image's pixels,
+``[x0, y0, x1, y1]`` with x1/y1 exclusive, so they can be drawn on the upload as is.
+No Ray, no torch: used by the data pipeline, the predictor and the evaluation alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["Finding", "rasterize_regions", "findings_from_heatmap", "yolo_to_pixels", "box_iou", "finding_hits",
+           "froc", "lesion_sensitivity_at", "has_regions"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One suspected fracture: a box in the original image's pixels and its score
+    (the fracture map's peak probability inside the box), and where that peak is."""
+
+    box: tuple[int, int, int, int]
+    score: float
+    peak: tuple[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"box": [int(v) for v in self.box], "score": round(float(self.score), 4),
+                "peak": [int(v) for v in self.peak]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Finding":
+        return cls(tuple(int(v) for v in data["box"]), float(data["score"]),
+                   tuple(int(v) for v in data.get("peak", _centre(data["box"]))))
+
+
+def _centre(box: Sequence[float]) -> tuple[int, int]:
+    return int((box[0] + box[2]) // 2), int((box[1] + box[3]) // 2)
+
+
+def has_regions(boxes: Any, outlines: Any) -> bool:
+    return bool(boxes) or bool(outlines)
+
+
+def rasterize_regions(shape: tuple[int, int], *, boxes: Iterable[dict] | None = None,
+                      outlines: Iterable[Sequence[float]] | None = None) -> np.ndarray:
+    """An H x W float32 {0, 1} mask of the fracture regions: the outlines (polygons)
+    where the source has them, else the boxes. Normalised coordinates in, pixels out."""
+    import cv2
+
+    h, w = int(shape[0]), int(shape[1])
+    mask = np.zeros((h, w), np.uint8)
+    polygons = [np.asarray(p, np.float64).reshape(-1, 2) for p in (outlines or []) if len(p) >= 6]
+    if polygons:
+        pts = [np.round(p * (w, h)).astype(np.int32) for p in polygons]
+        cv2.fillPoly(mask, pts, 1)
+    # Boxes too when there are no outlines, and always as a floor: a hairline outline can
+    # rasterise to nothing at a small size, while its box still marks where the fracture is.
+    if not polygons or not mask.any():
+        for b in boxes or []:
+            x0, y0, x1, y1 = yolo_to_pixels(b, w, h)
+            mask[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)] = 1
+    return mask.astype(np.float32)
+
+
+def yolo_to_pixels(box: dict, width: int, height: int) -> tuple[int, int, int, int]:
+    """A YOLO box (normalised centre/size) -> [x0, y0, x1, y1] in pixels, clipped to the image."""
+    x0 = (box["x_center"] - box["width"] / 2) * width
+    x1 = (box["x_center"] + box["width"] / 2) * width
+    y0 = (box["y_center"] - box["height"] / 2) * height
+    y1 = (box["y_center"] + box["height"] / 2) * height
+    return (int(np.clip(np.floor(x0), 0, width)), int(np.clip(np.floor(y0), 0, height)),
+            int(np.clip(np.ceil(x1), 0, width)), int(np.clip(np.ceil(y1), 0, height)))
+
+
+def findings_from_heatmap(heatmap: np.ndarray, *, threshold: float = 0.5, max_findings: int = 5,
+                          min_score: float = 0.05, scale: tuple[float, float] = (1.0, 1.0)) -> list[Finding]:
+    """Fracture map (H x W probabilities) -> findings, best first.
+
+    Repeatedly: take the highest remaining peak; the pixels connected to it that reach
+    ``threshold`` x its height form one finding (relative to each region's own peak, so
+    two fractures of different strength stay two boxes). Stops at ``max_findings`` or
+    when the next peak is below ``min_score``. ``scale`` = (sx, sy) maps heatmap pixels
+    to original-image pixels.
+    """
+    import cv2
+
+    heat = np.asarray(heatmap, np.float32)
+    if heat.ndim != 2 or heat.size == 0:
+        raise ValueError(f"heatmap must be a 2-D array. Got shape {heat.shape}")
+    findings: list[Finding] = []
+    remaining = heat.copy()
+    sx, sy = scale
+    h, w = heat.shape
+    for _ in range(max_findings):
+        peak_idx = int(np.argmax(remaining))
+        py, px = divmod(peak_idx, w)
+        peak = float(remaining[py, px])
+        if peak < min_score:
+            break
+        # The region: pixels connected to the peak that reach `threshold` of its height.
+        level = (heat >= threshold * peak).astype(np.uint8)
+        _, labels = cv2.connectedComponents(level, connectivity=8)
+        region = labels == labels[py, px]
+        ys, xs = np.nonzero(region)
+        box = (int(np.floor(xs.min() * sx)), int(np.floor(ys.min() * sy)),
+               int(np.ceil((xs.max() + 1) * sx)), int(np.ceil((ys.max() + 1) * sy)))
+        findings.append(Finding(box, peak, (int((px + 0.5) * sx), int((py + 0.5) * sy))))
+        remaining[region] = 0.0
+    return findings
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def finding_hits(finding: Finding, truth_box: Sequence[float], *, min_iou: float = 0.1) -> bool:
+    """One rule for "this finding found that fracture": its peak lies inside the
+    fracture's box, or the boxes overlap with IoU >= ``min_iou``."""
+    px, py = finding.peak
+    inside = truth_box[0] <= px < truth_box[2] and truth_box[1] <= py < truth_box[3]
+    return inside or box_iou(finding.box, truth_box) >= min_iou
+
+
+def froc(per_image: Sequence[tuple[Sequence[Finding], Sequence[Sequence[float]]]], *,
+         min_iou: float = 0.1) -> dict[str, Any]:
+    """Free-response ROC over images: for each score threshold, lesion sensitivity
+    (fractures found / fractures) against false-positive findings per image.
+
+    ``per_image``: (findings, true boxes in pixels) for every evaluated image,
+    fractured or not (non-fractured images have no true boxes and add only
+    false positives). A fracture counts once, by the best-scoring finding that hits it;
+    a finding that hits no fracture is a false positive.
+    """
+    events: list[tuple[float, int, int]] = []   # (score, +1 lesion found, +1 false positive)
+    lesions = 0
+    for findings, truths in per_image:
+        lesions += len(truths)
+        best = [-1.0] * len(truths)
+        for f in findings:
+            hit = [j for j, t in enumerate(truths) if finding_hits(f, t, min_iou=min_iou)]
+            if not hit:
+                events.append((f.score, 0, 1))
+            for j in hit:
+                best[j] = max(best[j], f.score)
+        events += [(s, 1, 0) for s in best if s >= 0]
+    images = len(per_image)
+    events.sort(key=lambda e: -e[0])
+    thresholds, sens, fppi = [], [], []
+    found = fps = 0
+    for i, (score, tp, fp) in enumerate(events):
+        found += tp
+        fps += fp
+        if i + 1 == len(events) or events[i + 1][0] != score:
+            thresholds.append(score)
+            sens.append(found / lesions if lesions else 0.0)
+            fppi.append(fps / images if images else 0.0)
+    return {"lesions": lesions, "images": images, "thresholds": thresholds, "sensitivity": sens,
+            "fp_per_image": fppi}
+
+
+def lesion_sensitivity_at(curve: dict[str, Any], fp_per_image: float) -> float | None:
+    """The highest lesion sensitivity the FROC curve reaches with at most ``fp_per_image``."""
+    if not curve["lesions"]:
+        return None
+    best = 0.0
+    for s, f in zip(curve["sensitivity"], curve["fp_per_image"]):
+        if f <= fp_per_image:
+            best = max(best, s)
+    return best
