@@ -133,3 +133,59 @@ def untrained_index(tmp_path_factory):
     from fracray.inference.scaffold import build_untrained_index
 
     return build_untrained_index(str(tmp_path_factory.mktemp("models")), body_parts=("humerus", "wrist"))
+
+
+# What the localising test bundle says of its training (so /v1/models has something to show).
+LOCALIZING_DATA = {"images_with_outlines": 3, "images_with_boxes_only": 5, "positives_without_regions": 1}
+LOCALIZING_VALIDATION = {"pointing_game": 0.5, "pointing_centre_baseline": 0.25, "pointing_images": 4,
+                         "lesion_sensitivity_at_0.5_fp": 0.4, "lesion_sensitivity_at_1_fp": 0.6, "lesions": 5,
+                         "images": 10, "froc": {"fp_per_image": [0.1, 0.5, 1.0], "sensitivity": [0.2, 0.4, 0.6]}}
+
+
+def write_localizing_bundle(uri: str, *, image_size: int = 128, seed: int = 0) -> str:
+    """An untrained EfficientNet-Lite0 with a fracture map at a small input size, no Ray Train:
+    the map head's output bias is raised from -4 (its "nothing anywhere" start) to 0, so its
+    peaks reach ~0.9 and every image gets findings (where depends on the random weights)."""
+    import torch
+
+    from fracray.models.registry import create_model, resolve_preprocess
+    from fracray.training.bundle import BundleMeta, save_bundle
+
+    torch.manual_seed(seed)
+    net = create_model("efficientnet_lite0", pretrained=False, localization=True)
+    with torch.no_grad():
+        net.map_head.out.bias.fill_(0.0)
+    config = resolve_preprocess("efficientnet_lite0", image_size=image_size)
+    meta = BundleMeta(task="fracture", model={}, preprocess=config.to_dict(), classes=["normal", "abnormal"],
+                      threshold=0.5, threshold_rule="fixed (untrained)",
+                      operating_points={"sensitivity>=0.90": {"threshold": 0.3, "sensitivity": None,
+                                                              "specificity": None}},
+                      metrics={"valid": {"auroc": 0.5, "n": 10}, "valid_localization": LOCALIZING_VALIDATION},
+                      data={"dataset": "synthetic", "localization": LOCALIZING_DATA},
+                      inference={"tta_flip": False, "findings": {"min_score": 0.5, "region_level": 0.8,
+                                                                 "max_findings": 3}},
+                      intended_use="Untrained weights for tests only. Outputs are meaningless.")
+    return save_bundle(uri, net.eval(), meta)
+
+
+@pytest.fixture(scope="session")
+def localizing_index(tmp_path_factory, untrained_index):
+    """untrained_index's router and humerus model with a wrist model that has a fracture map."""
+    from fracray.inference.predictor import ModelIndex, read_model_index, write_model_index
+
+    root = tmp_path_factory.mktemp("localizing")
+    base = read_model_index(untrained_index)
+    wrist = write_localizing_bundle(str(root / "fracture_wrist"))
+    index_uri = str(root / "model_index.json")
+    write_model_index(index_uri, ModelIndex(router=base.router, classifiers={**base.classifiers, "wrist": wrist},
+                                            dataset="untrained", created=base.created))
+    # The same fracture-map model alone (no router): one classifier for every image.
+    write_model_index(str(root / "single" / "model_index.json"),
+                      ModelIndex(router=None, classifiers={"all": wrist}, dataset="untrained", created=base.created))
+    return index_uri
+
+
+@pytest.fixture(scope="session")
+def localizing_single_index(localizing_index) -> str:
+    """The fracture-map model as a single-model index (no router)."""
+    return str(Path(localizing_index).parent / "single" / "model_index.json")

@@ -117,13 +117,17 @@ def test_kuberay_manifests_have_the_required_fields():
 
 
 def test_rayjob_entrypoint_runs_train_all_with_flags_it_accepts():
-    from fracray.cli.train_all import build_parser
+    from fracray.cli.train_all import build_parser, config_from_args
 
     job = _load(KUBERAY / "rayjob.yaml")
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[0] == "python" and (REPO / argv[1]).exists() and argv[1] == "pipelines/train_all.py"
     args = build_parser().parse_args(argv[2:])
     assert args.output.startswith("s3://") and args.data.startswith("s3://") and args.use_gpu
+    # ... and every one of them lands in the job's config (the GPU flag in the fracture models' TrainConfig).
+    config = config_from_args(vars(args))
+    assert config.output == args.output and config.data == args.data and config.training.use_gpu
+    assert config.training.fracture.use_gpu and config.training.fracture.epochs == args.epochs
     runtime = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert runtime["working_dir"] == "/home/ray/fracray"  # the Dockerfile's WORKDIR
     assert "WORKDIR /home/ray/fracray" in (REPO / "cluster" / "Dockerfile").read_text()

@@ -114,7 +114,10 @@ def test_operating_points_meet_their_targets():
     y = (rng.random(500) < 0.2).astype(int)
     p = np.clip(0.3 * y + rng.normal(0.35, 0.15, 500), 0, 1)
     points = operating_points(y, p)
-    assert {"youden", "sensitivity>=0.90", "sensitivity>=0.95", "specificity>=0.90", "specificity>=0.95"} == set(points)
+    assert {"youden", "sensitivity>=0.90", "sensitivity>=0.95", "specificity>=0.90", "specificity>=0.95",
+            "high_sensitivity", "high_specificity"} == set(points)
+    assert points["high_sensitivity"] == points["sensitivity>=0.95"]
+    assert points["high_specificity"] == points["specificity>=0.95"]
     assert points["sensitivity>=0.95"]["sensitivity"] >= 0.95
     assert points["specificity>=0.90"]["specificity"] >= 0.90
     assert points["sensitivity>=0.95"]["threshold"] <= points["sensitivity>=0.90"]["threshold"]
@@ -136,3 +139,82 @@ def test_pointing_game_on_fracatlas_layout(ray_local, fracatlas_root, tmp_path):
     assert game["overall"]["images"] + game["not_scored"] == with_boxes
     assert 0.0 <= game["overall"]["hit_rate"] <= 1.0 and 0.0 <= game["overall"]["center_baseline"] <= 1.0
     assert sum(v["images"] for v in game["per_body_part"].values()) == game["overall"]["images"]
+    assert game["method"].startswith("Grad-CAM") and game["heatmaps"] == {"Grad-CAM": game["overall"]["images"]}
+
+
+def test_overlay_draws_pixel_boxes_and_findings_in_the_original_frame():
+    """Boxes in the original image's pixels land in the right place on a smaller decode."""
+    from fracray.inference.gradcam import FINDING_COLOUR, TRUTH_COLOUR
+
+    from PIL import Image
+
+    pixels = np.full((200, 400), 60, np.uint8)  # as if a 800 x 400 upload was decoded at half size
+    png = overlay_png(pixels, None, image_size=(800, 400), truth_boxes=[(80, 40, 240, 200)],
+                      findings=[{"box": [400, 200, 720, 360], "score": 0.87, "peak": [500, 300]}])
+    image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert image.shape == (200, 400, 3)
+    assert tuple(image[60, 40]) == TRUTH_COLOUR and tuple(image[20, 80]) == TRUTH_COLOUR      # (40..120, 20..100)
+    assert tuple(image[150, 200]) == FINDING_COLOUR and tuple(image[179, 359]) == FINDING_COLOUR  # (200..360, 100..180)
+    assert np.abs(image[5, 5].astype(int) - 60).max() <= 1
+
+
+def test_evaluate_writes_froc_overlays_and_the_predictors_findings(ray_local, localizing_single_index, tmp_path):
+    """evaluate.py on a FracAtlas-layout set with a fracture-map model: the pointing game on
+    the map, lesion sensitivity at 0.5 / 1 FP per image, froc.png and example overlays; its
+    predictions carry the findings the predictor gives for the same image."""
+    import json
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from fracray.cli.evaluate import run_evaluate
+    from fracray.data.adapters import index_fracatlas
+    from fracray.data.synthetic import generate_fracatlas
+    from fracray.imaging.regions import findings_from_rows
+    from fracray.inference.predictor import FracturePredictor
+
+    data = tmp_path / "fracatlas"
+    generate_fracatlas(str(data), n_images=14, seed=11, fractured_fraction=0.5, large_images=False,
+                       coco_outlines=False)
+    manifest = index_fracatlas(str(data)).manifest
+    uris = manifest["image_uri"].to_pylist()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the Ray actors: flat backgrounds give the untrained map ties
+    try:
+        local = FracturePredictor(localizing_single_index).predict_bytes([open(u, "rb").read() for u in uris],
+                                                                          names=uris)
+    finally:
+        torch.set_num_threads(threads)
+    probs = sorted(r["fracture_probability"] for r in local if r["status"] == "ok")
+    threshold = (probs[len(probs) // 2 - 1] + probs[len(probs) // 2]) / 2  # half the images called positive
+
+    out = tmp_path / "ev"
+    summary = run_evaluate(localizing_single_index, "fracatlas", str(data), split="all", output=str(out),
+                           operating_point=threshold)
+    assert summary["pointing_game"]["method"].startswith("Fracture-map")
+    assert set(summary["pointing_game"]["heatmaps"]) == {"fracture map"}
+    loc = summary["localization"]
+    lesions = loc["lesions"]
+    assert lesions["lesions"] > 0 and lesions["images"] >= lesions["lesions"] // 3
+    assert 0 <= lesions["lesion_sensitivity_at_0.5_fp"] <= lesions["lesion_sensitivity_at_1_fp"] <= 1
+    assert lesions["min_score"] == 0.5 and len(lesions["froc"]["fp_per_image"]) == len(lesions["froc"]["sensitivity"])
+    with Image.open(out / "froc.png") as img:
+        assert img.format == "PNG" and img.size[0] > 300
+    assert summary["plots"]["froc"].endswith("froc.png")
+    examples = loc["examples"]
+    assert examples and {e["kind"] for e in examples} <= {"tp", "fp", "fn"} and len(examples) <= 9
+    for ex in examples:
+        with Image.open(ex["png"]) as img:
+            assert img.format == "PNG" and img.mode == "RGB"
+        assert ex["heatmap"] == "fracture map" and Path(ex["png"]).parent == out / "examples"
+    assert json.loads((out / "evaluation.json").read_text())["localization"]["lesions"]["lesions"] == lesions["lesions"]
+    # The same findings as the predictor gives for the same bytes.
+    preds = pq.read_table(out / "predictions.parquet").to_pylist()
+    by_uri = {r["image_uri"]: r for r in preds}
+    compared = 0
+    for uri, expected in zip(uris, local):
+        if expected["status"] == "ok":
+            assert findings_from_rows(by_uri[uri]["findings"]) == expected["findings"]
+            compared += bool(expected["findings"])
+    assert compared > 0

@@ -144,6 +144,54 @@ def test_s3_archive_to_s3_output(ray_local, untrained_index, s3_bucket, tmp_path
     assert all(u.startswith(f"s3://{bucket}/pacs/") for u in images["image_uri"].to_pylist())
 
 
+def test_findings_column_matches_the_predictor_and_survives_resume(ray_local, localizing_single_index, tmp_path):
+    """Findings (boxes in each image's pixels) as a typed list column: the predictor's own,
+    [] kept apart from null (rejects), through Ray Data -> Parquet, a resume and an old part."""
+    from fracray.imaging.regions import FINDINGS_TYPE, findings_from_rows
+
+    archive = tmp_path / "archive" / "study0"
+    archive.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    for i, (h, w) in enumerate([(400, 320), (300, 700), (520, 260), (350, 350)]):
+        # Film grain: a flat background would give the untrained map exact ties between cells,
+        # which thread counts (1 per Ray actor here, 2 in this process) may break either way.
+        pixels = render_radiograph(rng, "wrist", h, w, fracture=True).pixels.astype(np.float32)
+        pixels = np.clip(pixels + rng.normal(0, 10, pixels.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(archive / f"img{i}.png")
+    (archive / "cut.jpg").write_bytes(_jpeg(rng)[:1500])
+    output = tmp_path / "scores"
+    config = ScoreConfig(input=str(tmp_path / "archive"), models=localizing_single_index, output=str(output),
+                         chunk_size=2, batch_size=2)
+    score_archive(config, log=lambda *_: None)
+    images = read_image_results(str(output))
+    assert images.schema.field("findings").type == FINDINGS_TYPE
+    rows = {Path(r["image_uri"]).name: r for r in images.to_pylist()}
+    assert rows["cut.jpg"]["status"] == "truncated" and rows["cut.jpg"]["findings"] is None
+    ok = sorted(n for n, r in rows.items() if r["status"] == "ok")
+    direct = FracturePredictor(localizing_single_index).predict_bytes([(archive / n).read_bytes() for n in ok])
+    for name, expected in zip(ok, direct):
+        row = rows[name]
+        assert findings_from_rows(row["findings"]) == expected["findings"] and expected["findings"]
+        assert (row["width"], row["height"]) == (expected["image"]["width"], expected["image"]["height"])
+        for f in row["findings"]:
+            assert 0 <= f["x0"] < f["x1"] <= row["width"] and 0 <= f["y0"] < f["y1"] <= row["height"]
+    # Resume: a lost chunk is redone with the same findings; a part written before the
+    # findings column existed reads back with nulls there.
+    parts = sorted((output / "images").glob("part-0*.parquet"))
+    lost = pq.read_table(parts[0])
+    parts[0].unlink()
+    again = score_archive(config, log=lambda *_: None)
+    assert again["resumed"] and again["scored_this_run"] == lost.num_rows
+    assert pq.read_table(parts[0]).to_pylist() == lost.to_pylist()
+    old = pq.read_table(parts[-1])
+    pq.write_table(old.drop_columns(["findings", "width", "height"]), parts[-1])
+    mixed = read_image_results(str(output))
+    assert mixed.num_rows == images.num_rows and mixed.schema.field("findings").type == FINDINGS_TYPE
+    by_uri = dict(zip(mixed["image_uri"].to_pylist(), mixed["findings"].to_pylist()))
+    assert all(by_uri[u] is None for u in old["image_uri"].to_pylist())
+    assert mixed.schema == images.schema
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_without_duplicates_or_gaps(ray_local, untrained_index, tmp_path):
     """SIGKILL the score_archive process once it has written a chunk; rerun; check exactly-once."""

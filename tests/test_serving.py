@@ -47,15 +47,16 @@ def _wait_ready(url: str, timeout: float = 180, headers=None) -> None:
 
 
 @pytest.fixture(scope="module")
-def service(ray_local, untrained_index):
-    """The application with a bearer token, a 2 MB upload limit and a 4-Mpixel decode limit."""
+def service(ray_local, localizing_index):
+    """The application with a bearer token, a 2 MB upload limit and a 4-Mpixel decode limit, on
+    untrained models: a router, a plain humerus model and a wrist model with a fracture map."""
     from ray import serve
 
     from fracray.serving.app import build_app
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"models": untrained_index, "max_upload_mb": 2, "max_pixels": 4_000_000,
+    app = build_app({"models": localizing_index, "max_upload_mb": 2, "max_pixels": 4_000_000,
                      "auth_token_env": SERVE_TEST_TOKEN_ENV, "max_study_images": 4})
     serve.run(app, name="fracray", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
@@ -66,7 +67,7 @@ def service(ray_local, untrained_index):
     serve.shutdown()
 
 
-def test_health_readiness_models_and_openapi(service, untrained_index):
+def test_health_readiness_models_and_openapi(service):
     url, session = service
     assert requests.get(f"{url}/healthz").json() == {"status": "ok"}  # open: load balancers probe it
     ready = requests.get(f"{url}/readyz").json()
@@ -80,10 +81,10 @@ def test_health_readiness_models_and_openapi(service, untrained_index):
     assert requests.get(f"{url}/docs").status_code == 200
 
 
-def test_classify_agrees_with_the_batch_predictor(service, untrained_index):
+def test_classify_agrees_with_the_batch_predictor(service, localizing_index):
     url, session = service
     images = [_image("wrist", seed=1), _image("humerus", 1200, 800, fmt="PNG", seed=2)]
-    local = FracturePredictor(untrained_index).predict_bytes(images)
+    local = FracturePredictor(localizing_index).predict_bytes(images)
     for data, expected in zip(images, local):
         r = session.post(f"{url}/v1/classify", data=data, headers={"content-type": "application/octet-stream"})
         assert r.status_code == 200, r.text
@@ -93,6 +94,10 @@ def test_classify_agrees_with_the_batch_predictor(service, untrained_index):
         assert got["body_part_probability"] == pytest.approx(expected["body_part_probability"], abs=1e-5)
         assert got["label"] == expected["label"] and got["threshold"] == expected["threshold"]
         assert got["classifier"] == expected["classifier"] and got["router"] == expected["router"]
+        # Scores only: on these flat backgrounds the untrained map has exact ties that the thread
+        # counts may break either way (test_findings_in_the_uploads_pixels_and_overlay: exact boxes).
+        assert [f["score"] for f in got["findings"]] == pytest.approx([f["score"] for f in expected["findings"]],
+                                                                      abs=2e-4)
         assert got["classifier"].startswith(f"fracture_{got['body_part']}:efficientnet_lite0@")
         assert set(got["timings_ms"]) == {"decode", "route", "classify", "total"}
 
@@ -115,6 +120,68 @@ def test_multipart_body_part_operating_point_and_gradcam(service):
     assert numeric["threshold"] == 0.99 and numeric["label"] == int(numeric["fracture_probability"] >= 0.99)
     bad = session.post(f"{url}/v1/classify", params={"operating_point": "best"}, data=data)
     assert bad.status_code == 422 and bad.json()["error"] == "bad_operating_point"
+
+
+def test_models_show_localization_facts(service):
+    from conftest import LOCALIZING_DATA, LOCALIZING_VALIDATION
+
+    url, session = service
+    models = session.get(f"{url}/v1/models").json()
+    wrist, humerus = models["classifiers"]["wrist"]["localization"], models["classifiers"]["humerus"]["localization"]
+    assert wrist["localizes"] is True and wrist["heatmap"] == "fracture map"
+    assert wrist["data"] == LOCALIZING_DATA
+    assert wrist["validation"] == {k: v for k, v in LOCALIZING_VALIDATION.items() if k != "froc"}
+    assert wrist["findings"] == {"min_score": 0.5, "region_level": 0.8, "max_findings": 3}
+    assert humerus == {"localizes": False, "heatmap": "Grad-CAM", "data": None, "findings": None, "validation": None}
+    assert models["classifiers"]["wrist"]["tta_flip"] is False
+    assert models["classifiers"]["wrist"]["operating_points"]["sensitivity>=0.90"]["threshold"] == 0.3
+    openapi = requests.get(f"{url}/openapi.json").json()
+    params = {p["name"]: p for p in openapi["paths"]["/v1/classify"]["post"]["parameters"]}
+    assert {"body_part", "operating_point", "gradcam", "overlay"} <= set(params)
+    assert "findings" in params["overlay"]["description"] and params["overlay"]["schema"]["default"] is False
+    assert "findings" in openapi["paths"]["/v1/classify"]["post"]["description"]
+    study = {p["name"] for p in openapi["paths"]["/v1/classify/study"]["post"]["parameters"]}
+    assert "overlay" in study
+
+
+def test_findings_in_the_uploads_pixels_and_overlay(service, localizing_index):
+    """A wide JPEG (decoded at reduced size for the model): findings in its own pixels, the
+    same as the batch predictor's; overlay=true draws them on the radiograph."""
+    url, session = service
+    # Film grain: a flat background would give the untrained map exact ties between cells,
+    # which thread counts (a replica's vs this process's) may break either way.
+    pixels = render_radiograph(np.random.default_rng(21), "wrist", 420, 1000, fracture=True).pixels
+    pixels = np.clip(pixels + np.random.default_rng(22).normal(0, 10, pixels.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=92)
+    data = buf.getvalue()
+    expected = FracturePredictor(localizing_index).predict_bytes([data], body_parts=["wrist"])[0]
+    assert expected["findings"], "the fracture-map model should find something (its map bias is raised)"
+    r = session.post(f"{url}/v1/classify", params={"body_part": "wrist", "overlay": "true"}, data=data)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["findings"] == expected["findings"]
+    assert got["image"]["width"] == 1000 and got["image"]["height"] == 420
+    for finding in got["findings"]:
+        x0, y0, x1, y1 = finding["box"]
+        assert 0 <= x0 < x1 <= 1000 and 0 <= y0 < y1 <= 420 and 0.5 <= finding["score"] <= 1
+        assert x0 <= finding["peak"][0] < x1 and y0 <= finding["peak"][1] < y1
+    assert [f["score"] for f in got["findings"]] == sorted((f["score"] for f in got["findings"]), reverse=True)
+    overlay = got["overlay"]
+    assert overlay["heatmap"] == "fracture map" and overlay["findings"] == len(got["findings"])
+    png = Image.open(io.BytesIO(base64.b64decode(overlay["png_base64"])))
+    assert png.format == "PNG" and png.mode == "RGB" and max(png.size) <= 512
+    assert png.size[0] / png.size[1] == pytest.approx(1000 / 420, rel=0.02)
+    assert "gradcam" not in got
+    # A model without a fracture map: no findings, the overlay falls back on Grad-CAM; gradcam still works.
+    plain = session.post(f"{url}/v1/classify", params={"body_part": "humerus", "overlay": "true", "gradcam": "true"},
+                         data=data).json()
+    assert plain["findings"] == [] and plain["overlay"]["heatmap"] == "Grad-CAM" and plain["overlay"]["findings"] == 0
+    assert Image.open(io.BytesIO(base64.b64decode(plain["gradcam"]["png_base64"]))).format == "PNG"
+    # Per image in a study, too.
+    study = session.post(f"{url}/v1/classify/study", params={"body_part": "wrist"},
+                         files=[("files", ("a.jpg", data, "image/jpeg"))]).json()
+    assert study["images"][0]["findings"] == expected["findings"] and "overlay" not in study["images"][0]
 
 
 def test_dicom_upload(service):

@@ -141,9 +141,9 @@ def test_cpu_threads_share_the_cluster_among_concurrent_workers(ray_local):
 
     assert cpu_threads_per_worker(TrainingSettings(), concurrent_runs=1) == 2  # ray_local: 2 CPUs
     assert cpu_threads_per_worker(TrainingSettings(), concurrent_runs=2) == 1
-    assert cpu_threads_per_worker(TrainingSettings(num_workers=2), concurrent_runs=4) == 1
+    assert cpu_threads_per_worker(TrainingSettings(fracture=TrainConfig(num_workers=2)), concurrent_runs=4) == 1
     assert cpu_threads_per_worker(TrainingSettings(cpu_threads=3), concurrent_runs=2) == 3
-    assert cpu_threads_per_worker(TrainingSettings(use_gpu=True), concurrent_runs=1) is None
+    assert cpu_threads_per_worker(TrainingSettings(fracture=TrainConfig(use_gpu=True)), concurrent_runs=1) is None
     with pytest.raises(ValueError, match="cpu_threads"):
         TrainingSettings(cpu_threads=0)
 
@@ -159,18 +159,25 @@ def test_train_classifier_writes_a_usable_bundle(ray_local, small_mura, tmp_path
     assert start["event"] == "start" and start["threads"] == min(2, len(os.sched_getaffinity(0)))
     assert len(result.history) == 2 and [h["epoch"] for h in result.history] == [0, 1]
     assert all(np.isfinite(h["train_loss"]) for h in result.history)
-    assert sum(h["train_images"] for h in result.history) == 2 * train.num_rows
     meta = read_bundle_meta(result.bundle_uri)
+    # A calibration slice of the training studies (default 10 %) is held out of training when it has both classes.
+    assert meta.data["train_images"] + meta.data["calibration_images"] == train.num_rows
+    assert sum(h["train_images"] for h in result.history) == 2 * meta.data["train_images"]
+    assert meta.calibration["fitted_on"] == ("calibration_slice" if meta.data["calibration_images"] else "valid")
     valid_metrics = meta.metrics["valid"]
     assert valid_metrics["n"] == valid.num_rows
     assert {"tp", "fn", "fp", "tn", "auroc", "sensitivity", "specificity", "f1"} <= set(valid_metrics)
     assert "kappa" in meta.metrics["valid_study"]
     assert 0.0 <= meta.threshold <= 1.0 and meta.threshold_rule == "youden"
-    # Calibrated on validation data; the operating points were chosen on the calibrated probabilities.
+    # Calibrated on the calibration slice (or validation without one); the operating points were
+    # chosen there on the calibrated probabilities and their figures measured on validation.
     assert meta.temperature > 0 and meta.calibration["temperature"] == meta.temperature
     assert meta.calibration["ece_after"] <= meta.calibration["ece_before"] + 1e-9
+    assert meta.calibration["valid"]["n"] == valid.num_rows
     assert meta.operating_points["youden"]["threshold"] == pytest.approx(meta.threshold)
-    assert meta.operating_points["sensitivity>=0.95"]["sensitivity"] >= 0.95
+    sens95 = meta.operating_points["sensitivity>=0.95"]
+    assert (sens95["chosen_on"] if meta.data["calibration_images"] else sens95)["sensitivity"] >= 0.95
+    assert {"high_sensitivity", "high_specificity"} <= set(meta.operating_points)
     assert meta.preprocess["image_size"] == [224, 224] and meta.model["name"] == "efficientnet_lite0"
     assert meta.model["weights"].startswith("imagenet")
     model, _ = load_bundle(result.bundle_uri)

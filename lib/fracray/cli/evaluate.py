@@ -11,14 +11,15 @@ from typing import Any
 from .. import storage
 from ..data import adapters
 from ..data.manifest import filter_rows
-from ..training.evaluation import pointing_game, score_manifest, summarize_predictions
+from ..training.evaluation import localization_report, pointing_game, score_manifest, summarize_predictions
 from .common import add_storage_arguments, storage_options_from_args
 
 __all__ = ["main", "build_parser", "run_evaluate"]
 
 
 def run_evaluate(models: str, dataset: str, data: str, *, split: str | None, output: str | None,
-                 options=None, pointing_tolerance: float = 0.0) -> dict[str, Any]:
+                 options=None, pointing_tolerance: float = 0.0,
+                 operating_point: str | float | None = None) -> dict[str, Any]:
     import ray
 
     from ..reports.training_plots import write_training_plots
@@ -30,10 +31,19 @@ def run_evaluate(models: str, dataset: str, data: str, *, split: str | None, out
         raise ValueError(f"No images in split {split!r} of {data}")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
-    preds = score_manifest(manifest, models, storage_options=options)
+    if operating_point not in (None, "", "default"):  # refuse an unknown point before any work starts
+        from ..inference.predictor import read_model_index, resolve_threshold
+        from ..training.bundle import read_bundle_meta
+
+        index = read_model_index(models, options)
+        for uri in index.classifiers.values():
+            resolve_threshold(read_bundle_meta(uri, options), operating_point)
+    preds = score_manifest(manifest, models, storage_options=options, operating_point=operating_point)
     summary = summarize_predictions(preds)
     summary["pointing_game"] = pointing_game(manifest, models, storage_options=options, tolerance=pointing_tolerance)
-    summary.update(models=models, dataset=dataset, data=data, split=split or "all")
+    summary["localization"] = localization_report(manifest, preds, models, output_uri=output, storage_options=options)
+    summary.update(models=models, dataset=dataset, data=data, split=split or "all",
+                   operating_point=operating_point or "default")
     if output:
         report = {"evaluation": summary, "histories": {}, "comparison": {}}
         summary["plots"] = write_training_plots(report, output, options)
@@ -41,7 +51,11 @@ def run_evaluate(models: str, dataset: str, data: str, *, split: str | None, out
         import pyarrow as pa
 
         from ..data.manifest import write_table
-        write_table(pa.table(preds), storage.join(output, "predictions.parquet"), options)
+        from ..imaging.regions import FINDINGS_TYPE
+
+        types = {"findings": FINDINGS_TYPE, "width": pa.int32(), "height": pa.int32()}  # typed even when all empty
+        write_table(pa.table({k: pa.array(v, types.get(k)) for k, v in preds.items()}),
+                    storage.join(output, "predictions.parquet"), options)
     return summary
 
 
@@ -50,8 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evaluate.py",
         description="Score a labelled dataset through the router -> per-bone classifier graph named by a model "
                     "index, and print accuracy, sensitivity, specificity, F1, AUROC and study-level kappa, overall "
-                    "and per body part, as JSON, and - where images carry fracture boxes (FracAtlas) - the Grad-CAM pointing game. With --output also writes evaluation.json, predictions.parquet "
-                    "and confusion_matrices.png.",
+                    "and per body part, as JSON, and - where images carry fracture boxes (FracAtlas) - the pointing "
+                    "game (the fracture map's peak for models with one, else Grad-CAM's) and, for models with a "
+                    "fracture map, lesion sensitivity at 0.5 and 1 false-positive findings per image (FROC). With "
+                    "--output also writes evaluation.json, predictions.parquet (with each image's findings), "
+                    "confusion_matrices.png, froc.png and examples/*.png (true positives, false positives and false "
+                    "negatives with the heatmap, the fracture boxes in green and the findings in magenta).",
         epilog="Example: evaluate.py --models runs/latest/model_index.json --dataset mura "
                "--data runs/latest/synthetic-mura --split valid",
     )
@@ -63,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pointing-tolerance", type=float, default=0.0,
                         help="pointing game: grow each fracture box by this fraction of the image on every side "
                              "(default: %(default)s, the peak must lie inside the box)")
+    parser.add_argument("--operating-point", default=None,
+                        help="label at a named operating point of the models (e.g. high_sensitivity, "
+                             "high_specificity, 'specificity>=0.90') or a number in [0, 1] (default: each model's "
+                             "own threshold)")
     add_storage_arguments(parser)
     return parser
 
@@ -71,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = run_evaluate(args.models, args.dataset, args.data, split=args.split, output=args.output,
-                               options=storage_options_from_args(args), pointing_tolerance=args.pointing_tolerance)
+                               options=storage_options_from_args(args), pointing_tolerance=args.pointing_tolerance,
+                               operating_point=args.operating_point)
     except (FileNotFoundError, ValueError, KeyError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -269,8 +269,13 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]
             continue
         if isinstance(value, str) and action.type is not None:
             value = action.type(value)
-        elif isinstance(action, argparse._StoreFalseAction) and k != action.dest:
-            value = not value  # no_augment: true -> augment = False
+        elif isinstance(value, list) and action.type is _csv:
+            value = tuple(str(v).strip() for v in value)  # body-parts: [wrist, hand] as "wrist,hand"
+        elif k != action.dest and (isinstance(action, argparse._StoreFalseAction) or
+                                   (isinstance(action, argparse.BooleanOptionalAction) and k.startswith("no_"))):
+            value = not value  # no_augment: true -> augment = False; no_localization: true -> localization = False
+        if action.choices is not None and value is not None and value not in action.choices:
+            parser.error(f"{path}: {key}: invalid choice {value!r} (choose from {', '.join(map(str, action.choices))})")
         out[action.dest] = value
     if unknown:
         parser.error(f"unknown keys in {path}: {sorted(map(str, unknown))}")
@@ -298,8 +303,9 @@ def config_from_args(args: dict[str, Any]) -> TrainAllConfig:
     leftover = set(args) - train_fields - settings_fields - job_fields - _STORAGE_DESTS - _JOB_ONLY_DESTS
     if leftover:  # a new option without a field would be accepted and do nothing
         raise RuntimeError(f"train_all options without a config field: {sorted(leftover)}")
+    # A name both classes have (cpu_threads) is TrainingSettings', which sets it per run.
     fracture = dataclasses.replace(TrainingSettings().fracture,
-                                   **{k: v for k, v in args.items() if k in train_fields})
+                                   **{k: v for k, v in args.items() if k in train_fields - settings_fields})
     settings = TrainingSettings(fracture=fracture, **{k: v for k, v in args.items()
                                                       if k in settings_fields and k != "fracture"})
     storage_options = StorageOptions.from_env(args.get("endpoint_url"), args.get("region"), args.get("anonymous", False))

@@ -86,6 +86,9 @@ class RenderedImage:
     pixels: np.ndarray                                         # HxW uint8
     fracture_box: tuple[float, float, float, float] | None     # YOLO (xc, yc, w, h), normalised
     hardware: bool
+    # The fracture's outline as a flat (x0, y0, x1, y1, ...) polygon normalised to [0, 1] (as
+    # FracAtlas's COCO polygons divided by the image size): the band around the lucent line.
+    fracture_outline: tuple[float, ...] | None = None
 
 
 def _capsule(canvas: np.ndarray, p0, p1, radius: float, value: float) -> None:
@@ -128,7 +131,7 @@ def render_radiograph(rng: np.random.Generator, body_part: str, height: int, wid
 
     candidates = [i for i, b in enumerate(bones) if b.fracturable]
     broken = int(rng.choice(candidates)) if fracture else -1
-    box = None
+    box = outline = None
     for i, b in enumerate(bones):
         radius = b.width * unit * zoom / 2 * rng.uniform(0.9, 1.1)
         p0, p1 = np.array(to_px(b.x0, b.y0), float), np.array(to_px(b.x1, b.y1), float)
@@ -154,6 +157,9 @@ def render_radiograph(rng: np.random.Generator, body_part: str, height: int, wid
             x0, x1 = max(0, min(xs) - pad), min(w, max(xs) + pad)
             y0, y1 = max(0, min(ys) - pad), min(h, max(ys) + pad)
             box = ((x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h)
+            band = np.array([-across[1], across[0]]) * pad  # inside the box: |band| <= pad per axis
+            outline = tuple(float(v) for p in (a - band, c - band, c + band, a + band)
+                            for v in (min(max(p[0], 0.0), w) / w, min(max(p[1], 0.0), h) / h))
         else:
             _draw_bone(bone, p0, p1, radius)
             for p in (p0, p1):  # epiphyses: wider ends at the joints
@@ -176,7 +182,7 @@ def render_radiograph(rng: np.random.Generator, body_part: str, height: int, wid
     noise_sigma = 0.015 + 0.02 * rng.random()
     canvas = canvas + rng.normal(0.0, noise_sigma, canvas.shape).astype(np.float32)
     pixels = np.clip(canvas * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return RenderedImage(pixels, box, hardware)
+    return RenderedImage(pixels, box, hardware, outline)
 
 
 def _draw_bone(canvas: np.ndarray, p0, p1, radius: float) -> None:
@@ -274,7 +280,7 @@ _FRACATLAS_SIZE_WEIGHTS = (0.62, 0.26, 0.09, 0.03)
 
 def generate_fracatlas(output_uri: str, *, n_images: int = 120, seed: int = 0, fractured_fraction: float = 0.18,
                        subtlety_range: tuple[float, float] = (0.1, 0.6), large_images: bool = True,
-                       truncated: int = 0, write_test_split: bool = False,
+                       truncated: int = 0, write_test_split: bool = False, coco_outlines: bool = True,
                        options: StorageOptions | None = None) -> dict[str, int]:
     """Write ``<output_uri>/FracAtlas/`` in the FracAtlas release's layout.
 
@@ -282,13 +288,18 @@ def generate_fracatlas(output_uri: str, *, n_images: int = 120, seed: int = 0, f
     2304x2880 grayscale and 1760x2140 RGB (``large_images=False`` keeps only the
     small ones). ``truncated`` non-fractured JPEGs are cut short, as 59 are in the
     release. The fracture split files cover fractured images only; ``test.csv`` is
-    written only when asked (the shared copy lacks it too).
+    written only when asked (the shared copy lacks it too). ``coco_outlines``: also
+    ``Annotations/COCO JSON/COCO_fracture_masks.json`` with each fracture's outline in
+    pixels, its polygon list stored as a JSON string as in the release.
     """
+    import json
+
     root = storage.join(output_uri, "FracAtlas")
     files: list[tuple[str, bytes]] = []
     rows = ["image_id,hand,leg,hip,shoulder,mixed,hardware,multiscan,fractured,fracture_count,frontal,lateral,oblique"]
     fractured_ids: list[str] = []
     truncated_left = truncated
+    coco: dict[str, list] = {"images": [], "annotations": [], "categories": [{"id": 0, "name": "fractured"}]}
     sizes = _FRACATLAS_SIZES if large_images else _FRACATLAS_SIZES[:2]
     weights = np.array(_FRACATLAS_SIZE_WEIGHTS[: len(sizes)])
     for i in range(n_images):
@@ -310,6 +321,19 @@ def generate_fracatlas(output_uri: str, *, n_images: int = 120, seed: int = 0, f
         if fractured and img.fracture_box:
             label_txt = "0 " + " ".join(f"{v:.6f}" for v in img.fracture_box) + "\n"
             fractured_ids.append(image_id)
+            polygon = img.fracture_outline
+            if polygon is None:  # the box's corners
+                xc, yc, bw, bh = img.fracture_box
+                polygon = (xc - bw / 2, yc - bh / 2, xc + bw / 2, yc - bh / 2, xc + bw / 2, yc + bh / 2,
+                           xc - bw / 2, yc + bh / 2)
+            pixels = [round(v * (wid if k % 2 == 0 else hgt), 3) for k, v in enumerate(polygon)]
+            xs, ys = pixels[0::2], pixels[1::2]
+            coco["images"].append({"id": len(coco["images"]) + 1, "width": wid, "height": hgt, "file_name": image_id})
+            coco["annotations"].append({
+                "id": len(coco["annotations"]), "iscrowd": 0, "image_id": len(coco["images"]), "category_id": 0,
+                "segmentation": json.dumps([pixels]),  # the release's quirk: a JSON string, not a list
+                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                "area": float(cv2.contourArea(np.asarray(pixels, np.float32).reshape(-1, 2)))})
         files.append((storage.join(root, "Annotations", "YOLO", image_id.replace(".jpg", ".txt")), label_txt.encode()))
         flags = {p: int(p == part) for p in _FRACATLAS_PARTS}
         if part == "mixed":
@@ -319,6 +343,9 @@ def generate_fracatlas(output_uri: str, *, n_images: int = 120, seed: int = 0, f
                     f"{int(hardware)},{int(rng.random() < 0.2)},{int(fractured)},{int(fractured)},"
                     f"{int(views[0] or not views.any())},{int(views[1])},{int(views[2])}")
     files.append((storage.join(root, "dataset.csv"), ("\r\n".join(rows) + "\r\n").encode()))
+    if coco_outlines:
+        files.append((storage.join(root, "Annotations", "COCO JSON", "COCO_fracture_masks.json"),
+                      json.dumps({"info": {"description": "fracray synthetic FracAtlas"}, **coco}).encode()))
     # The release splits fractured images ~ 80 / 10 / 10 (574 / 82 / 61).
     order = np.random.default_rng(seed).permutation(len(fractured_ids))
     n_train, n_valid = round(0.8 * len(order)), round(0.12 * len(order))

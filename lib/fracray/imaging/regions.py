@@ -13,9 +13,11 @@ import dataclasses
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 __all__ = ["Finding", "rasterize_regions", "findings_from_heatmap", "yolo_to_pixels", "box_iou", "finding_hits",
-           "froc", "lesion_sensitivity_at", "has_regions"]
+           "froc", "lesion_sensitivity_at", "has_regions", "FINDINGS_TYPE", "findings_to_rows",
+           "findings_from_rows"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +82,12 @@ def findings_from_heatmap(heatmap: np.ndarray, *, threshold: float = 0.5, max_fi
                           min_score: float = 0.05, scale: tuple[float, float] = (1.0, 1.0)) -> list[Finding]:
     """Fracture map (H x W probabilities) -> findings, best first.
 
-    Repeatedly: take the highest remaining peak; the pixels connected to it that reach
-    ``threshold`` x its height form one finding (relative to each region's own peak, so
-    two fractures of different strength stay two boxes). Stops at ``max_findings`` or
-    when the next peak is below ``min_score``. ``scale`` = (sx, sy) maps heatmap pixels
-    to original-image pixels.
+    Repeatedly: take the highest remaining peak (a local maximum of the map, so a finding's
+    own flank below the region level never comes back as another finding); the pixels
+    connected to it that reach ``threshold`` x its height form one finding (relative to each
+    region's own peak, so two fractures of different strength stay two boxes). Stops at
+    ``max_findings`` or when the next peak is below ``min_score``. ``scale`` = (sx, sy) maps
+    heatmap pixels to original-image pixels.
     """
     import cv2
 
@@ -92,7 +95,7 @@ def findings_from_heatmap(heatmap: np.ndarray, *, threshold: float = 0.5, max_fi
     if heat.ndim != 2 or heat.size == 0:
         raise ValueError(f"heatmap must be a 2-D array. Got shape {heat.shape}")
     findings: list[Finding] = []
-    remaining = heat.copy()
+    remaining = np.where(heat >= cv2.dilate(heat, np.ones((3, 3), np.uint8)), heat, 0.0).astype(np.float32)
     sx, sy = scale
     h, w = heat.shape
     for _ in range(max_findings):
@@ -175,3 +178,23 @@ def lesion_sensitivity_at(curve: dict[str, Any], fp_per_image: float) -> float |
         if f <= fp_per_image:
             best = max(best, s)
     return best
+
+
+# The findings of one image as a table column (bulk scoring's Parquet, evaluation): one struct
+# per finding, its box [x0, y0, x1) x [y0, y1) and its peak in the image's own pixels.
+FINDINGS_TYPE = pa.list_(pa.struct([("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32()),
+                                    ("score", pa.float32()), ("peak_x", pa.int32()), ("peak_y", pa.int32())]))
+
+
+def findings_to_rows(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The API's findings ({box, score, peak}) -> FINDINGS_TYPE rows."""
+    return [{"x0": f["box"][0], "y0": f["box"][1], "x1": f["box"][2], "y1": f["box"][3], "score": f["score"],
+             "peak_x": f["peak"][0], "peak_y": f["peak"][1]} for f in findings]
+
+
+def findings_from_rows(rows: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """FINDINGS_TYPE rows -> the API's findings ({box, score, peak}); None stays None (a reject)."""
+    if rows is None:
+        return None
+    return [{"box": [r["x0"], r["y0"], r["x1"], r["y1"]], "score": round(float(r["score"]), 4),
+             "peak": [r["peak_x"], r["peak_y"]]} for r in rows]

@@ -17,7 +17,8 @@ import torch
 
 from ..imaging.preprocess import PreprocessConfig
 
-__all__ = ["gradcam", "gradcam_for_image", "letterbox_box", "heatmap_peak", "pointing_hit", "overlay_png"]
+__all__ = ["gradcam", "gradcam_for_image", "letterbox_box", "heatmap_peak", "pointing_hit", "overlay_png", "TRUTH_COLOUR",
+           "FINDING_COLOUR"]
 
 
 def gradcam(model: torch.nn.Module, x: torch.Tensor, target_class: int = 1) -> torch.Tensor:
@@ -82,9 +83,26 @@ def pointing_hit(peak_xy: tuple[float, float], boxes: Iterable[dict[str, Any]], 
     return False
 
 
-def overlay_png(pixels: np.ndarray, heatmap: np.ndarray, *, max_side: int = 512, alpha: float = 0.45,
-                boxes: Sequence[dict[str, Any]] = ()) -> bytes:
-    """The radiograph in grey with the heatmap (jet colours) blended on top, as PNG bytes."""
+# Colours (RGB) of what overlay_png draws: the reference standard and the model's findings.
+TRUTH_COLOUR = (0, 255, 0)      # green: fracture boxes of the annotations
+FINDING_COLOUR = (255, 0, 255)  # magenta (not in the jet heatmap): the model's findings, with their scores
+
+
+def overlay_png(pixels: np.ndarray, heatmap: np.ndarray | None = None, *, max_side: int = 512, alpha: float = 0.45,
+                boxes: Sequence[dict[str, Any]] = (), truth_boxes: Sequence[Sequence[float]] = (),
+                findings: Sequence[dict[str, Any]] = (), image_size: tuple[int, int] | None = None) -> bytes:
+    """The radiograph in grey with the heatmap (jet colours, when given) blended on top and
+    boxes drawn over it, as PNG bytes; at most ``max_side`` pixels on a side.
+
+    The one drawing function for heatmaps, fracture boxes and findings (the HTTP API's
+    ``gradcam``/``overlay`` options and the evaluation report's examples).
+    ``boxes``: fracture boxes in YOLO form (normalised centre/size), green.
+    ``truth_boxes``: fracture boxes ``[x0, y0, x1, y1]`` in the original image's pixels, green.
+    ``findings``: the model's findings (``{"box": [x0, y0, x1, y1], "score": ...}`` in the
+    original image's pixels), magenta, each labelled with its score.
+    ``image_size``: (width, height) of the original image that the pixel boxes refer to;
+    default: the size of ``pixels`` (they differ when a JPEG was decoded at reduced size).
+    """
     import cv2
     from matplotlib import colormaps
 
@@ -98,17 +116,39 @@ def overlay_png(pixels: np.ndarray, heatmap: np.ndarray, *, max_side: int = 512,
     scale = min(1.0, max_side / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
-    heat = cv2.resize(heatmap.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
-    colour = colormaps["jet"](heat)[..., :3]
-    blended = (1 - alpha) * np.repeat(gray[..., None], 3, axis=2) + alpha * colour
-    image = (np.clip(blended, 0, 1) * 255).astype(np.uint8)
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    if heatmap is not None:
+        heat = cv2.resize(heatmap.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+        rgb = (1 - alpha) * rgb + alpha * colormaps["jet"](heat)[..., :3]
+    image = np.ascontiguousarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    thickness = max(1, round(max(size) / 300))
     for box in boxes:
         x0 = int((box["x_center"] - box["width"] / 2) * size[0])
         y0 = int((box["y_center"] - box["height"] / 2) * size[1])
         x1 = int((box["x_center"] + box["width"] / 2) * size[0])
         y1 = int((box["y_center"] + box["height"] / 2) * size[1])
-        cv2.rectangle(image, (x0, y0), (x1, y1), (0, 255, 0), 1)
+        cv2.rectangle(image, (x0, y0), (x1, y1), TRUTH_COLOUR, thickness)
+    orig_w, orig_h = image_size or (w, h)
+    sx, sy = size[0] / max(orig_w, 1), size[1] / max(orig_h, 1)
+
+    def corners(b: Sequence[float]) -> tuple[tuple[int, int], tuple[int, int]]:
+        x0, y0 = int(np.floor(b[0] * sx)), int(np.floor(b[1] * sy))
+        x1, y1 = max(x0 + 1, int(np.ceil(b[2] * sx)) - 1), max(y0 + 1, int(np.ceil(b[3] * sy)) - 1)
+        return (x0, y0), (x1, y1)
+
+    for b in truth_boxes:
+        cv2.rectangle(image, *corners(b), TRUTH_COLOUR, thickness)
+    font, font_scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.35, max(size) / 1100)
+    for finding in findings:
+        (x0, y0), (x1, y1) = corners(finding["box"])
+        cv2.rectangle(image, (x0, y0), (x1, y1), FINDING_COLOUR, thickness)
+        text = f"{float(finding['score']):.2f}"
+        (tw, th), base = cv2.getTextSize(text, font, font_scale, 1)
+        tx = min(max(0, x0), max(0, size[0] - tw))
+        ty = y0 - base - 1 if y0 - base - 1 - th >= 0 else min(size[1] - base, y1 + th + 2)  # above, else below
+        cv2.rectangle(image, (tx, ty - th - 1), (tx + tw, ty + base - 1), (0, 0, 0), -1)
+        cv2.putText(image, text, (tx, ty), font, font_scale, FINDING_COLOUR, 1, cv2.LINE_AA)
     ok, encoded = cv2.imencode(".png", image[..., ::-1])  # OpenCV writes BGR
     if not ok:
-        raise RuntimeError("PNG encoding of the heatmap failed")
+        raise RuntimeError("PNG encoding of the overlay failed")
     return encoded.tobytes()

@@ -94,6 +94,8 @@ def localization_metrics(preds: dict[str, list], manifest, config: PreprocessCon
     for uri, label, heat_map, (h, w) in zip(preds["image_uri"], preds["image_label"], preds["maps"],
                                             preds["source_size"]):
         boxes = boxes_of.get(uri) or []
+        if label == 1 and not boxes:
+            continue  # a fracture whose place is unknown: neither a lesion to find nor a source of false positives
         truths = [yolo_to_pixels(b, w, h) for b in boxes] if label == 1 else []
         found, heat = image_findings(heat_map, (h, w), config, findings, min_score=0.01)
         per_image.append((found, truths))

@@ -12,15 +12,19 @@ import json
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from .. import storage
 from ..imaging.decode import ImageRejected, RejectReason
 from ..imaging.preprocess import decode_for, finalize, preprocess_base
+from ..imaging.regions import FINDINGS_TYPE, findings_from_rows, findings_to_rows
+from ..imaging.scope import OUT_OF_SCOPE, assess_scope
 from ..storage import StorageOptions
 from ..training.bundle import load_bundle
 
-__all__ = ["ModelIndex", "FracturePredictor", "BundleModel", "image_result", "route_decoded", "describe_bundle", "bundle_name", "resolve_threshold", "UnknownBodyPart", "write_model_index", "read_model_index", "MODEL_INDEX_FORMAT"]
+__all__ = ["ModelIndex", "FracturePredictor", "BundleModel", "image_result", "route_decoded", "describe_bundle", "describe_localization",
+           "FINDINGS_TYPE", "findings_to_rows", "findings_from_rows", "bundle_name", "resolve_threshold", "UnknownBodyPart", "write_model_index", "read_model_index", "MODEL_INDEX_FORMAT"]
 
 MODEL_INDEX_FORMAT = "fracray-model-index/1"
 CPU_MICRO_BATCH = 1
@@ -63,25 +67,62 @@ class BundleModel:
         self.model, self.meta = load_bundle(uri, storage_options, device=str(self.device))
         self.config = self.meta.preprocess_config()
         self.name = bundle_name(uri, self.meta)
+        self.tta_flip = bool(self.meta.inference.get("tta_flip", False))
+        from .localization import FindingsConfig
+
+        self.findings_config = FindingsConfig.from_dict(self.meta.inference.get("findings"))
 
     def inputs(self, decoded: list) -> torch.Tensor:
         base = np.stack([preprocess_base(d, self.config)[None] for d in decoded])
         return finalize(torch.from_numpy(base).to(self.device), self.config)
 
+    @property
+    def localizes(self) -> bool:
+        return bool(getattr(self.model, "localizes", False))
+
     @torch.no_grad()
-    def probabilities(self, decoded: list) -> np.ndarray:
-        """N x classes calibrated probabilities (softmax(logits / temperature))."""
+    def predict(self, decoded: list) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """(N x classes calibrated probabilities (softmax(logits / temperature)), per-image
+        fracture-map probabilities over the model input, or None for a model without a map).
+        Test-time flip averaging when the bundle says so."""
         if not decoded:
-            return np.zeros((0, len(self.meta.classes)), dtype=np.float64)
+            return np.zeros((0, len(self.meta.classes)), dtype=np.float64), ([] if self.localizes else None)
         # On CPU these CNNs are compute-bound at batch 1 and bigger batches only fall out of
         # cache (EfficientNet-Lite0, 1 thread: 19-20 images/s one at a time, 15 in fours on
         # the build machine), so the CPU runs image by image; a GPU takes the whole batch.
         step = len(decoded) if self.device.type == "cuda" else CPU_MICRO_BATCH
-        out = []
+        out, maps = [], []
         for start in range(0, len(decoded), step):
-            logits = self.model(self.inputs(decoded[start:start + step])).float() / float(self.meta.temperature)
-            out.append(logits.softmax(-1).cpu().numpy().astype(np.float64))
-        return np.concatenate(out)
+            logits, map_logits = self.model.infer(self.inputs(decoded[start:start + step]), tta_flip=self.tta_flip)
+            out.append((logits.float() / float(self.meta.temperature)).softmax(-1).cpu().numpy().astype(np.float64))
+            if map_logits is not None:
+                maps += list(torch.sigmoid(map_logits.float()).cpu().numpy())
+        return np.concatenate(out), (maps if self.localizes else None)
+
+    def probabilities(self, decoded: list) -> np.ndarray:
+        """N x classes calibrated probabilities."""
+        return self.predict(decoded)[0]
+
+    def findings(self, map_probs: np.ndarray, decoded) -> list[dict[str, Any]]:
+        """The fracture map of one image -> findings ({box, score, peak}) in the image's own pixels."""
+        from .localization import image_findings
+
+        found, _ = image_findings(map_probs, (decoded.height, decoded.width), self.config, self.findings_config)
+        return [f.to_dict() for f in found]
+
+    def heatmap(self, decoded) -> np.ndarray:
+        """Where the model sees a fracture, over the decoded image (values in [0, 1]): the
+        fracture map for a model that has one, else Grad-CAM."""
+        if not self.localizes:
+            return self.gradcam(decoded)
+        import cv2
+
+        from .localization import map_to_image
+
+        _, maps = self.predict([decoded])
+        heat, _ = map_to_image(maps[0], decoded.pixels.shape[:2], self.config, max_side=None)
+        h, w = decoded.pixels.shape[:2]
+        return heat if heat.shape == (h, w) else cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
 
     def threshold_for(self, operating_point: str | float | None) -> float:
         """The bundle's threshold, a named operating point from validation, or a number in [0, 1]."""
@@ -111,7 +152,22 @@ def describe_bundle(uri: str, meta) -> dict[str, Any]:
             "operating_points": meta.operating_points, "temperature": meta.temperature,
             "input_size": list(meta.preprocess["image_size"]), "intended_use": meta.intended_use,
             "validation": {k: v for k, v in (meta.metrics.get("valid") or {}).items()
-                           if k in ("auroc", "sensitivity", "specificity", "accuracy", "n")}}
+                           if k in ("auroc", "sensitivity", "specificity", "accuracy", "n")},
+            "tta_flip": bool((meta.inference or {}).get("tta_flip", False)),
+            "localization": describe_localization(meta)}
+
+
+def describe_localization(meta) -> dict[str, Any]:
+    """A bundle's localisation facts: whether it has a fracture map (and so returns findings),
+    the localisation data it was trained with, how findings are made, and its validation
+    pointing game and lesion sensitivities (the long FROC arrays left out)."""
+    localizes = bool((meta.model or {}).get("localization", False))
+    valid = meta.metrics.get("valid_localization") or {}
+    return {"localizes": localizes,
+            "heatmap": "fracture map" if localizes else "Grad-CAM",
+            "data": (meta.data or {}).get("localization"),
+            "findings": (meta.inference or {}).get("findings") if localizes else None,
+            "validation": {k: v for k, v in valid.items() if k != "froc"} or None}
 
 
 def route_decoded(router: "BundleModel | None", body_parts: list[str], decoded: list) -> list[tuple[str, float | None]]:
@@ -150,12 +206,14 @@ def _is_number(text: str) -> bool:
 
 
 def image_result(part: str, part_probability: float | None, fracture_probability: float, threshold: float,
-                 classifier: str, router: str | None) -> dict[str, Any]:
-    """The per-image answer, identical for batch scoring and the HTTP API."""
+                 classifier: str, router: str | None, findings: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The per-image answer, identical for batch scoring and the HTTP API. ``findings``:
+    suspected fracture regions ({box: [x0, y0, x1, y1] in the image's pixels, score, peak}),
+    best first; empty for a model without a fracture map."""
     return {"body_part": part, "body_part_probability": part_probability,
             "fracture_probability": float(fracture_probability), "label": int(fracture_probability >= threshold),
             "threshold": float(threshold), "classifier": classifier,
-            "router": router if part_probability is not None else None}
+            "router": router if part_probability is not None else None, "findings": list(findings or [])}
 
 
 class UnknownBodyPart(KeyError):
@@ -177,8 +235,11 @@ class FracturePredictor:
     """
 
     def __init__(self, index_uri: str, storage_options: StorageOptions | None = None, device: str | None = None,
-                 *, use_known_body_part: bool = False, operating_point: str | float | None = None):
+                 *, use_known_body_part: bool = False, operating_point: str | float | None = None,
+                 check_scope: bool = True):
         self.options = storage_options
+        # Refuse what is not a limb radiograph (photos, CT/MR/US, chest films, blank images): imaging.scope.
+        self.check_scope = check_scope
         # Batch path only: trust the body part the archive layout gives (e.g. MURA's XR_WRIST) over the router.
         self.use_known_body_part = use_known_body_part
         self.operating_point = operating_point
@@ -221,25 +282,36 @@ class FracturePredictor:
             members = [i for i in range(n) if parts[i] == part]
             classifier = self.classifiers[part]
             threshold = classifier.threshold_for(operating_point)
-            probs = classifier.probabilities([decoded[i] for i in members])[:, 1]
-            for i, p in zip(members, probs):
+            probs, maps = classifier.predict([decoded[i] for i in members])
+            for k, (i, p) in enumerate(zip(members, probs[:, 1])):
+                found = classifier.findings(maps[k], decoded[i]) if maps is not None else []
                 results[i] = image_result(part, part_probs[i], p, threshold, classifier.name,
-                                          self.router.name if self.router else None)
+                                          self.router.name if self.router else None, found)
+                # The frame of the findings' boxes, as the HTTP answer's "image" gives it.
+                results[i]["image"] = {"width": decoded[i].width, "height": decoded[i].height,
+                                       "format": decoded[i].source_format}
         return results
 
     def predict_bytes(self, payloads: list[bytes], body_parts: list[str | None] | None = None,
                       names: list[str] | None = None, operating_point: str | float | None = None) -> list[dict[str, Any]]:
-        """Bad images get ``status`` = reject reason; the rest ``status`` = "ok"."""
+        """Bad images get ``status`` = reject reason, images that are not limb radiographs
+        ``status`` = "out_of_scope" (with check_scope); the rest ``status`` = "ok"."""
         config = self.decode_config
         decoded, keep, out = [], [], []
         for i, data in enumerate(payloads):
             name = names[i] if names else ""
             try:
-                decoded.append(decode_for(data, config, name=name))
-                keep.append(i)
-                out.append({"status": "ok", "error": ""})
+                image = decode_for(data, config, name=name)
             except ImageRejected as exc:
                 out.append({"status": exc.reason.value, "error": exc.detail})
+                continue
+            verdict = assess_scope(image) if self.check_scope else None
+            if verdict is not None and not verdict.in_scope:
+                out.append({"status": OUT_OF_SCOPE, "error": f"{verdict.reason}: {verdict.detail}"})
+                continue
+            decoded.append(image)
+            keep.append(i)
+            out.append({"status": "ok", "error": ""})
         if keep:
             parts = [body_parts[i] for i in keep] if body_parts else None
             for i, result in zip(keep, self.predict_decoded(decoded, parts, operating_point)):
@@ -247,8 +319,9 @@ class FracturePredictor:
         return out
 
     # Ray Data: ds.map_batches(FracturePredictor, fn_constructor_kwargs=..., batch_format="pyarrow")
-    def __call__(self, batch) -> dict[str, np.ndarray]:
-        """One output row per input row: scored, or rejected with the reason."""
+    def __call__(self, batch) -> dict[str, Any]:
+        """One output row per input row: scored, or rejected with the reason. Columns are
+        NumPy arrays, the nested ones (findings) typed Arrow arrays."""
         uris = batch["image_uri"].to_pylist()
         known = batch["body_part"].to_pylist() if "body_part" in batch.column_names else [None] * len(uris)
         parts = [p if self.use_known_body_part and p in self.classifiers else None for p in known]
@@ -268,6 +341,15 @@ class FracturePredictor:
         for key in ("body_part_probability", "fracture_probability", "threshold"):
             columns[key] = np.asarray([np.nan if r.get(key) is None else r[key] for r in results], dtype=np.float64)
         columns["label"] = np.asarray([r.get("label", -1) for r in results], dtype=np.int8)
+        # Findings in the image's pixels (an empty list: none, or a model without a fracture
+        # map; null: not scored), and the image's size they refer to. Typed Arrow columns, so
+        # a batch of nothing but empty lists or nulls keeps the same type.
+        scored = [r.get("status") == "ok" and "fracture_probability" in r for r in results]
+        columns["findings"] = pa.array([findings_to_rows(r.get("findings") or []) if ok else None
+                                        for r, ok in zip(results, scored)], FINDINGS_TYPE)
+        for key in ("width", "height"):
+            columns[key] = pa.array([(r.get("image") or {}).get(key) if ok else None
+                                     for r, ok in zip(results, scored)], pa.int32())
         for key in ("study_id", "image_label", "split"):
             if key in batch.column_names:
                 columns["true_" + key if key != "study_id" else key] = np.asarray(batch[key].to_pylist(), dtype=object)

@@ -1,4 +1,4 @@
-"""Training curves, confusion matrices, reliability diagrams and the backbone comparison, as PNG files."""
+"""Training curves, confusion matrices, reliability diagrams, FROC curves and the backbone comparison, as PNG files."""
 
 from __future__ import annotations
 
@@ -109,6 +109,33 @@ def _reliability(calibrations: dict[str, dict]) -> bytes:
     return _png(fig, plt)
 
 
+def _froc(lesions: dict[str, Any]) -> bytes:
+    """FROC curves: lesion sensitivity against false-positive findings per image, all images
+    and each body part, with the 0.5 and 1 FP/image points marked."""
+    curves = [("all body parts" if lesions.get("per_body_part") else "all images", lesions)]
+    curves += sorted((p, c) for p, c in (lesions.get("per_body_part") or {}).items() if c["lesions"])
+    plt, fig, axes = _panels(len(curves), (3.6, 3.2))
+    for ax, (name, c) in zip(axes, curves):
+        fppi, sens = [0.0] + list(c["froc"]["fp_per_image"]), [0.0] + list(c["froc"]["sensitivity"])
+        right = max(2.0, min(max(fppi), 8.0))
+        ax.plot(fppi, sens, "-", drawstyle="steps-post", color="tab:blue", linewidth=1.5)
+        for fp, key, colour in ((0.5, "lesion_sensitivity_at_0.5_fp", "tab:orange"),
+                                (1.0, "lesion_sensitivity_at_1_fp", "tab:red")):
+            ax.axvline(fp, color="gray", linestyle=":", linewidth=1)
+            value = c.get(key)
+            if value is not None:
+                ax.plot([fp], [value], "o", color=colour, markersize=6, label=f"{value:.2f} at {fp:g} FP/image")
+        ax.set_xlim(0, right)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("false-positive findings per image", fontsize=8)
+        ax.set_ylabel("lesion sensitivity", fontsize=8)
+        ax.set_title(f"{name}: {c['lesions']} fractures, {c['images']} images", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("FROC of the fracture-map findings", fontsize=10)
+    fig.tight_layout()
+    return _png(fig, plt)
+
+
 def write_training_plots(report: dict[str, Any], output_uri: str, options: StorageOptions | None) -> dict[str, str]:
     out = {}
     histories = {k: v for k, v in report["histories"].items() if v}
@@ -124,6 +151,10 @@ def write_training_plots(report: dict[str, Any], output_uri: str, options: Stora
     if calibrations:
         out["calibration"] = storage.join(output_uri, "calibration.png")
         storage.write_bytes(out["calibration"], _reliability(calibrations), options)
+    lesions = (report["evaluation"].get("localization") or {}).get("lesions")
+    if lesions and lesions.get("lesions"):
+        out["froc"] = storage.join(output_uri, "froc.png")
+        storage.write_bytes(out["froc"], _froc(lesions), options)
     if report.get("comparison"):
         out["comparison"] = storage.join(output_uri, "backbone_comparison.png")
         storage.write_bytes(out["comparison"], _comparison(report["comparison"]), options)

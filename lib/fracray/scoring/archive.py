@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 from .. import storage
 from ..data import adapters
 from ..data.manifest import read_table, write_table
+from ..imaging.regions import FINDINGS_TYPE
 from ..storage import StorageOptions
 
 __all__ = ["ScoreConfig", "score_archive", "IMAGE_RESULT_SCHEMA", "STUDY_RESULT_SCHEMA", "read_image_results"]
@@ -52,6 +53,12 @@ IMAGE_RESULT_SCHEMA = pa.schema([
     ("threshold", pa.float64()),
     ("classifier", pa.string()),             # bundle:backbone@version
     ("router", pa.string()),
+    ("width", pa.int32()),                   # the image's own size in pixels: the frame of the findings
+    ("height", pa.int32()),
+    # Suspected fracture regions, best first: box [x0, x1) x [y0, y1) and peak in the image's
+    # pixels, score = the fracture map's peak probability. Empty: none found or a model without
+    # a fracture map; null: not scored.
+    ("findings", FINDINGS_TYPE),
     ("layout_body_part", pa.string()),       # what the archive layout says, if anything
     ("known_label", pa.int8()),              # the archive's own label, -1 if unlabelled
     ("chunk_id", pa.int64()),
@@ -234,8 +241,18 @@ def read_image_results(output: str, options: StorageOptions | None = None) -> pa
     """All per-image rows of a scoring run (every part file)."""
     folder = storage.join(output, "images")
     parts = sorted(u for u in storage.list_files(folder, options) if u.endswith(".parquet") and "/part-" in u)
-    tables = [read_table(u, options) for u in parts]
+    tables = [_current_schema(read_table(u, options)) for u in parts]
     return pa.concat_tables(tables) if tables else IMAGE_RESULT_SCHEMA.empty_table()
+
+
+def _current_schema(table: pa.Table) -> pa.Table:
+    """A part file in today's schema: columns added since it was written (a run resumed
+    across versions, e.g. findings) come back as nulls."""
+    if table.schema.equals(IMAGE_RESULT_SCHEMA):
+        return table
+    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in IMAGE_RESULT_SCHEMA]
+    return pa.table(columns, schema=IMAGE_RESULT_SCHEMA)
 
 
 def _eta(seconds: float) -> str:

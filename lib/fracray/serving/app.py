@@ -3,7 +3,8 @@
     Ingress (FastAPI, /docs)        bounds and decodes uploads, auth, JSON errors, Grad-CAM PNGs
       -> BodyPartRouter             the 7-class router, dynamic batching (@serve.batch)
       -> FractureClassifiers        every bone's model, Serve model multiplexing (model id =
-                                    body part), dynamic batching across requests
+                                    body part), dynamic batching across requests; findings
+                                    (boxes from the fracture map) and overlay PNGs are made here
 
 Built by ``build_app(args)`` from a model index URI; ``serve run serving/config.yaml``
 and ``serve deploy serving/config.yaml`` use the same builder. The deployments
@@ -22,7 +23,7 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.requests import Request
@@ -38,6 +39,7 @@ HTTP_STATUS_FOR_REJECT = {
     "empty_file": 400, "truncated": 400, "corrupt": 400, "too_small": 400, "read_error": 400,
     "not_an_image": 415, "unsupported_format": 415, "unsupported_dicom": 415,
     "decompression_bomb": 413,
+    "out_of_scope": 422,  # decodes, but is not a limb radiograph (imaging.scope): no probability is given
 }
 
 
@@ -60,6 +62,7 @@ class ServeArgs:
     max_queued_requests: int | None = None
     num_gpus: float | None = None        # per model replica; default 0 (config.yaml: 1 on GPU workers)
     replicas: int | None = None          # a fixed replica count per deployment instead of autoscaling (benchmarks)
+    check_scope: bool = True             # refuse photos, CT/MR/US, chest films, blank images (422 out_of_scope)
 
     @classmethod
     def parse(cls, args: "ServeArgs | dict[str, Any] | None") -> "ServeArgs":
@@ -149,21 +152,36 @@ class FractureClassifiers:
                                        _device())
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def classify(self, images: list, body_parts: list[str]) -> list[tuple[float, str, int]]:
-        """(P(fracture), the model's name, the batch size) for each image, grouped by body part."""
-        out: list[tuple[float, str, int] | None] = [None] * len(images)
+    async def classify(self, images: list, body_parts: list[str]) -> list[tuple[float, str, int, list[dict]]]:
+        """(P(fracture), the model's name, the batch size, findings) for each image, grouped by
+        body part. Findings ({box, score, peak} in the image's own pixels) are made here from the
+        fracture map, so only those few numbers travel back, never the map."""
+        out: list[tuple[float, str, int, list[dict]] | None] = [None] * len(images)
         for part in sorted(set(body_parts)):
             members = [i for i, p in enumerate(body_parts) if p == part]
             model = await self.get_model(part)
-            probs = model.probabilities([images[i] for i in members])[:, 1]
-            for i, p in zip(members, probs):
-                out[i] = (float(p), model.name, len(members))
+            probs, maps = model.predict([images[i] for i in members])
+            for k, (i, p) in enumerate(zip(members, probs[:, 1])):
+                found = model.findings(maps[k], images[i]) if maps is not None else []
+                out[i] = (float(p), model.name, len(members), found)
         return out
 
     async def explain(self, image, body_part: str) -> np.ndarray:
         """Grad-CAM of the fracture class, in the image's own pixel grid."""
         model = await self.get_model(body_part)
         return model.gradcam(image)
+
+    async def overlay(self, image, body_part: str, findings: list[dict]) -> dict[str, Any]:
+        """The radiograph with the model's heatmap (its fracture map, else Grad-CAM) blended in and
+        the findings drawn with their scores, as PNG bytes (drawn here: the heatmap stays here)."""
+        from ..inference.gradcam import heatmap_peak, overlay_png
+
+        model = await self.get_model(body_part)
+        heat = model.heatmap(image)  # on this replica's event loop, like classify: one model call at a time
+        png = await asyncio.to_thread(overlay_png, image.pixels, heat, findings=findings,
+                                      image_size=(image.width, image.height))
+        px, py = heatmap_peak(heat)
+        return {"png": png, "heatmap": "fracture map" if model.localizes else "Grad-CAM", "peak_xy": [px, py]}
 
     async def load(self, body_part: str) -> str:
         return (await self.get_model(body_part)).name
@@ -177,6 +195,39 @@ api = FastAPI(
     description="Fracture / abnormality detection on musculoskeletal radiographs: a body-part router and "
                 "bone-specific classifiers. Decision support for qualified readers; not a diagnosis.",
 )
+
+
+# What the classify endpoints' query options and answers mean (the OpenAPI page at /docs shows these).
+_RESULT_FIELDS = (
+    "The answer: body_part (and body_part_probability when the router chose it), fracture_probability, label "
+    "(1 at or above threshold), threshold, operating_point, classifier, router, and findings: the suspected "
+    "fracture regions from the model's fracture map, best first, each {box: [x0, y0, x1, y1] in the uploaded "
+    "image's own pixels (x1, y1 exclusive), score: the map's peak probability in the box, peak: [x, y] of that "
+    "peak}; an empty list when none reaches the model's minimum score or the model has no fracture map (see "
+    "/v1/models: localization.localizes). image gives the upload's width and height, the frame of the boxes.")
+
+
+def _body_part_query():
+    return Query(None, description="Skip the router and use this body part's fracture model (one of the "
+                                   "classifiers in /v1/models), case-insensitive.")
+
+
+def _operating_point_query():
+    return Query(None, description="Label at a named operating point of the model (see /v1/models: "
+                                   "operating_points) or at a threshold in [0, 1]; default: the model's own threshold.")
+
+
+def _gradcam_query():
+    return Query(False, description="Add gradcam: {png_base64, peak_xy, target}, a Grad-CAM heatmap of the fracture "
+                                    "class blended over the radiograph (PNG, at most 512 px a side) and its peak "
+                                    "(x, y as fractions of the width and height).")
+
+
+def _overlay_query():
+    return Query(False, description="Add overlay: {png_base64, heatmap, peak_xy, findings}, the radiograph with the "
+                                    "model's heatmap blended in (its fracture map, or Grad-CAM for a model without "
+                                    "one; heatmap says which) and the findings' boxes drawn with their scores "
+                                    "(PNG, at most 512 px a side); findings is how many were drawn.")
 
 
 class _Rejected(Exception):
@@ -269,9 +320,17 @@ class Ingress:
         from ..imaging.preprocess import decode_for
 
         try:
-            return decode_for(data, self.decode_config, name=name)
+            decoded = decode_for(data, self.decode_config, name=name)
         except ImageRejected as exc:
             raise _Rejected(HTTP_STATUS_FOR_REJECT.get(exc.reason.value, 400), exc.reason.value, exc.detail) from exc
+        if self.args.check_scope:
+            from ..imaging.scope import OUT_OF_SCOPE, assess_scope
+
+            verdict = assess_scope(decoded)
+            if not verdict.in_scope:  # detail: "<reason>: <sentence>", e.g. "dicom_modality:CT: the DICOM ..."
+                raise _Rejected(HTTP_STATUS_FOR_REJECT[OUT_OF_SCOPE], OUT_OF_SCOPE,
+                                f"{verdict.reason}: {verdict.detail}")
+        return decoded
 
     def _classifier_handle(self, body_part: str):
         """One handle per body part, made once: a handle's router state warms up with use."""
@@ -298,7 +357,7 @@ class Ingress:
                             {"Retry-After": "1"}) from exc
 
     async def _classify_one(self, name: str, data: bytes, body_part: str | None, operating_point: str | None,
-                            gradcam: bool) -> dict[str, Any]:
+                            gradcam: bool, overlay: bool = False) -> dict[str, Any]:
         from ..inference.predictor import image_result
 
         started = time.perf_counter()
@@ -319,11 +378,16 @@ class Ingress:
                                                       f"pass body_part (one of {sorted(self.metas)})")
         threshold = self._threshold(body_part, operating_point)
         handle = self._classifier_handle(body_part)
-        probability, classifier_name, classify_batch = await self._call(handle.classify.remote(decoded, body_part))
+        probability, classifier_name, classify_batch, findings = await self._call(
+            handle.classify.remote(decoded, body_part))
         classified_at = time.perf_counter()
         result = image_result(body_part, part_probability, probability, threshold, classifier_name,
-                              self.models["router"]["name"] if self.models["router"] else None)
+                              self.models["router"]["name"] if self.models["router"] else None, findings)
         result["operating_point"] = operating_point or "default"
+        if overlay:
+            drawn = await self._call(handle.overlay.remote(decoded, body_part, findings))
+            result["overlay"] = {"png_base64": base64.b64encode(drawn["png"]).decode(), "heatmap": drawn["heatmap"],
+                                 "peak_xy": drawn["peak_xy"], "findings": len(findings)}
         if gradcam:
             heatmap = await self._call(handle.explain.remote(decoded, body_part))
             from ..inference.gradcam import heatmap_peak, overlay_png
@@ -373,9 +437,11 @@ class Ingress:
               description="Send the image as the raw request body (image/jpeg, image/png, application/dicom) or as "
                           "the 'file' part of a multipart form. body_part skips the router; operating_point is a "
                           "named operating point of the model (see /v1/models) or a threshold in [0, 1]; "
-                          "gradcam=true adds a heatmap PNG (base64).")
-    async def classify(self, request: Request, body_part: str | None = None, operating_point: str | None = None,
-                       gradcam: bool = False):
+                          "gradcam=true adds a heatmap PNG (base64); overlay=true adds the radiograph with the "
+                          "heatmap and the findings drawn (PNG, base64). " + _RESULT_FIELDS)
+    async def classify(self, request: Request, body_part: str | None = _body_part_query(),
+                       operating_point: str | None = _operating_point_query(), gradcam: bool = _gradcam_query(),
+                       overlay: bool = _overlay_query()):
         try:
             self._check_auth(request)
             uploads = await self._uploads(request)
@@ -383,34 +449,39 @@ class Ingress:
                 raise _Rejected(400, "too_many_files", f"/v1/classify takes one image; got {len(uploads)}. "
                                                        f"Use /v1/classify/study for several")
             name, data = uploads[0]
-            return await self._classify_one(name, data, body_part, operating_point, gradcam)
+            return await self._classify_one(name, data, body_part, operating_point, gradcam, overlay)
         except _Rejected as exc:
             return self._error(exc)
 
     @api.post("/v1/classify/study", summary="Classify a study (several images of one examination)",
               description="Multipart form with one 'files' part per image. Returns each image's result and the "
                           "study's: mean fracture probability over its images (MURA's rule) against the mean "
-                          "threshold. Images that cannot be read are listed with their reason and left out.")
-    async def classify_study(self, request: Request, body_part: str | None = None, operating_point: str | None = None,
-                             gradcam: bool = False):
+                          "threshold. Images that cannot be read are listed with their reason and left out. "
+                          "Each image's result has the fields of /v1/classify's: " + _RESULT_FIELDS)
+    async def classify_study(self, request: Request, body_part: str | None = _body_part_query(),
+                             operating_point: str | None = _operating_point_query(),
+                             gradcam: bool = _gradcam_query(), overlay: bool = _overlay_query()):
         try:
             self._check_auth(request)
             uploads = await self._uploads(request)
             if len(uploads) > self.args.max_study_images:
                 raise _Rejected(413, "too_many_files", f"A study may have at most {self.args.max_study_images} images")
-            outcomes = await asyncio.gather(*[self._classify_one(n, d, body_part, operating_point, gradcam)
+            outcomes = await asyncio.gather(*[self._classify_one(n, d, body_part, operating_point, gradcam, overlay)
                                               for n, d in uploads], return_exceptions=True)
             images = []
             for (name, _), outcome in zip(uploads, outcomes):
                 if isinstance(outcome, _Rejected):
-                    if outcome.status in (401, 422, 503):  # not about this image: fail the request
-                        raise outcome
+                    if outcome.status in (401, 422, 503) and outcome.reason != "out_of_scope":
+                        raise outcome  # not about this image: fail the request
                     images.append({"image": {"name": name}, "error": outcome.reason, "detail": outcome.detail})
                 elif isinstance(outcome, BaseException):
                     raise outcome
                 else:
                     images.append(outcome)
             scored = [r for r in images if "fracture_probability" in r]
+            if not scored and all(r.get("error") == "out_of_scope" for r in images):
+                raise _Rejected(422, "out_of_scope", "None of the study's images is a limb radiograph: "
+                                + "; ".join(f"{r['image']['name']}: {r['detail']}" for r in images))
             if not scored:
                 raise _Rejected(400, "no_readable_image", "None of the study's images could be read",)
             probability = float(np.mean([r["fracture_probability"] for r in scored]))

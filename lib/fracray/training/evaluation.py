@@ -2,13 +2,16 @@
 
 Per body part: TP, FN, FP, TN, accuracy, precision, sensitivity, specificity, F1,
 AUROC; study-level Cohen's kappa (MURA); router accuracy where the true body part
-is known. Used by train_all's report and by ``pipelines/evaluate.py``.
+is known; where images carry fracture boxes (FracAtlas), the pointing game and - for models
+with a fracture map - lesion-level FROC of the findings, with example overlays. Used by
+train_all's report and by ``pipelines/evaluate.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import pyarrow as pa
@@ -16,12 +19,18 @@ import pyarrow as pa
 from ..storage import StorageOptions
 from . import metrics as M
 
-__all__ = ["score_manifest", "summarize_predictions"]
+__all__ = ["score_manifest", "summarize_predictions", "pointing_game", "lesion_evaluation", "localizing_classifiers",
+           "localization_report", "HEATMAP_FRACTURE_MAP", "HEATMAP_GRADCAM"]
+
+HEATMAP_FRACTURE_MAP = "fracture map"  # which heatmap a pointing game or an overlay used
+HEATMAP_GRADCAM = "Grad-CAM"
 
 
 def score_manifest(manifest: pa.Table, index_uri: str, *, storage_options: StorageOptions | None = None,
-                   batch_size: int = 32, concurrency: int = 1) -> dict[str, list]:
-    """Run the predictor over every manifest row (an actor pool); one output row per input."""
+                   batch_size: int = 32, concurrency: int = 1,
+                   operating_point: str | float | None = None) -> dict[str, list]:
+    """Run the predictor over every manifest row (an actor pool); one output row per input,
+    labelled at ``operating_point`` (a named point of the bundles, a number, or their default)."""
     import ray
 
     from ..inference.predictor import FracturePredictor
@@ -29,14 +38,15 @@ def score_manifest(manifest: pa.Table, index_uri: str, *, storage_options: Stora
     options = (storage_options or StorageOptions()).resolved()
     rows = max(1, min(256, math.ceil(manifest.num_rows / 8)))
     ds = ray.data.from_arrow([manifest.slice(s, rows) for s in range(0, manifest.num_rows, rows)])
-    ds = ds.map_batches(FracturePredictor, fn_constructor_kwargs={"index_uri": index_uri, "storage_options": options},
+    ds = ds.map_batches(FracturePredictor, fn_constructor_kwargs={"index_uri": index_uri, "storage_options": options,
+                                                                      "operating_point": operating_point},
                         batch_size=batch_size, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=concurrency))
     ds.context.enable_progress_bars = False
     out: dict[str, list] = defaultdict(list)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for key, values in batch.items():
-            out[key] += [v.item() if hasattr(v, "item") else v for v in values]
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # Arrow: nested findings stay lists
+        for key, values in batch.to_pydict().items():
+            out[key] += values
     return dict(out)
 
 
@@ -97,8 +107,9 @@ def summarize_predictions(preds: dict[str, list]) -> dict[str, Any]:
 
 
 class _PointingGameScorer:
-    """Ray Data actor: Grad-CAM of the fracture class for images with fracture boxes,
-    through the same router -> classifier path as scoring."""
+    """Ray Data actor: the heatmap of each image with fracture boxes - the model's fracture map
+    where it has one, else Grad-CAM of the fracture class (``BundleModel.heatmap``) - through
+    the same router -> classifier path as scoring."""
 
     def __init__(self, index_uri: str, storage_options: StorageOptions | None = None, tolerance: float = 0.0):
         from .. import storage
@@ -116,7 +127,8 @@ class _PointingGameScorer:
         from ..imaging.preprocess import decode_for
         from ..inference.gradcam import heatmap_peak, pointing_hit
 
-        out = {k: [] for k in ("image_uri", "body_part", "hit", "center_hit", "peak_x", "peak_y", "status")}
+        out = {k: [] for k in ("image_uri", "body_part", "hit", "center_hit", "peak_x", "peak_y", "heatmap",
+                               "status")}
         for uri, boxes in zip(batch["image_uri"].to_pylist(), batch["boxes"].to_pylist()):
             try:
                 decoded = decode_for(self.storage.read_bytes(uri, self.options), self.predictor.decode_config,
@@ -124,11 +136,13 @@ class _PointingGameScorer:
             except (ImageRejected, self.storage.StorageError) as exc:
                 status = exc.reason.value if isinstance(exc, ImageRejected) else "read_error"
                 for key, value in (("image_uri", uri), ("body_part", ""), ("hit", False), ("center_hit", False),
-                                   ("peak_x", np.nan), ("peak_y", np.nan), ("status", status)):
+                                   ("peak_x", np.nan), ("peak_y", np.nan), ("heatmap", ""), ("status", status)):
                     out[key].append(value)
                 continue
             part = self.predictor.route([decoded])[0][0]
-            peak = heatmap_peak(self.predictor.classifiers[part].gradcam(decoded))
+            model = self.predictor.classifiers[part]
+            peak = heatmap_peak(model.heatmap(decoded))
+            out["heatmap"].append(HEATMAP_FRACTURE_MAP if model.localizes else HEATMAP_GRADCAM)
             out["image_uri"].append(uri)
             out["body_part"].append(part)
             out["hit"].append(pointing_hit(peak, boxes, self.tolerance))
@@ -136,15 +150,16 @@ class _PointingGameScorer:
             out["peak_x"].append(peak[0])
             out["peak_y"].append(peak[1])
             out["status"].append("ok")
-        return {k: np.asarray(v, dtype=object if k in ("image_uri", "body_part", "status") else None)
+        return {k: np.asarray(v, dtype=object if k in ("image_uri", "body_part", "heatmap", "status") else None)
                 for k, v in out.items()}
 
 
 def pointing_game(manifest: pa.Table, index_uri: str, *, storage_options: StorageOptions | None = None,
                   tolerance: float = 0.0, limit: int | None = None) -> dict[str, Any] | None:
-    """How often the Grad-CAM peak of the fracture class falls inside a fracture box
-    (FracAtlas YOLO boxes), per body part, against the image-centre baseline.
-    None when the manifest has no fractured images with boxes."""
+    """How often the heatmap's peak falls inside a fracture box (FracAtlas YOLO boxes), per
+    body part, against the image-centre baseline. The heatmap is the model's fracture map
+    where it has one, else Grad-CAM of the fracture class; ``method`` and ``heatmaps`` say
+    which. None when the manifest has no fractured images with boxes."""
     import pyarrow.compute as pc
     import ray
 
@@ -176,6 +191,182 @@ def pointing_game(manifest: pa.Table, index_uri: str, *, storage_options: Storag
     parts = defaultdict(list)
     for i in ok:
         parts[results["body_part"][i]].append(i)
-    return {"method": "Grad-CAM peak inside a fracture box (YOLO boxes)", "tolerance": tolerance,
-            "overall": rate(ok), "per_body_part": {p: rate(idx) for p, idx in sorted(parts.items())},
+    heatmaps = Counter(results["heatmap"][i] for i in ok)
+    per_part = {p: rate(idx) | {"heatmap": results["heatmap"][idx[0]]} for p, idx in sorted(parts.items())}
+    return {"method": f"{_heatmap_name(heatmaps)} peak inside a fracture box (YOLO boxes)", "tolerance": tolerance,
+            "heatmaps": dict(heatmaps), "overall": rate(ok), "per_body_part": per_part,
             "not_scored": len(results["status"]) - len(ok)}
+
+
+def _heatmap_name(kinds) -> str:
+    kinds = {k for k in kinds if k}
+    if kinds == {HEATMAP_FRACTURE_MAP}:
+        return "Fracture-map"
+    if kinds <= {HEATMAP_GRADCAM}:
+        return "Grad-CAM"
+    return "Heatmap (the fracture map where the model has one, else Grad-CAM)"
+
+
+# ----------------------------------------------------------------------------- lesion level
+
+def localizing_classifiers(index_uri: str, storage_options: StorageOptions | None = None) -> dict[str, dict]:
+    """{classifier name (as predictions carry it): its findings settings} for the index's
+    fracture models that have a fracture map."""
+    from ..inference.localization import FindingsConfig
+    from ..inference.predictor import bundle_name, read_model_index
+    from .bundle import read_bundle_meta
+
+    out = {}
+    for uri in read_model_index(index_uri, storage_options).classifiers.values():
+        meta = read_bundle_meta(uri, storage_options)
+        if (meta.model or {}).get("localization"):
+            findings = FindingsConfig.from_dict((meta.inference or {}).get("findings"))
+            out[bundle_name(uri, meta)] = dataclasses.asdict(findings)
+    return out
+
+
+def _truth_boxes(boxes: list | None, label, width: int, height: int) -> list[tuple[int, int, int, int]]:
+    from ..imaging.regions import yolo_to_pixels
+
+    return [yolo_to_pixels(b, width, height) for b in (boxes or [])] if label == 1 else []
+
+
+def lesion_evaluation(manifest: pa.Table, preds: dict[str, list], localizing: dict[str, dict]) -> dict[str, Any] | None:
+    """FROC over the evaluated images from the findings the predictor returned (``preds`` of
+    :func:`score_manifest`), against the manifest's fracture boxes converted to each image's
+    own pixels: lesion sensitivity against false-positive findings per image, and the
+    sensitivity at 0.5 and 1 false positives per image; overall and per body part.
+
+    Counted: labelled images scored by a model with a fracture map. A fractured image without
+    boxes cannot be judged and is left out (counted); a normal image adds only false
+    positives. The curve starts at the bundles' ``findings.min_score`` (the predictor reports
+    nothing fainter). None when no image qualifies or the manifest has no boxes."""
+    from ..imaging.regions import Finding, findings_from_rows, froc, lesion_sensitivity_at
+
+    if "boxes" not in manifest.column_names or "findings" not in preds or not localizing:
+        return None
+    boxes_of = dict(zip(manifest["image_uri"].to_pylist(), manifest["boxes"].to_pylist()))
+    n = len(preds["image_uri"])
+    true_parts = preds.get("true_body_part") or [None] * n
+    groups: dict[str, list] = defaultdict(list)
+    everything, without_boxes = [], 0
+    for i in range(n):
+        label = preds["true_image_label"][i]
+        if preds["status"][i] != "ok" or preds["classifier"][i] not in localizing or label not in (0, 1):
+            continue
+        boxes = boxes_of.get(preds["image_uri"][i]) or []
+        if label == 1 and not boxes:
+            without_boxes += 1
+            continue
+        found = [Finding.from_dict(f) for f in findings_from_rows(preds["findings"][i]) or []]
+        item = (found, _truth_boxes(boxes, label, preds["width"][i], preds["height"][i]))
+        everything.append(item)
+        part = true_parts[i] if true_parts[i] not in (None, "", "unknown") else preds["body_part"][i]
+        groups[part].append(item)
+    if not everything:
+        return None
+
+    def block(items) -> dict[str, Any]:
+        curve = froc(items)
+        return {"images": curve["images"], "lesions": curve["lesions"],
+                "lesion_sensitivity_at_0.5_fp": lesion_sensitivity_at(curve, 0.5),
+                "lesion_sensitivity_at_1_fp": lesion_sensitivity_at(curve, 1.0),
+                "froc": {k: [round(float(v), 4) for v in curve[k]]
+                         for k in ("fp_per_image", "sensitivity", "thresholds")}}
+
+    min_scores = sorted({c["min_score"] for c in localizing.values()})
+    return block(everything) | {
+        "method": "FROC of the predictor's findings (a fracture counts as found when a finding's peak lies in its "
+                  "box or the boxes overlap with IoU >= 0.1)",
+        "min_score": min_scores[0] if len(min_scores) == 1 else min_scores,
+        "fractured_images_without_boxes": without_boxes,
+        "per_body_part": {p: block(items) for p, items in sorted(groups.items())} if len(groups) > 1 else {}}
+
+
+EXAMPLE_KINDS = {"tp": "true positive", "fp": "false positive", "fn": "false negative"}
+
+
+def _pick_examples(manifest: pa.Table, preds: dict[str, list], per_kind: int) -> list[dict[str, Any]]:
+    """A few true positives, false positives and false negatives at the operating threshold:
+    the most confident of each (fractured images with boxes first), fixed for a given run."""
+    boxes_of = dict(zip(manifest["image_uri"].to_pylist(),
+                        manifest["boxes"].to_pylist() if "boxes" in manifest.column_names else [None] * manifest.num_rows))
+    rows = defaultdict(list)
+    for i, uri in enumerate(preds["image_uri"]):
+        truth, label = preds["true_image_label"][i], preds["label"][i]
+        if preds["status"][i] != "ok" or truth not in (0, 1):
+            continue
+        kind = {(1, 1): "tp", (0, 1): "fp", (1, 0): "fn"}.get((truth, label))
+        if kind:
+            rows[kind].append(i)
+    chosen = []
+    for kind in EXAMPLE_KINDS:
+        p = preds["fracture_probability"]
+        order = sorted(rows[kind], key=lambda i: (not boxes_of.get(preds["image_uri"][i]),
+                                                  p[i] if kind == "fn" else -p[i], preds["image_uri"][i]))
+        for rank, i in enumerate(order[:per_kind]):
+            chosen.append({"kind": kind, "rank": rank + 1, "image_uri": preds["image_uri"][i],
+                           "body_part": preds["body_part"][i], "fracture_probability": p[i],
+                           "threshold": preds["threshold"][i], "boxes": boxes_of.get(preds["image_uri"][i]) or [],
+                           "findings": preds["findings"][i] if "findings" in preds else []})
+    return chosen
+
+
+def _render_examples(index_uri: str, options: StorageOptions | None, examples: list[dict[str, Any]],
+                     output_uri: str) -> list[dict[str, Any]]:
+    """Draw each example (heatmap, ground-truth boxes, findings) with the shared overlay_png."""
+    import re
+
+    from .. import storage
+    from ..imaging.decode import decode_image
+    from ..imaging.preprocess import decode_for
+    from ..imaging.regions import findings_from_rows
+    from ..inference.gradcam import overlay_png
+    from ..inference.predictor import FracturePredictor
+
+    predictor = FracturePredictor(index_uri, options)
+    written = []
+    for ex in examples:
+        data = storage.read_bytes(ex["image_uri"], options)
+        decoded = decode_for(data, predictor.decode_config, name=ex["image_uri"])  # what the model saw
+        # Drawn on a sharper decode than the model's (JPEG draft at >= 512 px): same image, same frame.
+        picture = decode_image(data, max_pixels=predictor.decode_config.max_pixels, draft_size=(512, 512),
+                               allow_headerless_dicom=ex["image_uri"].lower().endswith((".dcm", ".dicom")))
+        model = predictor.classifiers[ex["body_part"]]
+        findings = findings_from_rows(ex["findings"]) or []
+        truths = _truth_boxes(ex["boxes"], 1, decoded.width, decoded.height)
+        png = overlay_png(picture.pixels, model.heatmap(decoded), truth_boxes=truths, findings=findings,
+                          image_size=(decoded.width, decoded.height))
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", ex["image_uri"].rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0])
+        uri = storage.join(output_uri, "examples", f"{ex['kind']}_{ex['rank']}_{stem}.png")
+        storage.write_bytes(uri, png, options)
+        written.append({"kind": ex["kind"], "image_uri": ex["image_uri"], "png": uri, "body_part": ex["body_part"],
+                        "fracture_probability": round(float(ex["fracture_probability"]), 4),
+                        "threshold": round(float(ex["threshold"]), 4), "findings": len(findings),
+                        "fracture_boxes": len(truths), "heatmap": HEATMAP_FRACTURE_MAP if model.localizes
+                        else HEATMAP_GRADCAM})
+    return written
+
+
+def localization_report(manifest: pa.Table, preds: dict[str, list], index_uri: str, *,
+                        output_uri: str | None = None, storage_options: StorageOptions | None = None,
+                        examples_per_kind: int = 3) -> dict[str, Any] | None:
+    """The evaluation's localisation part, for train_all's report and evaluate.py alike:
+    lesion-level FROC (:func:`lesion_evaluation`) and, with ``output_uri``, example overlays
+    (``examples/{tp,fp,fn}_<rank>_<image>.png``: the heatmap, fracture boxes in green, the
+    findings in magenta with their scores). None when no model has a fracture map and the
+    manifest has no fracture boxes."""
+    import ray
+
+    localizing = localizing_classifiers(index_uri, storage_options)
+    has_boxes = "boxes" in manifest.column_names and any(manifest["boxes"].to_pylist())
+    if not localizing and not has_boxes:
+        return None
+    out: dict[str, Any] = {"models_with_fracture_map": sorted(localizing),
+                           "lesions": lesion_evaluation(manifest, preds, localizing)}
+    if output_uri:
+        chosen = _pick_examples(manifest, preds, examples_per_kind)
+        options = (storage_options or StorageOptions()).resolved()
+        task = ray.remote(num_cpus=1)(_render_examples)
+        out["examples"] = ray.get(task.remote(index_uri, options, chosen, output_uri)) if chosen else []
+    return out

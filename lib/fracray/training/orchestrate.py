@@ -21,7 +21,7 @@ import pyarrow as pa
 from .. import storage
 from ..data.manifest import filter_rows, split_by_study
 from ..storage import StorageOptions
-from .evaluation import pointing_game, score_manifest, summarize_predictions
+from .evaluation import localization_report, pointing_game, score_manifest, summarize_predictions
 from .trainer import TrainConfig, train_classifier
 
 __all__ = ["TrainingSettings", "run_training_stage", "max_concurrent_runs", "cpu_threads_per_worker"]
@@ -219,6 +219,8 @@ def run_training_stage(manifest: pa.Table, settings: TrainingSettings, *, output
     preds = score_manifest(evaluation, index_uri, storage_options=storage_options)
     summary = summarize_predictions(preds)
     summary["pointing_game"] = pointing_game(evaluation, index_uri, storage_options=storage_options)
+    summary["localization"] = localization_report(evaluation, preds, index_uri, output_uri=output_uri,
+                                                  storage_options=storage_options)
     comparison = {name: {"valid": r.get("metrics", {}).get("valid"), "seconds": r.get("seconds"),
                          "size": r.get("size"), "error": r.get("error")}
                   for name, r in results.items() if name.startswith("compare_")}
@@ -240,6 +242,37 @@ def _fmt(v, digits=3):
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
+def _localization_lines(loc: dict[str, Any] | None, plots: dict[str, str]) -> list[str]:
+    """Lesion-level figures and the example overlays, for the report."""
+    if not loc:
+        return []
+    lines = []
+    lesions = loc.get("lesions")
+    if lesions:
+        lines += ["", f"Lesion level (models with a fracture map; {lesions['lesions']} fractures in {lesions['images']} "
+                      f"images, findings from score {lesions['min_score']} up): lesion sensitivity "
+                      f"{_fmt(lesions['lesion_sensitivity_at_0.5_fp'])} at 0.5 and "
+                      f"{_fmt(lesions['lesion_sensitivity_at_1_fp'])} at 1 false-positive finding per image"
+                      + (" (FROC: froc.png)" if "froc" in plots else "") + "."]
+        if lesions.get("per_body_part"):
+            lines += ["", "| body part | fractures | images | sensitivity at 0.5 FP/image | at 1 FP/image |",
+                      "|---|---|---|---|---|"]
+            for part, m in lesions["per_body_part"].items():
+                lines.append(f"| {part} | {m['lesions']} | {m['images']} | {_fmt(m['lesion_sensitivity_at_0.5_fp'])} | "
+                             f"{_fmt(m['lesion_sensitivity_at_1_fp'])} |")
+    elif loc.get("models_with_fracture_map"):
+        lines += ["", "Lesion level: no evaluated image has fracture boxes to score the findings against."]
+    if loc.get("examples"):
+        lines += ["", "Examples at the operating threshold (heatmap; fracture boxes green, findings magenta with "
+                      "their scores):", ""]
+        for ex in loc["examples"]:
+            lines.append(f"- {ex['kind'].upper()} examples/{ex['png'].rsplit('/', 1)[-1]}: "
+                         f"P(fracture) {_fmt(ex['fracture_probability'])} "
+                         f"(threshold {_fmt(ex['threshold'])}), {ex['findings']} finding(s), "
+                         f"{ex['fracture_boxes']} fracture box(es), {ex['heatmap']}")
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     ev = report["evaluation"]
     lines = [f"# fracray training report: {report['dataset']}", "",
@@ -255,9 +288,11 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{_fmt(m['auroc'])} | {_fmt(m.get('study_kappa'))} |")
     game = ev.get("pointing_game")
     if game:
-        lines += ["", f"Grad-CAM pointing game ({game['overall']['images']} fractured images with boxes): the heatmap "
+        heatmap = game.get("method", "Grad-CAM peak").split(" peak")[0]
+        lines += ["", f"{heatmap} pointing game ({game['overall']['images']} fractured images with boxes): the heatmap "
                       f"peak falls inside a fracture box for {_fmt(game['overall']['hit_rate'])} of them "
                       f"(image-centre baseline {_fmt(game['overall']['center_baseline'])})."]
+    lines += _localization_lines(ev.get("localization"), report.get("plots") or {})
     if "calibration" in report.get("plots", {}):
         lines += ["", "Calibration (reliability before and after temperature scaling): calibration.png"]
     lines += ["", "| model | backbone | seconds | weights MB | validation AUROC / accuracy | threshold | temperature | "
