@@ -334,3 +334,29 @@ def test_pipelines_serve_one_command_start(tmp_path, untrained_index):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_out_of_scope_uploads_get_422_with_a_reason_and_studies_score_the_rest(service):
+    """A colour photo and a chest DICOM are not limb radiographs: no probability, a reason;
+    in a study they are listed and the radiographs scored (real HTTP against the running app)."""
+    from skimage import data as skdata
+
+    url, session = service
+    buf = io.BytesIO()
+    Image.fromarray(skdata.astronaut()).save(buf, "JPEG", quality=90)
+    photo = buf.getvalue()
+    r = session.post(f"{url}/v1/classify", data=photo, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 422 and r.json()["error"] == "out_of_scope", r.text
+    assert r.json()["detail"].startswith("colour_photo") and "fracture_probability" not in r.json()
+    pixels = render_radiograph(np.random.default_rng(3), "wrist", 600, 500, fracture=False).pixels
+    chest = _dicom_bytes(pixels, body_part="CHEST")
+    r = session.post(f"{url}/v1/classify", data=chest, headers={"content-type": "application/dicom"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("dicom_body_part:chest"), r.text
+    files = [("files", ("wrist.jpg", _image("wrist", seed=31), "image/jpeg")),
+             ("files", ("photo.jpg", photo, "image/jpeg"))]
+    r = session.post(f"{url}/v1/classify/study", files=files)
+    assert r.status_code == 200, r.text
+    images = r.json()["images"]
+    assert "fracture_probability" in images[0] and images[1]["error"] == "out_of_scope"
+    only_photos = session.post(f"{url}/v1/classify/study", files=[files[1], files[1]])
+    assert only_photos.status_code == 422 and only_photos.json()["error"] == "out_of_scope"
