@@ -124,14 +124,6 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"Unknown training keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
-
     def preprocess(self) -> PreprocessConfig:
         """What this run's model sees: the model's data config merged with this run's overrides."""
         from ..models.registry import resolve_preprocess
