@@ -318,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_train_all(config)
     except (FileNotFoundError, ValueError, RuntimeError, storage.StorageError) as exc:  # WeightsError: ValueError
-        print(f"error: {exc}", file=sys.stderr)
+        import traceback
+
+        # Where it was raised, so an unexpected error can be reported usefully (the message alone may not say).
+        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        print(f"error: {exc}" + (f" (raised at {where.filename}:{where.lineno} in {where.name})" if where else ""),
+              file=sys.stderr)
         return 2
     return 0
