@@ -65,7 +65,15 @@ def ablation_row(run_uri: str, *, model: str = "fracture_all", options: StorageO
     metrics, config = meta["metrics"], meta["training"]["config"]
     valid = metrics.get("valid") or {}
     at = {round(p["specificity_target"], 2): p.get("sensitivity") for p in metrics.get("valid_operating_points", [])}
-    loc = metrics.get("valid_localization") or {}
+    loc = dict(metrics.get("valid_localization") or {})
+    if loc.get("pointing_game") is None:
+        # A model without a fracture map: the run's report has the Grad-CAM pointing game.
+        try:
+            game = json.loads(storage.read_bytes(storage.join(run_uri, "report.json"), options))["evaluation"]
+            game = (game.get("pointing_game") or {}).get("overall") or {}
+            loc.update(pointing_game=game.get("hit_rate"), pointing_centre_baseline=game.get("center_baseline"))
+        except (storage.StorageError, FileNotFoundError, KeyError, ValueError):
+            pass
     cal = meta.get("calibration") or {}
     ece = (cal.get("valid") or {}).get("ece_after", cal.get("ece_after"))
     n, positives = valid.get("n"), (valid.get("tp") or 0) + (valid.get("fn") or 0)
