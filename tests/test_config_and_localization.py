@@ -535,3 +535,40 @@ def test_operating_points_are_chosen_on_one_set_and_measured_on_another():
     assert points["high_sensitivity"]["chosen_on"]["sensitivity"] >= 0.95
     assert points["high_specificity"]["chosen_on"]["specificity"] >= 0.95
     assert "chosen_on" not in alone["youden"]
+
+
+def test_loss_options_reach_the_loss():
+    """--loss, the class weights, --localization, --map-loss-weight and --map-pos-weight each change
+    the training loss the worker optimises (make_loss builds it from the TrainConfig)."""
+    import torch
+    import torch.nn.functional as F
+
+    from fracray.training.trainer import TrainConfig, make_loss
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 2), torch.tensor([0, 1, 0, 1, 1, 0])
+    maps = torch.randn(6, 4, 4)
+    mask = torch.zeros(6, 1, 64, 64)
+    mask[1, 0, 10:20, 10:20] = 1.0
+    known = torch.tensor([True, True, True, False, True, True])
+    weights = [0.6, 1.4]
+
+    plain = make_loss(TrainConfig(loss="ce"), weights)(logits, y)
+    assert torch.isclose(plain, F.cross_entropy(logits, y))
+    weighted = make_loss(TrainConfig(loss="weighted_ce"), weights)(logits, y)
+    assert torch.isclose(weighted, F.cross_entropy(logits, y, weight=torch.tensor(weights)))
+    assert not torch.isclose(weighted, plain)
+    focal = make_loss(TrainConfig(loss="focal"), weights)(logits, y)
+    assert not torch.isclose(focal, weighted)
+
+    def with_map(**kw):
+        return make_loss(TrainConfig(localization=True, **kw), weights)((logits, maps), (y, mask, known))
+
+    assert torch.isclose(with_map(map_loss_weight=0.0), weighted)
+    one, two = with_map(map_loss_weight=1.0), with_map(map_loss_weight=2.0)
+    assert torch.isclose(two - weighted, 2 * (one - weighted))
+    assert not torch.isclose(with_map(map_pos_weight=1.0), with_map(map_pos_weight=30.0))
+    # Only images whose fracture regions are known teach the map.
+    nothing_known = make_loss(TrainConfig(localization=True), weights)(
+        (logits, maps), (y, mask, torch.zeros(6, dtype=torch.bool)))
+    assert torch.isclose(nothing_known, weighted)

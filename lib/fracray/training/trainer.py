@@ -38,7 +38,7 @@ from . import metrics as M
 from .bundle import BundleMeta, save_bundle
 from .step import TrainStep, model_input, place_model
 
-__all__ = ["TrainConfig", "TrainResult", "train_classifier", "predict_manifest"]
+__all__ = ["TrainConfig", "TrainResult", "train_classifier", "predict_manifest", "make_loss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +173,6 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    import torch.nn.functional as F
 
     tc = TrainConfig(**cfg["train"])
     preprocess = PreprocessConfig.from_dict(cfg["preprocess"])
@@ -209,16 +208,7 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
         optimizer.load_state_dict(resume_state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(resume_state["scheduler"])
-    weight = torch.tensor(cfg["class_weights"], dtype=torch.float32, device=device) if tc.loss != "ce" else None
-    classify = ((lambda logits, y: _focal_loss(logits, y, weight, tc.focal_gamma)) if tc.loss == "focal"
-                else (lambda logits, y: F.cross_entropy(logits, y, weight=weight)))
-    if tc.localization:
-        def loss_fn(outputs, target):
-            (logits, maps), (y, mask, known) = outputs, target
-            return classify(logits, y) + tc.map_loss_weight * _map_loss(maps, mask, known, tc.map_pos_weight)
-    else:
-        loss_fn = classify
-    step = TrainStep(model, optimizer, device=device, amp=tc.amp, loss_fn=loss_fn)
+    step = TrainStep(model, optimizer, device=device, amp=tc.amp, loss_fn=make_loss(tc, cfg["class_weights"], device))
     if resume_state and resume_state.get("scaler"):
         step.scaler.load_state_dict(resume_state["scaler"])
     _log_progress(tc.progress_file, rank=rank, pid=os.getpid(), event="start", epoch=start_epoch,
@@ -314,6 +304,30 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
             ray.train.report({k: v for k, v in record.items() if v is not None}, checkpoint=ckpt)
         if stale >= tc.early_stopping_patience:
             break
+
+
+def make_loss(tc: TrainConfig, class_weights: list[float], device=None):
+    """The training loss of a run: class-weighted cross-entropy (or plain, or focal) on the
+    logits; with a fracture map, plus ``map_loss_weight`` x the map loss, and then it takes
+    ((logits, maps), (labels, masks, mask_known))."""
+    import torch
+    import torch.nn.functional as F
+
+    weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if tc.loss != "ce" else None
+
+    def classify(logits, y):
+        if tc.loss == "focal":
+            return _focal_loss(logits, y, weight, tc.focal_gamma)
+        return F.cross_entropy(logits, y, weight=weight)
+
+    if not tc.localization:
+        return classify
+
+    def with_map(outputs, target):
+        (logits, maps), (y, mask, known) = outputs, target
+        return classify(logits, y) + tc.map_loss_weight * _map_loss(maps, mask, known, tc.map_pos_weight)
+
+    return with_map
 
 
 def _map_loss(maps, mask, known, pos_weight: float):
