@@ -572,3 +572,21 @@ def test_loss_options_reach_the_loss():
     nothing_known = make_loss(TrainConfig(localization=True), weights)(
         (logits, maps), (y, mask, torch.zeros(6, dtype=torch.bool)))
     assert torch.isclose(nothing_known, weighted)
+
+
+def test_evaluate_operating_point_labels_at_that_point_and_refuses_unknown_names(ray_local, untrained_index,
+                                                                                  fracatlas_root):
+    """evaluate.py --operating-point: a threshold of 0 labels every scored image fractured; an unknown
+    name is refused before any image is scored."""
+    from fracray.cli.evaluate import main as evaluate_main, run_evaluate
+
+    summary = run_evaluate(untrained_index, "fracatlas", str(fracatlas_root), split="all", output=None,
+                           operating_point="0.0")
+    overall = summary["overall"]
+    assert summary["operating_point"] == "0.0"
+    assert overall["fn"] == 0 and overall["tn"] == 0 and overall["tp"] + overall["fp"] == overall["n"] > 0
+    with pytest.raises(ValueError, match="Unknown operating point"):
+        run_evaluate(untrained_index, "fracatlas", str(fracatlas_root), split="all", output=None,
+                     operating_point="no_such_point")
+    assert evaluate_main(["--models", untrained_index, "--dataset", "fracatlas", "--data", str(fracatlas_root),
+                          "--operating-point", "no_such_point"]) == 2
