@@ -22,6 +22,7 @@ from ..imaging.regions import FINDINGS_TYPE, findings_from_rows, findings_to_row
 from ..imaging.scope import OUT_OF_SCOPE, assess_scope
 from ..storage import StorageOptions
 from ..training.bundle import load_bundle
+from .localization import FindingsConfig, image_findings, map_to_image
 
 __all__ = ["ModelIndex", "FracturePredictor", "BundleModel", "image_result", "route_decoded", "describe_bundle", "describe_localization",
            "FINDINGS_TYPE", "findings_to_rows", "findings_from_rows", "bundle_name", "resolve_threshold", "UnknownBodyPart", "write_model_index", "read_model_index", "MODEL_INDEX_FORMAT"]
@@ -68,8 +69,6 @@ class BundleModel:
         self.config = self.meta.preprocess_config()
         self.name = bundle_name(uri, self.meta)
         self.tta_flip = bool(self.meta.inference.get("tta_flip", False))
-        from .localization import FindingsConfig
-
         self.findings_config = FindingsConfig.from_dict(self.meta.inference.get("findings"))
 
     def inputs(self, decoded: list) -> torch.Tensor:
@@ -105,8 +104,6 @@ class BundleModel:
 
     def findings(self, map_probs: np.ndarray, decoded) -> list[dict[str, Any]]:
         """The fracture map of one image -> findings ({box, score, peak}) in the image's own pixels."""
-        from .localization import image_findings
-
         found, _ = image_findings(map_probs, (decoded.height, decoded.width), self.config, self.findings_config)
         return [f.to_dict() for f in found]
 
@@ -116,8 +113,6 @@ class BundleModel:
         if not self.localizes:
             return self.gradcam(decoded)
         import cv2
-
-        from .localization import map_to_image
 
         _, maps = self.predict([decoded])
         heat, _ = map_to_image(maps[0], decoded.pixels.shape[:2], self.config, max_side=None)
