@@ -595,3 +595,11 @@ def test_evaluate_operating_point_labels_at_that_point_and_refuses_unknown_names
                      operating_point="no_such_point")
     assert evaluate_main(["--models", untrained_index, "--dataset", "fracatlas", "--data", str(fracatlas_root),
                           "--operating-point", "no_such_point"]) == 2
+
+
+def test_batchnorm_heads_refuse_batches_of_one():
+    with pytest.raises(ValueError, match="at least 2 images"):
+        TrainConfig(head="dense3", batch_size=1)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        TrainConfig(localization=True, batch_size=1)
+    assert TrainConfig(head="dense3", batch_size=2).head == "dense3"

@@ -117,6 +117,9 @@ class TrainConfig:
             raise ValueError(f"calibration_fraction must be in [0, 0.5). Got {self.calibration_fraction}")
         if self.negatives_per_positive is not None and self.negatives_per_positive <= 0:
             raise ValueError(f"negatives_per_positive must be > 0 (or None for all). Got {self.negatives_per_positive}")
+        if self.batch_size < 2 and (self.head == "dense3" or self.localization):
+            raise ValueError(f"head dense3 and the fracture map have BatchNorm layers, which need batches of at least "
+                             f"2 images to train. Got batch_size {self.batch_size}")
         if self.localization and self.task != "fracture":
             raise ValueError("localization applies to fracture models, not the body-part router")
         object.__setattr__(self, "classes", tuple(self.classes))
@@ -225,7 +228,9 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
             keep, labels = _usable(batch, tc.task, tc.classes)
             if tc.negatives_per_positive and binary:
                 keep &= _epoch_sample(batch["image_uri"], labels, epoch, tc.seed, cfg["negative_keep"])
-            if not keep.any():
+            # A lone image left over by sampling or rejects cannot train BatchNorm (dense3 head,
+            # the map head): skip it rather than fail the run (batch_size 1 is refused up front).
+            if keep.sum() < (2 if tc.batch_size > 1 else 1):
                 continue
             x = model_input(batch["image"][keep], preprocess, device)
             input_shape = input_shape or list(x.shape[1:])
