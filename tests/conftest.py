@@ -38,6 +38,11 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        from fracray.serving.proxy_guard import configure_environment
+
+        # Serve's proxy runs fracray's guard (it must be in the environment before Ray starts):
+        # small limits here, so that tests reach them quickly.
+        configure_environment(max_body_mb=4, max_header_kb=16, body_timeout_s=5)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "lib"), SERVE_TEST_TOKEN_ENV: SERVE_TEST_TOKEN}})
     ray.data.DataContext.get_current().enable_progress_bars = False

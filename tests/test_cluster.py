@@ -58,7 +58,14 @@ def test_ray_cluster_yaml_names_the_projects_python_and_pins():
     pythons = set(re.findall(r"python(3\.\d+)", text))
     assert pythons == {f"{sys.version_info.major}.{sys.version_info.minor}"}, pythons
     assert "pip install --quiet -e ~/fracray" in text  # the rest of the pins come from pyproject.toml
-    assert all(cmd.startswith("~/venv/bin/ray") for cmd in _load(REPO / "ray-cluster.yaml")["head_start_ray_commands"])
+    config = _load(REPO / "ray-cluster.yaml")
+    from fracray.serving.proxy_guard import CALLBACK
+
+    for cmd in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        assert "~/venv/bin/ray " in cmd  # the project's Ray
+        if " start " in cmd:  # Serve's proxy on every node runs the request limits
+            assert cmd.startswith(f"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH={CALLBACK} ~/venv/bin/ray start"), cmd
+    assert f"ENV RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH={CALLBACK}" in (REPO / "cluster" / "Dockerfile").read_text()
 
 
 def test_dockerfile_uses_the_pinned_ray_and_python():

@@ -33,6 +33,9 @@ def test_overload_returns_503_with_retry_after_then_recovers(ray_local, untraine
         codes = [r.status_code for r in responses]
         assert 503 in codes and 200 in codes, codes
         assert all(r.headers.get("Retry-After") == "1" for r in responses if r.status_code == 503)
+        # Serve's own backpressure answer, rewritten by the proxy guard into the one JSON error body.
+        assert all(r.json()["error"] in ("unavailable", "overloaded") and r.json()["detail"]
+                   for r in responses if r.status_code == 503)
         assert requests.post(f"{url}/v1/classify", data=data, timeout=60).status_code == 200
     finally:
         serve.shutdown()

@@ -5,7 +5,6 @@ and the shared predictor on the result."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -32,10 +31,11 @@ def test_train_all_trains_router_and_per_bone_models_and_reports(trained):
     assert index["format"] == "fracray-model-index/1"
     assert sorted(index["classifiers"]) == ["humerus", "wrist"] and index["router"]
     for uri in [index["router"], *index["classifiers"].values()]:
-        meta = json.loads((Path(uri) / "bundle.json").read_text())
+        assert uri.startswith("models/"), uri  # relative to the index: the run folder can be moved whole
+        meta = json.loads((run / uri / "bundle.json").read_text())
         assert meta["format"] == "fracray-bundle/1" and meta["preprocess"]["image_size"] == [224, 224]
         assert meta["training"]["history"] and meta["intended_use"]
-    router_meta = json.loads((Path(index["router"]) / "bundle.json").read_text())
+    router_meta = json.loads((run / index["router"] / "bundle.json").read_text())
     assert router_meta["task"] == "body_part" and router_meta["classes"] == ["humerus", "wrist"]
     report = json.loads((run / "report.json").read_text())
     per_part = report["evaluation"]["per_body_part"]

@@ -96,8 +96,9 @@ def _ray_rates(uris: list[str], config: PreprocessConfig, cores: int, batch_size
 
     repeats = max(1, math.ceil(min_images / len(uris)))
     manifest = make_manifest({"image_uri": u, "dataset": "bench"} for u in uris * repeats)
-    if not ray.is_initialized():
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    from ..raycluster import connect
+
+    connect(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     stream = StreamConfig(batch_size=batch_size, rows_per_block=rows_per_block)

@@ -74,8 +74,9 @@ def run(*, model: str, images: int, image_size: tuple[int, int], log=print) -> d
     log("plain loop, 32 images per call ...")
     loop_batched = plain_loop(index, paths, 32)
     log(f"  {loop_batched:.1f} images/s")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    from ..raycluster import connect
+
+    connect(include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     log("score_archive ...")
     start = time.perf_counter()

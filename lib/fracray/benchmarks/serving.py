@@ -122,7 +122,6 @@ def _replica_threads() -> int:
 
 def run(*, model: str, clients: tuple[int, ...], requests_per_client: int, image_size: tuple[int, int],
         batch_size: int, log=print) -> dict:
-    import ray
     from ray import serve
 
     from ..inference.scaffold import build_untrained_index
@@ -135,8 +134,9 @@ def run(*, model: str, clients: tuple[int, ...], requests_per_client: int, image
     log(f"In-process predictor ({threads} torch thread(s), as a replica) ...")
     local = in_process(index, images, requests_=60, threads=threads)
     local_default = in_process(index, images, requests_=60, threads=os.cpu_count() or 1)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    from ..raycluster import connect
+
+    connect(include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"

@@ -109,11 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.batch_size, args.steps, args.repeats) < 1:
         parser.error(f"--batch-size, --steps and --repeats must be >= 1. Got {args.batch_size}, {args.steps}, "
                      f"{args.repeats}")
-    import ray
-
     from .. import storage
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    from ..raycluster import connect
+
+    connect(include_dashboard=False, log_to_driver=False)
     if args.data:
         uris = [u for u in storage.list_files(args.data) if u.lower().endswith((".jpg", ".jpeg", ".png"))]
     else:

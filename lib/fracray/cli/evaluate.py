@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -20,24 +19,22 @@ __all__ = ["main", "build_parser", "run_evaluate"]
 def run_evaluate(models: str, dataset: str, data: str, *, split: str | None, output: str | None,
                  options=None, pointing_tolerance: float = 0.0,
                  operating_point: str | float | None = None) -> dict[str, Any]:
-    import ray
-
+    from ..inference.predictor import check_model_index, resolve_threshold
+    from ..raycluster import connect
     from ..reports.training_plots import write_training_plots
 
+    index = check_model_index(models, options)  # every bundle, before Ray starts or anything is written
     manifest = adapters.index_dataset(dataset, data, options).manifest
     if split and split != "all":
         manifest = filter_rows(manifest, split=split)
     if manifest.num_rows == 0:
         raise ValueError(f"No images in split {split!r} of {data}")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
     if operating_point not in (None, "", "default"):  # refuse an unknown point before any work starts
-        from ..inference.predictor import read_model_index, resolve_threshold
         from ..training.bundle import read_bundle_meta
 
-        index = read_model_index(models, options)
         for uri in index.classifiers.values():
             resolve_threshold(read_bundle_meta(uri, options), operating_point)
+    connect()
     preds = score_manifest(manifest, models, storage_options=options, operating_point=operating_point)
     summary = summarize_predictions(preds)
     summary["pointing_game"] = pointing_game(manifest, models, storage_options=options, tolerance=pointing_tolerance)
@@ -95,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_evaluate(args.models, args.dataset, args.data, split=args.split, output=args.output,
                                options=storage_options_from_args(args), pointing_tolerance=args.pointing_tolerance,
                                operating_point=args.operating_point)
-    except (FileNotFoundError, ValueError, KeyError, storage.StorageError) as exc:
+    except (FileNotFoundError, ValueError, KeyError, ConnectionError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, default=str))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from .. import storage
@@ -64,15 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
-        from ..inference.predictor import read_model_index
-        read_model_index(storage.normalize(config.models), config.storage.resolved())  # before starting Ray
-        import ray
+        from ..inference.predictor import check_model_index
+        from ..raycluster import connect
 
-        if not ray.is_initialized():
-            # RAY_ADDRESS (set by `ray job submit`) connects to the cluster; otherwise a local Ray starts.
-            ray.init(address=os.environ.get("RAY_ADDRESS"))
+        check_model_index(config.models, config.storage.resolved())  # every bundle, before Ray or any folder
+        connect()  # RAY_ADDRESS (set by `ray job submit`), a `ray start` cluster, or a new local Ray
         summary = score_archive(config)
-    except (FileNotFoundError, ValueError, storage.StorageError) as exc:
+    except (FileNotFoundError, ValueError, ConnectionError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

@@ -14,6 +14,7 @@ import sys
 import threading
 
 from .. import storage
+from ..storage import StorageOptions
 from ..serving.app import ServeArgs, build_app
 from .common import add_storage_arguments
 
@@ -49,7 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import ray
     from ray import serve
 
     models = args.models or DEFAULT_MODELS
@@ -58,15 +58,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"No model index at {models}: training the embedded default first (a few minutes) ...")
             from .train_all import TrainAllConfig, run_train_all
             run_train_all(TrainAllConfig())
+        from ..inference.predictor import check_model_index
+        from ..raycluster import connect
+        from ..serving.proxy_guard import configure_environment
+
+        check_model_index(models, StorageOptions.from_env(args.endpoint_url, args.region, args.anonymous))
         serve_args = ServeArgs(models=models, max_batch_size=args.max_batch_size, max_upload_mb=args.max_upload_mb,
                                num_gpus=args.num_gpus, auth_token_env=args.token_env, endpoint_url=args.endpoint_url,
                                region=args.region, anonymous=args.anonymous)
         application = build_app(serve_args)
-    except (FileNotFoundError, ValueError, storage.StorageError) as exc:
+        # Serve's proxy runs the request limits only if Ray starts with them in its environment
+        # (a Ray that is joined keeps its own: cluster nodes set it, see cluster/Dockerfile).
+        configure_environment(max_body_mb=max(args.max_upload_mb, float(os.environ.get("FRACRAY_MAX_BODY_MB", 0))))
+        connect()
+    except (FileNotFoundError, ValueError, ConnectionError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name="fracray", route_prefix="/", blocking=False)
     url = f"http://{args.host}:{args.port}"

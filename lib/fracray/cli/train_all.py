@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -62,11 +61,10 @@ class TrainAllConfig:
 
 
 def _init_ray() -> None:
-    import ray
+    from ..raycluster import connect
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS (set by `ray job submit`) connects to the cluster; otherwise a local Ray starts.
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    # RAY_ADDRESS (set by `ray job submit`), a `ray start` cluster, or a new local Ray.
+    connect(log_to_driver=True)
 
 
 def run_train_all(config: TrainAllConfig, *, log=print) -> dict[str, Any]:
@@ -317,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     try:
         run_train_all(config)
-    except (FileNotFoundError, ValueError, RuntimeError, storage.StorageError) as exc:  # WeightsError: ValueError
+    except (FileNotFoundError, ValueError, RuntimeError, ConnectionError,
+            storage.StorageError) as exc:  # WeightsError: ValueError
         import traceback
 
         # Where it was raised, so an unexpected error can be reported usefully (the message alone may not say).

@@ -82,6 +82,11 @@ class DecodedImage:
     # tens for photographs). See fracray.imaging.scope.
     colourfulness: float = 0.0
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the decoded grid (smaller than the stored image after a draft decode)."""
+        return tuple(int(v) for v in self.pixels.shape[:2])
+
     def as_float(self) -> np.ndarray:
         """Pixels as float32 in [0, 1]."""
         if self.pixels.dtype == np.uint8:

@@ -21,7 +21,8 @@ from . import ops
 from .decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 
 __all__ = ["PreprocessConfig", "AugmentConfig", "preprocess_base", "geometry", "finalize", "preprocess_pixels", "preprocess_bytes",
-           "decode_for", "augment_params", "to_tensor", "DICOM_SUFFIXES"]
+           "decode_for", "augment_params", "to_tensor", "DICOM_SUFFIXES", "ModelInput", "prepare_input",
+           "shared_decode_config"]
 
 Normalization = Literal["imagenet", "per_image", "none"]
 Enhancement = Literal["none", "sobel", "prewitt", "roberts", "canny", "laplacian_sharpen"]
@@ -152,6 +153,30 @@ def preprocess_base(decoded: DecodedImage, config: PreprocessConfig,
     return image
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelInput:
+    """What a model needs of one image, and no more: the preprocessed single-channel input at
+    the model's size (:func:`preprocess_base`) and the original's geometry, for findings and
+    heatmaps in the image's own pixels. A 9999 x 9999 upload travels to a model replica as
+    this (a few hundred KB), not as its full-size pixels."""
+
+    base: np.ndarray                 # H x W float32 at config.image_size
+    height: int                      # of the stored image (the frame of findings' boxes)
+    width: int
+    pixels_hw: tuple[int, int]       # of the decoded grid the base was made from (may be reduced)
+    config: PreprocessConfig         # what made it; a model refuses an input made for another config
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.pixels_hw
+
+
+def prepare_input(decoded: DecodedImage, config: PreprocessConfig) -> ModelInput:
+    """A decoded image -> the :class:`ModelInput` of a model with ``config`` (no augmentation)."""
+    return ModelInput(base=preprocess_base(decoded, config), height=decoded.height, width=decoded.width,
+                      pixels_hw=tuple(int(v) for v in decoded.pixels.shape[:2]), config=config)
+
+
 def geometry(plane: np.ndarray, config: PreprocessConfig, augment: dict[str, Any] | None = None) -> np.ndarray:
     """The spatial part of preprocessing (resize/letterbox, then flip + affine), for any
     plane in the decoded image's pixel grid: the image itself, or its fracture mask, so
@@ -249,6 +274,15 @@ def decode_for(data: bytes, config: PreprocessConfig, *, name: str = "") -> Deco
         draft_size=_DraftSizer(config) if config.fast_jpeg_downscale else None,
         allow_headerless_dicom=name.lower().endswith(DICOM_SUFFIXES),
     )
+
+
+def shared_decode_config(configs: list[PreprocessConfig]) -> PreprocessConfig:
+    """One decode for several models (the router and the bone models): the config of the largest
+    input, so that a JPEG's DCT-domain draft never leaves a model less than its own input size
+    (a router at 224 px must not make a 384 px classifier see an upsampled image)."""
+    if not configs:
+        raise ValueError("shared_decode_config needs at least one preprocessing config")
+    return max(configs, key=lambda c: (c.image_size[0] * c.image_size[1], c.max_pixels))
 
 
 def preprocess_bytes(data: bytes, config: PreprocessConfig, *, augment: dict[str, Any] | None = None,

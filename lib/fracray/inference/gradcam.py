@@ -53,15 +53,19 @@ def letterbox_box(image_hw: tuple[int, int], config: PreprocessConfig) -> tuple[
 
 
 def gradcam_for_image(model: torch.nn.Module, x: torch.Tensor, image_hw: tuple[int, int], config: PreprocessConfig,
-                      target_class: int = 1) -> np.ndarray:
+                      target_class: int = 1, max_side: int | None = None) -> np.ndarray:
     """Grad-CAM of one preprocessed image, cropped out of the letterbox and resized
-    to the image's own (height, width), so it lines up with the radiograph and its boxes."""
+    to the image's own (height, width), so it lines up with the radiograph and its boxes
+    (or to the same aspect at most ``max_side`` pixels a side)."""
     import cv2
 
     cam = gradcam(model, x, target_class)[0].cpu().numpy().astype(np.float32)
     top, left, h, w = letterbox_box(image_hw, config)
     crop = cam[top:top + h, left:left + w]
-    out = cv2.resize(crop, (int(image_hw[1]), int(image_hw[0])), interpolation=cv2.INTER_LINEAR)
+    img_h, img_w = int(image_hw[0]), int(image_hw[1])
+    shrink = min(1.0, max_side / max(img_h, img_w)) if max_side else 1.0
+    out = cv2.resize(crop, (max(1, round(img_w * shrink)), max(1, round(img_h * shrink))),
+                     interpolation=cv2.INTER_LINEAR)
     return np.clip(out / max(float(out.max()), 1e-12), 0.0, 1.0)
 
 

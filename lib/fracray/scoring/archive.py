@@ -265,12 +265,12 @@ def score_archive(config: ScoreConfig, *, log: Callable[[str], None] = print,
     """Score every image under ``config.input``; returns the summary (also written to summary.json)."""
     import ray
 
-    from ..inference.predictor import FracturePredictor, read_model_index
+    from ..inference.predictor import FracturePredictor, check_model_index
 
     started = time.time()
     options = config.storage.resolved()
     output = storage.normalize(config.output)
-    read_model_index(config.models, options)  # fail before any work if the index is not there
+    check_model_index(config.models, options)  # fail before any work if the index or a bundle is not there
     work, run = _prepare(config, output, log)
     done = _done_chunks(output, options)
     pending = sorted(set(range(run["chunks"])) - done)

@@ -16,7 +16,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import decimal
 import hmac
+import importlib
+import logging
 import os
 import time
 from collections import Counter
@@ -24,15 +27,19 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Query
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from .. import storage
 from ..storage import StorageOptions
 
 __all__ = ["ServeArgs", "build_app", "app_builder", "Ingress", "BodyPartRouter", "FractureClassifiers",
-           "HTTP_STATUS_FOR_REJECT"]
+           "HTTP_STATUS_FOR_REJECT", "ACCEPTED_CONTENT_TYPES", "OPEN_PATHS", "DOCS_PATHS"]
+
+logger = logging.getLogger("ray.serve")
 
 # Why an upload was refused -> the HTTP status that says so.
 HTTP_STATUS_FOR_REJECT = {
@@ -41,6 +48,13 @@ HTTP_STATUS_FOR_REJECT = {
     "decompression_bomb": 413,
     "out_of_scope": 422,  # decodes, but is not a limb radiograph (imaging.scope): no probability is given
 }
+
+# The one Content-Type rule: a raw body (or a multipart file part) is an image, DICOM or plain
+# bytes, or says nothing; the format itself is always read from the bytes. Anything else
+# (text/plain, application/json, ...) is 415 unsupported_media_type.
+ACCEPTED_CONTENT_TYPES = ("image/*", "application/dicom", "application/octet-stream")
+OPEN_PATHS = ("/healthz",)  # liveness: no token, no model facts
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")  # open only with public_docs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +76,11 @@ class ServeArgs:
     max_queued_requests: int | None = None
     num_gpus: float | None = None        # per model replica; default 0 (config.yaml: 1 on GPU workers)
     replicas: int | None = None          # a fixed replica count per deployment instead of autoscaling (benchmarks)
+    # Replicas each deployment keeps at least: 2, so that a killed replica never stops the service
+    # (requests that hit it are retried on the other); 1 halves the memory on a small laptop.
+    min_replicas: int = 2
     check_scope: bool = True             # refuse photos, CT/MR/US, chest films, blank images (422 out_of_scope)
+    public_docs: bool = False            # with a token set: /docs and /openapi.json open too (else token only)
 
     @classmethod
     def parse(cls, args: "ServeArgs | dict[str, Any] | None") -> "ServeArgs":
@@ -74,8 +92,10 @@ class ServeArgs:
         if unknown:
             raise ValueError(f"Unknown application arguments {unknown}; known: {sorted(known)}")
         parsed = cls(**args)
-        if parsed.max_batch_size < 1 or parsed.max_upload_mb <= 0 or parsed.max_study_images < 1:
-            raise ValueError(f"max_batch_size, max_upload_mb and max_study_images must be positive. Got {parsed}")
+        if (parsed.max_batch_size < 1 or parsed.max_upload_mb <= 0 or parsed.max_study_images < 1
+                or parsed.min_replicas < 1):
+            raise ValueError(f"max_batch_size, max_upload_mb, max_study_images and min_replicas must be positive. "
+                             f"Got {parsed}")
         return parsed
 
     @property
@@ -91,11 +111,22 @@ def _device() -> str:
 
 # ----------------------------------------------------------------------------- model deployments
 
+HEATMAP_SIDE = 512  # pixels a side of the heatmaps and overlay PNGs the API returns
+
+# Two replicas of everything by default: a replica that dies (kill -9, OOM) costs a retry, not
+# an outage, while Serve starts its replacement. ServeArgs.min_replicas=1 where memory is short.
+AUTOSCALING = {
+    "BodyPartRouter": {"min_replicas": 2, "initial_replicas": 2, "max_replicas": 4, "target_ongoing_requests": 16},
+    "FractureClassifiers": {"min_replicas": 2, "initial_replicas": 2, "max_replicas": 8,
+                            "target_ongoing_requests": 16},
+    "Ingress": {"min_replicas": 2, "initial_replicas": 2, "max_replicas": 4, "target_ongoing_requests": 32},
+}
+
 @serve.deployment(
     name="BodyPartRouter",
     max_ongoing_requests=32,
-    autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
-    ray_actor_options={"num_cpus": 0.5},
+    autoscaling_config=AUTOSCALING["BodyPartRouter"],
+    ray_actor_options={"num_cpus": 0.2},
     health_check_period_s=10,
 )
 class BodyPartRouter:
@@ -114,7 +145,8 @@ class BodyPartRouter:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def route(self, images: list) -> list[tuple[str, float | None, int]]:
-        """(body part, probability, size of the batch it ran in) per image."""
+        """(body part, probability, size of the batch it ran in) per image (each a ModelInput
+        prepared by the ingress for this router: the full-size pixels stay there)."""
         from ..inference.predictor import route_decoded
 
         return [(part, prob, len(images)) for part, prob in route_decoded(self.model, self.body_parts, images)]
@@ -126,7 +158,7 @@ class BodyPartRouter:
 @serve.deployment(
     name="FractureClassifiers",
     max_ongoing_requests=32,
-    autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 16},
+    autoscaling_config=AUTOSCALING["FractureClassifiers"],
     ray_actor_options={"num_cpus": 0.5},
     health_check_period_s=10,
 )
@@ -166,22 +198,18 @@ class FractureClassifiers:
                 out[i] = (float(p), model.name, len(members), found)
         return out
 
-    async def explain(self, image, body_part: str) -> np.ndarray:
-        """Grad-CAM of the fracture class, in the image's own pixel grid."""
-        model = await self.get_model(body_part)
-        return model.gradcam(image)
-
-    async def overlay(self, image, body_part: str, findings: list[dict]) -> dict[str, Any]:
-        """The radiograph with the model's heatmap (its fracture map, else Grad-CAM) blended in and
-        the findings drawn with their scores, as PNG bytes (drawn here: the heatmap stays here)."""
-        from ..inference.gradcam import heatmap_peak, overlay_png
+    async def heat(self, image, body_part: str, gradcam: bool = False) -> dict[str, Any]:
+        """A heatmap to draw over the radiograph (at most 512 px a side; the ingress draws it):
+        the model's fracture map (else Grad-CAM), or Grad-CAM of the fracture class."""
+        from ..inference.gradcam import heatmap_peak
 
         model = await self.get_model(body_part)
-        heat = model.heatmap(image)  # on this replica's event loop, like classify: one model call at a time
-        png = await asyncio.to_thread(overlay_png, image.pixels, heat, findings=findings,
-                                      image_size=(image.width, image.height))
+        if gradcam:
+            heat, kind = model.gradcam(image, max_side=HEATMAP_SIDE), "Grad-CAM"
+        else:  # on this replica's event loop, like classify: one model call at a time
+            heat, kind = model.heatmap(image, max_side=HEATMAP_SIDE), "fracture map" if model.localizes else "Grad-CAM"
         px, py = heatmap_peak(heat)
-        return {"png": png, "heatmap": "fracture map" if model.localizes else "Grad-CAM", "peak_xy": [px, py]}
+        return {"heat": heat.astype(np.float16), "heatmap": kind, "peak_xy": [px, py]}
 
     async def load(self, body_part: str) -> str:
         return (await self.get_model(body_part)).name
@@ -193,7 +221,12 @@ api = FastAPI(
     title="fracray",
     version="1",
     description="Fracture / abnormality detection on musculoskeletal radiographs: a body-part router and "
-                "bone-specific classifiers. Decision support for qualified readers; not a diagnosis.",
+                "bone-specific classifiers. Decision support for qualified readers; not a diagnosis.\n\n"
+                "Every error, whatever its status, is a JSON body {error, detail}: error is a stable name (see "
+                "the README's error table), detail says what to do. With a bearer token configured, every path "
+                "but /healthz needs 'Authorization: Bearer <token>' (and it is checked before anything else is "
+                "read). Raw bodies (and multipart file parts) must be " + ", ".join(ACCEPTED_CONTENT_TYPES)
+                + " or carry no Content-Type; the image format is read from the bytes.",
 )
 
 
@@ -214,7 +247,9 @@ def _body_part_query():
 
 def _operating_point_query():
     return Query(None, description="Label at a named operating point of the model (see /v1/models: "
-                                   "operating_points) or at a threshold in [0, 1]; default: the model's own threshold.")
+                                   "operating_points) or at a threshold: a decimal number in [0, 1] that a double "
+                                   "represents (1e-400 underflows and is refused); default: the model's own "
+                                   "threshold.")
 
 
 def _gradcam_query():
@@ -231,9 +266,112 @@ def _overlay_query():
 
 
 class _Rejected(Exception):
-    def __init__(self, status: int, reason: str, detail: str, headers: dict[str, str] | None = None):
+    """An error answer. ``per_image``: about one image of a study (listed there, the rest scored),
+    else about the whole request."""
+
+    def __init__(self, status: int, reason: str, detail: str, headers: dict[str, str] | None = None, *,
+                 per_image: bool = False):
         super().__init__(detail)
         self.status, self.reason, self.detail, self.headers = status, reason, detail, headers or {}
+        self.per_image = per_image
+
+
+def _error_response(status: int, reason: str, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": reason, "detail": detail}, status_code=status, headers=headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    # FastAPI's own 422 body is {"detail": [...]}; ours is the service's one error body.
+    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+    return _error_response(422, "invalid_parameter", problems or str(exc))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _error_response(exc.status_code, reason, exc.detail, getattr(exc, "headers", None))
+
+
+def content_type_accepted(content_type: str | None) -> bool:
+    """The Content-Type rule (ACCEPTED_CONTENT_TYPES), for a raw body or a multipart file part."""
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    return kind in ("", "application/dicom", "application/octet-stream") or kind.startswith("image/")
+
+
+def parse_threshold(text: str) -> float | None:
+    """A threshold written as a number: its value, or None when it is not a number at all.
+    A number that a double cannot represent (1e-400 underflows to 0) or that is outside [0, 1]
+    is an error, not silently another threshold."""
+    try:
+        exact = decimal.Decimal(text.strip())
+    except (decimal.InvalidOperation, AttributeError):
+        return None
+    value = float(exact)
+    if not exact.is_finite() or not 0 <= exact <= 1:
+        raise ValueError(f"A threshold must be a number in [0, 1]. Got {text!r}")
+    if exact != 0 and value == 0.0:
+        raise ValueError(f"Threshold {text!r} underflows to 0 in double precision; use 0 or a number >= 1e-300")
+    return value
+
+
+class _Gate:
+    """Pure ASGI middleware in front of the ingress's routes: authentication before anything
+    of the request is parsed (so a bad query with no token is 401, not 422), and a last-resort
+    JSON error (with the request id, logged) for anything that escaped a handler."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        ingress = _ACTIVE_INGRESS
+        path = scope.get("path", "")
+        if ingress is not None and ingress.token is not None and not ingress.is_open(path):
+            headers = dict(scope.get("headers", ()))
+            if not ingress.authorized(headers.get(b"authorization", b"")):
+                response = _error_response(401, "unauthorized", "Missing or wrong bearer token: send "
+                                           "'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # a handler bug: never a bare 500 page, always a JSON body
+            request_id = _request_id(scope)
+            logger.exception("request %s: unhandled %s", request_id, type(exc).__name__)
+            if not started:
+                await _error_response(500, "internal_error", f"The service failed on this request "
+                                      f"({type(exc).__name__}); request id {request_id}")(scope, receive, send)
+
+
+api.add_middleware(_Gate)
+_ACTIVE_INGRESS: "Ingress | None" = None
+
+
+def _request_id(scope_or_request) -> str:
+    headers = scope_or_request.headers if isinstance(scope_or_request, Request) else None
+    if headers is not None:
+        return headers.get("x-request-id", "-")
+    for key, value in scope_or_request.get("headers", ()):
+        if key == b"x-request-id":
+            return value.decode("latin-1")
+    return "-"
+
+
+# Errors from a model replica that died (kill -9, OOM, node loss) or is gone: retried once on
+# another replica, then 503 + Retry-After. Imported lazily: Ray's exception classes.
+def _replica_errors() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    return RayActorError, ReplicaUnavailableError, DeploymentUnavailableError
 
 
 @serve.deployment(
@@ -241,8 +379,8 @@ class _Rejected(Exception):
     max_ongoing_requests=64,
     max_queued_requests=256,
     backpressure_config={"status_code": 503, "retry_after_s": 1},
-    autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32},
-    ray_actor_options={"num_cpus": 0.25},
+    autoscaling_config=AUTOSCALING["Ingress"],
+    ray_actor_options={"num_cpus": 0.2},
 )
 @serve.ingress(api)
 class Ingress:
@@ -260,28 +398,45 @@ class Ingress:
         self.models = {"router": describe_bundle(self.index.router, self.router_meta) if self.router_meta else None,
                        "classifiers": {p: describe_bundle(self.index.classifiers[p], m) for p, m in self.metas.items()},
                        "dataset": self.index.dataset, "index_created": self.index.created}
-        from ..imaging.preprocess import PreprocessConfig
+        from ..imaging.preprocess import PreprocessConfig, shared_decode_config
 
-        decode = (self.router_meta or next(iter(self.metas.values()))).preprocess_config()
+        decode = shared_decode_config([m.preprocess_config() for m in
+                                       ([self.router_meta] if self.router_meta else []) + list(self.metas.values())])
         if args.max_pixels:
             decode = PreprocessConfig.from_dict({**decode.to_dict(), "max_pixels": args.max_pixels})
         self.decode_config = decode
+        # Each model's own preprocessing: the ingress prepares every model's input (ModelInput),
+        # so only model-sized arrays travel to the replicas.
+        self.router_config = self.router_meta.preprocess_config() if self.router_meta else None
+        self.part_configs = {part: meta.preprocess_config() for part, meta in self.metas.items()}
         self.max_bytes = int(args.max_upload_mb * 1024 * 1024)
-        self.token = os.environ.get(args.auth_token_env) or None
+        token = os.environ.get(args.auth_token_env) or None
+        self.token = token.encode("utf-8") if token else None
+        self.open_paths = OPEN_PATHS + (DOCS_PATHS if args.public_docs else ())
         self._handles: dict[str, Any] = {}
+        self._ready = False
+        self._warned_unguarded = False
+        # The gate's authentication finds the ingress through the module (one Ingress per replica
+        # process): Serve runs a copy of `api` and a by-value copy of this class, so neither app
+        # state nor this function's globals are the ones the gate reads.
+        importlib.import_module(__name__)._ACTIVE_INGRESS = self
 
     # --------------------------------------------------------------- helpers
 
-    def _check_auth(self, request) -> None:
-        if self.token is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, supplied = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip(), self.token):
-            raise _Rejected(401, "unauthorized", "Missing or wrong bearer token: send 'Authorization: Bearer <token>'",
-                            {"WWW-Authenticate": "Bearer"})
+    def is_open(self, path: str) -> bool:
+        return path in self.open_paths
+
+    def authorized(self, header: bytes) -> bool:
+        """Bearer token check on the raw header bytes: any byte string compares (a non-ASCII
+        value is simply wrong), in constant time."""
+        scheme, _, supplied = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(supplied.strip(), self.token)
 
     async def _read_body(self, request) -> bytes:
+        if request.headers.get("x-fracray-proxy-guard") is None and not self._warned_unguarded:
+            self._warned_unguarded = True  # limits still hold here, but only after the proxy buffered the body
+            logger.warning("Serve's proxy runs without fracray's guard (set RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH="
+                           "fracray.serving.proxy_guard:proxy_middlewares on every node before Ray starts)")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
             raise _Rejected(413, "upload_too_large", f"Upload of {int(declared)} bytes exceeds the limit of "
@@ -295,25 +450,37 @@ class Ingress:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _uploads(self, request) -> list[tuple[str, bytes]]:
+    async def _uploads(self, request, max_files: int) -> list[tuple[str, bytes]]:
         """(file name, bytes) of each image: the raw body, or every file of a multipart form."""
-        body = await self._read_body(request)
         content_type = request.headers.get("content-type", "")
-        if not content_type.startswith("multipart/form-data"):
+        is_form = content_type.split(";", 1)[0].strip().lower() == "multipart/form-data"
+        if not is_form and not content_type_accepted(content_type):
+            raise _Rejected(415, "unsupported_media_type", f"Content-Type {content_type!r} is not an image: send "
+                            f"{', '.join(ACCEPTED_CONTENT_TYPES)}, multipart/form-data, or no Content-Type")
+        body = await self._read_body(request)
+        if not is_form:
             return [("upload.dcm" if "dicom" in content_type else "upload", body)]
 
         async def replay():
             return {"type": "http.request", "body": body, "more_body": False}
 
-        try:
-            form = await Request(request.scope, replay).form(max_files=self.args.max_study_images + 1,
-                                                              max_fields=100)
+        try:  # one more file than allowed, so that "too many" is told apart from a broken form
+            form = await Request(request.scope, replay).form(max_files=max_files + 1, max_fields=100)
         except Exception as exc:  # malformed multipart bodies raise several starlette/multipart errors
+            if "too many files" in str(exc).lower():
+                raise _Rejected(413, "too_many_files", f"At most {max_files} image(s) per request") from exc
             raise _Rejected(400, "bad_multipart", f"Could not parse the multipart form: {exc}") from exc
-        files = [(f.filename or key, await f.read()) for key, f in form.multi_items() if hasattr(f, "read")]
-        if not files:
+        parts = [(key, f) for key, f in form.multi_items() if hasattr(f, "read")]
+        if not parts:
             raise _Rejected(400, "no_file", "The multipart form has no file part; send the image as 'file'")
-        return files
+        if len(parts) > max_files:
+            raise _Rejected(413, "too_many_files", f"At most {max_files} image(s) per request; got {len(parts)}"
+                            + (". Use /v1/classify/study for several" if max_files == 1 else ""))
+        for key, f in parts:
+            if not content_type_accepted(f.content_type):
+                raise _Rejected(415, "unsupported_media_type", f"File part {f.filename or key!r} has Content-Type "
+                                f"{f.content_type!r}: send {', '.join(ACCEPTED_CONTENT_TYPES)} or none")
+        return [(f.filename or key, await f.read()) for key, f in parts]
 
     def _decode(self, name: str, data: bytes):
         from ..imaging.decode import ImageRejected
@@ -322,14 +489,19 @@ class Ingress:
         try:
             decoded = decode_for(data, self.decode_config, name=name)
         except ImageRejected as exc:
-            raise _Rejected(HTTP_STATUS_FOR_REJECT.get(exc.reason.value, 400), exc.reason.value, exc.detail) from exc
+            raise _Rejected(HTTP_STATUS_FOR_REJECT.get(exc.reason.value, 400), exc.reason.value, exc.detail,
+                            per_image=True) from exc
+        except Exception as exc:  # a decoder bug on a hostile file: this image's error, not the service's
+            raise _Rejected(400, "undecodable", f"The decoder failed on this file ({type(exc).__name__}: "
+                            f"{str(exc)[:200]}); check that it is a complete JPEG, PNG or DICOM radiograph",
+                            per_image=True) from exc
         if self.args.check_scope:
             from ..imaging.scope import OUT_OF_SCOPE, assess_scope
 
             verdict = assess_scope(decoded)
             if not verdict.in_scope:  # detail: "<reason>: <sentence>", e.g. "dicom_modality:CT: the DICOM ..."
                 raise _Rejected(HTTP_STATUS_FOR_REJECT[OUT_OF_SCOPE], OUT_OF_SCOPE,
-                                f"{verdict.reason}: {verdict.detail}")
+                                f"{verdict.reason}: {verdict.detail}", per_image=True)
         return decoded
 
     def _classifier_handle(self, body_part: str):
@@ -342,59 +514,87 @@ class Ingress:
         from ..inference.predictor import resolve_threshold
 
         try:
-            return resolve_threshold(self.metas[part], operating_point)
+            number = parse_threshold(operating_point) if operating_point is not None else None
+            return resolve_threshold(self.metas[part], number if number is not None else operating_point)
         except ValueError as exc:
             raise _Rejected(422, "bad_operating_point", str(exc)) from exc
 
-    async def _call(self, response):
-        """Await a downstream call; overload there becomes a 503 with Retry-After."""
+    async def _call(self, make_call, what: str):
+        """Await a downstream call. Overload there is 503 + Retry-After; a replica that died
+        under the call (or was gone) gets the call once more, on whichever replica the handle
+        picks now, then 503 + Retry-After."""
         from ray.serve.exceptions import BackPressureError
 
-        try:
-            return await response
-        except BackPressureError as exc:
-            raise _Rejected(503, "overloaded", f"The models are at capacity ({exc}); retry shortly",
-                            {"Retry-After": "1"}) from exc
+        for attempt in (1, 2):
+            try:
+                return await make_call()
+            except BackPressureError as exc:
+                raise _Rejected(503, "overloaded", f"The models are at capacity ({exc}); retry shortly",
+                                {"Retry-After": "1"}) from exc
+            except _replica_errors() as exc:
+                logger.warning("%s: replica unavailable (%s), attempt %d", what, type(exc).__name__, attempt)
+                if attempt == 2:
+                    raise _Rejected(503, "replica_unavailable", f"The {what} replica died or is restarting "
+                                    f"({type(exc).__name__}); retry shortly", {"Retry-After": "2"}) from exc
+                await asyncio.sleep(0.2)
 
     async def _classify_one(self, name: str, data: bytes, body_part: str | None, operating_point: str | None,
-                            gradcam: bool, overlay: bool = False) -> dict[str, Any]:
+                            gradcam: bool, overlay: bool, request_id: str) -> dict[str, Any]:
+        try:
+            return await self._classify_checked(name, data, body_part, operating_point, gradcam, overlay)
+        except _Rejected:
+            raise
+        except Exception as exc:  # anything else that fails on this image: its error, logged with the id
+            from ray.exceptions import RayTaskError
+
+            logger.exception("request %s: %s on one image", request_id, type(exc).__name__)
+            if isinstance(exc, RayTaskError):  # raised in a model replica (e.g. a model that cannot load)
+                raise _Rejected(503, "model_error", f"The model failed on this image ({type(exc).__name__}); "
+                                f"request id {request_id} is in the service's log. Retry later or report it",
+                                {"Retry-After": "5"}, per_image=True) from exc
+            raise _Rejected(422, "processing_failed", f"The service could not process this image "
+                            f"({type(exc).__name__}); request id {request_id} is in the service's log",
+                            per_image=True) from exc
+
+    async def _classify_checked(self, name: str, data: bytes, body_part: str | None, operating_point: str | None,
+                                gradcam: bool, overlay: bool) -> dict[str, Any]:
+        from ..imaging.preprocess import prepare_input
+        from ..inference.gradcam import overlay_png
         from ..inference.predictor import image_result
 
         started = time.perf_counter()
-        if body_part is not None:
-            body_part = body_part.strip().lower()
-            if body_part not in self.metas:
-                raise _Rejected(422, "unknown_body_part", f"No fracture model for body part {body_part!r}; "
-                                                          f"known: {sorted(self.metas)}")
         decoded = await asyncio.to_thread(self._decode, name, data)
         decoded_at = time.perf_counter()
         if body_part is None:
-            body_part, part_probability, route_batch = await self._call(self.router.route.remote(decoded))
+            routed = await asyncio.to_thread(prepare_input, decoded, self.router_config) if self.router_config else decoded
+            body_part, part_probability, route_batch = await self._call(lambda: self.router.route.remote(routed),
+                                                                        "router")
         else:
             part_probability, route_batch = None, None
         routed_at = time.perf_counter()
         if body_part not in self.metas:  # a router class without a trained classifier
             raise _Rejected(422, "unknown_body_part", f"The router chose {body_part!r}, which has no fracture model; "
-                                                      f"pass body_part (one of {sorted(self.metas)})")
+                                                      f"pass body_part (one of {sorted(self.metas)})", per_image=True)
         threshold = self._threshold(body_part, operating_point)
         handle = self._classifier_handle(body_part)
+        prepared = await asyncio.to_thread(prepare_input, decoded, self.part_configs[body_part])
         probability, classifier_name, classify_batch, findings = await self._call(
-            handle.classify.remote(decoded, body_part))
+            lambda: handle.classify.remote(prepared, body_part), "classifier")
         classified_at = time.perf_counter()
         result = image_result(body_part, part_probability, probability, threshold, classifier_name,
                               self.models["router"]["name"] if self.models["router"] else None, findings)
         result["operating_point"] = operating_point or "default"
+        size = (decoded.width, decoded.height)
         if overlay:
-            drawn = await self._call(handle.overlay.remote(decoded, body_part, findings))
-            result["overlay"] = {"png_base64": base64.b64encode(drawn["png"]).decode(), "heatmap": drawn["heatmap"],
+            drawn = await self._call(lambda: handle.heat.remote(prepared, body_part), "classifier")
+            png = await asyncio.to_thread(overlay_png, decoded.pixels, drawn["heat"].astype(np.float32),
+                                          findings=findings, image_size=size)
+            result["overlay"] = {"png_base64": base64.b64encode(png).decode(), "heatmap": drawn["heatmap"],
                                  "peak_xy": drawn["peak_xy"], "findings": len(findings)}
         if gradcam:
-            heatmap = await self._call(handle.explain.remote(decoded, body_part))
-            from ..inference.gradcam import heatmap_peak, overlay_png
-
-            png = await asyncio.to_thread(overlay_png, decoded.pixels, heatmap)
-            peak = heatmap_peak(heatmap)
-            result["gradcam"] = {"png_base64": base64.b64encode(png).decode(), "peak_xy": [peak[0], peak[1]],
+            drawn = await self._call(lambda: handle.heat.remote(prepared, body_part, True), "classifier")
+            png = await asyncio.to_thread(overlay_png, decoded.pixels, drawn["heat"].astype(np.float32))
+            result["gradcam"] = {"png_base64": base64.b64encode(png).decode(), "peak_xy": drawn["peak_xy"],
                                  "target": "fracture class"}
         result["timings_ms"] = {"decode": round(1000 * (decoded_at - started), 2),
                                 "route": round(1000 * (routed_at - decoded_at), 2),
@@ -405,85 +605,104 @@ class Ingress:
                            "format": decoded.source_format}
         return result
 
+    def _check_request(self, body_part: str | None, operating_point: str | None) -> str | None:
+        """Request-level options, checked once before any image is read."""
+        if body_part is not None:
+            body_part = body_part.strip().lower()
+            if body_part not in self.metas:
+                raise _Rejected(422, "unknown_body_part", f"No fracture model for body part {body_part!r}; "
+                                                          f"known: {sorted(self.metas)}")
+        if operating_point is not None:
+            try:  # a number is checked here; a name against the chosen model's operating points
+                parse_threshold(operating_point)
+            except ValueError as exc:
+                raise _Rejected(422, "bad_operating_point", str(exc)) from exc
+        return body_part
+
     @staticmethod
     def _error(exc: _Rejected):
-        return JSONResponse({"error": exc.reason, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+        return _error_response(exc.status, exc.reason, exc.detail, exc.headers)
 
     # --------------------------------------------------------------- endpoints
 
-    @api.get("/healthz", summary="Liveness: the ingress answers")
+    @api.get("/healthz", summary="Liveness: the ingress answers (open, says nothing about the models)")
     def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/readyz", summary="Readiness: the router and every classifier are loaded")
+    @api.get("/readyz", summary="Readiness: the router and every classifier are loaded (token required when set)")
     async def readyz(self):
         try:
             router = await self.router.ready.remote()
-            loaded = await asyncio.gather(*[self._classifier_handle(p).load.remote(p)
-                                            for p in sorted(self.metas)])
+            if not self._ready:  # load every classifier once; later probes do not make replicas load models
+                self._loaded = dict(zip(sorted(self.metas), await asyncio.gather(
+                    *[self._classifier_handle(p).load.remote(p) for p in sorted(self.metas)])))
+                self._ready = True
         except Exception as exc:  # not ready for any reason: say why, with 503
-            return JSONResponse({"status": "not_ready", "detail": f"{type(exc).__name__}: {exc}"}, status_code=503)
-        return {"status": "ready", "router": router["router"], "classifiers": dict(zip(sorted(self.metas), loaded))}
+            return _error_response(503, "not_ready", f"{type(exc).__name__}: {exc}", {"Retry-After": "2"})
+        return {"status": "ready", "router": router["router"], "classifiers": self._loaded}
 
     @api.get("/v1/models", summary="The router and classifiers this service runs")
-    def list_models(self, request: Request):
-        try:
-            self._check_auth(request)
-        except _Rejected as exc:
-            return self._error(exc)
+    def list_models(self):
         return self.models
 
     @api.post("/v1/classify", summary="Classify one radiograph",
-              description="Send the image as the raw request body (image/jpeg, image/png, application/dicom) or as "
-                          "the 'file' part of a multipart form. body_part skips the router; operating_point is a "
-                          "named operating point of the model (see /v1/models) or a threshold in [0, 1]; "
+              description="Send the image as the raw request body (image/jpeg, image/png, application/dicom, "
+                          "application/octet-stream or no Content-Type) or as the 'file' part of a multipart form "
+                          "(more than one file: 413 too_many_files). body_part skips the router; operating_point is "
+                          "a named operating point of the model (see /v1/models) or a threshold in [0, 1]; "
                           "gradcam=true adds a heatmap PNG (base64); overlay=true adds the radiograph with the "
                           "heatmap and the findings drawn (PNG, base64). " + _RESULT_FIELDS)
     async def classify(self, request: Request, body_part: str | None = _body_part_query(),
                        operating_point: str | None = _operating_point_query(), gradcam: bool = _gradcam_query(),
                        overlay: bool = _overlay_query()):
         try:
-            self._check_auth(request)
-            uploads = await self._uploads(request)
-            if len(uploads) != 1:
-                raise _Rejected(400, "too_many_files", f"/v1/classify takes one image; got {len(uploads)}. "
-                                                       f"Use /v1/classify/study for several")
-            name, data = uploads[0]
-            return await self._classify_one(name, data, body_part, operating_point, gradcam, overlay)
+            body_part = self._check_request(body_part, operating_point)
+            (name, data), = await self._uploads(request, max_files=1)
+            return await self._classify_one(name, data, body_part, operating_point, gradcam, overlay,
+                                            _request_id(request))
         except _Rejected as exc:
             return self._error(exc)
 
     @api.post("/v1/classify/study", summary="Classify a study (several images of one examination)",
-              description="Multipart form with one 'files' part per image. Returns each image's result and the "
-                          "study's: mean fracture probability over its images (MURA's rule) against the mean "
-                          "threshold. Images that cannot be read are listed with their reason and left out. "
-                          "Each image's result has the fields of /v1/classify's: " + _RESULT_FIELDS)
+              description="Multipart form with one 'files' part per image (at most max_study_images, 32 by default; "
+                          "more: 413 too_many_files). Returns each image's result and the study's: mean fracture "
+                          "probability over its images (MURA's rule) against the mean threshold. An image that "
+                          "cannot be read, is out of scope or fails is listed with its error and detail and left "
+                          "out; the rest are scored. Each image's result has the fields of /v1/classify's: "
+                          + _RESULT_FIELDS)
     async def classify_study(self, request: Request, body_part: str | None = _body_part_query(),
                              operating_point: str | None = _operating_point_query(),
                              gradcam: bool = _gradcam_query(), overlay: bool = _overlay_query()):
         try:
-            self._check_auth(request)
-            uploads = await self._uploads(request)
-            if len(uploads) > self.args.max_study_images:
-                raise _Rejected(413, "too_many_files", f"A study may have at most {self.args.max_study_images} images")
-            outcomes = await asyncio.gather(*[self._classify_one(n, d, body_part, operating_point, gradcam, overlay)
+            body_part = self._check_request(body_part, operating_point)
+            uploads = await self._uploads(request, max_files=self.args.max_study_images)
+            request_id = _request_id(request)
+            outcomes = await asyncio.gather(*[self._classify_one(n, d, body_part, operating_point, gradcam, overlay,
+                                                                 request_id)
                                               for n, d in uploads], return_exceptions=True)
             images = []
             for (name, _), outcome in zip(uploads, outcomes):
                 if isinstance(outcome, _Rejected):
-                    if outcome.status in (401, 422, 503) and outcome.reason != "out_of_scope":
-                        raise outcome  # not about this image: fail the request
+                    if not outcome.per_image:
+                        raise outcome  # not about this image (overload, a dead replica twice): fail the request
                     images.append({"image": {"name": name}, "error": outcome.reason, "detail": outcome.detail})
-                elif isinstance(outcome, BaseException):
-                    raise outcome
+                elif isinstance(outcome, BaseException):  # _classify_one converts everything; kept as a guard
+                    logger.error("request %s: %s", request_id, type(outcome).__name__)
+                    images.append({"image": {"name": name}, "error": "processing_failed",
+                                   "detail": f"{type(outcome).__name__}; request id {request_id}"})
                 else:
                     images.append(outcome)
             scored = [r for r in images if "fracture_probability" in r]
             if not scored and all(r.get("error") == "out_of_scope" for r in images):
                 raise _Rejected(422, "out_of_scope", "None of the study's images is a limb radiograph: "
                                 + "; ".join(f"{r['image']['name']}: {r['detail']}" for r in images))
+            if not scored and any(r.get("error") == "model_error" for r in images):
+                raise _Rejected(503, "model_error", "No image of the study could be scored: "
+                                + "; ".join(f"{r['image']['name']}: {r['detail']}" for r in images),
+                                {"Retry-After": "5"})
             if not scored:
-                raise _Rejected(400, "no_readable_image", "None of the study's images could be read",)
+                raise _Rejected(400, "no_readable_image", "None of the study's images could be scored: "
+                                + "; ".join(f"{r['image']['name']}: {r['error']}" for r in images))
             probability = float(np.mean([r["fracture_probability"] for r in scored]))
             threshold = float(np.mean([r["threshold"] for r in scored]))
             study = {"images": len(images), "scored": len(scored), "fracture_probability": probability,
@@ -511,12 +730,22 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None):
         ingress_options["max_ongoing_requests"] = args.max_ongoing_requests
     if args.max_queued_requests is not None:
         ingress_options["max_queued_requests"] = args.max_queued_requests
+    router_options, classifier_options = dict(model_options), dict(model_options)
+    if args.num_gpus is not None:
+        router_options["ray_actor_options"] = {"num_cpus": 0.2, "num_gpus": args.num_gpus}
     if args.replicas is not None:
         fixed = {"num_replicas": args.replicas, "autoscaling_config": None}
-        model_options.update(fixed)
-        ingress_options.update(fixed)
-    router = BodyPartRouter.options(**model_options).bind(args)
-    classifiers = FractureClassifiers.options(**model_options).bind(args)
+        for options in (router_options, classifier_options, ingress_options):
+            options.update(fixed)
+    elif args.min_replicas != ServeArgs.min_replicas:
+        for deployment, options in ((BodyPartRouter, router_options), (FractureClassifiers, classifier_options),
+                                    (Ingress, ingress_options)):
+            scaling = dict(AUTOSCALING[deployment.name], min_replicas=args.min_replicas,
+                           initial_replicas=args.min_replicas)
+            scaling["max_replicas"] = max(scaling["max_replicas"], args.min_replicas)
+            options["autoscaling_config"] = scaling
+    router = BodyPartRouter.options(**router_options).bind(args)
+    classifiers = FractureClassifiers.options(**classifier_options).bind(args)
     return Ingress.options(**ingress_options).bind(router, classifiers, args)
 
 

@@ -1,0 +1,207 @@
+"""Which Ray every command runs on, decided once, said out loud, and checked before joining.
+
+``ray.init()`` on its own joins whatever address ``RAY_ADDRESS`` or the session file of the
+last ``ray start`` (``/tmp/ray/ray_current_cluster``) names. When that cluster has died, it
+retries the dead GCS for many minutes, printing time-outs. :func:`connect` makes the same
+choice as Ray, prints it, and refuses in a few seconds, with what to do, when nothing
+listens at the address. Ray is imported only when a command connects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+__all__ = ["ClusterChoice", "RayClusterUnreachable", "choose_cluster", "check_reachable", "connect",
+           "session_file_path"]
+
+# What to do when the cluster cannot be reached: the two ways out, in every message.
+ADVICE = ("Set RAY_ADDRESS=local to start a private local Ray, or `ray stop` to clear the dead cluster's "
+          "session files (it also stops any Ray still running on this machine)")
+# kwargs that size a new local instance; ray.init refuses them when joining a cluster.
+LOCAL_ONLY = ("num_cpus", "num_gpus", "resources", "labels", "object_store_memory")
+# GCS connection attempts ray.init makes once the port has answered. Ray's default, 20, is ~20 s when
+# the cluster refuses the token and ~13 min when the port is not a GCS (each attempt already waits ~40 s).
+JOIN_ATTEMPTS = "1"
+
+
+class RayClusterUnreachable(ConnectionError):
+    """The chosen cluster does not answer; the message says which, why and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterChoice:
+    """address: host:port (or ray://host:port) to join, None for a new local instance.
+    source: where the address came from, for messages. init_address: what to pass to ray.init
+    (None for a cluster found in the session file, so that Ray re-reads it and turns on token
+    authentication itself, as it does for clusters it finds)."""
+
+    address: str | None
+    source: str
+    init_address: str | None
+
+    @property
+    def joins(self) -> bool:
+        return self.address is not None
+
+
+def session_file_path(temp_dir: str | None = None) -> str:
+    """Ray's record of the last ``ray start`` on this machine (under $RAY_TMPDIR, $TMPDIR or /tmp)."""
+    from ray._common.utils import get_ray_address_file
+
+    return get_ray_address_file(temp_dir)
+
+
+def choose_cluster(address: str | None = None, *, environ: Mapping[str, str] | None = None,
+                   session_file: str | None = None) -> ClusterChoice:
+    """Ray's own order: an explicit ``address``; else ``RAY_ADDRESS``; else (address None or
+    "auto") the cluster recorded in ``session_file``; else a new local instance ("auto" with
+    no record: whatever local Ray ray.init finds). "local" always means a new local instance."""
+    environ = os.environ if environ is None else environ
+    from_env = address in (None, "", "auto") and bool(environ.get("RAY_ADDRESS"))
+    if from_env:
+        address = environ["RAY_ADDRESS"]
+    source = "from RAY_ADDRESS" if from_env else "from the address argument"
+    if address == "local":
+        return ClusterChoice(None, "RAY_ADDRESS=local" if from_env else "address='local'", "local")
+    if address not in (None, "", "auto"):
+        return ClusterChoice(address, source, address)
+    path = session_file if session_file is not None else session_file_path()
+    recorded = _read_session_file(path)
+    if recorded:
+        return ClusterChoice(recorded, f"recorded by `ray start` in {path}", address or None)
+    if address == "auto":
+        return ClusterChoice(None, "address='auto' and no `ray start` record: any running local Ray", "auto")
+    return ClusterChoice(None, "no RAY_ADDRESS and no `ray start` record", "local")
+
+
+def _read_session_file(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of "host:port" or "ray://host:port"; None for what cannot be checked this way."""
+    rest = address.split("://", 1)[1] if address.startswith("ray://") else address
+    if "://" in rest:
+        return None
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, *, timeout_s: float = 5.0) -> str | None:
+    """None if something accepts a TCP connection at the address's port within ``timeout_s``
+    (retrying, so a head that is just starting gets a moment), else why not. Both the address
+    as given and Ray's form of it (local names become the node's IP, which is where
+    ``ray start`` listens) are tried."""
+    parsed = _host_port(address)
+    if parsed is None:
+        return None
+    host, port = parsed
+    hosts = [host]
+    try:
+        from ray._private.services import resolve_ip_for_localhost
+
+        hosts.append(resolve_ip_for_localhost(host))
+    except Exception:  # private API: the address as given is still checked
+        pass
+    deadline = time.monotonic() + timeout_s
+    why = "no answer"
+    while True:
+        for candidate in dict.fromkeys(hosts):
+            remaining = max(0.2, min(2.0, deadline - time.monotonic()))
+            try:
+                with socket.create_connection((candidate, port), timeout=remaining):
+                    return None
+            except OSError as exc:
+                why = f"TCP connect to {candidate}:{port}: {exc.strerror or exc}"
+        if time.monotonic() >= deadline:
+            return f"{why} (tried for {timeout_s:g} s)"
+        time.sleep(0.25)
+
+
+def _local_cpus(init_kwargs: Mapping[str, Any]) -> str:
+    if init_kwargs.get("num_cpus") is not None:
+        return f"{init_kwargs['num_cpus']:g}"
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return str(get_num_cpus())
+    except Exception:
+        return str(os.cpu_count() or 1)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)  # stderr: commands print their JSON results on stdout
+
+
+def connect(address: str | None = None, *, timeout_s: float = 5.0, log: Callable[[str], None] = _say,
+            **init_kwargs: Any) -> ClusterChoice:
+    """``ray.init`` for every command and benchmark: decide which Ray (see :func:`choose_cluster`),
+    say it in one line, and when joining check first that the GCS port answers, so that a dead
+    cluster fails in seconds with :class:`RayClusterUnreachable` instead of hanging. ``init_kwargs``
+    go to ``ray.init`` (log_to_driver, num_cpus, runtime_env, ...). A no-op when Ray is already
+    initialised in this process (tests, or a caller that connected itself)."""
+    import ray
+
+    if ray.is_initialized():
+        return ClusterChoice(None, "already initialised in this process", None)
+    choice = choose_cluster(address, session_file=session_file_path(init_kwargs.get("_temp_dir")))
+    if not choice.joins:
+        if choice.init_address == "auto":
+            log(f"Ray: joining a running local Ray ({choice.source})")
+        else:
+            log(f"Ray: starting a local Ray instance ({_local_cpus(init_kwargs)} CPUs; {choice.source})")
+        ray.init(address=choice.init_address, **init_kwargs)
+        return choice
+    local_only = [k for k in LOCAL_ONLY if init_kwargs.get(k) is not None]
+    if local_only:
+        raise ValueError(f"{', '.join(local_only)} set a new local Ray's size, but this would join the cluster at "
+                         f"{choice.address} ({choice.source}). Set RAY_ADDRESS=local to measure on a private local "
+                         f"Ray. Got {({k: init_kwargs[k] for k in local_only})}")
+    log(f"Ray: joining the cluster at {choice.address} ({choice.source})")
+    why = check_reachable(choice.address, timeout_s=timeout_s)
+    if why is not None:
+        raise RayClusterUnreachable(f"No Ray cluster answers at {choice.address} ({choice.source}): {why}. "
+                                    f"{ADVICE}.")
+    token_auth = _enable_token_auth_if_available()
+    bounded = "RAY_gcs_server_port_wait_time_s" not in os.environ
+    if bounded:  # read by ray.init as it connects; the port answers, so one attempt is enough
+        os.environ["RAY_gcs_server_port_wait_time_s"] = JOIN_ATTEMPTS
+    try:
+        ray.init(address=choice.init_address, **init_kwargs)
+    except (ConnectionError, RuntimeError) as exc:
+        auth = ("this process sends the token in RAY_AUTH_TOKEN or ~/.ray/auth_token: check that it is the "
+                "cluster's (`ray get-auth-token` on its head)" if token_auth else
+                "set RAY_AUTH_MODE=token, with its token in RAY_AUTH_TOKEN or ~/.ray/auth_token")
+        raise RayClusterUnreachable(f"Something answers at {choice.address} ({choice.source}) but Ray could not join "
+                                    f"a cluster there ({exc}). If the cluster uses token authentication (Ray 2.60's "
+                                    f"`ray start` turns it on), {auth}. Otherwise it is not a Ray port or the "
+                                    f"cluster is stuck: {ADVICE}.") from exc
+    finally:
+        if bounded:
+            os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
+    return choice
+
+
+def _enable_token_auth_if_available() -> bool:
+    """When RAY_AUTH_MODE is unset and a token is at hand, turn token authentication on, as
+    ray.init does for clusters it finds itself but not for an explicit address (RAY_ADDRESS).
+    Harmless against a cluster without authentication (it ignores the token)."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        return bool(maybe_enable_token_auth_if_token_available(warn_if_disabled=False))
+    except Exception:  # private API moved: leave authentication to Ray's defaults
+        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
