@@ -329,3 +329,24 @@ def test_a_killed_replica_under_load_costs_no_500_and_heals(hardened, deployment
         time.sleep(2)
     assert _running_replicas(deployment) == 2 and victim not in _replica_pids()[deployment]
     assert _post(url, data=images[0]).status_code == 200
+
+
+# ----------------------------------------------------------------------------- pydicom's corpus over HTTP
+
+def test_every_pydicom_test_file_gets_an_answer_over_http(hardened):
+    """Each of pydicom's real-world test files: a result or a JSON error with a named reason,
+    never a 500, and the service keeps serving."""
+    from test_dicom_corpus import MUST_DECODE, corpus_files
+
+    known = {"ok", "empty_file", "corrupt", "truncated", "too_small", "not_an_image", "unsupported_format",
+             "unsupported_dicom", "decompression_bomb", "out_of_scope", "upload_too_large", "undecodable"}
+    answers = {}
+    for path in corpus_files():
+        r = _post(hardened, data=path.read_bytes(), headers={"content-type": "application/dicom"},
+                  params={"body_part": "wrist"})
+        assert r.status_code != 500 and r.headers["content-type"].startswith("application/json"), (path, r.text)
+        answers[path.name] = "ok" if r.status_code == 200 else r.json()["error"]
+    assert set(answers.values()) <= known, answers
+    for name in MUST_DECODE.values():  # decoded: scored, or refused as not a limb radiograph (CT, MR, NM)
+        assert answers[name] in ("ok", "out_of_scope"), (name, answers[name])
+    assert _post(hardened, data=_image(seed=9)).status_code == 200

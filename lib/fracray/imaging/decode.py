@@ -115,6 +115,30 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+# Groups a DICOM data set starts with: file meta (0002), identification (0008), or, in files
+# that leave those out, patient (0010) / acquisition (0018) / study (0020) / image (0028).
+_FIRST_GROUPS = (0x0002, 0x0008, 0x0010, 0x0018, 0x0020, 0x0028)
+
+
+def looks_like_raw_dicom(data: bytes) -> bool:
+    """Does ``data`` start like a DICOM data set without the 128-byte preamble: a first tag in a
+    standard group, little or big endian, followed by an explicit VR or a plausible implicit
+    length? (The check ``sniff_format`` makes, for files that lack the "DICM" marker.)"""
+    if len(data) < 16:
+        return False
+    for order in ("<", ">"):
+        group, element = struct.unpack(order + "HH", data[:4])
+        if group not in _FIRST_GROUPS or element > 0x0100:
+            continue
+        vr = data[4:6]
+        if vr.isalpha() and vr.isupper():
+            return True
+        length = struct.unpack(order + "I", data[4:8])[0]
+        if length < min(len(data), 1 << 16):
+            return True
+    return False
+
+
 def decode_image(
     data: bytes,
     *,
@@ -136,6 +160,8 @@ def decode_image(
     if not data:
         raise ImageRejected(RejectReason.EMPTY_FILE, "the file is empty (0 bytes)")
     fmt = sniff_format(data)
+    if fmt is None and looks_like_raw_dicom(data):
+        fmt = "DICOM"  # a data set written without the preamble and "DICM" (some exports do)
     if fmt == "DICOM" or (fmt is None and allow_headerless_dicom):
         return _decode_dicom(data, max_pixels=max_pixels, min_side=min_side)
     return _decode_pillow(data, max_pixels=max_pixels, min_side=min_side, draft_size=draft_size)
@@ -275,6 +301,19 @@ def _min_max(arr: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- DICOM
 
+def _infer_transfer_syntax(ds) -> None:
+    """A data set read without file meta (a raw data set, or meta without (0002,0010)) is
+    uncompressed in the encoding pydicom found while reading it: say so, so its pixels decode."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    implicit, little = ds.original_encoding
+    if not hasattr(ds, "file_meta") or ds.file_meta is None:
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                      ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
 def _decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -284,6 +323,8 @@ def _decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImag
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError) as exc:
         raise ImageRejected(RejectReason.CORRUPT, f"unreadable DICOM: {exc}") from exc
+    if "PixelData" in ds and "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        _infer_transfer_syntax(ds)
     if "PixelData" not in ds:
         if not hasattr(ds, "SOPClassUID") and not hasattr(ds, "Modality"):
             raise ImageRejected(RejectReason.NOT_AN_IMAGE, "neither an image nor a DICOM object")
