@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+bash scripts/install_pacs_tools.sh || true  # dcmtk + Orthanc for the DICOM tests (they skip without)
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,1 @@
+"""DICOM in and out of a hospital's PACS: results as DICOM objects (``results``)."""

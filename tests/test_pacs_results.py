@@ -1,0 +1,141 @@
+"""Results as DICOM: the Structured Report (TID 1500) and the overlay Secondary Capture, read
+back with highdicom and checked with dcmtk's dsrdump/dcmdump where installed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fracray.data.synthetic import render_radiograph
+from fracray.pacs.results import StudyFinding, overlay_secondary_capture, structured_report
+
+
+def dx_source(rows: int = 480, cols: int = 360, *, study_uid: str | None = None, seed: int = 0):
+    """A DX image with realistic patient, study and series modules."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Doe^Jane", "P-0001", "19700101", "F"
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20261124", "101010", "ACC1", "S1"
+    ds.ReferringPhysicianName, ds.Modality, ds.BodyPartExamined = "", "DX", "WRIST"
+    ds.SeriesNumber, ds.InstanceNumber, ds.PatientOrientation = 1, 1, ["L", "F"]
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    pixels = render_radiograph(np.random.default_rng(seed), "wrist", rows, cols, fracture=True).pixels
+    ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
+    return ds
+
+
+def _finding(source, label=1, regions=True) -> StudyFinding:
+    boxes = {str(source.SOPInstanceUID): [{"box": [40, 60, 140, 200], "score": 0.77},
+                                          {"box": [200, 300, 260, 380], "score": 0.55}]} if regions else {}
+    return StudyFinding(fracture_probability=0.83 if label else 0.12, threshold=0.41, label=label,
+                        model_name="fracture_wrist:efficientnet_lite0", model_version="2026-11-24T10:00:00+00:00",
+                        operating_point="high_sensitivity", regions=boxes)
+
+
+def test_structured_report_reads_back_with_every_fact(tmp_path):
+    import highdicom as hd
+
+    source = dx_source()
+    sr = structured_report([source], _finding(source))
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    back = hd.sr.srread(path)
+    # In the patient's study, a new series; the patient and study modules copied.
+    assert back.StudyInstanceUID == source.StudyInstanceUID and back.SeriesInstanceUID != source.SeriesInstanceUID
+    assert (back.PatientID, str(back.PatientName), back.AccessionNumber) == ("P-0001", "Doe^Jane", "ACC1")
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    study_groups = back.content.get_image_measurement_groups()
+    assert len(study_groups) == 1
+    values = {m.name.meaning: m.value for m in study_groups[0].get_measurements()}
+    assert values == {"Fracture probability": pytest.approx(0.83), "Decision threshold": pytest.approx(0.41)}
+    regions = back.content.get_planar_roi_measurement_groups()
+    assert len(regions) == 2
+    outline = np.asarray(regions[0].roi.GraphicData, float).reshape(-1, 2)
+    assert outline.tolist() == [[40, 60], [140, 60], [140, 200], [40, 200], [40, 60]]
+    assert regions[0].roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert [m.value for m in regions[0].get_measurements()] == [pytest.approx(0.77)]
+    assert "not for diagnosis alone" in back.SeriesDescription
+    # Evidence: the source image is referenced, so the PACS links the report to it.
+    evidence = back.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_the_same_study_and_model_give_the_same_instances():
+    source = dx_source()
+    first, again = structured_report([source], _finding(source)), structured_report([source], _finding(source))
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
+    other = dx_source()
+    assert structured_report([other], _finding(other)).SOPInstanceUID != first.SOPInstanceUID
+    sc1 = overlay_secondary_capture(source, source.pixel_array, _finding(source))
+    sc2 = overlay_secondary_capture(source, source.pixel_array, _finding(source))
+    assert sc1.SOPInstanceUID == sc2.SOPInstanceUID != first.SOPInstanceUID
+
+
+def test_no_fracture_is_reported_as_absent():
+    import highdicom as hd
+
+    source = dx_source()
+    sr = structured_report([source], _finding(source, label=0, regions=False))
+    items = [i for i in sr.ContentSequence[-1].ContentSequence[0].ContentSequence
+             if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeMeaning == "Finding"]
+    assert items[0].ConceptCodeSequence[0].CodeValue == "373572006"  # clinical finding absent
+    assert not hd.sr.ComprehensiveSR.from_dataset(sr).content.get_planar_roi_measurement_groups()
+
+
+def test_overlay_secondary_capture_has_the_banner_and_boxes(tmp_path):
+    source = dx_source()
+    sc = overlay_secondary_capture(source, source.pixel_array, _finding(source))
+    assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sc.BurnedInAnnotation == "YES" and sc.PatientID == "P-0001" and sc.Modality == "OT"
+    rgb = sc.pixel_array
+    assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.shape[1] == 360 and rgb.shape[0] > 480  # banner on top
+    yellow = (rgb[..., 0] > 200) & (rgb[..., 1] > 200) & (rgb[..., 2] < 80)
+    magenta = (rgb[..., 0] > 200) & (rgb[..., 1] < 80) & (rgb[..., 2] > 200)
+    banner_rows = rgb.shape[0] - 480
+    assert yellow[:banner_rows].sum() > 100 and yellow[banner_rows:].sum() == 0
+    assert magenta[banner_rows:].sum() > 100  # the boxes, below the banner
+    sc.save_as(tmp_path / "sc.dcm")
+
+
+@pytest.mark.parametrize("problem", ["two_studies", "box_outside", "unknown_image", "bad_probability"])
+def test_bad_results_are_refused_loudly(problem):
+    source = dx_source()
+    finding = _finding(source)
+    with pytest.raises(ValueError):
+        if problem == "two_studies":
+            structured_report([source, dx_source()], finding)
+        elif problem == "box_outside":
+            structured_report([source], StudyFinding(0.5, 0.5, 1, "m", "v", regions={
+                str(source.SOPInstanceUID): [{"box": [0, 0, 999, 10], "score": 0.5}]}))
+        elif problem == "unknown_image":
+            structured_report([source], StudyFinding(0.5, 0.5, 1, "m", "v", regions={"1.2.3": []}))
+        else:
+            StudyFinding(1.5, 0.5, 1, "m", "v")
+
+
+@pytest.mark.skipif(shutil.which("dsrdump") is None,
+                    reason="dcmtk is not installed: bash scripts/install_pacs_tools.sh (apt-get install dcmtk)")
+def test_dcmtk_reads_the_report_and_the_overlay(tmp_path):
+    source = dx_source()
+    structured_report([source], _finding(source)).save_as(tmp_path / "sr.dcm")
+    overlay_secondary_capture(source, source.pixel_array, _finding(source)).save_as(tmp_path / "sc.dcm")
+    dump = subprocess.run(["dsrdump", str(tmp_path / "sr.dcm")], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0 and "error" not in dump.stderr.lower(), dump.stderr
+    assert "Imaging Measurement Report" in dump.stdout and '"Fracture probability")="0.83"' in dump.stdout
+    assert '(72704001,SCT,"Fracture")' in dump.stdout
+    header = subprocess.run(["dcmdump", "+P", "BurnedInAnnotation", str(tmp_path / "sc.dcm")], capture_output=True,
+                            text=True, timeout=60)
+    assert header.returncode == 0 and "YES" in header.stdout
