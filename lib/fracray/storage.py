@@ -21,6 +21,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from . import dicomweb
+
 __all__ = [
     "StorageOptions",
     "StorageError",
@@ -159,6 +161,11 @@ def _to_uri(template: str, fs_path: str) -> str:
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+    if dicomweb.is_dicomweb(uri):  # a PACS instance: WADO-RS
+        try:
+            return dicomweb.read_instance(uri)
+        except (dicomweb.DicomWebError, ValueError) as exc:
+            raise StorageError(f"Could not read {uri}: {exc}") from exc
     fs, path = resolve(uri, options)
     try:
         with fs.open_input_stream(path) as f:
@@ -213,6 +220,8 @@ def ensure_dir(uri: str, options: StorageOptions | None = None) -> None:
 
 
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    if dicomweb.is_dicomweb(uri):  # a query, study, series or instance exists if it names an instance
+        return bool(list_files(uri, options))
     fs, path = resolve(uri, options)
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
@@ -226,7 +235,13 @@ def is_dir(uri: str, options: StorageOptions | None = None) -> bool:
 
 
 def list_files(uri: str, options: StorageOptions | None = None, *, recursive: bool = True) -> list[str]:
-    """All files under a directory URI, as URIs, sorted (deterministic order)."""
+    """All files under a directory URI, as URIs, sorted (deterministic order). For a DICOMweb
+    URI (a query, a study, a series): every instance it names (QIDO-RS)."""
+    if dicomweb.is_dicomweb(uri):
+        try:
+            return dicomweb.list_instances(uri)
+        except (dicomweb.DicomWebError, ValueError) as exc:
+            raise StorageError(f"Could not list {uri}: {exc}") from exc
     fs, path = resolve(uri, options)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
@@ -239,6 +254,11 @@ def list_files(uri: str, options: StorageOptions | None = None, *, recursive: bo
 
 def relative_to(uri: str, root: str) -> str:
     """The part of ``uri`` below ``root``, with ``/`` separators."""
+    if dicomweb.is_dicomweb(root):  # below the service root (a query URI is no prefix of its instances)
+        base = dicomweb.parse(root).uri_base.rstrip("/") + "/"
+        if not uri.startswith(base):
+            raise ValueError(f"{uri} is not in the DICOMweb service {base}")
+        return uri[len(base):]
     if is_remote(root):
         base = root.rstrip("/") + "/"
         if not uri.startswith(base):

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from .. import storage
+from .. import dicomweb, storage
 from ..storage import StorageOptions
 from .manifest import MANIFEST_SCHEMA, IndexResult, LABEL_UNKNOWN, conform, make_manifest, make_rejects, read_table
 
@@ -484,6 +484,9 @@ def index_tree(data_uri: str, options: StorageOptions | None = None) -> IndexRes
         stray = _is_stray(name)
         if stray:
             rejects.append((uri, "stray_file", stray))
+        elif dicomweb.is_dicomweb(uri):
+            rows.append({"image_uri": uri, "dataset": "dicomweb", "study_id": dicomweb.parse(uri).study,
+                         "label_note": "unlabelled PACS query"})
         elif name.lower().endswith(IMAGE_SUFFIXES) or "." not in name:
             folder = rel.rsplit("/", 1)[0] if "/" in rel else rel.rsplit(".", 1)[0]
             rows.append({"image_uri": uri, "dataset": "tree", "study_id": folder, "label_note": "unlabelled archive"})
@@ -496,6 +499,8 @@ def detect_layout(data_uri: str, options: StorageOptions | None = None) -> str:
     """mura, fracatlas, manifest or tree, from what lies at ``data_uri``."""
     if data_uri.lower().endswith((".csv", ".parquet")):
         return "manifest"
+    if dicomweb.is_dicomweb(data_uri):  # a PACS: its instances, one study per StudyInstanceUID
+        return "tree"
     for layout, probe in (("mura", _mura_base), ("fracatlas", _fracatlas_root)):
         try:
             probe(data_uri, options)

@@ -1,0 +1,50 @@
+"""``publish_results``: a score_archive run's results back into the PACS, as DICOM.
+
+    score_archive.py --input 'dicomweb://pacs:8042/dicom-web?StudyDate=20261124&ModalitiesInStudy=CR%5CDX' \\
+                     --models runs/latest/model_index.json --output runs/scores-20261124
+    publish_results.py --scores runs/scores-20261124
+
+Each study gets a Structured Report (TID 1500: finding, probability, threshold, model, regions)
+and an overlay Secondary Capture per scored image, in new series of the same study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import dicomweb, storage
+from .common import add_storage_arguments, storage_options_from_args
+
+__all__ = ["get_args_parser", "main"]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="publish_results.py", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        epilog="DICOMweb credentials: FRACRAY_DICOMWEB_TOKEN (bearer) or FRACRAY_DICOMWEB_USER/"
+               "FRACRAY_DICOMWEB_PASSWORD; never in URIs. Publishing again replaces the same instances.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scores", required=True, help="the score_archive output folder (local or s3://)")
+    parser.add_argument("--pacs", default=None,
+                        help="DICOMweb service to store into, e.g. dicomweb://pacs:8042/dicom-web (default: the one "
+                             "the scored images came from)")
+    parser.add_argument("--no-overlays", dest="overlays", action="store_false",
+                        help="store the Structured Reports only, not the overlay images")
+    add_storage_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    from ..pacs.publish import publish_scores
+
+    if args.pacs is not None and not dicomweb.is_dicomweb(args.pacs):
+        print(f"error: --pacs must be a dicomweb:// or dicomwebs:// URI. Got {args.pacs!r}", file=sys.stderr)
+        return 2
+    try:
+        publish_scores(args.scores, args.pacs, options=storage_options_from_args(args), overlays=args.overlays)
+    except (ValueError, FileNotFoundError, OSError, storage.StorageError) as exc:  # DicomWebError is an OSError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,161 @@
+"""A real PACS (Orthanc with DICOMweb, on 127.0.0.1, its own storage folder): load a study by
+STOW-RS, score it through a dicomweb:// query with score_archive (QIDO-RS, WADO-RS through Ray
+Data), publish the SR and overlays back into the same study, and publish again without
+duplicates. Real FracAtlas radiographs when ../shared is there, else synthetic ones."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import REPO, _free_port
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("Orthanc") is None or not Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so").exists(),
+    reason="Orthanc with DICOMweb is not installed: bash scripts/install_pacs_tools.sh "
+           "(apt-get install orthanc orthanc-dicomweb)")
+
+FRACATLAS = REPO.parent / "shared" / "data" / "fracatlas" / "FracAtlas" / "images" / "Fractured"
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("orthanc")
+    http = _free_port()
+    started = subprocess.run(["bash", str(REPO / "scripts" / "orthanc.sh"), "start", str(folder), str(http),
+                              str(_free_port())], capture_output=True, text=True, timeout=60)
+    assert started.returncode == 0, started.stderr
+    yield {"uri": f"dicomweb://127.0.0.1:{http}/dicom-web", "rest": f"http://127.0.0.1:{http}", "folder": folder,
+           "http": http}
+    subprocess.run(["bash", str(REPO / "scripts" / "orthanc.sh"), "stop", str(folder)], timeout=60)
+
+
+def _radiographs(n: int) -> list[np.ndarray]:
+    """Real FracAtlas radiographs (grey, uint8) when the shared data is there, else synthetic."""
+    from PIL import Image
+
+    if FRACATLAS.is_dir():
+        paths = sorted(FRACATLAS.glob("*.jpg"))[:n]
+        return [np.asarray(Image.open(p).convert("L")) for p in paths]
+    from fracray.data.synthetic import render_radiograph
+
+    return [render_radiograph(np.random.default_rng(i), "hand", 600, 480, fracture=True).pixels for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def loaded_study(orthanc):
+    """One study of three images, each in another transfer syntax, MONOCHROME1 and 2, stored by STOW-RS."""
+    from pydicom.uid import generate_uid
+
+    from fracray import dicomweb
+    from fracray.pacs.wrap import StudyIdentity, wrap_radiograph
+
+    study = StudyIdentity(patient_id="FA-0001", patient_name="Atlas^Frac", study_uid=generate_uid(),
+                          accession="ACC-0001", study_date="20261124")
+    series = generate_uid()
+    files = [wrap_radiograph(pixels, study, series_uid=series, instance_number=i + 1, modality=("DX", "CR")[i % 2],
+                             body_part="HAND", monochrome1=(i == 1), transfer_syntax=ts)
+             for i, (pixels, ts) in enumerate(zip(_radiographs(3), ["jpeg-ls", "jpeg2000", "rle"]))]
+    dicomweb.store_instances(orthanc["uri"], files)
+    return study
+
+
+def _instances_in_study(orthanc, study_uid: str) -> list[dict]:
+    r = requests.get(f"{orthanc['rest']}/dicom-web/studies/{study_uid}/instances", timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def test_query_and_retrieve_through_the_storage_layer(orthanc, loaded_study):
+    from fracray import storage
+    from fracray.imaging.decode import decode_image
+
+    query = f"{orthanc['uri']}?StudyDate=20261124&ModalitiesInStudy=CR%5CDX"
+    uris = storage.list_files(query)
+    assert len(uris) == 3 and all(f"/studies/{loaded_study.study_uid}/" in u for u in uris)
+    assert storage.list_files(f"{orthanc['uri']}?StudyDate=19990101") == []
+    for uri in uris:
+        image = decode_image(storage.read_bytes(uri))
+        assert image.source_format == "DICOM" and image.body_part == "hand" and min(image.shape) >= 64
+
+
+def test_credentials_are_refused_in_uris(orthanc):
+    from fracray import dicomweb
+
+    with pytest.raises(ValueError, match="FRACRAY_DICOMWEB"):
+        dicomweb.parse(orthanc["uri"].replace("127.0.0.1", "user:secret@127.0.0.1"))
+
+
+def test_score_a_pacs_query_then_publish_sr_and_overlays_into_the_study(orthanc, loaded_study, ray_local,
+                                                                        localizing_single_index, tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    from fracray import storage
+    from fracray.pacs.publish import publish_scores
+    from fracray.scoring.archive import ScoreConfig, read_image_results, score_archive
+
+    query = f"{orthanc['uri']}?StudyDate=20261124&ModalitiesInStudy=CR%5CDX"
+    output = str(tmp_path / "scores")
+    summary = score_archive(ScoreConfig(input=query, models=localizing_single_index, output=output, chunk_size=2,
+                                        batch_size=2), log=lambda *_: None)
+    assert summary["inputs"] == 3 and summary["scored"] == 3, summary
+    rows = read_image_results(output).to_pylist()
+    assert {r["study_id"] for r in rows} == {loaded_study.study_uid}  # one study per StudyInstanceUID
+    assert all(r["image_uri"].startswith(orthanc["uri"] + "/studies/") for r in rows)  # joins back to the PACS
+
+    before = len(_instances_in_study(orthanc, loaded_study.study_uid))
+    published = publish_scores(output, log=lambda *_: None)
+    assert (published.studies, published.reports, published.overlays) == (1, 1, 3)
+    after = _instances_in_study(orthanc, loaded_study.study_uid)
+    assert len(after) == before + 4  # one SR and three overlays, in the same study
+    sr_uris = [u for u in storage.list_files(f"{orthanc['uri']}/studies/{loaded_study.study_uid}")
+               if u not in {r["image_uri"] for r in rows}]
+    objects = [pydicom.dcmread(io.BytesIO(storage.read_bytes(u))) for u in sr_uris]
+    reports = [o for o in objects if o.Modality == "SR"]
+    assert len(reports) == 1 and reports[0].PatientID == "FA-0001"
+    report = hd.sr.ComprehensiveSR.from_dataset(reports[0])
+    groups = report.content.get_image_measurement_groups()
+    values = {m.name.meaning: m.value for m in groups[0].get_measurements()}
+    studies = {r["study_id"]: r for r in
+               __import__("pyarrow.parquet", fromlist=["x"]).read_table(Path(output) / "studies.parquet").to_pylist()}
+    assert values["Fracture probability"] == pytest.approx(studies[loaded_study.study_uid]["fracture_probability"],
+                                                           abs=1e-6)
+    overlays = [o for o in objects if o.Modality == "OT"]
+    assert len(overlays) == 3 and all(o.BurnedInAnnotation == "YES" for o in overlays)
+
+    # Publishing again replaces the same instances: nothing piles up.
+    publish_scores(output, log=lambda *_: None)
+    assert len(_instances_in_study(orthanc, loaded_study.study_uid)) == before + 4
+
+
+def test_publish_results_cli(orthanc, loaded_study, ray_local, localizing_single_index, tmp_path):
+    from fracray.scoring.archive import ScoreConfig, score_archive
+
+    output = str(tmp_path / "scores")
+    score_archive(ScoreConfig(input=f"{orthanc['uri']}/studies/{loaded_study.study_uid}",
+                              models=localizing_single_index, output=output), log=lambda *_: None)
+    done = subprocess.run([sys.executable, str(REPO / "pipelines" / "publish_results.py"), "--scores", output,
+                           "--no-overlays"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Published 1 report(s) and 0 overlay(s) for 1 study(ies)" in done.stdout
+    bad = subprocess.run([sys.executable, str(REPO / "pipelines" / "publish_results.py"), "--scores", output,
+                          "--pacs", "http://example"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "dicomweb://" in bad.stderr
+
+
+def test_a_pacs_that_is_down_is_a_clear_error_after_retries(tmp_path):
+    from fracray import dicomweb, storage
+
+    dead = f"dicomweb://127.0.0.1:{_free_port()}/dicom-web"
+    with pytest.raises(storage.StorageError, match="did not answer after"):
+        storage.list_files(f"{dead}?StudyDate=20261124")
+    with pytest.raises(dicomweb.DicomWebError, match="did not answer"):
+        dicomweb.store_instances(dead, [b"x"])
