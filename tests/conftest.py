@@ -135,7 +135,7 @@ def shared_fracatlas_fullres() -> Path:
 @pytest.fixture(scope="session")
 def untrained_index(tmp_path_factory):
     """A router + wrist/humerus classifiers with untrained heads (same compute as trained ones)."""
-    from fracray.inference.scaffold import build_untrained_index
+    from fracray.artifacts.scaffold import build_untrained_index
 
     return build_untrained_index(str(tmp_path_factory.mktemp("models")), body_parts=("humerus", "wrist"))
 
@@ -154,7 +154,7 @@ def write_localizing_bundle(uri: str, *, image_size: int = 128, seed: int = 0) -
     import torch
 
     from fracray.models.registry import create_model, resolve_preprocess
-    from fracray.training.bundle import BundleMeta, save_bundle
+    from fracray.artifacts.bundle import BundleMeta, save_bundle
 
     torch.manual_seed(seed)
     net = create_model("efficientnet_lite0", pretrained=False, localization=True)
@@ -176,7 +176,7 @@ def write_localizing_bundle(uri: str, *, image_size: int = 128, seed: int = 0) -
 @pytest.fixture(scope="session")
 def localizing_index(tmp_path_factory, untrained_index):
     """untrained_index's router and humerus model with a wrist model that has a fracture map."""
-    from fracray.inference.predictor import ModelIndex, read_model_index, write_model_index
+    from fracray.artifacts.index import ModelIndex, read_model_index, write_model_index
 
     root = tmp_path_factory.mktemp("localizing")
     base = read_model_index(untrained_index)

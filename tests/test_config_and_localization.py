@@ -24,9 +24,9 @@ from fracray.data.synthetic import generate_fracatlas, render_radiograph
 from fracray.imaging.preprocess import AugmentConfig, PreprocessConfig, augment_params, finalize
 from fracray.imaging.regions import (Finding, finding_hits, findings_from_heatmap, froc, lesion_sensitivity_at,
                                      rasterize_regions)
-from fracray.inference.calibration import operating_points
+from fracray.metrics.calibration import operating_points
+from fracray.metrics.classification import binary_metrics
 from fracray.models.registry import create_model, list_models
-from fracray.training import metrics as M
 from fracray.training.orchestrate import TrainingSettings
 from fracray.training.trainer import TrainConfig
 
@@ -216,7 +216,7 @@ def tiny_fracatlas(tmp_path_factory):
 def test_a_trained_bundle_records_the_options_it_was_trained_with(ray_local, tiny_fracatlas, tmp_path):
     from fracray.imaging.preprocess import decode_for
     from fracray.inference.predictor import BundleModel
-    from fracray.training.bundle import read_bundle_meta
+    from fracray.artifacts.bundle import read_bundle_meta
     from fracray.training.trainer import train_classifier
 
     train, valid = tiny_fracatlas
@@ -531,7 +531,7 @@ def test_operating_points_are_chosen_on_one_set_and_measured_on_another():
     assert set(points) == set(alone) >= {"youden", "sensitivity>=0.95", "high_sensitivity", "high_specificity"}
     for name, point in points.items():
         assert point["threshold"] == alone[name]["threshold"]
-        measured = M.binary_metrics(y_val, p_val, point["threshold"])
+        measured = binary_metrics(y_val, p_val, point["threshold"])
         assert (point["sensitivity"], point["specificity"]) == (measured["sensitivity"], measured["specificity"])
         assert point["chosen_on"] == {"sensitivity": alone[name]["sensitivity"],
                                       "specificity": alone[name]["specificity"], "n": 400}

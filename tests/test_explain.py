@@ -10,11 +10,10 @@ import torch
 from torch import nn
 
 from fracray.imaging.decode import decode_image
-from fracray.imaging.preprocess import PreprocessConfig, finalize, preprocess_base
-from fracray.inference.calibration import (calibrate, expected_calibration_error, fit_temperature, operating_points,
-                                           softmax)
-from fracray.inference.gradcam import (gradcam, gradcam_for_image, heatmap_peak, letterbox_box, overlay_png,
-                                       pointing_hit)
+from fracray.imaging.preprocess import PreprocessConfig, finalize, letterbox_box, preprocess_base
+from fracray.inference.gradcam import gradcam, gradcam_for_image, heatmap_peak, overlay_png, pointing_hit
+from fracray.metrics.calibration import (calibrate, expected_calibration_error, fit_temperature, operating_points,
+                                         softmax)
 from fracray.models.registry import BACKBONES, create_model
 
 
@@ -127,8 +126,8 @@ def test_operating_points_meet_their_targets():
 def test_pointing_game_on_fracatlas_layout(ray_local, fracatlas_root, tmp_path):
     """End to end on the FracAtlas layout's YOLO boxes, through the composed graph."""
     from fracray.data.adapters import index_fracatlas
-    from fracray.inference.scaffold import build_untrained_index
-    from fracray.training.evaluation import pointing_game
+    from fracray.artifacts.scaffold import build_untrained_index
+    from fracray.evaluation.graph import pointing_game
 
     manifest = index_fracatlas(str(fracatlas_root)).manifest
     with_boxes = sum(1 for b, y in zip(manifest["boxes"].to_pylist(), manifest["image_label"].to_pylist())

@@ -63,7 +63,7 @@ def test_train_classifier_on_a_gpu_worker(ray_local, tmp_path):
     import ray
 
     from fracray.data.synthetic import generate_mura
-    from fracray.training.bundle import read_bundle_meta
+    from fracray.artifacts.bundle import read_bundle_meta
     from fracray.training.trainer import TrainConfig, train_classifier
 
     if ray.cluster_resources().get("GPU", 0) < 1:

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, _free_port, upload_tree
-from fracray.inference.predictor import ModelIndex, check_model_index, read_model_index, write_model_index
+from fracray.artifacts.index import ModelIndex, check_model_index, read_model_index, write_model_index
 from fracray.storage import StorageOptions
 
 
@@ -169,7 +169,7 @@ def test_index_reads_in_a_process_whose_working_directory_is_gone(tmp_path, untr
     gone = tmp_path / "gone"
     gone.mkdir()
     code = ("import os, shutil, sys\n"
-            "from fracray.inference.predictor import read_model_index\n"
+            "from fracray.artifacts.index import read_model_index\n"
             "os.chdir(sys.argv[1]); shutil.rmtree(sys.argv[1])\n"
             "print(sorted(read_model_index(sys.argv[2]).classifiers))")
     done = subprocess.run([sys.executable, "-c", code, str(gone), untrained_index], capture_output=True, text=True,

@@ -23,7 +23,7 @@ def _jpeg(h: int, w: int, seed: int = 0) -> bytes:
 @pytest.fixture(scope="module")
 def big_classifier_index(tmp_path_factory, untrained_index):
     """untrained_index's router (224 px) with a wrist model at 320 px that has a fracture map."""
-    from fracray.inference.predictor import ModelIndex, read_model_index, write_model_index
+    from fracray.artifacts.index import ModelIndex, read_model_index, write_model_index
 
     root = tmp_path_factory.mktemp("big")
     base = read_model_index(untrained_index)

@@ -30,7 +30,7 @@ AUTH = {"Authorization": f"Bearer {SERVE_TEST_TOKEN}"}
 def _broken_model_index(localizing_index: str, root: Path) -> str:
     """localizing_index plus an "elbow" classifier whose weights file is garbage: its
     bundle.json reads, so the service starts; the model fails when a request needs it."""
-    from fracray.inference.predictor import ModelIndex, read_model_index, write_model_index
+    from fracray.artifacts.index import ModelIndex, read_model_index, write_model_index
 
     base = read_model_index(localizing_index)
     elbow = root / "fracture_elbow"

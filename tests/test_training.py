@@ -1,5 +1,5 @@
-"""Metrics, bundles, and Ray Train fine-tuning for real (local Ray, CPU workers), including
-recovery from a training worker killed mid-run."""
+"""Bundles, and Ray Train fine-tuning for real (local Ray, CPU workers), including recovery
+from a training worker killed mid-run."""
 
 import json
 import os
@@ -13,45 +13,9 @@ import torch
 
 from fracray.data import adapters
 from fracray.data.manifest import filter_rows
+from fracray.artifacts.bundle import BundleMeta, load_bundle, read_bundle_meta, save_bundle
 from fracray.models.registry import create_model
-from fracray.training import metrics as M
-from fracray.training.bundle import BundleMeta, load_bundle, read_bundle_meta, save_bundle
 from fracray.training.trainer import TrainConfig, train_classifier
-
-
-def test_binary_metrics_by_hand():
-    y = [1, 1, 1, 0, 0, 0, 0, 0]
-    p = [0.9, 0.6, 0.2, 0.7, 0.3, 0.1, 0.1, 0.05]
-    m = M.binary_metrics(y, p, threshold=0.5)
-    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (2, 1, 1, 4)
-    assert m["accuracy"] == 6 / 8 and m["precision"] == 2 / 3 and m["sensitivity"] == 2 / 3
-    assert m["specificity"] == 4 / 5 and m["f1"] == pytest.approx(2 / 3)
-    # AUROC: of 15 positive/negative pairs the positive ranks higher in 5 + 4 + 3 = 12
-    # (0.6 loses to 0.7; 0.2 loses to 0.7 and 0.3).
-    assert m["auroc"] == pytest.approx(12 / 15)
-    assert M.binary_metrics([0, 0], [0.1, 0.2])["auroc"] is None
-
-
-def test_threshold_choices():
-    y = [0, 0, 0, 1, 1, 1]
-    p = [0.1, 0.2, 0.6, 0.4, 0.8, 0.9]
-    t = M.choose_threshold(y, p, target="sensitivity", value=1.0)
-    assert M.binary_metrics(y, p, t)["sensitivity"] == 1.0 and t == pytest.approx(0.4)
-    t = M.choose_threshold(y, p, target="specificity", value=1.0)
-    assert M.binary_metrics(y, p, t)["specificity"] == 1.0
-    assert M.choose_threshold([1, 1], [0.2, 0.3]) == 0.5
-    with pytest.raises(ValueError):
-        M.choose_threshold(y, p, target="sensitivity")
-
-
-def test_study_level_kappa_uses_the_mean_probability_per_study():
-    studies = ["a", "a", "b", "b", "c", "d"]
-    labels = [1, 1, 0, 0, 1, 0]
-    probs = [0.9, 0.3, 0.2, 0.4, 0.7, 0.6]  # a: 0.6 -> 1, b: 0.3 -> 0, c: 1, d: 1 (wrong)
-    out = M.study_level(studies, labels, probs, 0.5)
-    assert out["studies"] == 4 and (out["tp"], out["fp"], out["tn"], out["fn"]) == (2, 1, 1, 0)
-    # Cohen's kappa: po = 3/4, pe = (3/4*2/4 + 1/4*2/4) = 1/2 -> (0.75 - 0.5) / 0.5.
-    assert out["kappa"] == pytest.approx(0.5)
 
 
 def test_bundle_round_trip_without_pickle(tmp_path):

@@ -1,3 +1,22 @@
-"""fracray: distributed fracture and abnormality detection in musculoskeletal radiographs, on Ray."""
+"""fracray: distributed fracture and abnormality detection in musculoskeletal radiographs, on Ray.
+
+The package is built in layers (:data:`LAYERS`, bottom to top). A module may import its own
+subpackage and any lower layer, never a higher one nor another subpackage of its own layer;
+tests/test_layering.py checks every import, and that the README's Layout section shows the
+same order.
+"""
 
 __version__ = "0.1.0"
+
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("dicomweb",),                       # a PACS as a storage scheme (storage reads through it)
+    ("storage", "raycluster"),           # where bytes live; which Ray a command runs on
+    ("imaging",),                        # decode, preprocess, fracture regions and findings
+    ("data", "models"),                  # manifests and Ray Data streams; the networks
+    ("artifacts", "metrics"),            # bundles and the model index; metrics, calibration, the study rule
+    ("training", "inference"),           # Ray Train runs; the predictor (router -> bone classifier)
+    ("evaluation",),                     # the predictor's graph on labelled data
+    ("scoring", "serving", "reports"),   # bulk scoring, the HTTP service, report files
+    ("pacs",),                           # results as DICOM objects, published to a PACS
+    ("cli", "benchmarks"),               # the commands and the benchmarks
+)

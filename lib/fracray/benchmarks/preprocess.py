@@ -28,8 +28,12 @@ import numpy as np
 from PIL import Image
 
 from .. import storage
+from ..data.manifest import make_manifest
+from ..data.pipeline import StreamConfig, StreamTally, build_image_dataset, iter_model_batches
+from ..data.synthetic import generate_fracatlas
 from ..imaging.decode import ImageRejected
 from ..imaging.preprocess import PreprocessConfig, preprocess_bytes
+from ..raycluster import connect
 
 
 @dataclasses.dataclass
@@ -91,13 +95,8 @@ def _ray_rates(uris: list[str], config: PreprocessConfig, cores: int, batch_size
     the pipeline's fixed start-up (scheduling the first tasks) does not dominate."""
     import ray
 
-    from ..data.manifest import make_manifest
-    from ..data.pipeline import StreamConfig, StreamTally, build_image_dataset, iter_model_batches
-
     repeats = max(1, math.ceil(min_images / len(uris)))
     manifest = make_manifest({"image_uri": u, "dataset": "bench"} for u in uris * repeats)
-    from ..raycluster import connect
-
     connect(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -247,7 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     if not datasets:
         import tempfile
 
-        from ..data.synthetic import generate_fracatlas
         tmp = tempfile.mkdtemp(prefix="fracray-bench-")
         print(f"No shared FracAtlas data found; generating a synthetic FracAtlas-layout set in {tmp}")
         generate_fracatlas(tmp, n_images=200, seed=0)

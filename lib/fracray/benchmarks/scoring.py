@@ -19,6 +19,10 @@ import time
 
 import numpy as np
 
+from ..artifacts.scaffold import build_untrained_index
+from ..data.synthetic import render_radiograph
+from ..raycluster import connect
+from ..scoring.archive import ScoreConfig, score_archive
 from .preprocess import machine_description
 
 __all__ = ["main", "run"]
@@ -26,8 +30,6 @@ __all__ = ["main", "run"]
 
 def _write_archive(root: str, n: int, size: tuple[int, int], seed: int = 0) -> list[str]:
     from PIL import Image
-
-    from ..data.synthetic import render_radiograph
 
     rng = np.random.default_rng(seed)
     paths = []
@@ -43,7 +45,7 @@ def _write_archive(root: str, n: int, size: tuple[int, int], seed: int = 0) -> l
 
 
 def plain_loop(index_uri: str, paths: list[str], batch: int) -> float:
-    from ..inference.predictor import FracturePredictor
+    from ..inference.predictor import FracturePredictor  # torch: imported by the run that measures it
 
     start = time.perf_counter()
     predictor = FracturePredictor(index_uri)
@@ -60,9 +62,6 @@ def plain_loop(index_uri: str, paths: list[str], batch: int) -> float:
 def run(*, model: str, images: int, image_size: tuple[int, int], log=print) -> dict:
     import ray
 
-    from ..inference.scaffold import build_untrained_index
-    from ..scoring.archive import ScoreConfig, score_archive
-
     workdir = tempfile.mkdtemp(prefix="fracray-bench-scoring-")
     index = build_untrained_index(os.path.join(workdir, "models"), body_parts=("humerus", "wrist"), model=model)
     archive = os.path.join(workdir, "archive")
@@ -74,8 +73,6 @@ def run(*, model: str, images: int, image_size: tuple[int, int], log=print) -> d
     log("plain loop, 32 images per call ...")
     loop_batched = plain_loop(index, paths, 32)
     log(f"  {loop_batched:.1f} images/s")
-    from ..raycluster import connect
-
     connect(include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     log("score_archive ...")

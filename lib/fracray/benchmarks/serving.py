@@ -25,6 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..artifacts.scaffold import build_untrained_index
+from ..data.synthetic import render_radiograph
+from ..raycluster import connect
 from .preprocess import machine_description
 
 __all__ = ["main", "run"]
@@ -38,8 +41,6 @@ def _free_port() -> int:
 
 def _images(n: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:
     from PIL import Image
-
-    from ..data.synthetic import render_radiograph
 
     rng = np.random.default_rng(seed)
     out = []
@@ -124,8 +125,7 @@ def run(*, model: str, clients: tuple[int, ...], requests_per_client: int, image
         batch_size: int, log=print) -> dict:
     from ray import serve
 
-    from ..inference.scaffold import build_untrained_index
-    from ..serving.app import build_app
+    from ..serving.app import build_app  # Ray Serve and FastAPI: imported by the run that measures them
 
     workdir = tempfile.mkdtemp(prefix="fracray-bench-serving-")
     index = build_untrained_index(os.path.join(workdir, "models"), body_parts=("humerus", "wrist"), model=model)
@@ -134,8 +134,6 @@ def run(*, model: str, clients: tuple[int, ...], requests_per_client: int, image
     log(f"In-process predictor ({threads} torch thread(s), as a replica) ...")
     local = in_process(index, images, requests_=60, threads=threads)
     local_default = in_process(index, images, requests_=60, threads=os.cpu_count() or 1)
-    from ..raycluster import connect
-
     connect(include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

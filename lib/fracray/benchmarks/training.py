@@ -17,10 +17,13 @@ import time
 import numpy as np
 import torch
 
+from .. import storage
 from ..data.manifest import make_manifest
 from ..data.pipeline import StreamConfig, build_image_dataset
+from ..data.synthetic import generate_fracatlas
 from ..imaging.preprocess import AugmentConfig, PreprocessConfig
 from ..models.registry import create_model
+from ..raycluster import connect
 from ..training.step import TrainStep, model_input, place_model
 from .preprocess import machine_description
 
@@ -109,14 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.batch_size, args.steps, args.repeats) < 1:
         parser.error(f"--batch-size, --steps and --repeats must be >= 1. Got {args.batch_size}, {args.steps}, "
                      f"{args.repeats}")
-    from .. import storage
-    from ..raycluster import connect
-
     connect(include_dashboard=False, log_to_driver=False)
     if args.data:
         uris = [u for u in storage.list_files(args.data) if u.lower().endswith((".jpg", ".jpeg", ".png"))]
     else:
-        from ..data.synthetic import generate_fracatlas
         tmp = tempfile.mkdtemp(prefix="fracray-bench-train-")
         generate_fracatlas(tmp, n_images=64, seed=0, large_images=False)
         uris = storage.list_files(os.path.join(tmp, "FracAtlas", "images"))

@@ -34,6 +34,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .. import storage
+from ..data import adapters
+
+# The imaging modules and the synthetic data (OpenCV, Pillow) are imported by the functions
+# that use them, so --help and the table's formatting stay light.
+
 __all__ = ["main", "build_parser", "run_check_scope", "Sample", "skimage_samples", "pydicom_samples",
            "synthetic_non_radiographs", "dicom_out_of_scope_headers", "synthetic_radiographs", "fracatlas_samples",
            "format_table", "get_args_parser"]
@@ -207,9 +213,6 @@ def synthetic_radiographs(seed: int = 0, workdir: str | None = None) -> list[Sam
 
 def fracatlas_samples(uri: str, split: str = "valid", limit: int | None = None) -> list[Sample]:
     """The images of one split of FracAtlas, through the project's adapter."""
-    from .. import storage
-    from ..data import adapters
-
     manifest = adapters.index_dataset("fracatlas", uri).manifest.to_pylist()
     rows = [r for r in manifest if r["split"] == split][:limit]
     return [Sample("FracAtlas valid radiographs" if split == "valid" else f"FracAtlas {split} radiographs",

@@ -7,10 +7,18 @@ import json
 import sys
 from typing import Any
 
+import pyarrow as pa
+
 from .. import storage
+from ..artifacts.bundle import read_bundle_meta
+from ..artifacts.describe import resolve_threshold
+from ..artifacts.index import check_model_index
 from ..data import adapters
-from ..data.manifest import filter_rows
-from ..training.evaluation import localization_report, pointing_game, score_manifest, summarize_predictions
+from ..data.manifest import filter_rows, write_table
+from ..evaluation.graph import evaluate_graph
+from ..imaging.regions import FINDINGS_TYPE
+from ..raycluster import connect
+from ..reports.training_plots import write_training_plots
 from .common import add_storage_arguments, storage_options_from_args
 
 __all__ = ["main", "build_parser", "run_evaluate"]
@@ -19,10 +27,6 @@ __all__ = ["main", "build_parser", "run_evaluate"]
 def run_evaluate(models: str, dataset: str, data: str, *, split: str | None, output: str | None,
                  options=None, pointing_tolerance: float = 0.0,
                  operating_point: str | float | None = None) -> dict[str, Any]:
-    from ..inference.predictor import check_model_index, resolve_threshold
-    from ..raycluster import connect
-    from ..reports.training_plots import write_training_plots
-
     index = check_model_index(models, options)  # every bundle, before Ray starts or anything is written
     manifest = adapters.index_dataset(dataset, data, options).manifest
     if split and split != "all":
@@ -30,26 +34,17 @@ def run_evaluate(models: str, dataset: str, data: str, *, split: str | None, out
     if manifest.num_rows == 0:
         raise ValueError(f"No images in split {split!r} of {data}")
     if operating_point not in (None, "", "default"):  # refuse an unknown point before any work starts
-        from ..training.bundle import read_bundle_meta
-
         for uri in index.classifiers.values():
             resolve_threshold(read_bundle_meta(uri, options), operating_point)
     connect()
-    preds = score_manifest(manifest, models, storage_options=options, operating_point=operating_point)
-    summary = summarize_predictions(preds)
-    summary["pointing_game"] = pointing_game(manifest, models, storage_options=options, tolerance=pointing_tolerance)
-    summary["localization"] = localization_report(manifest, preds, models, output_uri=output, storage_options=options)
+    preds, summary = evaluate_graph(manifest, models, storage_options=options, output_uri=output,
+                                    operating_point=operating_point, pointing_tolerance=pointing_tolerance)
     summary.update(models=models, dataset=dataset, data=data, split=split or "all",
                    operating_point=operating_point or "default")
     if output:
         report = {"evaluation": summary, "histories": {}, "comparison": {}}
         summary["plots"] = write_training_plots(report, output, options)
         storage.write_bytes(storage.join(output, "evaluation.json"), json.dumps(summary, indent=2).encode(), options)
-        import pyarrow as pa
-
-        from ..data.manifest import write_table
-        from ..imaging.regions import FINDINGS_TYPE
-
         types = {"findings": FINDINGS_TYPE, "width": pa.int32(), "height": pa.int32()}  # typed even when all empty
         write_table(pa.table({k: pa.array(v, types.get(k)) for k, v in preds.items()}),
                     storage.join(output, "predictions.parquet"), options)

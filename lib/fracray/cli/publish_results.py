@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from .. import dicomweb, storage
+from ..pacs.publish import publish_scores
 from .common import add_storage_arguments, storage_options_from_args
 
 __all__ = ["get_args_parser", "main"]
@@ -37,8 +38,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    from ..pacs.publish import publish_scores
-
     if args.pacs is not None and not dicomweb.is_dicomweb(args.pacs):
         print(f"error: --pacs must be a dicomweb:// or dicomwebs:// URI. Got {args.pacs!r}", file=sys.stderr)
         return 2

@@ -11,7 +11,9 @@ import json
 import sys
 
 from .. import storage
+from ..artifacts.index import check_model_index
 from ..data import adapters
+from ..raycluster import connect
 from ..scoring.archive import ScoreConfig, score_archive
 from .common import add_storage_arguments, storage_options_from_args
 
@@ -63,9 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
-        from ..inference.predictor import check_model_index
-        from ..raycluster import connect
-
         check_model_index(config.models, config.storage.resolved())  # every bundle, before Ray or any folder
         connect()  # RAY_ADDRESS (set by `ray job submit`), a `ray start` cluster, or a new local Ray
         summary = score_archive(config)

@@ -14,8 +14,11 @@ import sys
 import threading
 
 from .. import storage
-from ..storage import StorageOptions
+from ..artifacts.index import check_model_index
+from ..raycluster import connect
 from ..serving.app import ServeArgs, build_app
+from ..serving.proxy_guard import configure_environment
+from ..storage import StorageOptions
 from .common import add_storage_arguments
 
 __all__ = ["main", "build_parser"]
@@ -56,12 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.models is None and not storage.exists(storage.normalize(models)):
             print(f"No model index at {models}: training the embedded default first (a few minutes) ...")
-            from .train_all import TrainAllConfig, run_train_all
-            run_train_all(TrainAllConfig())
-        from ..inference.predictor import check_model_index
-        from ..raycluster import connect
-        from ..serving.proxy_guard import configure_environment
+            from .train_all import TrainAllConfig, run_train_all  # torch, Ray Train: only when it trains
 
+            run_train_all(TrainAllConfig())
         check_model_index(models, StorageOptions.from_env(args.endpoint_url, args.region, args.anonymous))
         serve_args = ServeArgs(models=models, max_batch_size=args.max_batch_size, max_upload_mb=args.max_upload_mb,
                                num_gpus=args.num_gpus, auth_token_env=args.token_env, endpoint_url=args.endpoint_url,

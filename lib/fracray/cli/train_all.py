@@ -24,13 +24,20 @@ import pyarrow as pa
 
 from .. import storage
 from ..data.adapters import ADAPTERS
+from ..data.manifest import MURA_BODY_PARTS, read_manifest
 from ..data.pipeline import StreamConfig, StreamTally, build_image_dataset, iter_model_batches
+from ..data.synthetic import generate_mura
+from ..evaluation.graph import evaluate_graph
+from ..raycluster import connect
+from ..reports.training_report import format_report, write_training_report
 from ..storage import StorageOptions
+from ..training.orchestrate import TrainingSettings, train_models
+from ..training.trainer import TrainConfig
 from .common import add_storage_arguments
-from ..training.orchestrate import TrainingSettings, run_training_stage
 from .index_dataset import IndexConfig, run_index
 
-__all__ = ["TrainAllConfig", "run_train_all", "main", "build_parser", "parse_config", "config_from_args"]
+__all__ = ["TrainAllConfig", "run_train_all", "run_training_stage", "main", "build_parser", "parse_config",
+           "config_from_args"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +68,6 @@ class TrainAllConfig:
 
 
 def _init_ray() -> None:
-    from ..raycluster import connect
-
     # RAY_ADDRESS (set by `ray job submit`), a `ray start` cluster, or a new local Ray.
     connect(log_to_driver=True)
 
@@ -71,12 +76,8 @@ def run_train_all(config: TrainAllConfig, *, log=print) -> dict[str, Any]:
     started = time.time()
     dataset, data = config.dataset, config.data
     if dataset is None:
-        from ..data.synthetic import generate_mura
-
         data = storage.join(config.output, "synthetic-mura")
         log(f"No --data given: writing the embedded default, a synthetic MURA-layout dataset, to {data}")
-        from ..data.manifest import MURA_BODY_PARTS
-
         parts = config.body_parts or MURA_BODY_PARTS
         counts = generate_mura(data, patients_per_part=config.synthetic_patients_per_part, seed=config.seed,
                                body_parts=tuple(parts), options=config.storage)
@@ -87,8 +88,6 @@ def run_train_all(config: TrainAllConfig, *, log=print) -> dict[str, Any]:
 
     index_summary = run_index(IndexConfig(dataset=dataset, data=data, output=storage.join(config.output, "index"),
                                           storage=config.storage, verify=config.verify), log=log)
-    from ..data.manifest import read_manifest
-
     manifest = read_manifest(index_summary["outputs"]["manifest"], config.storage)
     if config.body_parts and config.dataset is not None:
         import pyarrow.compute as pc
@@ -132,8 +131,6 @@ def run_train_all(config: TrainAllConfig, *, log=print) -> dict[str, Any]:
     log("\nTraining ...")
     report = run_training_stage(manifest, config.training, output_uri=config.output, dataset=dataset,
                                 storage_options=config.storage, log=log, run_config=config.to_dict())
-    from ..training.orchestrate import format_report
-
     log("\n" + format_report(report))
     log(f"Report: {storage.join(config.output, 'report.md')} (and report.json, "
         + ", ".join(report["plots"]) + " as PNG)")
@@ -141,6 +138,25 @@ def run_train_all(config: TrainAllConfig, *, log=print) -> dict[str, Any]:
     summary["training"] = {"model_index": report["model_index"], "seconds": report["seconds"]}
     summary["stages_completed"].append("train")
     return summary
+
+
+def run_training_stage(manifest: pa.Table, settings: TrainingSettings, *, output_uri: str, dataset: str,
+                       storage_options: StorageOptions | None = None, log=print,
+                       run_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The training stage: the models (training), the composed graph on the held-out split
+    (evaluation), and the report with its plots (reports); returns the report."""
+    started = time.time()
+    trained = train_models(manifest, settings, output_uri=output_uri, dataset=dataset,
+                           storage_options=storage_options, log=log, run_config=run_config)
+    log(f"Evaluating router -> classifier on the {trained.evaluated_split} split "
+        f"({trained.evaluation.num_rows} images) ...")
+    _, summary = evaluate_graph(trained.evaluation, trained.index_uri, storage_options=storage_options,
+                                output_uri=output_uri)
+    report = {"dataset": dataset, "evaluated_split": trained.evaluated_split, "body_parts": trained.body_parts,
+              "skipped_body_parts": trained.skipped_body_parts, "model_index": trained.index_uri,
+              "evaluation": summary, **trained.report_sections(), "seconds": round(time.time() - started, 1)}
+    write_training_report(report, output_uri, storage_options)
+    return report
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -294,8 +310,6 @@ def parse_config(argv: list[str] | None) -> TrainAllConfig:
 
 def config_from_args(args: dict[str, Any]) -> TrainAllConfig:
     """Route every parsed option to the config field of the same name."""
-    from ..training.trainer import TrainConfig
-
     fields = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
     train_fields, settings_fields, job_fields = fields(TrainConfig), fields(TrainingSettings), fields(TrainAllConfig)
     leftover = set(args) - train_fields - settings_fields - job_fields - _STORAGE_DESTS - _JOB_ONLY_DESTS

@@ -22,7 +22,7 @@ from .decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 
 __all__ = ["PreprocessConfig", "AugmentConfig", "preprocess_base", "geometry", "finalize", "preprocess_pixels", "preprocess_bytes",
            "decode_for", "augment_params", "to_tensor", "DICOM_SUFFIXES", "ModelInput", "prepare_input",
-           "shared_decode_config"]
+           "shared_decode_config", "letterbox_box"]
 
 Normalization = Literal["imagenet", "per_image", "none"]
 Enhancement = Literal["none", "sobel", "prewitt", "roberts", "canny", "laplacian_sharpen"]
@@ -112,6 +112,18 @@ class PreprocessConfig:
             scale = min(out_h / height, out_w / width)
             return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
         return out_w, out_h
+
+
+def letterbox_box(image_hw: tuple[int, int], config: PreprocessConfig) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the image inside the model input, as ops.resize places it: how a
+    map over the model input (Grad-CAM, a fracture map) lines up with the image."""
+    h, w = image_hw
+    out_h, out_w = config.image_size
+    if not config.keep_aspect:
+        return 0, 0, out_h, out_w
+    scale = min(out_h / h, out_w / w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    return (out_h - new_h) // 2, (out_w - new_w) // 2, new_h, new_w
 
 
 def augment_params(rng: np.random.Generator, config: AugmentConfig) -> dict[str, Any]:

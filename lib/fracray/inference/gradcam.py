@@ -15,9 +15,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from ..imaging.preprocess import PreprocessConfig
+from ..imaging.preprocess import PreprocessConfig, letterbox_box
 
-__all__ = ["gradcam", "gradcam_for_image", "letterbox_box", "heatmap_peak", "pointing_hit", "overlay_png", "TRUTH_COLOUR",
+__all__ = ["gradcam", "gradcam_for_image", "heatmap_peak", "pointing_hit", "overlay_png", "TRUTH_COLOUR",
            "FINDING_COLOUR"]
 
 
@@ -39,17 +39,6 @@ def gradcam(model: torch.nn.Module, x: torch.Tensor, target_class: int = 1) -> t
     cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).max(dim=1).values.clamp_min(1e-12)
     return (cam / peak[:, None, None]).detach()
-
-
-def letterbox_box(image_hw: tuple[int, int], config: PreprocessConfig) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of the image inside the model input, as ops.resize places it."""
-    h, w = image_hw
-    out_h, out_w = config.image_size
-    if not config.keep_aspect:
-        return 0, 0, out_h, out_w
-    scale = min(out_h / h, out_w / w)
-    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    return (out_h - new_h) // 2, (out_w - new_w) // 2, new_h, new_w
 
 
 def gradcam_for_image(model: torch.nn.Module, x: torch.Tensor, image_hw: tuple[int, int], config: PreprocessConfig,

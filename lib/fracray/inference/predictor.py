@@ -7,10 +7,6 @@ comes from each model's bundle, never re-declared here.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import posixpath
 from typing import Any
 
 import numpy as np
@@ -18,157 +14,20 @@ import pyarrow as pa
 import torch
 
 from .. import storage
+from ..artifacts.bundle import load_bundle
+from ..artifacts.describe import bundle_name, describe_bundle, resolve_threshold
+from ..artifacts.index import read_model_index
 from ..imaging.decode import ImageRejected, RejectReason
+from ..imaging.findings import FindingsConfig, image_findings, map_to_image
 from ..imaging.preprocess import ModelInput, decode_for, finalize, prepare_input, preprocess_base, shared_decode_config
-from ..imaging.regions import FINDINGS_TYPE, findings_from_rows, findings_to_rows
+from ..imaging.regions import FINDINGS_TYPE, findings_to_rows
 from ..imaging.scope import OUT_OF_SCOPE, assess_scope
 from ..storage import StorageOptions
-from ..training.bundle import META_FILE as BUNDLE_META_FILE, load_bundle, read_bundle_meta
-from .localization import FindingsConfig, image_findings, map_to_image
+from .gradcam import gradcam_for_image
 
-__all__ = ["ModelIndex", "FracturePredictor", "BundleModel", "image_result", "route_decoded", "describe_bundle", "describe_localization",
-           "FINDINGS_TYPE", "findings_to_rows", "findings_from_rows", "bundle_name", "resolve_threshold", "UnknownBodyPart", "write_model_index", "read_model_index", "MODEL_INDEX_FORMAT",
-           "model_index_file", "check_model_index", "resolve_bundle_path", "MissingBundle"]
+__all__ = ["FracturePredictor", "BundleModel", "image_result", "route_decoded", "UnknownBodyPart"]
 
-MODEL_INDEX_FORMAT = "fracray-model-index/1"
-MODEL_INDEX_FILE = "model_index.json"
 CPU_MICRO_BATCH = 1
-
-
-@dataclasses.dataclass
-class ModelIndex:
-    """Which bundles make up the router -> classifier graph."""
-
-    router: str | None
-    classifiers: dict[str, str]
-    dataset: str = ""
-    created: str = ""
-    format: str = MODEL_INDEX_FORMAT
-
-
-def model_index_file(uri: str) -> str:
-    """The index file a ``--models`` value names (the file, or the folder holding model_index.json),
-    local paths made absolute: the base that relative bundle paths in it resolve against."""
-    uri = storage.normalize(uri)
-    return uri if uri.endswith(".json") else storage.join(uri, MODEL_INDEX_FILE)
-
-
-def _folder(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[0] if storage.is_remote(uri) else os.path.dirname(uri)
-
-
-def _stored_path(bundle: str | None, folder: str) -> str | None:
-    """A bundle under the index's folder as a path relative to it (so the run folder can be moved
-    or copied to S3 whole); any other bundle as an absolute path or URI."""
-    if bundle is None:
-        return None
-    bundle = storage.normalize(bundle)  # a cwd-relative path is what made old indexes break elsewhere
-    if storage.is_remote(folder) or storage.is_remote(bundle):
-        prefix = folder.rstrip("/") + "/"
-        return bundle[len(prefix):].strip("/") if bundle.startswith(prefix) else bundle
-    inside = os.path.commonpath([bundle, folder]) == folder and bundle != folder
-    return os.path.relpath(bundle, folder).replace(os.sep, "/") if inside else bundle
-
-
-def _under(folder: str, relative: str) -> str:
-    """``folder`` + a relative path, with ``..`` and ``.`` folded (also in s3:// URIs)."""
-    if not storage.is_remote(folder):
-        return os.path.normpath(os.path.join(folder, relative))
-    scheme, rest = folder.split("://", 1)
-    return f"{scheme}://{posixpath.normpath(posixpath.join(rest, relative))}"
-
-
-def _has_bundle(uri: str, options: StorageOptions | None) -> bool:
-    try:
-        return storage.exists(storage.join(uri, BUNDLE_META_FILE), options)
-    except storage.StorageError:
-        return False
-
-
-def resolve_bundle_path(path: str | None, folder: str, options: StorageOptions | None = None) -> str | None:
-    """Where a bundle named in an index lives. Absolute paths and URIs are used as they are; a
-    relative path is relative to the index's folder. Indexes written before that rule hold
-    paths relative to the directory train_all ran in ("runs/latest/models/router"): such a
-    path is used only when the index-relative one has no bundle and it has one - as given
-    (the same working directory), or with its leading folders that repeat the index's own
-    folder dropped (the run folder read from anywhere)."""
-    if not path or storage.is_remote(path) or path.startswith("file://") or os.path.isabs(path):
-        return storage.normalize(path) if path else path
-    primary = _under(folder, path)
-    parts = [p for p in posixpath.normpath(path.replace(os.sep, "/")).split("/") if p not in ("", ".")]
-    folder_parts = [p for p in folder.replace(os.sep, "/").split("/") if p]
-    legacy = []
-    if not storage.is_remote(folder):
-        try:  # a Ray worker's working directory may be gone (a finished job's runtime env)
-            legacy.append(os.path.join(os.getcwd(), path))
-        except FileNotFoundError:
-            pass
-    for k in range(min(len(parts) - 1, len(folder_parts)), 0, -1):
-        if parts[:k] == folder_parts[-k:]:
-            legacy.append(_under(folder, "/".join(parts[k:])))
-            break
-    # Stat the index-relative place only when an old-style reading has a bundle (one request on S3).
-    found = [c for c in legacy if c != primary and _has_bundle(c, options)]
-    if found and not _has_bundle(primary, options):
-        return found[0]
-    return primary
-
-
-def write_model_index(uri: str, index: ModelIndex, options: StorageOptions | None = None) -> None:
-    """Bundles inside the index's folder are stored relative to it (see :func:`resolve_bundle_path`)."""
-    folder = _folder(model_index_file(uri))
-    stored = dataclasses.replace(index, router=_stored_path(index.router, folder),
-                                 classifiers={p: _stored_path(b, folder) for p, b in index.classifiers.items()})
-    storage.write_bytes(uri, json.dumps(dataclasses.asdict(stored), indent=2).encode(), options)
-
-
-def _read_raw_index(uri: str, options: StorageOptions | None) -> tuple[str, dict[str, Any]]:
-    uri = model_index_file(uri)
-    raw = json.loads(storage.read_bytes(uri, options))
-    if raw.get("format") != MODEL_INDEX_FORMAT:
-        raise ValueError(f"{uri}: not a fracray model index (format {raw.get('format')!r})")
-    return uri, raw
-
-
-def read_model_index(uri: str, options: StorageOptions | None = None) -> ModelIndex:
-    """The index with every bundle as an absolute path or URI (relative ones resolved against
-    the index's own folder, local or s3://), so it can be handed to Ray workers anywhere."""
-    return _resolved_index(*_read_raw_index(uri, options), options)
-
-
-def _resolved_index(uri: str, raw: dict[str, Any], options: StorageOptions | None) -> ModelIndex:
-    folder = _folder(uri)
-    fields = {f.name for f in dataclasses.fields(ModelIndex)}
-    index = ModelIndex(**{k: v for k, v in raw.items() if k in fields})
-    index.router = resolve_bundle_path(index.router, folder, options)
-    index.classifiers = {p: resolve_bundle_path(b, folder, options) for p, b in index.classifiers.items()}
-    return index
-
-
-class MissingBundle(FileNotFoundError):
-    """A model index names a bundle that is not there."""
-
-
-def check_model_index(uri: str, options: StorageOptions | None = None) -> ModelIndex:
-    """Read the index and every bundle's metadata: commands call this before starting Ray or
-    writing anything, so a moved or half-copied run fails at once with what is missing, not
-    inside a Ray actor minutes later."""
-    file, raw = _read_raw_index(uri, options)
-    index = _resolved_index(file, raw, options)
-    named = {"router": (raw.get("router"), index.router)} if index.router else {}
-    named |= {f"{part} classifier": (raw["classifiers"][part], b) for part, b in index.classifiers.items()}
-    if not index.classifiers:
-        raise ValueError(f"Model index {file} names no fracture classifiers; retrain or fix the index")
-    for role, (stored, bundle) in named.items():
-        try:
-            read_bundle_meta(bundle, options)
-        except FileNotFoundError as exc:
-            how = f" (stored as {stored!r}, resolved against the index's folder)" if stored != bundle else ""
-            raise MissingBundle(f"Model index {file} names the {role} bundle {bundle}{how}, but no "
-                                f"{BUNDLE_META_FILE} is readable there ({exc.__cause__ or exc}). Copy the whole "
-                                f"run folder (model_index.json with its models/), or fix the path in the index"
-                                ) from None
-    return index
 
 
 class BundleModel:
@@ -259,44 +118,12 @@ class BundleModel:
     def gradcam(self, decoded, target_class: int = 1, max_side: int | None = None) -> np.ndarray:
         """Grad-CAM heatmap in the decoded image's own pixel grid (values in [0, 1]), or at
         most ``max_side`` pixels a side."""
-        from .gradcam import gradcam_for_image
-
         return gradcam_for_image(self.model, self.inputs([decoded]), decoded.shape, self.config,
                                  target_class=target_class, max_side=max_side)
 
     def describe(self) -> dict[str, Any]:
         return describe_bundle(self.uri, self.meta)
 
-
-def bundle_name(uri: str, meta) -> str:
-    """"fracture_wrist:efficientnet_lite0@2026-11-22T10:00:00+00:00": which bundle, backbone and version."""
-    return f"{uri.rstrip('/').rsplit('/', 1)[-1]}:{meta.model['name']}@{meta.created}"
-
-
-def describe_bundle(uri: str, meta) -> dict[str, Any]:
-    """What /v1/models and reports show of a bundle (from its metadata alone)."""
-    return {"name": bundle_name(uri, meta), "uri": uri, "task": meta.task, "backbone": meta.model["name"],
-            "version": meta.created, "code_version": meta.code_version, "classes": meta.classes,
-            "threshold": meta.threshold, "threshold_rule": meta.threshold_rule,
-            "operating_points": meta.operating_points, "temperature": meta.temperature,
-            "input_size": list(meta.preprocess["image_size"]), "intended_use": meta.intended_use,
-            "validation": {k: v for k, v in (meta.metrics.get("valid") or {}).items()
-                           if k in ("auroc", "sensitivity", "specificity", "accuracy", "n")},
-            "tta_flip": bool((meta.inference or {}).get("tta_flip", False)),
-            "localization": describe_localization(meta)}
-
-
-def describe_localization(meta) -> dict[str, Any]:
-    """A bundle's localisation facts: whether it has a fracture map (and so returns findings),
-    the localisation data it was trained with, how findings are made, and its validation
-    pointing game and lesion sensitivities (the long FROC arrays left out)."""
-    localizes = bool((meta.model or {}).get("localization", False))
-    valid = meta.metrics.get("valid_localization") or {}
-    return {"localizes": localizes,
-            "heatmap": "fracture map" if localizes else "Grad-CAM",
-            "data": (meta.data or {}).get("localization"),
-            "findings": (meta.inference or {}).get("findings") if localizes else None,
-            "validation": {k: v for k, v in valid.items() if k != "froc"} or None}
 
 
 def route_decoded(router: "BundleModel | None", body_parts: list[str], decoded: list) -> list[tuple[str, float | None]]:
@@ -311,27 +138,6 @@ def route_decoded(router: "BundleModel | None", body_parts: list[str], decoded: 
     return [(classes[int(p.argmax())], float(p.max())) for p in probs]
 
 
-def resolve_threshold(meta, operating_point: str | float | None) -> float:
-    if operating_point is None or operating_point == "" or operating_point == "default":
-        return float(meta.threshold)
-    if isinstance(operating_point, (int, float)) or _is_number(operating_point):
-        value = float(operating_point)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1]. Got {value}")
-        return value
-    try:
-        return float(meta.operating_points[operating_point]["threshold"])
-    except KeyError:
-        raise ValueError(f"Unknown operating point {operating_point!r}; this model has "
-                         f"{sorted(meta.operating_points) + ['default']} or a number in [0, 1]") from None
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def image_result(part: str, part_probability: float | None, fracture_probability: float, threshold: float,

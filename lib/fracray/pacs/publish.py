@@ -14,6 +14,9 @@ import io
 from typing import Callable
 
 from .. import dicomweb, storage
+from ..data.manifest import read_table
+from ..imaging.regions import findings_from_rows
+from ..scoring.archive import read_image_results
 from ..storage import StorageOptions
 from .results import StudyFinding, overlay_secondary_capture, structured_report
 
@@ -40,10 +43,7 @@ def publish_scores(scores: str, pacs: str | None = None, *, options: StorageOpti
     URI; default: the service the run's images came from)."""
     import pydicom
 
-    from ..data.manifest import read_table
-    from ..imaging.decode import decode_image
-    from ..imaging.regions import findings_from_rows
-    from ..scoring.archive import read_image_results
+    from ..imaging.decode import decode_image  # Pillow and the DICOM decoders: only when publishing
 
     images = read_image_results(scores, options).to_pylist()
     by_study: dict[str, list[dict]] = {}

@@ -31,9 +31,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import storage
+from ..artifacts.index import check_model_index
 from ..data import adapters
 from ..data.manifest import read_table, write_table
 from ..imaging.regions import FINDINGS_TYPE
+from ..metrics.study import study_decision
 from ..storage import StorageOptions
 
 __all__ = ["ScoreConfig", "score_archive", "IMAGE_RESULT_SCHEMA", "STUDY_RESULT_SCHEMA", "read_image_results"]
@@ -222,15 +224,14 @@ def _study_table(images: pa.Table) -> pa.Table:
     for study, members in sorted(by_study.items()):
         scored = [m for m in members if m["status"] == "ok"]
         probs = [m["fracture_probability"] for m in scored]
-        thresholds = [m["threshold"] for m in scored]
         known = [m["known_label"] for m in members if m["known_label"] in (0, 1)]
-        mean_p = float(np.mean(probs)) if probs else None
-        mean_t = float(np.mean(thresholds)) if thresholds else None
+        decision = (study_decision(probs, [m["threshold"] for m in scored], [m["body_part"] for m in scored])
+                    if scored else {"fracture_probability": None, "threshold": None, "label": -1, "body_part": None})
         rows.append({
-            "study_id": study, "images": len(members), "scored": len(scored),
-            "body_part": Counter(m["body_part"] for m in scored).most_common(1)[0][0] if scored else None,
-            "fracture_probability": mean_p, "max_image_probability": max(probs) if probs else None,
-            "threshold": mean_t, "label": int(mean_p >= mean_t) if probs else -1,
+            "study_id": study, "images": len(members), "scored": len(scored), "body_part": decision["body_part"],
+            "fracture_probability": decision["fracture_probability"],
+            "max_image_probability": max(probs) if probs else None,
+            "threshold": decision["threshold"], "label": decision["label"],
             "abnormal_images": sum(m["label"] == 1 for m in scored),
             "known_label": 1 if any(known) else (0 if len(known) == len(members) else -1),
         })
@@ -265,7 +266,7 @@ def score_archive(config: ScoreConfig, *, log: Callable[[str], None] = print,
     """Score every image under ``config.input``; returns the summary (also written to summary.json)."""
     import ray
 
-    from ..inference.predictor import FracturePredictor, check_model_index
+    from ..inference.predictor import FracturePredictor  # torch: in the actors, not to read the results
 
     started = time.time()
     options = config.storage.resolved()

@@ -22,7 +22,6 @@ import importlib
 import logging
 import os
 import time
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -34,7 +33,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from .. import storage
+from ..artifacts.bundle import read_bundle_meta
+from ..artifacts.describe import describe_bundle, resolve_threshold
+from ..artifacts.index import read_model_index
+from ..metrics.study import STUDY_RULE, study_decision
 from ..storage import StorageOptions
+
+# The predictor and Grad-CAM (torch) and the imaging modules (OpenCV) are imported where the
+# replicas use them: building the application needs neither.
 
 __all__ = ["ServeArgs", "build_app", "app_builder", "Ingress", "BodyPartRouter", "FractureClassifiers",
            "HTTP_STATUS_FOR_REJECT", "ACCEPTED_CONTENT_TYPES", "OPEN_PATHS", "DOCS_PATHS"]
@@ -133,7 +139,7 @@ class BodyPartRouter:
     """The bone-type router (or, for a single-model index, its one body part)."""
 
     def __init__(self, args: ServeArgs):
-        from ..inference.predictor import BundleModel, read_model_index
+        from ..inference.predictor import BundleModel
 
         self.args = args
         options = args.storage_options
@@ -167,8 +173,6 @@ class FractureClassifiers:
     multiplexing routes a body part's requests to replicas that hold its model)."""
 
     def __init__(self, args: ServeArgs):
-        from ..inference.predictor import read_model_index
-
         self.args = args
         self.index = read_model_index(args.models, args.storage_options)
         self.classify.set_max_batch_size(args.max_batch_size)
@@ -385,9 +389,6 @@ def _replica_errors() -> tuple[type[BaseException], ...]:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, router, classifiers, args: ServeArgs):
-        from ..inference.predictor import describe_bundle, read_model_index
-        from ..training.bundle import read_bundle_meta
-
         self.router = router
         self.classifiers = classifiers
         self.args = args
@@ -511,8 +512,6 @@ class Ingress:
         return self._handles[body_part]
 
     def _threshold(self, part: str, operating_point: str | None) -> float:
-        from ..inference.predictor import resolve_threshold
-
         try:
             number = parse_threshold(operating_point) if operating_point is not None else None
             return resolve_threshold(self.metas[part], number if number is not None else operating_point)
@@ -703,12 +702,9 @@ class Ingress:
             if not scored:
                 raise _Rejected(400, "no_readable_image", "None of the study's images could be scored: "
                                 + "; ".join(f"{r['image']['name']}: {r['error']}" for r in images))
-            probability = float(np.mean([r["fracture_probability"] for r in scored]))
-            threshold = float(np.mean([r["threshold"] for r in scored]))
-            study = {"images": len(images), "scored": len(scored), "fracture_probability": probability,
-                     "threshold": threshold, "label": int(probability >= threshold),
-                     "body_part": Counter(r["body_part"] for r in scored).most_common(1)[0][0],
-                     "rule": "mean probability over the study's images (MURA)"}
+            decision = study_decision([r["fracture_probability"] for r in scored], [r["threshold"] for r in scored],
+                                      [r["body_part"] for r in scored])
+            study = {"images": len(images), "scored": len(scored), **decision, "rule": STUDY_RULE}
             return {"study": study, "images": images}
         except _Rejected as exc:
             return self._error(exc)

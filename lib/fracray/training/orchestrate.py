@@ -1,5 +1,5 @@
-"""train_all's training stage: the router, the per-bone fracture models in parallel,
-the optional backbone comparison, evaluation of the composed graph and the report.
+"""train_all's training runs: the router, the per-bone fracture models in parallel and the
+optional backbone comparison, and the model index that names them.
 
 Each model is one Ray Train run (TorchTrainer). The runs are launched from Ray
 tasks so several share the cluster at once; how many run together follows the
@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
-import time
 from collections import Counter
 from typing import Any, Callable
 
 import pyarrow as pa
 
 from .. import storage
+from ..artifacts.index import ModelIndex, write_model_index
 from ..data.manifest import filter_rows, split_by_study
 from ..storage import StorageOptions
-from .evaluation import localization_report, pointing_game, score_manifest, summarize_predictions
 from .trainer import TrainConfig, train_classifier
 
-__all__ = ["TrainingSettings", "run_training_stage", "max_concurrent_runs", "cpu_threads_per_worker"]
+__all__ = ["TrainingSettings", "TrainedModels", "train_models", "max_concurrent_runs", "cpu_threads_per_worker"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,13 +144,36 @@ def _run_all(jobs: list[dict[str, Any]], settings: TrainingSettings, log: Callab
     return results
 
 
-def run_training_stage(manifest: pa.Table, settings: TrainingSettings, *, output_uri: str, dataset: str,
-                       storage_options: StorageOptions | None = None, log: Callable = print,
-                       run_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    from ..inference.predictor import ModelIndex, write_model_index
-    from ..reports.training_plots import write_training_plots
+@dataclasses.dataclass
+class TrainedModels:
+    """What :func:`train_models` trained: the model index it wrote, each run's result (or its
+    error), and the split the composed graph is to be evaluated on."""
 
-    started = time.time()
+    index_uri: str
+    body_parts: list[str]
+    skipped_body_parts: list[str]
+    results: dict[str, dict[str, Any]]
+    evaluation: pa.Table
+    evaluated_split: str
+
+    def report_sections(self) -> dict[str, Any]:
+        """The report's comparison, models and histories sections."""
+        results = self.results
+        comparison = {name: {"valid": r.get("metrics", {}).get("valid"), "seconds": r.get("seconds"),
+                             "size": r.get("size"), "error": r.get("error")}
+                      for name, r in results.items() if name.startswith("compare_")}
+        models = {name: {k: r.get(k) for k in ("bundle", "seconds", "threshold", "size", "error", "model",
+                                               "calibration")}
+                  | {"valid": r.get("metrics", {}).get("valid")} for name, r in results.items()}
+        return {"comparison": comparison, "models": models,
+                "histories": {name: r.get("history") for name, r in results.items()}}
+
+
+def train_models(manifest: pa.Table, settings: TrainingSettings, *, output_uri: str, dataset: str,
+                 storage_options: StorageOptions | None = None, log: Callable = print,
+                 run_config: dict[str, Any] | None = None) -> TrainedModels:
+    """The router and every body part's fracture model (and any backbone comparison), trained
+    in parallel runs under ``output_uri/models``; writes ``output_uri/model_index.json``."""
     if settings.exclude_hardware:
         manifest = filter_rows(manifest, exclude_hardware=True)
     train, valid = filter_rows(manifest, split="train"), filter_rows(manifest, split="valid")
@@ -214,98 +235,5 @@ def run_training_stage(manifest: pa.Table, settings: TrainingSettings, *, output
                                             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
                       storage_options)
     log(f"Model index: {index_uri}")
-
-    log(f"Evaluating router -> classifier on the {eval_split} split ({evaluation.num_rows} images) ...")
-    preds = score_manifest(evaluation, index_uri, storage_options=storage_options)
-    summary = summarize_predictions(preds)
-    summary["pointing_game"] = pointing_game(evaluation, index_uri, storage_options=storage_options)
-    summary["localization"] = localization_report(evaluation, preds, index_uri, output_uri=output_uri,
-                                                  storage_options=storage_options)
-    comparison = {name: {"valid": r.get("metrics", {}).get("valid"), "seconds": r.get("seconds"),
-                         "size": r.get("size"), "error": r.get("error")}
-                  for name, r in results.items() if name.startswith("compare_")}
-    report = {"dataset": dataset, "evaluated_split": eval_split, "body_parts": parts, "skipped_body_parts": skipped,
-              "model_index": index_uri, "evaluation": summary, "comparison": comparison,
-              "models": {name: {k: r.get(k) for k in ("bundle", "seconds", "threshold", "size", "error", "model",
-                                                       "calibration")}
-                         | {"valid": r.get("metrics", {}).get("valid")} for name, r in results.items()},
-              "histories": {name: r.get("history") for name, r in results.items()},
-              "seconds": round(time.time() - started, 1)}
-    report["plots"] = write_training_plots(report, output_uri, storage_options)
-    storage.write_bytes(storage.join(output_uri, "report.json"), json.dumps(report, indent=2, default=str).encode(),
-                        storage_options)
-    storage.write_bytes(storage.join(output_uri, "report.md"), format_report(report).encode(), storage_options)
-    return report
-
-
-def _fmt(v, digits=3):
-    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
-
-
-def _localization_lines(loc: dict[str, Any] | None, plots: dict[str, str]) -> list[str]:
-    """Lesion-level figures and the example overlays, for the report."""
-    if not loc:
-        return []
-    lines = []
-    lesions = loc.get("lesions")
-    if lesions:
-        lines += ["", f"Lesion level (models with a fracture map; {lesions['lesions']} fractures in {lesions['images']} "
-                      f"images, findings from score {lesions['min_score']} up): lesion sensitivity "
-                      f"{_fmt(lesions['lesion_sensitivity_at_0.5_fp'])} at 0.5 and "
-                      f"{_fmt(lesions['lesion_sensitivity_at_1_fp'])} at 1 false-positive finding per image"
-                      + (" (FROC: froc.png)" if "froc" in plots else "") + "."]
-        if lesions.get("per_body_part"):
-            lines += ["", "| body part | fractures | images | sensitivity at 0.5 FP/image | at 1 FP/image |",
-                      "|---|---|---|---|---|"]
-            for part, m in lesions["per_body_part"].items():
-                lines.append(f"| {part} | {m['lesions']} | {m['images']} | {_fmt(m['lesion_sensitivity_at_0.5_fp'])} | "
-                             f"{_fmt(m['lesion_sensitivity_at_1_fp'])} |")
-    elif loc.get("models_with_fracture_map"):
-        lines += ["", "Lesion level: no evaluated image has fracture boxes to score the findings against."]
-    if loc.get("examples"):
-        lines += ["", "Examples at the operating threshold (heatmap; fracture boxes green, findings magenta with "
-                      "their scores):", ""]
-        for ex in loc["examples"]:
-            lines.append(f"- {ex['kind'].upper()} examples/{ex['png'].rsplit('/', 1)[-1]}: "
-                         f"P(fracture) {_fmt(ex['fracture_probability'])} "
-                         f"(threshold {_fmt(ex['threshold'])}), {ex['findings']} finding(s), "
-                         f"{ex['fracture_boxes']} fracture box(es), {ex['heatmap']}")
-    return lines
-
-
-def format_report(report: dict[str, Any]) -> str:
-    ev = report["evaluation"]
-    lines = [f"# fracray training report: {report['dataset']}", "",
-             f"Evaluated on the {report['evaluated_split']} split through router -> per-bone classifier: "
-             f"{ev['scored']} images scored, rejected: {ev['rejected'] or 'none'}"
-             + (f"; router accuracy {_fmt(ev.get('router_accuracy'))}" if ev.get("router_accuracy") is not None else ""),
-             "", "| body part | TP | FN | FP | TN | accuracy | precision | sensitivity | specificity | F1 | AUROC | "
-             "study kappa |", "|" + "---|" * 12]
-    rows = list(ev["per_body_part"].items()) + ([("all", ev["overall"])] if ev["overall"] else [])
-    for part, m in rows:
-        lines.append(f"| {part} | {m['tp']} | {m['fn']} | {m['fp']} | {m['tn']} | {_fmt(m['accuracy'])} | "
-                     f"{_fmt(m['precision'])} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | {_fmt(m['f1'])} | "
-                     f"{_fmt(m['auroc'])} | {_fmt(m.get('study_kappa'))} |")
-    game = ev.get("pointing_game")
-    if game:
-        heatmap = game.get("method", "Grad-CAM peak").split(" peak")[0]
-        lines += ["", f"{heatmap} pointing game ({game['overall']['images']} fractured images with boxes): the heatmap "
-                      f"peak falls inside a fracture box for {_fmt(game['overall']['hit_rate'])} of them "
-                      f"(image-centre baseline {_fmt(game['overall']['center_baseline'])})."]
-    lines += _localization_lines(ev.get("localization"), report.get("plots") or {})
-    if "calibration" in report.get("plots", {}):
-        lines += ["", "Calibration (reliability before and after temperature scaling): calibration.png"]
-    lines += ["", "| model | backbone | seconds | weights MB | validation AUROC / accuracy | threshold | temperature | "
-              "ECE on validation, before -> after |", "|---|---|---|---|---|---|---|---|"]
-    for name, m in sorted(report["models"].items()):
-        if m.get("error"):
-            lines.append(f"| {name} | failed: {m['error'][:80]} | | | | | | |")
-            continue
-        valid = m.get("valid") or {}
-        score = valid.get("auroc") if valid.get("auroc") is not None else valid.get("accuracy")
-        cal = m.get("calibration") or {}
-        cal = dict(cal.get("valid") or cal, temperature=cal.get("temperature"))  # validation, not the fitting slice
-        lines.append(f"| {name} | {(m.get('model') or {}).get('name')} | {m['seconds']} | "
-                     f"{(m.get('size') or {}).get('weights_mb')} | {_fmt(score)} | {_fmt(m.get('threshold'))} | "
-                     f"{_fmt(cal.get('temperature'))} | {_fmt(cal.get('ece_before'))} -> {_fmt(cal.get('ece_after'))} |")
-    return "\n".join(lines) + "\n"
+    return TrainedModels(index_uri=index_uri, body_parts=parts, skipped_body_parts=skipped, results=results,
+                         evaluation=evaluation, evaluated_split=eval_split)

@@ -8,7 +8,7 @@ Every epoch it validates, reports metrics to Ray and saves a checkpoint; it stop
 early when the validation score stops improving. With ``max_failures`` > 0 a
 killed worker restarts the group from the last checkpoint.
 
-The result is a self-describing bundle (see ``bundle.py``) with the operating
+The result is a self-describing bundle (see ``artifacts/bundle.py``) with the operating
 threshold chosen on validation data.
 """
 
@@ -28,14 +28,16 @@ import numpy as np
 import pyarrow as pa
 
 from .. import storage
-from ..data.pipeline import OK, StreamConfig, build_image_dataset
+from ..artifacts.bundle import BundleMeta, save_bundle
+from ..data.manifest import split_by_study
+from ..data.pipeline import OK, StreamConfig, StreamTally, build_image_dataset, iter_model_batches
+from ..imaging.findings import FindingsConfig, localization_metrics
 from ..imaging.preprocess import AugmentConfig, PreprocessConfig, finalize, to_tensor
+from ..metrics import classification as M
+from ..metrics.calibration import (calibrate, expected_calibration_error, operating_points, reliability_bins,
+                                   softmax)
+from ..metrics.study import study_level
 from ..storage import StorageOptions
-from ..inference.calibration import (calibrate, expected_calibration_error, operating_points, reliability_bins,
-                                     softmax)
-from ..inference.localization import FindingsConfig, localization_metrics
-from . import metrics as M
-from .bundle import BundleMeta, save_bundle
 from .step import TrainStep, model_input, place_model
 
 __all__ = ["TrainConfig", "TrainResult", "train_classifier", "predict_manifest", "make_loss"]
@@ -127,6 +129,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def labels(self, image_labels, body_parts) -> np.ndarray:
+        """Each image's class index in this run (the one label-to-index map): its image label
+        (0 or 1) for a fracture model, the index of its body part in ``classes`` for the router;
+        -1 where it has none (unlabelled, or a body part outside ``classes``)."""
+        if self.task == "fracture":
+            return np.asarray([int(v) if v in (0, 1) else -1 for v in image_labels], dtype=np.int64)
+        index = {c: i for i, c in enumerate(self.classes)}
+        return np.asarray([index.get(str(p), -1) for p in body_parts], dtype=np.int64)
+
     def preprocess(self) -> PreprocessConfig:
         """What this run's model sees: the model's data config merged with this run's overrides."""
         from ..models.registry import resolve_preprocess
@@ -144,15 +155,8 @@ class TrainResult:
     valid_predictions: dict[str, list]
 
 
-def _labels_of(batch: dict[str, np.ndarray], task: str, classes: tuple[str, ...]) -> np.ndarray:
-    if task == "fracture":
-        return batch["image_label"].astype(np.int64)
-    index = {c: i for i, c in enumerate(classes)}
-    return np.array([index.get(str(p), -1) for p in batch["body_part"]], dtype=np.int64)
-
-
-def _usable(batch: dict[str, np.ndarray], task: str, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    labels = _labels_of(batch, task, classes)
+def _usable(batch: dict[str, np.ndarray], tc: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    labels = tc.labels(batch["image_label"], batch["body_part"])
     keep = (batch["status"] == OK) & (labels >= 0)
     return keep, labels
 
@@ -225,7 +229,7 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
         model.train()
         epoch_start, seen, loss_sum = time.time(), 0, 0.0
         for batch in train_shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy", prefetch_batches=2):
-            keep, labels = _usable(batch, tc.task, tc.classes)
+            keep, labels = _usable(batch, tc)
             if tc.negatives_per_positive and binary:
                 keep &= _epoch_sample(batch["image_uri"], labels, epoch, tc.seed, cfg["negative_keep"])
             # A lone image left over by sampling or rejects cannot train BatchNorm (dense3 head,
@@ -251,7 +255,7 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
         probs, ys, studies = [], [], []
         with torch.no_grad():
             for batch in valid_shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy"):
-                keep, labels = _usable(batch, tc.task, tc.classes)
+                keep, labels = _usable(batch, tc)
                 if not keep.any():
                     continue
                 x = model_input(batch["image"][keep], preprocess, device)
@@ -369,11 +373,10 @@ def _class_weights(labels: list[int], n_classes: int) -> list[float]:
     return [w / mean for w in raw]
 
 
-def _manifest_labels(manifest: pa.Table, task: str, classes: tuple[str, ...]) -> list[int]:
-    if task == "fracture":
-        return [int(v) for v in manifest["image_label"].to_pylist() if v in (0, 1)]
-    index = {c: i for i, c in enumerate(classes)}
-    return [index[p] for p in manifest["body_part"].to_pylist() if p in index]
+def _manifest_labels(manifest: pa.Table, config: TrainConfig) -> list[int]:
+    """The class index of every image of ``manifest`` that has one."""
+    labels = config.labels(manifest["image_label"].to_pylist(), manifest["body_part"].to_pylist())
+    return [int(v) for v in labels if v >= 0]
 
 
 def predict_manifest(model, manifest: pa.Table, preprocess: PreprocessConfig, *,
@@ -382,8 +385,6 @@ def predict_manifest(model, manifest: pa.Table, preprocess: PreprocessConfig, *,
     """Logits (and fracture-map probabilities, for a model with a map) for every ok row of a
     manifest: driver-side, for calibration, thresholds and reports."""
     import torch
-
-    from ..data.pipeline import StreamTally, iter_model_batches
 
     out: dict[str, list] = {"image_uri": [], "study_id": [], "image_label": [], "body_part": [], "logits": [],
                             "maps": [], "source_size": []}
@@ -406,13 +407,6 @@ def predict_manifest(model, manifest: pa.Table, preprocess: PreprocessConfig, *,
     return out
 
 
-def _labels_for(preds: dict[str, list], config: TrainConfig) -> np.ndarray:
-    if config.task == "fracture":
-        return np.asarray(preds["image_label"], dtype=int)
-    index = {c: i for i, c in enumerate(config.classes)}
-    return np.asarray([index.get(p, -1) for p in preds["body_part"]], dtype=int)
-
-
 def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, output_uri: str, name: str,
                      storage_options: StorageOptions | None = None, data_info: dict | None = None,
                      run_config: dict | None = None, log=print) -> TrainResult:
@@ -423,8 +417,6 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ..data.manifest import split_by_study
-
     started = time.time()
     if train.num_rows == 0 or valid.num_rows == 0:
         raise ValueError(f"{name}: needs training and validation images (got {train.num_rows} and {valid.num_rows})")
@@ -433,11 +425,11 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
     if config.calibration_fraction > 0:
         fit, calibration_set = split_by_study(train, config.calibration_fraction, seed=config.seed)
         # A calibration slice needs both classes (and the training part some images) to be of use.
-        if fit.num_rows and len(set(_manifest_labels(calibration_set, config.task, config.classes))) >= 2:
+        if fit.num_rows and len(set(_manifest_labels(calibration_set, config))) >= 2:
             train = fit
         else:
             calibration_set = None
-    labels = _manifest_labels(train, config.task, config.classes)
+    labels = _manifest_labels(train, config)
     counts = Counter(labels)
     negative_keep = 1.0
     if config.negatives_per_positive and config.task == "fracture" and counts.get(0) and counts.get(1):
@@ -504,7 +496,7 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
     cal_preds = predict(calibration_set) if calibration_set is not None else preds
     logits = np.asarray(preds["logits"], dtype=np.float64).reshape(-1, len(config.classes))
     cal_logits = np.asarray(cal_preds["logits"], dtype=np.float64).reshape(-1, len(config.classes))
-    y, cal_y = _labels_for(preds, config), _labels_for(cal_preds, config)
+    y, cal_y = (config.labels(p["image_label"], p["body_part"]) for p in (preds, cal_preds))
     keep, cal_keep = y >= 0, cal_y >= 0
     calibration = calibrate(cal_logits[cal_keep], cal_y[cal_keep])
     temperature = calibration["temperature"]
@@ -520,7 +512,7 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
         p, cal_p = probs[:, 1], cal_probs[:, 1]
         threshold = M.choose_threshold(cal_y, cal_p, target=config.threshold_target, value=config.threshold_value)
         metrics = {"valid": M.binary_metrics(y, p, threshold),
-                   "valid_study": M.study_level(preds["study_id"], y, p, threshold),
+                   "valid_study": study_level(preds["study_id"], y, p, threshold),
                    "valid_operating_points": [M.sensitivity_at_specificity(y, p, s) for s in (0.8, 0.9, 0.95)]}
         rule = config.threshold_target + (f">={config.threshold_value}" if config.threshold_value else "")
         points = operating_points(cal_y, cal_p, evaluate=(y, p))

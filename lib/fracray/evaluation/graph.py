@@ -1,29 +1,53 @@
-"""Evaluate the router -> classifier path on a labelled manifest, with Ray Data.
+"""Evaluate the router -> classifier graph on a labelled manifest, with Ray Data.
 
 Per body part: TP, FN, FP, TN, accuracy, precision, sensitivity, specificity, F1,
 AUROC; study-level Cohen's kappa (MURA); router accuracy where the true body part
 is known; where images carry fracture boxes (FracAtlas), the pointing game and - for models
-with a fracture map - lesion-level FROC of the findings, with example overlays. Used by
-train_all's report and by ``pipelines/evaluate.py``.
+with a fracture map - lesion-level FROC of the findings, with example overlays.
+:func:`evaluate_graph` does all of it, for train_all's report and ``pipelines/evaluate.py``.
+The predictor (torch) is imported only where Ray actors run it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections import Counter, defaultdict
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
+from .. import storage
+from ..artifacts.bundle import read_bundle_meta
+from ..artifacts.describe import bundle_name
+from ..artifacts.index import read_model_index
+from ..imaging.regions import Finding, findings_from_rows, froc, lesion_sensitivity_at, yolo_to_pixels
+from ..metrics.classification import binary_metrics
+from ..metrics.study import study_level
 from ..storage import StorageOptions
-from . import metrics as M
 
-__all__ = ["score_manifest", "summarize_predictions", "pointing_game", "lesion_evaluation", "localizing_classifiers",
-           "localization_report", "HEATMAP_FRACTURE_MAP", "HEATMAP_GRADCAM"]
+__all__ = ["evaluate_graph", "score_manifest", "summarize_predictions", "pointing_game", "lesion_evaluation",
+           "localizing_classifiers", "localization_report", "HEATMAP_FRACTURE_MAP", "HEATMAP_GRADCAM"]
 
 HEATMAP_FRACTURE_MAP = "fracture map"  # which heatmap a pointing game or an overlay used
 HEATMAP_GRADCAM = "Grad-CAM"
+
+
+def evaluate_graph(manifest: pa.Table, index_uri: str, *, storage_options: StorageOptions | None = None,
+                   output_uri: str | None = None, operating_point: str | float | None = None,
+                   pointing_tolerance: float = 0.0) -> tuple[dict[str, list], dict[str, Any]]:
+    """The whole evaluation of the graph on a labelled manifest: (predictions, summary).
+    The summary is :func:`summarize_predictions` with ``pointing_game`` and ``localization``
+    (with ``output_uri``, example overlays are written under it)."""
+    preds = score_manifest(manifest, index_uri, storage_options=storage_options, operating_point=operating_point)
+    summary = summarize_predictions(preds)
+    summary["pointing_game"] = pointing_game(manifest, index_uri, storage_options=storage_options,
+                                             tolerance=pointing_tolerance)
+    summary["localization"] = localization_report(manifest, preds, index_uri, output_uri=output_uri,
+                                                  storage_options=storage_options)
+    return preds, summary
 
 
 def score_manifest(manifest: pa.Table, index_uri: str, *, storage_options: StorageOptions | None = None,
@@ -73,7 +97,7 @@ def summarize_predictions(preds: dict[str, list]) -> dict[str, Any]:
         p = [float(preds["fracture_probability"][i]) for i in idx]
         # Each image was labelled at its own classifier's threshold: count those decisions.
         pred = [int(preds["label"][i]) for i in idx]
-        out = M.binary_metrics(y, p, 0.5)
+        out = binary_metrics(y, p, 0.5)
         tp = sum(1 for a, b in zip(y, pred) if a == 1 and b == 1)
         fn = sum(1 for a, b in zip(y, pred) if a == 1 and b == 0)
         fp = sum(1 for a, b in zip(y, pred) if a == 0 and b == 1)
@@ -87,9 +111,8 @@ def summarize_predictions(preds: dict[str, list]) -> dict[str, Any]:
         out["f1"] = 2 * s * r / (s + r) if s and r else None
         studies = [preds["study_id"][i] for i in idx] if "study_id" in preds else None
         if studies and all(studies):
-            thresholds = [float(preds["threshold"][i]) for i in idx]
-            # Study decision: mean probability against the mean threshold of its images' models.
-            st = M.study_level(studies, y, [pp - t + 0.5 for pp, t in zip(p, thresholds)], 0.5)
+            # Each study decided at the mean threshold of its images' models.
+            st = study_level(studies, y, p, [float(preds["threshold"][i]) for i in idx])
             out["study_kappa"] = st["kappa"]
             out["studies"] = st["studies"]
         return out
@@ -112,17 +135,13 @@ class _PointingGameScorer:
     the same router -> classifier path as scoring."""
 
     def __init__(self, index_uri: str, storage_options: StorageOptions | None = None, tolerance: float = 0.0):
-        from .. import storage
         from ..inference.predictor import FracturePredictor
 
-        self.storage = storage
         self.predictor = FracturePredictor(index_uri, storage_options)
         self.options = storage_options
         self.tolerance = tolerance
 
     def __call__(self, batch):
-        import numpy as np
-
         from ..imaging.decode import ImageRejected
         from ..imaging.preprocess import decode_for
         from ..inference.gradcam import heatmap_peak, pointing_hit
@@ -131,9 +150,9 @@ class _PointingGameScorer:
                                "status")}
         for uri, boxes in zip(batch["image_uri"].to_pylist(), batch["boxes"].to_pylist()):
             try:
-                decoded = decode_for(self.storage.read_bytes(uri, self.options), self.predictor.decode_config,
+                decoded = decode_for(storage.read_bytes(uri, self.options), self.predictor.decode_config,
                                      name=uri)
-            except (ImageRejected, self.storage.StorageError) as exc:
+            except (ImageRejected, storage.StorageError) as exc:
                 status = exc.reason.value if isinstance(exc, ImageRejected) else "read_error"
                 for key, value in (("image_uri", uri), ("body_part", ""), ("hit", False), ("center_hit", False),
                                    ("peak_x", np.nan), ("peak_y", np.nan), ("heatmap", ""), ("status", status)):
@@ -212,9 +231,7 @@ def _heatmap_name(kinds) -> str:
 def localizing_classifiers(index_uri: str, storage_options: StorageOptions | None = None) -> dict[str, dict]:
     """{classifier name (as predictions carry it): its findings settings} for the index's
     fracture models that have a fracture map."""
-    from ..inference.localization import FindingsConfig
-    from ..inference.predictor import bundle_name, read_model_index
-    from .bundle import read_bundle_meta
+    from ..imaging.findings import FindingsConfig
 
     out = {}
     for uri in read_model_index(index_uri, storage_options).classifiers.values():
@@ -226,8 +243,6 @@ def localizing_classifiers(index_uri: str, storage_options: StorageOptions | Non
 
 
 def _truth_boxes(boxes: list | None, label, width: int, height: int) -> list[tuple[int, int, int, int]]:
-    from ..imaging.regions import yolo_to_pixels
-
     return [yolo_to_pixels(b, width, height) for b in (boxes or [])] if label == 1 else []
 
 
@@ -241,8 +256,6 @@ def lesion_evaluation(manifest: pa.Table, preds: dict[str, list], localizing: di
     boxes cannot be judged and is left out (counted); a normal image adds only false
     positives. The curve starts at the bundles' ``findings.min_score`` (the predictor reports
     nothing fainter). None when no image qualifies or the manifest has no boxes."""
-    from ..imaging.regions import Finding, findings_from_rows, froc, lesion_sensitivity_at
-
     if "boxes" not in manifest.column_names or "findings" not in preds or not localizing:
         return None
     boxes_of = dict(zip(manifest["image_uri"].to_pylist(), manifest["boxes"].to_pylist()))
@@ -315,12 +328,8 @@ def _pick_examples(manifest: pa.Table, preds: dict[str, list], per_kind: int) ->
 def _render_examples(index_uri: str, options: StorageOptions | None, examples: list[dict[str, Any]],
                      output_uri: str) -> list[dict[str, Any]]:
     """Draw each example (heatmap, ground-truth boxes, findings) with the shared overlay_png."""
-    import re
-
-    from .. import storage
     from ..imaging.decode import decode_image
-    from ..imaging.preprocess import decode_for
-    from ..imaging.regions import findings_from_rows
+    from ..imaging.preprocess import DICOM_SUFFIXES, decode_for
     from ..inference.gradcam import overlay_png
     from ..inference.predictor import FracturePredictor
 
@@ -331,7 +340,7 @@ def _render_examples(index_uri: str, options: StorageOptions | None, examples: l
         decoded = decode_for(data, predictor.decode_config, name=ex["image_uri"])  # what the model saw
         # Drawn on a sharper decode than the model's (JPEG draft at >= 512 px): same image, same frame.
         picture = decode_image(data, max_pixels=predictor.decode_config.max_pixels, draft_size=(512, 512),
-                               allow_headerless_dicom=ex["image_uri"].lower().endswith((".dcm", ".dicom")))
+                               allow_headerless_dicom=ex["image_uri"].lower().endswith(DICOM_SUFFIXES))
         model = predictor.classifiers[ex["body_part"]]
         findings = findings_from_rows(ex["findings"]) or []
         truths = _truth_boxes(ex["boxes"], 1, decoded.width, decoded.height)

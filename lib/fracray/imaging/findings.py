@@ -13,9 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..imaging.preprocess import PreprocessConfig
-from ..imaging.regions import Finding, findings_from_heatmap, froc, lesion_sensitivity_at, yolo_to_pixels
-from .gradcam import letterbox_box
+from .preprocess import PreprocessConfig, letterbox_box
+from .regions import Finding, findings_from_heatmap, froc, lesion_sensitivity_at, yolo_to_pixels
 
 __all__ = ["FindingsConfig", "map_to_image", "image_findings", "localization_metrics", "HEATMAP_MAX_SIDE"]
 

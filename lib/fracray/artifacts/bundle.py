@@ -5,7 +5,8 @@
                         preprocessing, classes, operating threshold, validation
                         metrics, data and code version, intended use
 
-Serving and scoring read the preprocessing from here and never re-declare it.
+Serving and scoring read the preprocessing from here and never re-declare it. Reading a
+bundle's metadata needs neither torch nor OpenCV; :func:`load_bundle` brings them in.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ import datetime as _dt
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__, storage
-from ..imaging.preprocess import PreprocessConfig
 from ..storage import StorageOptions
 
-__all__ = ["BundleMeta", "save_bundle", "load_bundle", "read_bundle_meta", "BUNDLE_FORMAT", "code_version"]
+if TYPE_CHECKING:
+    import torch
+
+    from ..imaging.preprocess import PreprocessConfig
+
+__all__ = ["BundleMeta", "save_bundle", "load_bundle", "read_bundle_meta", "BUNDLE_FORMAT", "META_FILE", "WEIGHTS_FILE",
+           "code_version"]
 
 BUNDLE_FORMAT = "fracray-bundle/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -57,6 +61,8 @@ class BundleMeta:
     format: str = BUNDLE_FORMAT
 
     def preprocess_config(self) -> PreprocessConfig:
+        from ..imaging.preprocess import PreprocessConfig  # OpenCV: not needed to read metadata
+
         return PreprocessConfig.from_dict(self.preprocess)
 
 
@@ -97,7 +103,7 @@ def load_bundle(uri: str, options: StorageOptions | None = None, *, device: str 
     """Rebuild the model described by the bundle and load its weights. Returns (model, meta)."""
     from safetensors.torch import load as load_safetensors
 
-    from ..models.registry import create_model
+    from ..models.registry import create_model  # torch and timm: only where a model is rebuilt
 
     meta = read_bundle_meta(uri, options)
     spec = meta.model

@@ -12,7 +12,8 @@ import datetime as _dt
 from .. import storage
 from ..data.manifest import MURA_BODY_PARTS
 from ..storage import StorageOptions
-from .predictor import ModelIndex, write_model_index
+from .bundle import BundleMeta, save_bundle
+from .index import ModelIndex, write_model_index
 
 __all__ = ["build_untrained_index"]
 
@@ -25,8 +26,7 @@ def build_untrained_index(output_uri: str, *, body_parts: tuple[str, ...] = MURA
     """Write one bundle per body part (and a router) plus model_index.json; returns the index URI."""
     import torch
 
-    from ..training.bundle import BundleMeta, save_bundle
-    from ..models.registry import create_model
+    from ..models.registry import create_model  # torch and timm: only when bundles are made
 
     output_uri = storage.normalize(output_uri)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,27 +1,30 @@
-"""Evaluation metrics, with the conventions of the papers: confusion counts,
-accuracy, precision, sensitivity (recall), specificity, F1, AUROC, and MURA's
-study-level Cohen's kappa (mean probability over a study's images)."""
+"""Classification metrics, with the conventions of the papers: confusion counts,
+accuracy, precision, sensitivity (recall), specificity, F1, AUROC; operating thresholds
+chosen on validation data. Study-level figures (MURA) are in :mod:`.study`."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["binary_metrics", "choose_threshold", "study_level", "multiclass_metrics", "sensitivity_at_specificity"]
+__all__ = ["binary_metrics", "choose_threshold", "multiclass_metrics", "sensitivity_at_specificity"]
 
 
 def _safe_div(a: float, b: float) -> float | None:
     return float(a / b) if b else None
 
 
-def binary_metrics(labels: Sequence[int], probs: Sequence[float], threshold: float = 0.5) -> dict[str, Any]:
+def binary_metrics(labels: Sequence[int], probs: Sequence[float], threshold: float = 0.5, *,
+                   predicted: Sequence[int] | None = None) -> dict[str, Any]:
+    """Confusion counts and the figures made of them at ``threshold``, and AUROC. ``predicted``:
+    the decisions themselves, where they were not all made at one threshold (a study's mean
+    against its images' mean threshold); the counts then come from them."""
     y = np.asarray(labels, dtype=int)
     p = np.asarray(probs, dtype=float)
     if y.shape != p.shape:
         raise ValueError(f"labels and probabilities differ in length: {y.shape} vs {p.shape}")
-    pred = p >= threshold
+    pred = p >= threshold if predicted is None else np.asarray(predicted, dtype=int).astype(bool)
     tp = int(np.sum(pred & (y == 1)))
     fn = int(np.sum(~pred & (y == 1)))
     fp = int(np.sum(pred & (y == 0)))
@@ -67,26 +70,6 @@ def choose_threshold(labels: Sequence[int], probs: Sequence[float], *, target: s
     else:
         raise ValueError(f"target must be youden, sensitivity or specificity. Got {target!r}")
     return float(thresholds[best])
-
-
-def study_level(study_ids: Sequence[str], labels: Sequence[int], probs: Sequence[float],
-                threshold: float = 0.5) -> dict[str, Any]:
-    """MURA's study-level evaluation: a study's probability is the mean over its images;
-    returns Cohen's kappa and the binary metrics on studies."""
-    grouped: dict[str, list[float]] = defaultdict(list)
-    study_label: dict[str, int] = {}
-    for sid, label, prob in zip(study_ids, labels, probs):
-        grouped[sid].append(float(prob))
-        study_label[sid] = int(label)
-    ids = sorted(grouped)
-    y = [study_label[s] for s in ids]
-    p = [float(np.mean(grouped[s])) for s in ids]
-    out = binary_metrics(y, p, threshold)
-    from sklearn.metrics import cohen_kappa_score
-    pred = [int(v >= threshold) for v in p]
-    out["kappa"] = float(cohen_kappa_score(y, pred)) if len(set(y) | set(pred)) > 1 else None
-    out["studies"] = len(ids)
-    return out
 
 
 def multiclass_metrics(labels: Sequence[int], probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .classification import binary_metrics, choose_threshold
+
 __all__ = ["fit_temperature", "expected_calibration_error", "calibrate", "softmax", "operating_points",
            "reliability_bins"]
 
@@ -106,23 +108,21 @@ def operating_points(labels: Sequence[int], probs: Sequence[float], *,
     Two aliases follow what readers of cleared products expect: ``high_sensitivity``
     (= sensitivity>=0.95, for triage/rule-out) and ``high_specificity`` (= specificity>=0.95).
     """
-    from ..training import metrics as M
-
     y = np.asarray(labels, dtype=int)
     p = np.asarray(probs, dtype=np.float64)
     if not 0 < y.sum() < len(y):
         return {}
-    points = {"youden": M.choose_threshold(y, p, target="youden")}
+    points = {"youden": choose_threshold(y, p, target="youden")}
     for target, value in targets:
-        points[f"{target}>={value:.2f}"] = M.choose_threshold(y, p, target=target, value=value)
-    points["high_sensitivity"] = M.choose_threshold(y, p, target="sensitivity", value=0.95)
-    points["high_specificity"] = M.choose_threshold(y, p, target="specificity", value=0.95)
+        points[f"{target}>={value:.2f}"] = choose_threshold(y, p, target=target, value=value)
+    points["high_sensitivity"] = choose_threshold(y, p, target="sensitivity", value=0.95)
+    points["high_specificity"] = choose_threshold(y, p, target="specificity", value=0.95)
     out = {}
     for name, threshold in points.items():
-        m = M.binary_metrics(y, p, threshold)
+        m = binary_metrics(y, p, threshold)
         out[name] = {"threshold": float(threshold), "sensitivity": m["sensitivity"], "specificity": m["specificity"]}
         if evaluate is not None:
-            e = M.binary_metrics(np.asarray(evaluate[0], dtype=int), np.asarray(evaluate[1], dtype=float), threshold)
+            e = binary_metrics(np.asarray(evaluate[0], dtype=int), np.asarray(evaluate[1], dtype=float), threshold)
             out[name] = {"threshold": float(threshold), "sensitivity": e["sensitivity"], "specificity": e["specificity"],
                          "chosen_on": {"sensitivity": m["sensitivity"], "specificity": m["specificity"], "n": len(y)}}
     return out
