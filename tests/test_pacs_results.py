@@ -15,26 +15,19 @@ from fracray.pacs.results import StudyFinding, overlay_secondary_capture, struct
 
 
 def dx_source(rows: int = 480, cols: int = 360, *, study_uid: str | None = None, seed: int = 0):
-    """A DX image with realistic patient, study and series modules."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    """A DX image with realistic patient, study and series modules (the product's own wrapper)."""
+    import io
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Doe^Jane", "P-0001", "19700101", "F"
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20261124", "101010", "ACC1", "S1"
-    ds.ReferringPhysicianName, ds.Modality, ds.BodyPartExamined = "", "DX", "WRIST"
-    ds.SeriesNumber, ds.InstanceNumber, ds.PatientOrientation = 1, 1, ["L", "F"]
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from fracray.pacs.wrap import StudyIdentity, wrap_radiograph
+
+    study = StudyIdentity(patient_id="P-0001", patient_name="Doe^Jane", study_uid=study_uid or generate_uid(),
+                          accession="ACC1", patient_birth_date="19700101", patient_sex="F")
     pixels = render_radiograph(np.random.default_rng(seed), "wrist", rows, cols, fracture=True).pixels
-    ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
-    return ds
+    data = wrap_radiograph(pixels.astype(np.uint16) * 16, study, series_uid=generate_uid(), body_part="WRIST")
+    return pydicom.dcmread(io.BytesIO(data))
 
 
 def _finding(source, label=1, regions=True) -> StudyFinding:
