@@ -79,6 +79,20 @@ def _post(url, path="/v1/classify", **kw):
     return requests.post(f"{url}{path}", headers=headers, **kw)
 
 
+def _read_response(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (the guard's answers close it):
+    the head and the body may arrive in separate segments."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, socket.timeout):
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
 def _is_error(r, status, reason):
     assert r.status_code == status, (r.status_code, r.text[:300])
     assert r.headers["content-type"].startswith("application/json"), r.headers
@@ -233,7 +247,7 @@ def test_a_chunked_200_mb_upload_is_refused_while_streaming(hardened):
             pass
         outcome["sent_mb"] = sent
         sock.settimeout(30)
-        outcome["response"] = sock.recv(65536)
+        outcome["response"] = _read_response(sock)
         sock.close()
 
     growth = _peak_growth(upload)
@@ -262,7 +276,7 @@ def test_a_body_shorter_than_its_content_length_times_out(hardened):
     started = time.monotonic()
     sock.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {SERVE_TEST_TOKEN}\r\n"
                  f"Content-Length: 100000\r\n\r\n".encode() + b"x" * 10)
-    response = sock.recv(65536)
+    response = _read_response(sock)
     waited = time.monotonic() - started
     sock.close()
     assert b" 408 " in response.split(b"\r\n", 1)[0] and b"body_timeout" in response, response[:300]
