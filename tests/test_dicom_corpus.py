@@ -142,3 +142,10 @@ def test_score_archive_on_the_corpus_survives_and_accounts_for_every_file(ray_lo
     for name in MUST_DECODE.values():  # decoded: scored, or refused as not a limb radiograph (CT/MR)
         assert by_name[name]["status"] in ("ok", "out_of_scope"), (name, by_name[name])
     assert all(r["status"] == "ok" or r["error"] for r in rows)
+    # Scored DICOM files keep their SOP Instance UID, so results join back to the archive.
+    import pydicom
+
+    for row in rows:
+        if row["status"] == "ok":
+            header = pydicom.dcmread(row["image_uri"], stop_before_pixels=True, force=True)
+            assert row["sop_instance_uid"] == (str(header.get("SOPInstanceUID", "")).strip() or None), row["image_uri"]

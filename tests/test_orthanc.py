@@ -110,6 +110,7 @@ def test_score_a_pacs_query_then_publish_sr_and_overlays_into_the_study(orthanc,
     rows = read_image_results(output).to_pylist()
     assert {r["study_id"] for r in rows} == {loaded_study.study_uid}  # one study per StudyInstanceUID
     assert all(r["image_uri"].startswith(orthanc["uri"] + "/studies/") for r in rows)  # joins back to the PACS
+    assert all(r["sop_instance_uid"] == r["image_uri"].rsplit("/", 1)[1] for r in rows)  # from the header
 
     before = len(_instances_in_study(orthanc, loaded_study.study_uid))
     published = publish_scores(output, log=lambda *_: None)

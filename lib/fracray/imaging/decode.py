@@ -81,6 +81,7 @@ class DecodedImage:
     # 0-255 values; 0 for grayscale sources, single digits for grey content in colour files,
     # tens for photographs). See fracray.imaging.scope.
     colourfulness: float = 0.0
+    sop_instance_uid: str | None = None  # DICOM SOPInstanceUID: joins a result back to the PACS archive
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -382,6 +383,7 @@ def _decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImag
         source_format="DICOM", source_mode=photometric, bit_depth=bit_depth,
         body_part=(str(body_part).strip().lower() or None) if body_part else None,
         modality=modality, colourfulness=colour,
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")).strip() or None,
     )
 
 

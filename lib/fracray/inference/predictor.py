@@ -227,6 +227,8 @@ class FracturePredictor:
                 # The frame of the findings' boxes, as the HTTP answer's "image" gives it.
                 results[i]["image"] = {"width": decoded[i].width, "height": decoded[i].height,
                                        "format": decoded[i].source_format}
+                if decoded[i].sop_instance_uid:  # DICOM: what joins the result back to the archive
+                    results[i]["image"]["sop_instance_uid"] = decoded[i].sop_instance_uid
         return results
 
     def predict_bytes(self, payloads: list[bytes], body_parts: list[str | None] | None = None,
@@ -287,6 +289,8 @@ class FracturePredictor:
         for key in ("width", "height"):
             columns[key] = pa.array([(r.get("image") or {}).get(key) if ok else None
                                      for r, ok in zip(results, scored)], pa.int32())
+        columns["sop_instance_uid"] = pa.array([(r.get("image") or {}).get("sop_instance_uid") if ok else None
+                                                for r, ok in zip(results, scored)], pa.string())
         for key in ("study_id", "image_label", "split"):
             if key in batch.column_names:
                 columns["true_" + key if key != "study_id" else key] = np.asarray(batch[key].to_pylist(), dtype=object)

@@ -57,6 +57,7 @@ IMAGE_RESULT_SCHEMA = pa.schema([
     ("router", pa.string()),
     ("width", pa.int32()),                   # the image's own size in pixels: the frame of the findings
     ("height", pa.int32()),
+    ("sop_instance_uid", pa.string()),       # DICOM inputs: the SOP Instance UID (joins back to the PACS)
     # Suspected fracture regions, best first: box [x0, x1) x [y0, y1) and peak in the image's
     # pixels, score = the fracture map's peak probability. Empty: none found or a model without
     # a fracture map; null: not scored.
