@@ -176,3 +176,17 @@ def test_index_reads_in_a_process_whose_working_directory_is_gone(tmp_path, untr
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "humerus" in done.stdout
+
+
+@pytest.mark.parametrize("value", ["1e-400", "nan", "inf", "-0.1", "1.5"])
+def test_one_threshold_rule_for_every_path(untrained_index, value):
+    """serving, score_archive and evaluate resolve an operating point through the bundle's one
+    rule: a number that is not a representable value in [0, 1] is refused, never another threshold."""
+    from fracray.artifacts.describe import resolve_threshold
+    from fracray.artifacts.bundle import read_bundle_meta
+
+    meta = read_bundle_meta(read_model_index(untrained_index).classifiers["wrist"])
+    with pytest.raises(ValueError):
+        resolve_threshold(meta, value)
+    assert resolve_threshold(meta, "0") == 0.0 and resolve_threshold(meta, "1e-300") == 1e-300
+    assert resolve_threshold(meta, 0.25) == 0.25 and resolve_threshold(meta, None) == meta.threshold

@@ -3,9 +3,11 @@ its threshold at an operating point. From the metadata alone (:class:`BundleMeta
 
 from __future__ import annotations
 
+import decimal
+
 from typing import Any
 
-__all__ = ["bundle_name", "describe_bundle", "describe_localization", "resolve_threshold"]
+__all__ = ["bundle_name", "describe_bundle", "describe_localization", "resolve_threshold", "parse_threshold"]
 
 
 def bundle_name(uri: str, meta) -> str:
@@ -41,13 +43,11 @@ def describe_localization(meta) -> dict[str, Any]:
 
 def resolve_threshold(meta, operating_point: str | float | None) -> float:
     """The bundle's threshold (None, "" or "default"), a named operating point from validation,
-    or a number in [0, 1]."""
+    or a number in [0, 1] (see :func:`parse_threshold`)."""
     if operating_point is None or operating_point == "" or operating_point == "default":
         return float(meta.threshold)
-    if isinstance(operating_point, (int, float)) or _is_number(operating_point):
-        value = float(operating_point)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1]. Got {value}")
+    value = parse_threshold(str(operating_point))
+    if value is not None:
         return value
     try:
         return float(meta.operating_points[operating_point]["threshold"])
@@ -56,9 +56,17 @@ def resolve_threshold(meta, operating_point: str | float | None) -> float:
                          f"{sorted(meta.operating_points) + ['default']} or a number in [0, 1]") from None
 
 
-def _is_number(text: str) -> bool:
+def parse_threshold(text: str) -> float | None:
+    """A threshold written as a number: its value, or None when it is not a number at all (an
+    operating point's name). A number outside [0, 1], not finite, or one that a double cannot
+    represent (1e-400 underflows to 0) is an error, not silently another threshold."""
     try:
-        float(text)
-        return True
-    except (TypeError, ValueError):
-        return False
+        exact = decimal.Decimal(text.strip())
+    except (decimal.InvalidOperation, AttributeError):
+        return None
+    if not exact.is_finite() or not 0 <= exact <= 1:
+        raise ValueError(f"A threshold must be a number in [0, 1]. Got {text!r}")
+    value = float(exact)
+    if exact != 0 and value == 0.0:
+        raise ValueError(f"Threshold {text!r} underflows to 0 in double precision; use 0 or a number >= 1e-300")
+    return value

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import decimal
 import hmac
 import importlib
 import logging
@@ -34,7 +33,7 @@ from starlette.requests import Request
 
 from .. import storage
 from ..artifacts.bundle import read_bundle_meta
-from ..artifacts.describe import describe_bundle, resolve_threshold
+from ..artifacts.describe import describe_bundle, parse_threshold, resolve_threshold
 from ..artifacts.index import read_model_index
 from ..metrics.study import STUDY_RULE, study_decision
 from ..storage import StorageOptions
@@ -303,22 +302,6 @@ def content_type_accepted(content_type: str | None) -> bool:
     return kind in ("", "application/dicom", "application/octet-stream") or kind.startswith("image/")
 
 
-def parse_threshold(text: str) -> float | None:
-    """A threshold written as a number: its value, or None when it is not a number at all.
-    A number that a double cannot represent (1e-400 underflows to 0) or that is outside [0, 1]
-    is an error, not silently another threshold."""
-    try:
-        exact = decimal.Decimal(text.strip())
-    except (decimal.InvalidOperation, AttributeError):
-        return None
-    value = float(exact)
-    if not exact.is_finite() or not 0 <= exact <= 1:
-        raise ValueError(f"A threshold must be a number in [0, 1]. Got {text!r}")
-    if exact != 0 and value == 0.0:
-        raise ValueError(f"Threshold {text!r} underflows to 0 in double precision; use 0 or a number >= 1e-300")
-    return value
-
-
 class _Gate:
     """Pure ASGI middleware in front of the ingress's routes: authentication before anything
     of the request is parsed (so a bad query with no token is 401, not 422), and a last-resort
@@ -513,8 +496,7 @@ class Ingress:
 
     def _threshold(self, part: str, operating_point: str | None) -> float:
         try:
-            number = parse_threshold(operating_point) if operating_point is not None else None
-            return resolve_threshold(self.metas[part], number if number is not None else operating_point)
+            return resolve_threshold(self.metas[part], operating_point)
         except ValueError as exc:
             raise _Rejected(422, "bad_operating_point", str(exc)) from exc
 
