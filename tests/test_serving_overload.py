@@ -39,3 +39,29 @@ def test_overload_returns_503_with_retry_after_then_recovers(ray_local, untraine
         assert requests.post(f"{url}/v1/classify", data=data, timeout=60).status_code == 200
     finally:
         serve.shutdown()
+
+
+def test_a_single_model_index_serves_without_a_router(ray_local, localizing_single_index):
+    """No router in the index: every image goes to the one classifier, with the same numbers as
+    the batch predictor (the router replica gets the model-sized input, never the full image)."""
+    from ray import serve
+
+    from fracray.inference.predictor import FracturePredictor
+    from fracray.serving.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"models": localizing_single_index, "min_replicas": 1}), name="single",
+                  route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url)
+        data = _image(seed=12)
+        expected = FracturePredictor(localizing_single_index).predict_bytes([data])[0]
+        got = requests.post(f"{url}/v1/classify", data=data, timeout=120).json()
+        assert got["body_part"] == "all" and got["router"] is None and got["body_part_probability"] is None
+        assert got["fracture_probability"] == pytest.approx(expected["fracture_probability"], abs=1e-5)
+        assert [f["score"] for f in got["findings"]] == pytest.approx([f["score"] for f in expected["findings"]],
+                                                                      abs=2e-4)
+    finally:
+        serve.shutdown()

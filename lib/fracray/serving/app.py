@@ -546,8 +546,12 @@ class Ingress:
         started = time.perf_counter()
         decoded = await asyncio.to_thread(self._decode, name, data)
         decoded_at = time.perf_counter()
+        routed = None
         if body_part is None:
-            routed = await asyncio.to_thread(prepare_input, decoded, self.router_config) if self.router_config else decoded
+            # Without a router the replica only names the one classifier: it gets that model's input
+            # (never the full image), which classification then reuses.
+            config = self.router_config or next(iter(self.part_configs.values()))
+            routed = await asyncio.to_thread(prepare_input, decoded, config)
             body_part, part_probability, route_batch = await self._call(lambda: self.router.route.remote(routed),
                                                                         "router")
         else:
@@ -558,7 +562,9 @@ class Ingress:
                                                       f"pass body_part (one of {sorted(self.metas)})", per_image=True)
         threshold = self._threshold(body_part, operating_point)
         handle = self._classifier_handle(body_part)
-        prepared = await asyncio.to_thread(prepare_input, decoded, self.part_configs[body_part])
+        config = self.part_configs[body_part]
+        prepared = routed if routed is not None and routed.config == config else \
+            await asyncio.to_thread(prepare_input, decoded, config)  # one preprocessing when the configs agree
         probability, classifier_name, classify_batch, findings = await self._call(
             lambda: handle.classify.remote(prepared, body_part), "classifier")
         classified_at = time.perf_counter()
