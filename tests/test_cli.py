@@ -25,6 +25,52 @@ def test_every_command_has_help(script):
     assert "usage:" in out.stdout and len(out.stdout) > 300
 
 
+FRACRAY = str(REPO / ".venv" / "bin" / "fracray")
+# `fracray <command>` -> the pipelines/ script that runs the same main (what `ray job submit` runs).
+SAME_AS_SCRIPT = {"index": "index_dataset.py", "train": "train_all.py", "evaluate": "evaluate.py",
+                  "score": "score_archive.py", "serve": "serve.py", "publish": "publish_results.py",
+                  "check-scope": "check_scope.py", "ablation-table": "ablation_table.py",
+                  "bench preprocess": "bench_preprocess.py", "bench training": "bench_training.py",
+                  "bench scoring": "bench_scoring.py", "bench serving": "bench_serving.py"}
+
+
+def _fracray(*args, timeout=600, **kw):
+    return subprocess.run([FRACRAY, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          **kw)
+
+
+def test_fracray_command_lists_every_job_and_refuses_unknown_ones():
+    from fracray.cli.main import BENCHMARKS, COMMANDS
+
+    assert set(SAME_AS_SCRIPT) == {c for c in COMMANDS if c != "bench"} | {f"bench {b}" for b in BENCHMARKS}
+    assert set(SAME_AS_SCRIPT.values()) == set(SCRIPTS)  # every pipelines/ script has its sub-command
+    out = _fracray("--help")
+    assert out.returncode == 0 and all(name in out.stdout for name in COMMANDS), out.stdout
+    assert all(name in _fracray("bench", "--help").stdout for name in BENCHMARKS)
+    bad = _fracray("trian")
+    assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr and "train" in bad.stderr
+
+
+@pytest.mark.parametrize("command", sorted(SAME_AS_SCRIPT))
+def test_fracray_subcommand_takes_the_same_options_as_its_script(command):
+    mine = _fracray(*command.split(), "--help")
+    script = _run(REPO / "pipelines" / SAME_AS_SCRIPT[command], "--help")
+    assert mine.returncode == 0 == script.returncode, mine.stderr + script.stderr
+    assert f"usage: fracray {command}" in " ".join(mine.stdout.split())
+    # Same help text once the program name is the same.
+    prog = SAME_AS_SCRIPT[command]
+    assert " ".join(mine.stdout.replace(f"fracray {command}", prog).split()) == " ".join(script.stdout.split())
+
+
+def test_fracray_index_is_the_index_job(fracatlas_root, tmp_path):
+    out = _fracray("index", "--dataset", "fracatlas", "--data", fracatlas_root, "--output", tmp_path / "idx",
+                   "--no-pictures")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((tmp_path / "idx" / "summary.json").read_text())
+    assert summary["images"] == 60 and pq.read_table(tmp_path / "idx" / "manifest.parquet").num_rows == 60
+    assert not (tmp_path / "idx" / "contact_sheet.png").exists()  # --no-pictures reached the job
+
+
 def test_index_fracatlas_writes_manifest_rejects_and_pictures(fracatlas_root, tmp_path):
     out = _run(REPO / "pipelines" / "index_dataset.py", "--dataset", "fracatlas", "--data", fracatlas_root,
                "--output", tmp_path / "idx", "--verify")

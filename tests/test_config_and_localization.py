@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fracray.cli.train_all import TrainAllConfig, build_parser, config_from_args, parse_config
+from fracray.cli.train_all import build_parser, config_from_args, parse_config
+from fracray.jobs.train import TrainAllConfig
 from fracray.data import adapters
 from fracray.data.manifest import split_by_study
 from fracray.data.pipeline import _row_rng, preprocess_batch
@@ -583,16 +584,17 @@ def test_evaluate_operating_point_labels_at_that_point_and_refuses_unknown_names
                                                                                   fracatlas_root):
     """evaluate.py --operating-point: a threshold of 0 labels every scored image fractured; an unknown
     name is refused before any image is scored."""
-    from fracray.cli.evaluate import main as evaluate_main, run_evaluate
+    from fracray.cli.evaluate import main as evaluate_main
+    from fracray.jobs.evaluate import EvaluateConfig, run_evaluate
 
-    summary = run_evaluate(untrained_index, "fracatlas", str(fracatlas_root), split="all", output=None,
-                           operating_point="0.0")
+    summary = run_evaluate(EvaluateConfig(untrained_index, "fracatlas", str(fracatlas_root), split="all",
+                                          operating_point="0.0")).summary
     overall = summary["overall"]
     assert summary["operating_point"] == "0.0"
     assert overall["fn"] == 0 and overall["tn"] == 0 and overall["tp"] + overall["fp"] == overall["n"] > 0
     with pytest.raises(ValueError, match="Unknown operating point"):
-        run_evaluate(untrained_index, "fracatlas", str(fracatlas_root), split="all", output=None,
-                     operating_point="no_such_point")
+        run_evaluate(EvaluateConfig(untrained_index, "fracatlas", str(fracatlas_root), split="all",
+                                    operating_point="no_such_point"))
     assert evaluate_main(["--models", untrained_index, "--dataset", "fracatlas", "--data", str(fracatlas_root),
                           "--operating-point", "no_such_point"]) == 2
 

@@ -134,10 +134,10 @@ def test_score_archive_on_the_corpus_survives_and_accounts_for_every_file(ray_lo
     output = tmp_path / "scores"
     summary = score_archive(ScoreConfig(input=str(corpus_archive), models=untrained_index, output=str(output),
                                         chunk_size=16, batch_size=8), log=lambda *_: None)
-    assert summary["inputs"] == len(corpus_files())
-    assert summary["scored"] + sum(summary["rejected"].values()) == summary["inputs"]
+    assert summary.inputs == len(corpus_files())
+    assert summary.scored + sum(summary.rejected.values()) == summary.inputs
     rows = pq.read_table(output / "images").to_pylist()
-    assert len(rows) == summary["inputs"] and len({r["image_uri"] for r in rows}) == len(rows)
+    assert len(rows) == summary.inputs and len({r["image_uri"] for r in rows}) == len(rows)
     by_name = {Path(r["image_uri"]).name: r for r in rows}
     for name in MUST_DECODE.values():  # decoded: scored, or refused as not a limb radiograph (CT/MR)
         assert by_name[name]["status"] in ("ok", "out_of_scope"), (name, by_name[name])

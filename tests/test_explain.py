@@ -167,7 +167,7 @@ def test_evaluate_writes_froc_overlays_and_the_predictors_findings(ray_local, lo
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from fracray.cli.evaluate import run_evaluate
+    from fracray.jobs.evaluate import EvaluateConfig, run_evaluate
     from fracray.data.adapters import index_fracatlas
     from fracray.data.synthetic import generate_fracatlas
     from fracray.imaging.regions import findings_from_rows
@@ -189,8 +189,8 @@ def test_evaluate_writes_froc_overlays_and_the_predictors_findings(ray_local, lo
     threshold = (probs[len(probs) // 2 - 1] + probs[len(probs) // 2]) / 2  # half the images called positive
 
     out = tmp_path / "ev"
-    summary = run_evaluate(localizing_single_index, "fracatlas", str(data), split="all", output=str(out),
-                           operating_point=threshold)
+    summary = run_evaluate(EvaluateConfig(localizing_single_index, "fracatlas", str(data), split="all",
+                                          output=str(out), operating_point=threshold)).summary
     assert summary["pointing_game"]["method"].startswith("Fracture-map")
     assert set(summary["pointing_game"]["heatmaps"]) == {"fracture map"}
     loc = summary["localization"]

@@ -26,7 +26,7 @@ DEFERRED = {
     "fracray.inference.predictor": "torch",   # evaluation, scoring, serving: the model runs in Ray actors
     "fracray.inference.gradcam": "torch",     # evaluation and serving draw heatmaps
     "fracray.models.registry": "timm",        # a model is built only where a bundle is made or loaded
-    "fracray.cli.train_all": "torch",         # serve trains the default only when no model exists
+    "fracray.jobs.train": "torch",            # serve trains the default only when no model exists
     "fracray.serving.app": "ray",             # the serving benchmark starts Ray Serve
     "fracray.imaging.preprocess": "cv2",      # the service's ingress, the evaluation, check_scope, bundle metadata
     "fracray.imaging.findings": "cv2",        # the evaluation reads a bundle's findings settings

@@ -106,7 +106,7 @@ def test_score_a_pacs_query_then_publish_sr_and_overlays_into_the_study(orthanc,
     output = str(tmp_path / "scores")
     summary = score_archive(ScoreConfig(input=query, models=localizing_single_index, output=output, chunk_size=2,
                                         batch_size=2), log=lambda *_: None)
-    assert summary["inputs"] == 3 and summary["scored"] == 3, summary
+    assert summary.inputs == 3 and summary.scored == 3, summary
     rows = read_image_results(output).to_pylist()
     assert {r["study_id"] for r in rows} == {loaded_study.study_uid}  # one study per StudyInstanceUID
     assert all(r["image_uri"].startswith(orthanc["uri"] + "/studies/") for r in rows)  # joins back to the PACS

@@ -76,8 +76,8 @@ def test_tree_archive_every_input_once_with_reasons(ray_local, untrained_index, 
     for name, status in odd.items():
         assert by_name[name]["status"] == status and by_name[name]["error"], name
     ok = [r for r in images.to_pylist() if r["status"] == "ok"]
-    assert len(ok) == 18 and summary["scored"] == 18 and summary["inputs"] == 22
-    assert summary["rejected"] == {"empty_file": 1, "stray_file": 1, "truncated": 1, "unrecognised_path": 1}
+    assert len(ok) == 18 and summary.scored == 18 and summary.inputs == 22
+    assert summary.rejected == {"empty_file": 1, "stray_file": 1, "truncated": 1, "unrecognised_path": 1}
     # The same numbers as the predictor called directly (one predictor for every path).
     predictor = FracturePredictor(untrained_index)
     direct = predictor.predict_bytes([Path(r["image_uri"]).read_bytes() for r in ok],
@@ -97,7 +97,7 @@ def test_tree_archive_every_input_once_with_reasons(ray_local, untrained_index, 
     # A second run with the same output finds everything done and changes nothing.
     again = score_archive(ScoreConfig(input=str(archive), models=untrained_index, output=output, chunk_size=5,
                                       batch_size=4), log=lambda *_: None)
-    assert again["scored_this_run"] == 0 and again["resumed"] and again["scored"] == 18
+    assert again.scored_this_run == 0 and again.resumed and again.scored == 18
 
 
 def test_other_settings_on_an_existing_output_are_refused(ray_local, untrained_index, tmp_path):
@@ -117,7 +117,7 @@ def test_mura_layout_body_part_from_layout_and_operating_point(ray_local, untrai
                             log=lambda *_: None)
     images = read_image_results(output).to_pylist()
     ok = [r for r in images if r["status"] == "ok"]
-    assert ok and summary["layout"] == "mura"
+    assert ok and summary.layout == "mura"
     for row in ok:
         if row["layout_body_part"] in ("wrist", "humerus"):  # trusted: no router call
             assert row["body_part"] == row["layout_body_part"] and row["body_part_probability"] is None
@@ -135,7 +135,7 @@ def test_s3_archive_to_s3_output(ray_local, untrained_index, s3_bucket, tmp_path
     output = f"s3://{bucket}/scores/run1"
     summary = score_archive(ScoreConfig(input=f"s3://{bucket}/pacs", models=untrained_index, output=output,
                                         chunk_size=4, storage=options), log=lambda *_: None)
-    assert summary["inputs"] == 13 and summary["scored"] == 9
+    assert summary.inputs == 13 and summary.scored == 9
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="scores/run1/")["Contents"]}
     assert {"scores/run1/studies.parquet", "scores/run1/summary.json", "scores/run1/images/part-rejects.parquet",
             "scores/run1/images/part-000000.parquet"} <= keys
@@ -181,7 +181,7 @@ def test_findings_column_matches_the_predictor_and_survives_resume(ray_local, lo
     lost = pq.read_table(parts[0])
     parts[0].unlink()
     again = score_archive(config, log=lambda *_: None)
-    assert again["resumed"] and again["scored_this_run"] == lost.num_rows
+    assert again.resumed and again.scored_this_run == lost.num_rows
     assert pq.read_table(parts[0]).to_pylist() == lost.to_pylist()
     old = pq.read_table(parts[-1])
     pq.write_table(old.drop_columns(["findings", "width", "height"]), parts[-1])
@@ -218,9 +218,9 @@ def test_killed_run_resumes_without_duplicates_or_gaps(ray_local, untrained_inde
 
     summary = score_archive(ScoreConfig(input=str(archive), models=untrained_index, output=str(output),
                                         chunk_size=4, batch_size=4), log=lambda *_: None)
-    assert summary["resumed"] and summary["scored_this_run"] < 120
+    assert summary.resumed and summary.scored_this_run < 120
     images = _check_exactly_once(str(output), archive)
-    assert images.num_rows == 124 and summary["scored"] == 120
+    assert images.num_rows == 124 and summary.scored == 120
     for name, mtime in first.items():  # finished chunks were kept, not redone
         assert (parts / name).stat().st_mtime_ns == mtime
     assert not list(output.rglob("*.partial-*")), "a partial write was left behind"

@@ -208,10 +208,10 @@ def _images_under(uri: str, limit: int | None) -> list[str]:
     return files
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = "bench_preprocess.py") -> int:
     default_shared = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "shared", "data")
     parser = argparse.ArgumentParser(
-        prog="bench_preprocess.py",
+        prog=prog,
         description="Images/s of bare decode, the full preprocessing path, a naive baseline and the Ray Data "
                     "pipeline, side by side on the same files, with their ratios.",
     )

@@ -80,9 +80,9 @@ def run(*, model: str, images: int, image_size: tuple[int, int], log=print) -> d
     chunk_times: list[float] = []
     config = ScoreConfig(input=archive, models=index, output=os.path.join(workdir, "scores"))
     summary = score_archive(config, log=lambda *_: None, on_chunk=lambda _: chunk_times.append(time.perf_counter()))
-    ray_rate = summary["scored"] / (time.perf_counter() - start)
+    ray_rate = summary.scored / (time.perf_counter() - start)
     # Once the actors are up: images of every chunk after the first, over the time they took.
-    per_chunk = summary["scored"] / max(len(chunk_times), 1)
+    per_chunk = summary.scored / max(len(chunk_times), 1)
     steady = (per_chunk * (len(chunk_times) - 1) / (chunk_times[-1] - chunk_times[0])
               if len(chunk_times) > 2 else None)
     log(f"  {ray_rate:.1f} images/s end to end, {steady or float('nan'):.1f} once the actors are up")
@@ -115,9 +115,9 @@ def format_table(result: dict) -> str:
     ])
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = "bench_scoring.py") -> int:
     parser = argparse.ArgumentParser(
-        prog="bench_scoring.py",
+        prog=prog,
         description="images/s of score_archive against a plain single-process loop over the same files with the "
                     "same predictor, in one run; prints the table and the ratio.")
     parser.add_argument("--model", default="efficientnet_lite0", help="backbone of the router and classifiers")

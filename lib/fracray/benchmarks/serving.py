@@ -192,9 +192,9 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = "bench_serving.py") -> int:
     parser = argparse.ArgumentParser(
-        prog="bench_serving.py",
+        prog=prog,
         description="Latency and throughput of the Serve application over HTTP (1/8/32 clients, with and without "
                     "dynamic batching) against the same predictor in-process. Prints a table and the two ratios.")
     parser.add_argument("--model", default="efficientnet_lite0", help="backbone of the router and classifiers")

@@ -96,9 +96,9 @@ def measure(name: str, uris: list[str], *, batch_size: int, steps: int, repeats:
             "ratio_min": min(pair_ratios), "ratio_max": max(pair_ratios)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = "bench_training.py") -> int:
     parser = argparse.ArgumentParser(
-        prog="bench_training.py",
+        prog=prog,
         description="Images/s of the full training loop (Ray Data -> model step) vs the same model step on "
                     "synthetic tensors, side by side, with the ratio (target >= 0.9).")
     parser.add_argument("--model", default="efficientnet_lite0")

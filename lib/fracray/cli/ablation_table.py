@@ -12,9 +12,9 @@ from .common import add_storage_arguments, storage_options_from_args
 __all__ = ["get_args_parser", "main"]
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser(prog: str = "ablation_table.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ablation_table.py",
+        prog=prog,
         description="Print the ablation table (AUROC, sensitivity at specificity 0.90/0.95, pointing game, lesion "
                     "sensitivity at 0.5 and 1 false-positive boxes per image, ECE on the validation split, training "
                     "minutes) for train_all output folders, from the bundles they wrote.",
@@ -26,8 +26,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "ablation_table.py") -> int:
+    args = get_args_parser(prog).parse_args(argv)
     options = storage_options_from_args(args)
     rows = []
     for run in args.runs:

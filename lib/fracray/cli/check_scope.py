@@ -330,9 +330,9 @@ def run_check_scope(fracatlas: str | None, *, output: str | None = None, limit: 
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "check_scope.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="check_scope.py",
+        prog=prog,
         description="Measure the out-of-scope check (photos, CT/MR/US/NM and other DICOM, chest films, blank "
                     "images) against radiographs that must stay in scope. The out-of-scope set comes from "
                     "installed packages (scikit-image's sample images, pydicom's test corpus) and synthetic "
@@ -354,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
 get_args_parser = build_parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "check_scope.py") -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.fracatlas and not os.path.isdir(args.fracatlas):
         print(f"error: --fracatlas {args.fracatlas} is not a folder", file=sys.stderr)
         return 2

@@ -1,59 +1,22 @@
-"""``evaluate``: score a labelled dataset with the router -> classifier graph and report metrics."""
+"""``fracray evaluate`` / ``evaluate.py``: arguments -> :class:`fracray.jobs.evaluate.EvaluateConfig`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Any
-
-import pyarrow as pa
 
 from .. import storage
-from ..artifacts.bundle import read_bundle_meta
-from ..artifacts.describe import resolve_threshold
-from ..artifacts.index import check_model_index
 from ..data import adapters
-from ..data.manifest import filter_rows, write_table
-from ..evaluation.graph import evaluate_graph
-from ..imaging.regions import FINDINGS_TYPE
-from ..raycluster import connect
-from ..reports.training_plots import write_training_plots
+from ..jobs.evaluate import EvaluateConfig, run_evaluate
 from .common import add_storage_arguments, storage_options_from_args
 
-__all__ = ["main", "build_parser", "run_evaluate"]
+__all__ = ["main", "build_parser"]
 
 
-def run_evaluate(models: str, dataset: str, data: str, *, split: str | None, output: str | None,
-                 options=None, pointing_tolerance: float = 0.0,
-                 operating_point: str | float | None = None) -> dict[str, Any]:
-    index = check_model_index(models, options)  # every bundle, before Ray starts or anything is written
-    manifest = adapters.index_dataset(dataset, data, options).manifest
-    if split and split != "all":
-        manifest = filter_rows(manifest, split=split)
-    if manifest.num_rows == 0:
-        raise ValueError(f"No images in split {split!r} of {data}")
-    if operating_point not in (None, "", "default"):  # refuse an unknown point before any work starts
-        for uri in index.classifiers.values():
-            resolve_threshold(read_bundle_meta(uri, options), operating_point)
-    connect()
-    preds, summary = evaluate_graph(manifest, models, storage_options=options, output_uri=output,
-                                    operating_point=operating_point, pointing_tolerance=pointing_tolerance)
-    summary.update(models=models, dataset=dataset, data=data, split=split or "all",
-                   operating_point=operating_point or "default")
-    if output:
-        report = {"evaluation": summary, "histories": {}, "comparison": {}}
-        summary["plots"] = write_training_plots(report, output, options)
-        storage.write_bytes(storage.join(output, "evaluation.json"), json.dumps(summary, indent=2).encode(), options)
-        types = {"findings": FINDINGS_TYPE, "width": pa.int32(), "height": pa.int32()}  # typed even when all empty
-        write_table(pa.table({k: pa.array(v, types.get(k)) for k, v in preds.items()}),
-                    storage.join(output, "predictions.parquet"), options)
-    return summary
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="evaluate.py",
+        prog=prog,
         description="Score a labelled dataset through the router -> per-bone classifier graph named by a model "
                     "index, and print accuracy, sensitivity, specificity, F1, AUROC and study-level kappa, overall "
                     "and per body part, as JSON, and - where images carry fracture boxes (FracAtlas) - the pointing "
@@ -81,14 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "evaluate.py") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
-        summary = run_evaluate(args.models, args.dataset, args.data, split=args.split, output=args.output,
-                               options=storage_options_from_args(args), pointing_tolerance=args.pointing_tolerance,
-                               operating_point=args.operating_point)
+        config = EvaluateConfig(models=args.models, dataset=args.dataset, data=args.data, split=args.split,
+                                output=args.output, storage=storage_options_from_args(args),
+                                pointing_tolerance=args.pointing_tolerance, operating_point=args.operating_point)
+        result = run_evaluate(config, log=lambda line: print(line, file=sys.stderr))
     except (FileNotFoundError, ValueError, KeyError, ConnectionError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(result.summary, indent=2, default=str))
     return 0

@@ -20,9 +20,9 @@ from .common import add_storage_arguments, storage_options_from_args
 __all__ = ["get_args_parser", "main"]
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser(prog: str = "publish_results.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="publish_results.py", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        prog=prog, description=__doc__.split("\n\n")[0].split(": ", 1)[1],
         epilog="DICOMweb credentials: FRACRAY_DICOMWEB_TOKEN (bearer) or FRACRAY_DICOMWEB_USER/"
                "FRACRAY_DICOMWEB_PASSWORD; never in URIs. Publishing again replaces the same instances.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,8 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "publish_results.py") -> int:
+    args = get_args_parser(prog).parse_args(argv)
     if args.pacs is not None and not dicomweb.is_dicomweb(args.pacs):
         print(f"error: --pacs must be a dicomweb:// or dicomwebs:// URI. Got {args.pacs!r}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""``score_archive``: score every radiograph of an archive and write Parquet.
+"""``fracray score`` / ``score_archive.py``: arguments -> :class:`fracray.scoring.archive.ScoreConfig`,
+then :func:`fracray.jobs.score.run_score`.
 
 Locally: ``python pipelines/score_archive.py --input /archive --models runs/latest --output scores/``;
 on a cluster: ``ray job submit --working-dir . -- python pipelines/score_archive.py --input s3://... ``.
@@ -11,18 +12,16 @@ import json
 import sys
 
 from .. import storage
-from ..artifacts.index import check_model_index
 from ..data import adapters
-from ..raycluster import connect
-from ..scoring.archive import ScoreConfig, score_archive
+from ..jobs.score import ScoreConfig, format_scoring_summary, run_score
 from .common import add_storage_arguments, storage_options_from_args
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "score_archive.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="score_archive.py",
+        prog=prog,
         description="Score an archive of radiographs through the router -> per-bone fracture classifiers named by a "
                     "model index. Streams the images with Ray Data through a pool of predictor actors (GPUs when the "
                     "cluster has them) and writes, under --output: images/part-*.parquet (one row per input image: "
@@ -61,21 +60,13 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
                        operating_point=args.operating_point, storage=storage_options_from_args(args))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "score_archive.py") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
-        config = config_from_args(args)
-        check_model_index(config.models, config.storage.resolved())  # every bundle, before Ray or any folder
-        connect()  # RAY_ADDRESS (set by `ray job submit`), a `ray start` cluster, or a new local Ray
-        summary = score_archive(config)
+        summary = run_score(config_from_args(args))
     except (FileNotFoundError, ValueError, ConnectionError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
-    rejected = sum(summary["rejected"].values())
-    print(f"\nScored {summary['scored']} of {summary['inputs']} images ({rejected} rejected"
-          + (f": {', '.join(f'{k} {v}' for k, v in summary['rejected'].items())}" if rejected else "")
-          + f") in {summary['studies']} studies; {summary['flagged_studies']} studies flagged. "
-          + (f"{summary['images_per_second_this_run']} images/s. " if summary["images_per_second_this_run"] else "")
-          + f"Results in {summary['output']}")
+    print(json.dumps(summary.to_dict(), indent=2))
+    print("\n" + format_scoring_summary(summary))
     return 0

@@ -1,4 +1,4 @@
-"""``serve``: run the HTTP service locally in one command.
+"""``fracray serve`` / ``serve.py``: run the HTTP service locally in one command.
 
 ``python pipelines/serve.py`` serves runs/latest (training the embedded default
 first if there is no model index yet); ``--models s3://.../model_index.json``
@@ -8,27 +8,20 @@ serves any trained run. For clusters use ``serve deploy serving/config.yaml``.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
 
 from .. import storage
-from ..artifacts.index import check_model_index
-from ..raycluster import connect
-from ..serving.app import ServeArgs, build_app
-from ..serving.proxy_guard import configure_environment
-from ..storage import StorageOptions
-from .common import add_storage_arguments
+from ..jobs.serve import DEFAULT_MODELS, ServeJobConfig, start_service
+from .common import add_storage_arguments, storage_options_from_args
 
 __all__ = ["main", "build_parser"]
 
-DEFAULT_MODELS = "runs/latest/model_index.json"
 
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "serve.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="serve.py",
+        prog=prog,
         description="Start Ray Serve locally with the fracray application (ingress -> body-part router -> "
                     "bone-specific classifiers) and keep it running until Ctrl-C. API docs at /docs.",
         epilog="Example: serve.py --models runs/latest/model_index.json --port 8000, then\n"
@@ -51,34 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "serve.py") -> int:
+    args = build_parser(prog).parse_args(argv)
     from ray import serve
 
-    models = args.models or DEFAULT_MODELS
     try:
-        if args.models is None and not storage.exists(storage.normalize(models)):
-            print(f"No model index at {models}: training the embedded default first (a few minutes) ...")
-            from .train_all import TrainAllConfig, run_train_all  # torch, Ray Train: only when it trains
-
-            run_train_all(TrainAllConfig())
-        check_model_index(models, StorageOptions.from_env(args.endpoint_url, args.region, args.anonymous))
-        serve_args = ServeArgs(models=models, max_batch_size=args.max_batch_size, max_upload_mb=args.max_upload_mb,
-                               num_gpus=args.num_gpus, auth_token_env=args.token_env, endpoint_url=args.endpoint_url,
-                               region=args.region, anonymous=args.anonymous)
-        application = build_app(serve_args)
-        # Serve's proxy runs the request limits only if Ray starts with them in its environment
-        # (a Ray that is joined keeps its own: cluster nodes set it, see cluster/Dockerfile).
-        configure_environment(max_body_mb=max(args.max_upload_mb, float(os.environ.get("FRACRAY_MAX_BODY_MB", 0))))
-        connect()
-    except (FileNotFoundError, ValueError, ConnectionError, storage.StorageError) as exc:
+        config = ServeJobConfig(models=args.models, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                                max_upload_mb=args.max_upload_mb, num_gpus=args.num_gpus, token_env=args.token_env,
+                                storage=storage_options_from_args(args))
+        handle = start_service(config)
+    except (FileNotFoundError, ValueError, RuntimeError, ConnectionError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(application, name="fracray", route_prefix="/", blocking=False)
-    url = f"http://{args.host}:{args.port}"
-    protected = " (bearer token required)" if os.environ.get(args.token_env) else ""
-    print(f"fracray is serving {models}{protected}\n"
+    url = handle.url
+    print(f"fracray is serving {handle.models}{' (bearer token required)' if handle.protected else ''}\n"
           f"  API docs:  {url}/docs\n  models:    {url}/v1/models\n  classify:  POST {url}/v1/classify\n"
           f"Ctrl-C to stop.", flush=True)
     stop = threading.Event()

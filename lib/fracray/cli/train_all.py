@@ -1,11 +1,5 @@
-"""``train_all``: the product's main job.
-
-With no arguments it runs the embedded default: it writes a small synthetic
-MURA-layout dataset, indexes it, streams every image through Ray Data decoding +
-preprocessing (accounting for each one), then trains the bone-type router and the
-per-bone fracture models with Ray Train (in parallel where the cluster has room),
-evaluates the composed router -> classifier graph and writes the report and the
-model index that serving and scoring read.
+"""``fracray train`` / ``train_all.py``: arguments (and a YAML recipe) -> one
+:class:`fracray.jobs.train.TrainAllConfig`, then :func:`fracray.jobs.train.run_train_all`.
 
 On a cluster: ``ray job submit --working-dir . -- python pipelines/train_all.py
 --dataset mura --data s3://bucket/mura --output s3://bucket/runs/r1``.
@@ -15,148 +9,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-import time
 from typing import Any
-
-import pyarrow as pa
 
 from .. import storage
 from ..data.adapters import ADAPTERS
-from ..data.manifest import MURA_BODY_PARTS, read_manifest
-from ..data.pipeline import StreamConfig, StreamTally, build_image_dataset, iter_model_batches
-from ..data.synthetic import generate_mura
-from ..evaluation.graph import evaluate_graph
-from ..raycluster import connect
-from ..reports.training_report import format_report, write_training_report
+from ..jobs.train import TrainAllConfig, run_train_all
 from ..storage import StorageOptions
-from ..training.orchestrate import TrainingSettings, train_models
+from ..training.orchestrate import TrainingSettings
 from ..training.trainer import TrainConfig
 from .common import add_storage_arguments
-from .index_dataset import IndexConfig, run_index
 
-__all__ = ["TrainAllConfig", "run_train_all", "run_training_stage", "main", "build_parser", "parse_config",
-           "config_from_args"]
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainAllConfig:
-    """The whole job. Every per-model option (preprocessing included) lives once, in
-    ``training.fracture`` (a :class:`TrainConfig`); the data stage, the trainer and the
-    bundle all read it from there."""
-
-    dataset: str | None = None          # None: the embedded synthetic MURA default
-    data: str | None = None
-    output: str = "runs/latest"
-    storage: StorageOptions = StorageOptions()
-    stream_batch_size: int = 256        # images per Ray Data batch in the data-stage pass
-    synthetic_patients_per_part: int = 6
-    body_parts: tuple[str, ...] = ()
-    verify: bool = False
-    skip_training: bool = False
-    training: TrainingSettings = TrainingSettings()
-
-    @property
-    def seed(self) -> int:
-        return self.training.fracture.seed
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out.pop("storage", None)  # endpoints only; credentials never enter a bundle
-        return out
-
-
-def _init_ray() -> None:
-    # RAY_ADDRESS (set by `ray job submit`), a `ray start` cluster, or a new local Ray.
-    connect(log_to_driver=True)
-
-
-def run_train_all(config: TrainAllConfig, *, log=print) -> dict[str, Any]:
-    started = time.time()
-    dataset, data = config.dataset, config.data
-    if dataset is None:
-        data = storage.join(config.output, "synthetic-mura")
-        log(f"No --data given: writing the embedded default, a synthetic MURA-layout dataset, to {data}")
-        parts = config.body_parts or MURA_BODY_PARTS
-        counts = generate_mura(data, patients_per_part=config.synthetic_patients_per_part, seed=config.seed,
-                               body_parts=tuple(parts), options=config.storage)
-        log(f"  {counts['images']} images in {counts['studies']} studies ({len(parts)} body parts)")
-        dataset = "mura"
-    elif data is None:
-        raise ValueError("--dataset needs --data (the collection's URI)")
-
-    index_summary = run_index(IndexConfig(dataset=dataset, data=data, output=storage.join(config.output, "index"),
-                                          storage=config.storage, verify=config.verify), log=log)
-    manifest = read_manifest(index_summary["outputs"]["manifest"], config.storage)
-    if config.body_parts and config.dataset is not None:
-        import pyarrow.compute as pc
-        manifest = manifest.filter(pc.is_in(manifest["body_part"], pa.array(list(config.body_parts))))
-
-    preprocess = config.training.fracture.preprocess()
-    _init_ray()
-    log(f"\nStreaming {manifest.num_rows} images through decode + preprocessing with Ray Data ...")
-    ds = build_image_dataset(manifest, preprocess, storage_options=config.storage,
-                             stream=StreamConfig(batch_size=config.stream_batch_size))
-    tally = StreamTally()
-    stream_start = time.time()
-    batches = 0
-    shape = None
-    for batch in iter_model_batches(ds, batch_size=config.stream_batch_size, tally=tally, preprocess=preprocess):
-        batches += 1
-        shape = tuple(batch["image"].shape[1:])
-    seconds = time.time() - stream_start
-    if tally.rows != manifest.num_rows:
-        raise RuntimeError(f"Stream accounted for {tally.rows} of {manifest.num_rows} images")
-    summary = {
-        "dataset": dataset, "data": data, "index": index_summary["outputs"],
-        "preprocess": preprocess.to_dict(), "stream": tally.as_dict(), "model_input_shape": shape,
-        "batches": batches, "stream_seconds": round(seconds, 2),
-        "images_per_second": round(tally.rows / seconds, 1) if seconds else None,
-        "rejects": [{"uri": u, "reason": r, "detail": d} for u, r, d in tally.reject_examples],
-        "seconds": round(time.time() - started, 2),
-        "stages_completed": ["generate" if config.dataset is None else None, "index", "preprocess"],
-    }
-    summary["stages_completed"] = [s for s in summary["stages_completed"] if s]
-    out_uri = storage.join(config.output, "data_stage.json")
-    storage.write_bytes(out_uri, json.dumps(summary, indent=2, default=list).encode(), config.storage)
-    log(f"\nPreprocessed {tally.ok} of {tally.rows} images into model inputs of shape {shape} "
-        f"({summary['images_per_second']} images/s); rejected: {dict(tally.rejected) or 'none'}")
-    for uri, reason, detail in tally.reject_examples[:5]:
-        log(f"  rejected {uri}: {reason}: {detail}")
-    log(f"Every image accounted for: {tally.ok} ok + {sum(tally.rejected.values())} rejected = {tally.rows}")
-    log(f"Data report: {out_uri}")
-    if config.skip_training:
-        return summary
-    log("\nTraining ...")
-    report = run_training_stage(manifest, config.training, output_uri=config.output, dataset=dataset,
-                                storage_options=config.storage, log=log, run_config=config.to_dict())
-    log("\n" + format_report(report))
-    log(f"Report: {storage.join(config.output, 'report.md')} (and report.json, "
-        + ", ".join(report["plots"]) + " as PNG)")
-    log(f"Model index for serving and scoring: {report['model_index']}")
-    summary["training"] = {"model_index": report["model_index"], "seconds": report["seconds"]}
-    summary["stages_completed"].append("train")
-    return summary
-
-
-def run_training_stage(manifest: pa.Table, settings: TrainingSettings, *, output_uri: str, dataset: str,
-                       storage_options: StorageOptions | None = None, log=print,
-                       run_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The training stage: the models (training), the composed graph on the held-out split
-    (evaluation), and the report with its plots (reports); returns the report."""
-    started = time.time()
-    trained = train_models(manifest, settings, output_uri=output_uri, dataset=dataset,
-                           storage_options=storage_options, log=log, run_config=run_config)
-    log(f"Evaluating router -> classifier on the {trained.evaluated_split} split "
-        f"({trained.evaluation.num_rows} images) ...")
-    _, summary = evaluate_graph(trained.evaluation, trained.index_uri, storage_options=storage_options,
-                                output_uri=output_uri)
-    report = {"dataset": dataset, "evaluated_split": trained.evaluated_split, "body_parts": trained.body_parts,
-              "skipped_body_parts": trained.skipped_body_parts, "model_index": trained.index_uri,
-              "evaluation": summary, **trained.report_sections(), "seconds": round(time.time() - started, 1)}
-    write_training_report(report, output_uri, storage_options)
-    return report
+__all__ = ["main", "build_parser", "parse_config", "config_from_args"]
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -167,13 +31,13 @@ def _weights_arg(value: str) -> bool | str:
     return True if value == "imagenet" else False if value in ("none", "random", "scratch") else value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "train_all.py") -> argparse.ArgumentParser:
     """Each option's dest is the name of the config field it sets (TrainConfig for every
     per-model option, TrainingSettings for how runs are laid out, TrainAllConfig for the
     job): :func:`parse_config` routes them by name, and a test checks that every option
     lands in a field and from there in the trained bundle."""
     parser = argparse.ArgumentParser(
-        prog="train_all.py",
+        prog=prog,
         description=(
             "The main job. With no arguments: generate a small synthetic MURA-layout dataset and run everything end "
             "to end on local Ray: index -> Ray Data decode + preprocessing -> Ray Train fine-tuning of the bone-type "
@@ -296,8 +160,8 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]
     return out
 
 
-def parse_config(argv: list[str] | None) -> TrainAllConfig:
-    parser = build_parser()
+def parse_config(argv: list[str] | None, prog: str = "train_all.py") -> TrainAllConfig:
+    parser = build_parser(prog)
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**_yaml_defaults(parser, pre.config))
@@ -325,8 +189,8 @@ def config_from_args(args: dict[str, Any]) -> TrainAllConfig:
                           **{k: v for k, v in args.items() if k in job_fields and k not in ("storage", "training")})
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv)
+def main(argv: list[str] | None = None, *, prog: str = "train_all.py") -> int:
+    config = parse_config(argv, prog)
     try:
         run_train_all(config)
     except (FileNotFoundError, ValueError, RuntimeError, ConnectionError,

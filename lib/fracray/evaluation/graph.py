@@ -24,6 +24,7 @@ from ..artifacts.bundle import read_bundle_meta
 from ..artifacts.describe import bundle_name
 from ..artifacts.index import read_model_index
 from ..imaging.regions import Finding, findings_from_rows, froc, lesion_sensitivity_at, yolo_to_pixels
+from ..inference.pool import ActorPlan, map_predictor
 from ..metrics.classification import binary_metrics
 from ..metrics.study import study_level
 from ..storage import StorageOptions
@@ -62,11 +63,9 @@ def score_manifest(manifest: pa.Table, index_uri: str, *, storage_options: Stora
     options = (storage_options or StorageOptions()).resolved()
     rows = max(1, min(256, math.ceil(manifest.num_rows / 8)))
     ds = ray.data.from_arrow([manifest.slice(s, rows) for s in range(0, manifest.num_rows, rows)])
-    ds = ds.map_batches(FracturePredictor, fn_constructor_kwargs={"index_uri": index_uri, "storage_options": options,
-                                                                      "operating_point": operating_point},
-                        batch_size=batch_size, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=concurrency))
-    ds.context.enable_progress_bars = False
+    ds = map_predictor(ds, FracturePredictor, {"index_uri": index_uri, "storage_options": options,
+                                               "operating_point": operating_point},
+                       batch_size=batch_size, plan=ActorPlan(actors=concurrency))
     out: dict[str, list] = defaultdict(list)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # Arrow: nested findings stay lists
         for key, values in batch.to_pydict().items():
@@ -193,10 +192,8 @@ def pointing_game(manifest: pa.Table, index_uri: str, *, storage_options: Storag
     options = (storage_options or StorageOptions()).resolved()
     block = max(1, min(64, math.ceil(rows.num_rows / 4)))
     ds = ray.data.from_arrow([rows.slice(s, block) for s in range(0, rows.num_rows, block)])
-    ds = ds.map_batches(_PointingGameScorer, fn_constructor_kwargs={"index_uri": index_uri, "storage_options": options,
-                                                                    "tolerance": tolerance},
-                        batch_size=8, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1))
-    ds.context.enable_progress_bars = False
+    ds = map_predictor(ds, _PointingGameScorer, {"index_uri": index_uri, "storage_options": options,
+                                                 "tolerance": tolerance}, batch_size=8)
     results = defaultdict(list)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for key, values in batch.items():

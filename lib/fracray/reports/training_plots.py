@@ -136,26 +136,33 @@ def _froc(lesions: dict[str, Any]) -> bytes:
     return _png(fig, plt)
 
 
-def write_training_plots(report: dict[str, Any], output_uri: str, options: StorageOptions | None) -> dict[str, str]:
+def write_training_plots(evaluation: dict[str, Any], output_uri: str, options: StorageOptions | None, *,
+                         histories: dict[str, list[dict]] | None = None, runs: dict[str, Any] | None = None,
+                         comparison: dict[str, Any] | None = None) -> dict[str, str]:
+    """The plots of an evaluation summary (confusion matrices, FROC) and, from a training run,
+    its training curves, reliability diagrams and backbone comparison; returns name -> URI.
+    ``runs`` and ``comparison`` map names to :class:`fracray.training.orchestrate.ModelRun`."""
     out = {}
-    histories = {k: v for k, v in report["histories"].items() if v}
+    histories = {k: v for k, v in (histories or {}).items() if v}
     if histories:
         out["training_curves"] = storage.join(output_uri, "training_curves.png")
         storage.write_bytes(out["training_curves"], _curves(histories), options)
-    per_part = report["evaluation"]["per_body_part"]
+    per_part = evaluation["per_body_part"]
     if per_part:
         out["confusion_matrices"] = storage.join(output_uri, "confusion_matrices.png")
         storage.write_bytes(out["confusion_matrices"], _confusions(per_part), options)
-    calibrations = {name: m["calibration"] for name, m in (report.get("models") or {}).items()
-                    if (m.get("calibration") or {}).get("reliability_after")}
+    calibrations = {name: run.calibration for name, run in (runs or {}).items()
+                    if (run.calibration or {}).get("reliability_after")}
     if calibrations:
         out["calibration"] = storage.join(output_uri, "calibration.png")
         storage.write_bytes(out["calibration"], _reliability(calibrations), options)
-    lesions = (report["evaluation"].get("localization") or {}).get("lesions")
+    lesions = (evaluation.get("localization") or {}).get("lesions")
     if lesions and lesions.get("lesions"):
         out["froc"] = storage.join(output_uri, "froc.png")
         storage.write_bytes(out["froc"], _froc(lesions), options)
-    if report.get("comparison"):
+    if comparison:
         out["comparison"] = storage.join(output_uri, "backbone_comparison.png")
-        storage.write_bytes(out["comparison"], _comparison(report["comparison"]), options)
+        storage.write_bytes(out["comparison"], _comparison({name: {"valid": run.valid, "seconds": run.seconds,
+                                                                   "size": run.size, "error": run.error}
+                                                            for name, run in comparison.items()}), options)
     return out

@@ -3,25 +3,65 @@ each model's run) beside report.json and the plots."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 from .. import storage
 from ..storage import StorageOptions
+from ..training.orchestrate import ModelRun
 from .training_plots import write_training_plots
 
-__all__ = ["format_report", "write_training_report"]
+__all__ = ["TrainingReport", "format_report", "write_training_report"]
 
 
-def write_training_report(report: dict[str, Any], output_uri: str, options: StorageOptions | None = None
+@dataclasses.dataclass
+class TrainingReport:
+    """The training stage's result: every model's run and the composed graph's evaluation.
+    ``evaluation`` is the evaluation summary (:func:`fracray.evaluation.graph.evaluate_graph`);
+    ``plots`` (name -> URI) is filled in when the report is written."""
+
+    dataset: str
+    evaluated_split: str
+    body_parts: list[str]
+    skipped_body_parts: list[str]
+    model_index: str
+    evaluation: dict[str, Any]
+    runs: dict[str, ModelRun]
+    seconds: float
+    plots: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def histories(self) -> dict[str, list[dict]]:
+        return {name: run.history for name, run in self.runs.items() if run.history}
+
+    @property
+    def comparison(self) -> dict[str, ModelRun]:
+        """The backbone comparison's runs (FracAtlas paper), if one was asked for."""
+        return {name: run for name, run in self.runs.items() if run.comparison}
+
+    def to_dict(self) -> dict[str, Any]:
+        """report.json: the same keys as the report's sections."""
+        return {"dataset": self.dataset, "evaluated_split": self.evaluated_split, "body_parts": self.body_parts,
+                "skipped_body_parts": self.skipped_body_parts, "model_index": self.model_index,
+                "evaluation": self.evaluation,
+                "comparison": {name: {"valid": run.valid, "seconds": run.seconds, "size": run.size, "error": run.error}
+                               for name, run in self.comparison.items()},
+                "models": {name: run.to_dict() for name, run in self.runs.items()},
+                "histories": {name: run.history for name, run in self.runs.items()},
+                "seconds": self.seconds, "plots": self.plots}
+
+
+def write_training_report(report: TrainingReport, output_uri: str, options: StorageOptions | None = None
                           ) -> dict[str, str]:
     """Write the plots, report.json and report.md under ``output_uri``; returns the plots
-    (also set as ``report["plots"]``)."""
-    report["plots"] = write_training_plots(report, output_uri, options)
-    storage.write_bytes(storage.join(output_uri, "report.json"), json.dumps(report, indent=2, default=str).encode(),
-                        options)
+    (also set as ``report.plots``)."""
+    report.plots = write_training_plots(report.evaluation, output_uri, options, histories=report.histories,
+                                        runs=report.runs, comparison=report.comparison)
+    storage.write_bytes(storage.join(output_uri, "report.json"),
+                        json.dumps(report.to_dict(), indent=2, default=str).encode(), options)
     storage.write_bytes(storage.join(output_uri, "report.md"), format_report(report).encode(), options)
-    return report["plots"]
+    return report.plots
 
 
 def _fmt(v, digits=3):
@@ -59,10 +99,10 @@ def _localization_lines(loc: dict[str, Any] | None, plots: dict[str, str]) -> li
     return lines
 
 
-def format_report(report: dict[str, Any]) -> str:
-    ev = report["evaluation"]
-    lines = [f"# fracray training report: {report['dataset']}", "",
-             f"Evaluated on the {report['evaluated_split']} split through router -> per-bone classifier: "
+def format_report(report: TrainingReport) -> str:
+    ev = report.evaluation
+    lines = [f"# fracray training report: {report.dataset}", "",
+             f"Evaluated on the {report.evaluated_split} split through router -> per-bone classifier: "
              f"{ev['scored']} images scored, rejected: {ev['rejected'] or 'none'}"
              + (f"; router accuracy {_fmt(ev.get('router_accuracy'))}" if ev.get("router_accuracy") is not None else ""),
              "", "| body part | TP | FN | FP | TN | accuracy | precision | sensitivity | specificity | F1 | AUROC | "
@@ -78,20 +118,20 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["", f"{heatmap} pointing game ({game['overall']['images']} fractured images with boxes): the heatmap "
                       f"peak falls inside a fracture box for {_fmt(game['overall']['hit_rate'])} of them "
                       f"(image-centre baseline {_fmt(game['overall']['center_baseline'])})."]
-    lines += _localization_lines(ev.get("localization"), report.get("plots") or {})
-    if "calibration" in report.get("plots", {}):
+    lines += _localization_lines(ev.get("localization"), report.plots)
+    if "calibration" in report.plots:
         lines += ["", "Calibration (reliability before and after temperature scaling): calibration.png"]
     lines += ["", "| model | backbone | seconds | weights MB | validation AUROC / accuracy | threshold | temperature | "
               "ECE on validation, before -> after |", "|---|---|---|---|---|---|---|---|"]
-    for name, m in sorted(report["models"].items()):
-        if m.get("error"):
-            lines.append(f"| {name} | failed: {m['error'][:80]} | | | | | | |")
+    for name, run in sorted(report.runs.items()):
+        if run.error:
+            lines.append(f"| {name} | failed: {run.error[:80]} | | | | | | |")
             continue
-        valid = m.get("valid") or {}
+        valid = run.valid or {}
         score = valid.get("auroc") if valid.get("auroc") is not None else valid.get("accuracy")
-        cal = m.get("calibration") or {}
+        cal = run.calibration or {}
         cal = dict(cal.get("valid") or cal, temperature=cal.get("temperature"))  # validation, not the fitting slice
-        lines.append(f"| {name} | {(m.get('model') or {}).get('name')} | {m['seconds']} | "
-                     f"{(m.get('size') or {}).get('weights_mb')} | {_fmt(score)} | {_fmt(m.get('threshold'))} | "
+        lines.append(f"| {name} | {run.model.get('name')} | {run.seconds} | "
+                     f"{run.size.get('weights_mb')} | {_fmt(score)} | {_fmt(run.threshold)} | "
                      f"{_fmt(cal.get('temperature'))} | {_fmt(cal.get('ece_before'))} -> {_fmt(cal.get('ece_after'))} |")
     return "\n".join(lines) + "\n"

@@ -35,10 +35,11 @@ from ..artifacts.index import check_model_index
 from ..data import adapters
 from ..data.manifest import read_table, write_table
 from ..imaging.regions import FINDINGS_TYPE
+from ..inference.pool import map_predictor, plan_actors
 from ..metrics.study import study_decision
 from ..storage import StorageOptions
 
-__all__ = ["ScoreConfig", "score_archive", "IMAGE_RESULT_SCHEMA", "STUDY_RESULT_SCHEMA", "read_image_results"]
+__all__ = ["ScoreConfig", "ScoringSummary", "score_archive", "IMAGE_RESULT_SCHEMA", "STUDY_RESULT_SCHEMA", "read_image_results"]
 
 RUN_FORMAT = "fracray-score-run/1"
 _PART = re.compile(r"part-(\d{6})\.parquet$")
@@ -198,23 +199,6 @@ def _done_chunks(output: str, options: StorageOptions | None) -> set[int]:
     return {int(m.group(1)) for uri in storage.list_files(folder, options) if (m := _PART.search(uri))}
 
 
-def _default_actors(config: ScoreConfig) -> tuple[int, float, float]:
-    """(actors, GPUs per actor, CPUs per actor) from the cluster's resources."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = resources.get("GPU", 0)
-    gpus_per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
-    if config.concurrency:
-        actors = config.concurrency
-    elif gpus_per_actor > 0:
-        actors = max(1, int(gpus // gpus_per_actor))
-    else:
-        # Each CPU actor reads, decodes and runs the model; one per CPU keeps every core busy.
-        actors = max(1, int(resources.get("CPU", 1)))
-    return actors, gpus_per_actor, 1.0
-
-
 def _study_table(images: pa.Table) -> pa.Table:
     by_study: dict[str, list[dict]] = defaultdict(list)
     for row in images.select(["image_uri", "study_id", "status", "body_part", "fracture_probability", "threshold",
@@ -262,8 +246,35 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoringSummary:
+    """A scoring run's outcome (``summary.json`` holds :meth:`to_dict`): every input counted
+    once, scored or rejected by reason, over all runs into the same output; ``*_this_run``
+    for this run alone."""
+
+    input: str
+    models: str
+    output: str
+    layout: str
+    inputs: int
+    scored: int
+    rejected: dict[str, int]
+    studies: int
+    flagged_images: int
+    flagged_studies: int
+    scored_this_run: int
+    seconds_this_run: float
+    images_per_second_this_run: float | None
+    resumed: bool
+    duplicates_dropped: int
+    finished: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def score_archive(config: ScoreConfig, *, log: Callable[[str], None] = print,
-                  on_chunk: Callable[[int], None] | None = None) -> dict[str, Any]:
+                  on_chunk: Callable[[int], None] | None = None) -> ScoringSummary:
     """Score every image under ``config.input``; returns the summary (also written to summary.json)."""
     import ray
 
@@ -283,20 +294,18 @@ def score_archive(config: ScoreConfig, *, log: Callable[[str], None] = print,
 
     scored_now = 0
     if pending:
-        actors, gpus_per_actor, cpus_per_actor = _default_actors(config)
-        actors = min(actors, len(pending))  # a chunk is one block: more actors than chunks would idle
+        plan = plan_actors(config.concurrency, config.gpus_per_actor)
+        # A chunk is one block: more actors than chunks would idle.
+        plan = dataclasses.replace(plan, actors=min(plan.actors, len(pending)))
         # One block per chunk: a chunk's rows travel together, so they finish close in time.
         blocks = [work.filter(pc.equal(work["chunk_id"], c)) for c in pending]
-        ds = ray.data.from_arrow(blocks)
-        ds = ds.map_batches(
-            FracturePredictor,
-            fn_constructor_kwargs={"index_uri": storage.normalize(config.models), "storage_options": options,
-                                   "use_known_body_part": config.body_part_from_layout,
-                                   "operating_point": config.operating_point},
-            batch_size=config.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=gpus_per_actor or None, num_cpus=cpus_per_actor,
-        )
-        log(f"Scoring with {actors} predictor actor(s)" + (f", {gpus_per_actor:g} GPU each" if gpus_per_actor else ""))
+        ds = map_predictor(ray.data.from_arrow(blocks), FracturePredictor,
+                           {"index_uri": storage.normalize(config.models), "storage_options": options,
+                            "use_known_body_part": config.body_part_from_layout,
+                            "operating_point": config.operating_point},
+                           batch_size=config.batch_size, plan=plan)
+        log(f"Scoring with {plan.actors} predictor actor(s)"
+            + (f", {plan.gpus_per_actor:g} GPU each" if plan.gpus_per_actor else ""))
         buffers: dict[int, list[pa.Table]] = defaultdict(list)
         counts: Counter = Counter()
         written = 0
@@ -334,17 +343,17 @@ def score_archive(config: ScoreConfig, *, log: Callable[[str], None] = print,
     write_table(studies, storage.join(output, "studies.parquet"), options)
     statuses = Counter(images["status"].to_pylist())
     seconds = time.time() - started
-    summary = {
-        "input": run["input"], "models": run["models"], "output": output, "layout": run["layout"],
-        "inputs": n_inputs, "scored": statuses.get("ok", 0),
-        "rejected": {k: v for k, v in sorted(statuses.items()) if k != "ok"},
-        "studies": studies.num_rows,
-        "flagged_images": int(pc.sum(pc.equal(images["label"], 1)).as_py() or 0),
-        "flagged_studies": int(pc.sum(pc.equal(studies["label"], 1)).as_py() or 0),
-        "scored_this_run": scored_now, "seconds_this_run": round(seconds, 1),
-        "images_per_second_this_run": round(scored_now / seconds, 2) if scored_now else None,
-        "resumed": bool(done), "duplicates_dropped": run.get("duplicates_dropped", 0),
-        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    storage.write_bytes(storage.join(output, "summary.json"), json.dumps(summary, indent=2).encode(), options)
+    summary = ScoringSummary(
+        input=run["input"], models=run["models"], output=output, layout=run["layout"],
+        inputs=n_inputs, scored=statuses.get("ok", 0),
+        rejected={k: v for k, v in sorted(statuses.items()) if k != "ok"},
+        studies=studies.num_rows,
+        flagged_images=int(pc.sum(pc.equal(images["label"], 1)).as_py() or 0),
+        flagged_studies=int(pc.sum(pc.equal(studies["label"], 1)).as_py() or 0),
+        scored_this_run=scored_now, seconds_this_run=round(seconds, 1),
+        images_per_second_this_run=round(scored_now / seconds, 2) if scored_now else None,
+        resumed=bool(done), duplicates_dropped=run.get("duplicates_dropped", 0),
+        finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    storage.write_bytes(storage.join(output, "summary.json"), json.dumps(summary.to_dict(), indent=2).encode(),
+                        options)
     return summary

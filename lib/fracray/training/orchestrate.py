@@ -22,7 +22,8 @@ from ..data.manifest import filter_rows, split_by_study
 from ..storage import StorageOptions
 from .trainer import TrainConfig, train_classifier
 
-__all__ = ["TrainingSettings", "TrainedModels", "train_models", "max_concurrent_runs", "cpu_threads_per_worker"]
+__all__ = ["TrainingSettings", "ModelRun", "TrainedModels", "train_models", "max_concurrent_runs",
+           "cpu_threads_per_worker"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,17 +100,47 @@ def _model_size(bundle_uri: str, options: StorageOptions | None) -> dict[str, An
     return {"weights_mb": round(size / 2 ** 20, 2)}
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelRun:
+    """One model's training run as the report sees it: its bundle and figures, or its error."""
+
+    name: str
+    bundle: str | None = None
+    seconds: float | None = None
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)   # the bundle's metrics
+    threshold: float | None = None
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)     # the bundle's model description
+    size: dict[str, Any] = dataclasses.field(default_factory=dict)      # parameters, weights_mb
+    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def valid(self) -> dict[str, Any] | None:
+        """Validation metrics of the trained model (None for a failed run)."""
+        return self.metrics.get("valid")
+
+    @property
+    def comparison(self) -> bool:
+        """A run of the backbone comparison (FracAtlas paper), not a model of the index."""
+        return self.name.startswith("compare_")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's per-model entry (report.json ``models``)."""
+        return {"bundle": self.bundle, "seconds": self.seconds, "threshold": self.threshold, "size": self.size,
+                "error": self.error, "model": self.model, "calibration": self.calibration, "valid": self.valid}
+
+
 def _train_remote(config: TrainConfig, train: pa.Table, valid: pa.Table, output_uri: str, name: str,
-                  options: StorageOptions | None, data_info: dict, run_config: dict) -> dict[str, Any]:
+                  options: StorageOptions | None, data_info: dict, run_config: dict) -> ModelRun:
     result = train_classifier(config, train, valid, output_uri=output_uri, name=name, storage_options=options,
                               data_info=data_info, run_config=run_config, log=lambda *_: None)
-    return {"name": name, "bundle": result.bundle_uri, "seconds": round(result.seconds, 1),
-            "history": result.history, "metrics": result.meta.metrics, "threshold": result.meta.threshold,
-            "model": result.meta.model, "size": _model_size(result.bundle_uri, options),
-            "calibration": result.meta.calibration}
+    return ModelRun(name=name, bundle=result.bundle_uri, seconds=round(result.seconds, 1), history=result.history,
+                    metrics=result.meta.metrics, threshold=result.meta.threshold, model=result.meta.model,
+                    size=_model_size(result.bundle_uri, options), calibration=result.meta.calibration or {})
 
 
-def _run_all(jobs: list[dict[str, Any]], settings: TrainingSettings, log: Callable) -> dict[str, dict]:
+def _run_all(jobs: list[dict[str, Any]], settings: TrainingSettings, log: Callable) -> dict[str, ModelRun]:
     """Run train jobs as Ray tasks, at most max_concurrent_runs at once, as results come back."""
     import ray
 
@@ -134,39 +165,27 @@ def _run_all(jobs: list[dict[str, Any]], settings: TrainingSettings, log: Callab
             results[name] = ray.get(done[0])
         except Exception as exc:  # one bone's failure must not lose the others
             cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the original exception
-            results[name] = {"name": name, "error": f"{type(cause).__name__}: {str(cause).splitlines()[-1][:500]}"}
-            log(f"  FAILED {name}: {results[name]['error']}")
+            results[name] = ModelRun(name, error=f"{type(cause).__name__}: {str(cause).splitlines()[-1][:500]}")
+            log(f"  FAILED {name}: {results[name].error}")
             continue
-        valid = results[name]["metrics"]["valid"]
+        valid = results[name].valid or {}
         score = valid.get("auroc") if valid.get("auroc") is not None else valid.get("accuracy")
-        log(f"  finished {name} in {results[name]['seconds']}s (validation "
+        log(f"  finished {name} in {results[name].seconds}s (validation "
             f"{'AUROC' if valid.get('auroc') is not None else 'accuracy'} {score if score is None else round(score, 3)})")
     return results
 
 
 @dataclasses.dataclass
 class TrainedModels:
-    """What :func:`train_models` trained: the model index it wrote, each run's result (or its
-    error), and the split the composed graph is to be evaluated on."""
+    """What :func:`train_models` trained: the model index it wrote, each run (or its error),
+    and the split the composed graph is to be evaluated on."""
 
     index_uri: str
     body_parts: list[str]
     skipped_body_parts: list[str]
-    results: dict[str, dict[str, Any]]
+    runs: dict[str, ModelRun]
     evaluation: pa.Table
     evaluated_split: str
-
-    def report_sections(self) -> dict[str, Any]:
-        """The report's comparison, models and histories sections."""
-        results = self.results
-        comparison = {name: {"valid": r.get("metrics", {}).get("valid"), "seconds": r.get("seconds"),
-                             "size": r.get("size"), "error": r.get("error")}
-                      for name, r in results.items() if name.startswith("compare_")}
-        models = {name: {k: r.get(k) for k in ("bundle", "seconds", "threshold", "size", "error", "model",
-                                               "calibration")}
-                  | {"valid": r.get("metrics", {}).get("valid")} for name, r in results.items()}
-        return {"comparison": comparison, "models": models,
-                "histories": {name: r.get("history") for name, r in results.items()}}
 
 
 def train_models(manifest: pa.Table, settings: TrainingSettings, *, output_uri: str, dataset: str,
@@ -225,15 +244,15 @@ def train_models(manifest: pa.Table, settings: TrainingSettings, *, output_uri: 
                    run_config=run_config or {"training": settings.to_dict()})
     results = _run_all(jobs, settings, log)
 
-    classifiers = {p: results[f"fracture_{p}"]["bundle"] for p in parts if "bundle" in results[f"fracture_{p}"]}
-    router = results.get("router", {}).get("bundle")
+    classifiers = {p: results[f"fracture_{p}"].bundle for p in parts if results[f"fracture_{p}"].bundle}
+    router = results["router"].bundle if "router" in results else None
     if not classifiers:
         raise RuntimeError("Every fracture model failed to train: " +
-                           "; ".join(f"{k}: {v.get('error')}" for k, v in results.items()))
+                           "; ".join(f"{k}: {v.error}" for k, v in results.items()))
     index_uri = storage.join(output_uri, "model_index.json")
     write_model_index(index_uri, ModelIndex(router=router, classifiers=classifiers, dataset=dataset,
                                             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
                       storage_options)
     log(f"Model index: {index_uri}")
-    return TrainedModels(index_uri=index_uri, body_parts=parts, skipped_body_parts=skipped, results=results,
+    return TrainedModels(index_uri=index_uri, body_parts=parts, skipped_body_parts=skipped, runs=results,
                          evaluation=evaluation, evaluated_split=eval_split)

@@ -1,0 +1,82 @@
+"""The ``evaluate`` job: a labelled dataset through the router -> classifier graph of a model index."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from .. import storage
+from ..artifacts.bundle import read_bundle_meta
+from ..artifacts.describe import resolve_threshold
+from ..artifacts.index import check_model_index
+from ..data import adapters
+from ..data.manifest import filter_rows, write_table
+from ..evaluation.graph import evaluate_graph
+from ..imaging.regions import FINDINGS_TYPE
+from ..raycluster import connect
+from ..reports.training_plots import write_training_plots
+from ..storage import StorageOptions
+
+__all__ = ["EvaluateConfig", "EvaluationResult", "run_evaluate"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    models: str                              # model index URI (model_index.json or its folder)
+    dataset: str                             # layout of ``data``
+    data: str
+    split: str | None = "valid"              # None or "all": every image
+    output: str | None = None                # folder for evaluation.json, predictions.parquet, plots
+    storage: StorageOptions = StorageOptions()
+    pointing_tolerance: float = 0.0
+    operating_point: str | float | None = None
+
+    def __post_init__(self):
+        if self.dataset not in adapters.ADAPTERS:
+            raise ValueError(f"Unknown dataset layout {self.dataset!r}; choose one of {sorted(adapters.ADAPTERS)}")
+        if not self.pointing_tolerance >= 0.0:
+            raise ValueError(f"pointing_tolerance must be >= 0. Got {self.pointing_tolerance}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationResult:
+    """``summary``: the metrics document (evaluation.json); ``predictions``: one row per image;
+    ``plots``: name -> URI of the plots written (with an output folder)."""
+
+    summary: dict[str, Any]
+    predictions: dict[str, list]
+    plots: dict[str, str]
+
+
+def run_evaluate(config: EvaluateConfig, *, log: Callable[[str], None] = print) -> EvaluationResult:
+    options = config.storage
+    index = check_model_index(config.models, options)  # every bundle, before Ray starts or anything is written
+    manifest = adapters.index_dataset(config.dataset, config.data, options).manifest
+    split = config.split
+    if split and split != "all":
+        manifest = filter_rows(manifest, split=split)
+    if manifest.num_rows == 0:
+        raise ValueError(f"No images in split {split!r} of {config.data}")
+    if config.operating_point not in (None, "", "default"):  # refuse an unknown point before any work starts
+        for uri in index.classifiers.values():
+            resolve_threshold(read_bundle_meta(uri, options), config.operating_point)
+    connect()
+    log(f"Evaluating {manifest.num_rows} images of {config.data} ({split or 'all'}) with {config.models} ...")
+    preds, summary = evaluate_graph(manifest, config.models, storage_options=options, output_uri=config.output,
+                                    operating_point=config.operating_point,
+                                    pointing_tolerance=config.pointing_tolerance)
+    summary.update(models=config.models, dataset=config.dataset, data=config.data, split=split or "all",
+                   operating_point=config.operating_point or "default")
+    plots: dict[str, str] = {}
+    if config.output:
+        plots = write_training_plots(summary, config.output, options)
+        summary["plots"] = plots
+        storage.write_bytes(storage.join(config.output, "evaluation.json"),
+                            json.dumps(summary, indent=2).encode(), options)
+        types = {"findings": FINDINGS_TYPE, "width": pa.int32(), "height": pa.int32()}  # typed even when all empty
+        write_table(pa.table({k: pa.array(v, types.get(k)) for k, v in preds.items()}),
+                    storage.join(config.output, "predictions.parquet"), options)
+    return EvaluationResult(summary, preds, plots)

@@ -1,0 +1,70 @@
+"""The ``serve`` job: the HTTP service (ingress -> body-part router -> bone classifiers) on
+Ray Serve, started locally or on the cluster this process joins."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+from .. import storage
+from ..artifacts.index import check_model_index
+from ..raycluster import connect
+from ..serving.proxy_guard import configure_environment
+from ..storage import StorageOptions
+
+__all__ = ["ServeJobConfig", "ServeHandle", "DEFAULT_MODELS", "start_service"]
+
+DEFAULT_MODELS = "runs/latest/model_index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeJobConfig:
+    models: str | None = None               # None: DEFAULT_MODELS, trained with the embedded default if missing
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 16
+    max_upload_mb: float = 64.0
+    num_gpus: float | None = None
+    token_env: str = "FRACRAY_API_TOKEN"
+    storage: StorageOptions = StorageOptions()
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535. Got {self.port}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeHandle:
+    models: str
+    url: str
+    protected: bool                          # a bearer token is required
+
+
+def start_service(config: ServeJobConfig, *, log: Callable[[str], None] = print) -> ServeHandle:
+    """Check the models, start Ray Serve with the application and return once it is deployed
+    (``serve.shutdown()`` stops it)."""
+    from ray import serve
+
+    from ..serving.app import ServeArgs, build_app  # Ray Serve and FastAPI: only where a service starts
+
+    models = config.models or DEFAULT_MODELS
+    if config.models is None and not storage.exists(storage.normalize(models)):
+        log(f"No model index at {models}: training the embedded default first (a few minutes) ...")
+        from .train import TrainAllConfig, run_train_all  # torch, Ray Train: only when it trains
+
+        run_train_all(TrainAllConfig(), log=log)
+    check_model_index(models, config.storage)
+    options = config.storage
+    serve_args = ServeArgs(models=models, max_batch_size=config.max_batch_size, max_upload_mb=config.max_upload_mb,
+                           num_gpus=config.num_gpus, auth_token_env=config.token_env,
+                           endpoint_url=options.endpoint_url, region=options.region, anonymous=options.anonymous)
+    application = build_app(serve_args)
+    # Serve's proxy runs the request limits only if Ray starts with them in its environment
+    # (a Ray that is joined keeps its own: cluster nodes set it, see cluster/Dockerfile).
+    configure_environment(max_body_mb=max(config.max_upload_mb, float(os.environ.get("FRACRAY_MAX_BODY_MB", 0))))
+    connect()
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(application, name="fracray", route_prefix="/", blocking=False)
+    return ServeHandle(models=models, url=f"http://{config.host}:{config.port}",
+                       protected=bool(os.environ.get(config.token_env)))
