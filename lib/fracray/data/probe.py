@@ -19,7 +19,6 @@ from .. import storage
 import os
 
 from ..imaging.decode import ImageRejected, RejectReason, decode_image, sniff_format
-from ..imaging.preprocess import DICOM_SUFFIXES
 from ..storage import StorageOptions
 
 __all__ = ["probe_header", "probe_manifest", "verify_images"]
@@ -94,7 +93,7 @@ def _verify_one(uri: str, options: StorageOptions | None):
     try:
         # A small DCT draft still walks the whole entropy-coded stream, so truncation is found.
         decode_image(storage.read_bytes(uri, options), draft_size=(64, 64),
-                     allow_headerless_dicom=uri.lower().endswith(DICOM_SUFFIXES))
+                     name=uri)
     except storage.StorageError as exc:
         return uri, RejectReason.READ_ERROR.value, str(exc)
     except ImageRejected as exc:

@@ -326,7 +326,7 @@ def _render_examples(index_uri: str, options: StorageOptions | None, examples: l
                      output_uri: str) -> list[dict[str, Any]]:
     """Draw each example (heatmap, ground-truth boxes, findings) with the shared overlay_png."""
     from ..imaging.decode import decode_image
-    from ..imaging.preprocess import DICOM_SUFFIXES, decode_for
+    from ..imaging.preprocess import decode_for
     from ..inference.gradcam import overlay_png
     from ..inference.predictor import FracturePredictor
 
@@ -337,7 +337,7 @@ def _render_examples(index_uri: str, options: StorageOptions | None, examples: l
         decoded = decode_for(data, predictor.decode_config, name=ex["image_uri"])  # what the model saw
         # Drawn on a sharper decode than the model's (JPEG draft at >= 512 px): same image, same frame.
         picture = decode_image(data, max_pixels=predictor.decode_config.max_pixels, draft_size=(512, 512),
-                               allow_headerless_dicom=ex["image_uri"].lower().endswith(DICOM_SUFFIXES))
+                               name=ex["image_uri"])
         model = predictor.classifiers[ex["body_part"]]
         findings = findings_from_rows(ex["findings"]) or []
         truths = _truth_boxes(ex["boxes"], 1, decoded.width, decoded.height)

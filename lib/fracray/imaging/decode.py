@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 __all__ = [
+    "DICOM_SUFFIXES",
     "RejectReason",
     "ImageRejected",
     "DecodedImage",
@@ -140,6 +141,9 @@ def looks_like_raw_dicom(data: bytes) -> bool:
     return False
 
 
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
 def decode_image(
     data: bytes,
     *,
@@ -147,6 +151,7 @@ def decode_image(
     min_side: int = 8,
     draft_size: tuple[int, int] | Callable[[int, int], tuple[int, int]] | None = None,
     allow_headerless_dicom: bool = False,
+    name: str = "",
 ) -> DecodedImage:
     """Decode one image file's bytes to a single luminance channel.
 
@@ -156,8 +161,11 @@ def decode_image(
         that is still at least this size on both sides: several times faster on
         full-resolution radiographs and a proper low-pass, not a subsample.
     allow_headerless_dicom: try DICOM for data without the 128-byte preamble
-        (old ACR-NEMA style files); used when the file name ends in ``.dcm``.
+        (old ACR-NEMA style files).
+    name: the file name or URI, if known: one ending in .dcm/.dicom (:data:`DICOM_SUFFIXES`)
+        allows headerless DICOM. The one place this rule lives.
     """
+    allow_headerless_dicom = allow_headerless_dicom or name.lower().endswith(DICOM_SUFFIXES)
     if not data:
         raise ImageRejected(RejectReason.EMPTY_FILE, "the file is empty (0 bytes)")
     fmt = sniff_format(data)

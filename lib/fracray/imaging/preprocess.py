@@ -21,7 +21,7 @@ from . import ops
 from .decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 
 __all__ = ["PreprocessConfig", "AugmentConfig", "preprocess_base", "geometry", "finalize", "preprocess_pixels", "preprocess_bytes",
-           "decode_for", "augment_params", "to_tensor", "DICOM_SUFFIXES", "ModelInput", "prepare_input",
+           "decode_for", "augment_params", "to_tensor", "ModelInput", "prepare_input",
            "shared_decode_config", "letterbox_box"]
 
 Normalization = Literal["imagenet", "per_image", "none"]
@@ -274,9 +274,6 @@ def preprocess_pixels(decoded: DecodedImage, config: PreprocessConfig,
     return finalize(preprocess_base(decoded, config, augment), config)
 
 
-DICOM_SUFFIXES = (".dcm", ".dicom")
-
-
 def decode_for(data: bytes, config: PreprocessConfig, *, name: str = "") -> DecodedImage:
     """Decode with the limits and JPEG draft size that ``config`` implies. ``name`` is the
     file name or URI: one ending in .dcm/.dicom may be DICOM without the file preamble."""
@@ -284,7 +281,7 @@ def decode_for(data: bytes, config: PreprocessConfig, *, name: str = "") -> Deco
         data,
         max_pixels=config.max_pixels,
         draft_size=_DraftSizer(config) if config.fast_jpeg_downscale else None,
-        allow_headerless_dicom=name.lower().endswith(DICOM_SUFFIXES),
+        name=name,
     )
 
 

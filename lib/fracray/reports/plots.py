@@ -13,7 +13,6 @@ import pyarrow as pa
 from .. import storage
 from ..imaging.decode import ImageRejected, decode_image
 from ..imaging.ops import resize
-from ..imaging.preprocess import DICOM_SUFFIXES
 from ..storage import StorageOptions
 
 __all__ = ["contact_sheet_png", "size_histogram_png"]
@@ -31,7 +30,7 @@ def _pyplot():
 def _thumbnail(uri: str, options: StorageOptions | None, side: int) -> np.ndarray | None:
     try:
         decoded = decode_image(storage.read_bytes(uri, options), draft_size=(side, side),
-                               allow_headerless_dicom=uri.lower().endswith(DICOM_SUFFIXES))
+                               name=uri)
     except (ImageRejected, storage.StorageError):
         return None
     return resize(decoded.as_float(), (side, side), keep_aspect=True)
