@@ -1,6 +1,7 @@
 """The command-line entry points, run as a user runs them."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -29,6 +30,7 @@ FRACRAY = str(REPO / ".venv" / "bin" / "fracray")
 # `fracray <command>` -> the pipelines/ script that runs the same main (what `ray job submit` runs).
 SAME_AS_SCRIPT = {"index": "index_dataset.py", "train": "train_all.py", "evaluate": "evaluate.py",
                   "score": "score_archive.py", "serve": "serve.py", "publish": "publish_results.py",
+                  "load-study": "load_study.py",
                   "check-scope": "check_scope.py", "ablation-table": "ablation_table.py",
                   "bench preprocess": "bench_preprocess.py", "bench training": "bench_training.py",
                   "bench scoring": "bench_scoring.py", "bench serving": "bench_serving.py"}
@@ -117,6 +119,22 @@ def test_train_all_data_stage_on_the_embedded_default(tmp_path):
     assert (tmp_path / "run" / "index" / "contact_sheet.png").exists()
     manifest = pq.read_table(tmp_path / "run" / "index" / "manifest.parquet")
     assert all(u.startswith(str(tmp_path)) for u in manifest["image_uri"].to_pylist())
+
+
+def test_console_shows_the_products_progress_and_verbose_adds_rays_logs(tmp_path):
+    """By default Ray's own INFO lines and workers' output stay in the session's log files;
+    --verbose brings them to the console (the same run otherwise)."""
+    args = ["--synthetic-patients-per-part", "1", "--body-parts", "wrist,hand", "--skip-training"]
+    quiet = _run(REPO / "pipelines" / "train_all.py", "--output", tmp_path / "quiet", *args,
+                 env={k: v for k, v in os.environ.items() if k != "FRACRAY_VERBOSE"})
+    loud = _run(REPO / "pipelines" / "train_all.py", "--output", tmp_path / "loud", *args, "--verbose")
+    assert quiet.returncode == 0 == loud.returncode, quiet.stderr[-2000:] + loud.stderr[-2000:]
+    quiet_console, loud_console = quiet.stdout + quiet.stderr, loud.stdout + loud.stderr
+    assert "Every image accounted for" in quiet_console and "Every image accounted for" in loud_console
+    assert "Ray's own logs:" in quiet_console and "--verbose shows them" in quiet_console
+    ray_info = ("INFO worker.py", "streaming_executor", "Execution plan of Dataset")
+    assert not [line for line in quiet_console.splitlines() if any(m in line for m in ray_info)], quiet_console
+    assert any(m in loud_console for m in ray_info), loud_console[-3000:]
 
 
 def test_train_all_reads_a_yaml_config(tmp_path, fracatlas_root):

@@ -28,12 +28,12 @@ FRACATLAS = REPO.parent / "shared" / "data" / "fracatlas" / "FracAtlas" / "image
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     folder = tmp_path_factory.mktemp("orthanc")
-    http = _free_port()
+    http, dicom = _free_port(), _free_port()
     started = subprocess.run(["bash", str(REPO / "scripts" / "orthanc.sh"), "start", str(folder), str(http),
-                              str(_free_port())], capture_output=True, text=True, timeout=60)
+                              str(dicom)], capture_output=True, text=True, timeout=60)
     assert started.returncode == 0, started.stderr
     yield {"uri": f"dicomweb://127.0.0.1:{http}/dicom-web", "rest": f"http://127.0.0.1:{http}", "folder": folder,
-           "http": http}
+           "http": http, "dicom": dicom}
     subprocess.run(["bash", str(REPO / "scripts" / "orthanc.sh"), "stop", str(folder)], timeout=60)
 
 
@@ -160,3 +160,114 @@ def test_a_pacs_that_is_down_is_a_clear_error_after_retries(tmp_path):
         storage.list_files(f"{dead}?StudyDate=20261124")
     with pytest.raises(dicomweb.DicomWebError, match="did not answer"):
         dicomweb.store_instances(dead, [b"x"])
+
+
+def _orthanc_sh(*args: str) -> None:
+    done = subprocess.run(["bash", str(REPO / "scripts" / "orthanc.sh"), *args], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_orthanc_stopped_mid_scoring_fails_clearly_and_the_rerun_resumes(orthanc, ray_local, localizing_single_index,
+                                                                         tmp_path):
+    """The PACS goes away after the first chunk is written: the run stops with one clear error
+    (after the DICOMweb retries) instead of rejecting what it could not reach; once the PACS is
+    back, the same command scores the rest, nothing lost and nothing twice."""
+    import pyarrow.compute as pc
+    from pydicom.uid import generate_uid
+
+    from fracray import dicomweb, storage
+    from fracray.data.synthetic import render_radiograph
+    from fracray.pacs.wrap import StudyIdentity, wrap_radiograph
+    from fracray.scoring.archive import ScoreConfig, read_image_results, score_archive
+
+    study = StudyIdentity(patient_id="FA-0002", patient_name="Outage^Test", study_uid=generate_uid(),
+                          accession="ACC-0002", study_date="20261125")
+    series = generate_uid()
+    n = 8
+    dicomweb.store_instances(orthanc["uri"], [
+        wrap_radiograph(render_radiograph(np.random.default_rng(i), "wrist", 320, 256, fracture=i % 2 == 0).pixels,
+                        study, series_uid=series, instance_number=i + 1, body_part="WRIST") for i in range(n)])
+    config = ScoreConfig(input=f"{orthanc['uri']}?StudyDate=20261125", models=localizing_single_index,
+                         output=str(tmp_path / "scores"), chunk_size=1, batch_size=1, concurrency=1)
+    stopped = []
+
+    def stop_the_pacs(chunk: int) -> None:
+        if not stopped:
+            _orthanc_sh("stop", str(orthanc["folder"]))
+            stopped.append(chunk)
+
+    try:
+        with pytest.raises(storage.StorageUnavailable, match="did not answer after .* run the same command again"):
+            score_archive(config, log=lambda *_: None, on_chunk=stop_the_pacs)
+    finally:
+        _orthanc_sh("start", str(orthanc["folder"]), str(orthanc["http"]), str(orthanc["dicom"]))
+    parts = [u for u in storage.list_files(str(tmp_path / "scores" / "images")) if "/part-0" in u]
+    assert 1 <= len(parts) < n  # the first chunk (and any in flight) kept; the rest not written as rejects
+    again = score_archive(config, log=lambda *_: None)
+    assert again.resumed and again.inputs == n and again.scored == n and again.rejected == {}
+    assert again.scored_this_run == n - len(parts)
+    rows = read_image_results(str(tmp_path / "scores"))
+    assert rows.num_rows == n and len(pc.unique(rows["sop_instance_uid"])) == n
+
+
+def test_load_study_cli_then_index_and_evaluate_through_dicomweb(orthanc, ray_local, localizing_single_index,
+                                                                 tmp_path):
+    """load_study.py wraps radiographs (real FracAtlas ones when ../shared is there) as a CR study
+    (MONOCHROME1, JPEG 2000) in the PACS; loading again replaces it; index_dataset reads the PACS
+    query as a layout and evaluate scores a labelled manifest of dicomweb:// instances."""
+    import csv
+    import json
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from fracray.jobs.evaluate import EvaluateConfig, run_evaluate
+
+    if FRACATLAS.is_dir():
+        images = sorted(FRACATLAS.glob("*.jpg"))[:2] + sorted((FRACATLAS.parent / "Non_fractured").glob("*.jpg"))[:2]
+        labels = [1, 1, 0, 0]
+    else:
+        images, labels = [], []
+        for i, pixels in enumerate(_radiographs(4)):
+            images.append(tmp_path / f"r{i}.png")
+            Image.fromarray(pixels).save(images[-1])
+            labels.append(1 - i // 2)
+    command = [sys.executable, str(REPO / "pipelines" / "load_study.py"), *map(str, images), "--pacs", orthanc["uri"],
+               "--modality", "CR", "--monochrome1", "--transfer-syntax", "jpeg2000", "--body-part", "HAND",
+               "--study-date", "20261123"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    study_uid = first.stdout.strip().rsplit(" ", 1)[1]
+    assert len(_instances_in_study(orthanc, study_uid)) == 4
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and len(_instances_in_study(orthanc, study_uid)) == 4  # replaced, not added
+
+    query = f"{orthanc['uri']}?StudyDate=20261123"
+    index = subprocess.run([sys.executable, str(REPO / "pipelines" / "index_dataset.py"), "--dataset", "tree",
+                            "--data", query, "--output", str(tmp_path / "index"), "--no-pictures"],
+                           capture_output=True, text=True, timeout=300)
+    assert index.returncode == 0, index.stderr
+    manifest = pq.read_table(tmp_path / "index" / "manifest.parquet").to_pylist()
+    assert len(manifest) == 4 and {r["study_id"] for r in manifest} == {study_uid}
+    assert json.loads((tmp_path / "index" / "summary.json").read_text())["images"] == 4
+    assert {r["body_part"] for r in manifest} <= {"hand", "unknown", None}
+
+    # evaluate: the PACS instances with their labels, as a CSV manifest.
+    sop_of = {}
+    from fracray import storage
+    import pydicom
+
+    for uri in storage.list_files(f"{orthanc['uri']}/studies/{study_uid}"):
+        ds = pydicom.dcmread(io.BytesIO(storage.read_bytes(uri)), stop_before_pixels=True)
+        sop_of[int(ds.InstanceNumber)] = uri
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_uri", "label", "study_id", "body_part"])
+        for number, label in enumerate(labels, start=1):
+            writer.writerow([sop_of[number], label, study_uid, "hand"])
+    result = run_evaluate(EvaluateConfig(localizing_single_index, "manifest", str(tmp_path / "labels.csv"),
+                                         split="all", output=str(tmp_path / "evaluation")), log=lambda *_: None)
+    overall = result.summary["overall"]
+    assert result.summary["scored"] == 4 and overall["n"] == 4 and overall["tp"] + overall["fn"] == 2
+    assert (tmp_path / "evaluation" / "predictions.parquet").exists()

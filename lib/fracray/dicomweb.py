@@ -22,7 +22,7 @@ import uuid
 from typing import Iterable
 from urllib.parse import parse_qsl, urlencode, urlparse
 
-__all__ = ["DicomWebError", "DicomWebLocation", "SCHEMES", "is_dicomweb", "parse", "list_instances", "read_instance",
+__all__ = ["DicomWebError", "DicomWebUnavailable", "DicomWebLocation", "SCHEMES", "is_dicomweb", "parse", "list_instances", "read_instance",
            "store_instances", "instance_uri"]
 
 SCHEMES = ("dicomweb", "dicomwebs")
@@ -34,6 +34,10 @@ TIMEOUT_S = 60.0
 
 class DicomWebError(OSError):
     """The DICOMweb service refused, failed or did not answer (after retries)."""
+
+
+class DicomWebUnavailable(DicomWebError):
+    """The service did not answer, or answered 5xx, on every try: the PACS is down, not the data bad."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +120,7 @@ def _request(method: str, url: str, *, what: str, **kwargs):
                 time.sleep(delay)
                 delay *= 2
     host = urlparse(url).netloc
-    raise DicomWebError(f"{what}: the DICOMweb service at {host} did not answer after {RETRIES} tries ({last}); "
+    raise DicomWebUnavailable(f"{what}: the DICOMweb service at {host} did not answer after {RETRIES} tries ({last}); "
                         f"check that the PACS is up, then rerun (finished work is kept)")
 
 

@@ -10,14 +10,16 @@ listens at the address. Ray is imported only when a command connects.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 import sys
 import time
+import warnings
 from typing import Any, Callable, Mapping
 
 __all__ = ["ClusterChoice", "RayClusterUnreachable", "choose_cluster", "check_reachable", "connect",
-           "session_file_path"]
+           "session_file_path", "verbose", "VERBOSE_ENV"]
 
 # What to do when the cluster cannot be reached: the two ways out, in every message.
 ADVICE = ("Set RAY_ADDRESS=local to start a private local Ray, or `ray stop` to clear the dead cluster's "
@@ -27,6 +29,9 @@ LOCAL_ONLY = ("num_cpus", "num_gpus", "resources", "labels", "object_store_memor
 # GCS connection attempts ray.init makes once the port has answered. Ray's default, 20, is ~20 s when
 # the cluster refuses the token and ~13 min when the port is not a GCS (each attempt already waits ~40 s).
 JOIN_ATTEMPTS = "1"
+# Set (by --verbose) to show Ray's own logs on the console as well as the product's progress.
+VERBOSE_ENV = "FRACRAY_VERBOSE"
+RAY_DATA_LOGGING_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
 
 
 class RayClusterUnreachable(ConnectionError):
@@ -155,6 +160,7 @@ def connect(address: str | None = None, *, timeout_s: float = 5.0, log: Callable
 
     if ray.is_initialized():
         return ClusterChoice(None, "already initialised in this process", None)
+    _quiet_ray(init_kwargs)
     choice = choose_cluster(address, session_file=session_file_path(init_kwargs.get("_temp_dir")))
     if not choice.joins:
         if choice.init_address == "auto":
@@ -162,6 +168,7 @@ def connect(address: str | None = None, *, timeout_s: float = 5.0, log: Callable
         else:
             log(f"Ray: starting a local Ray instance ({_local_cpus(init_kwargs)} CPUs; {choice.source})")
         ray.init(address=choice.init_address, **init_kwargs)
+        _after_init(log)
         return choice
     local_only = [k for k in LOCAL_ONLY if init_kwargs.get(k) is not None]
     if local_only:
@@ -190,7 +197,54 @@ def connect(address: str | None = None, *, timeout_s: float = 5.0, log: Callable
     finally:
         if bounded:
             os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
+    _after_init(log)
     return choice
+
+
+def verbose() -> bool:
+    """``--verbose`` (or FRACRAY_VERBOSE=1): Ray's own logs on the console too."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _quiet_ray(init_kwargs: dict[str, Any]) -> None:
+    """Unless verbose, the console shows the product's progress, not Ray's: the workers' output
+    stays in the session's log files (log_to_driver off), Ray's INFO lines and its deprecation
+    warnings are not shown. The caller's own init_kwargs win."""
+    if verbose():
+        init_kwargs.setdefault("log_to_driver", True)
+        return
+    init_kwargs.setdefault("log_to_driver", False)
+    init_kwargs.setdefault("logging_level", logging.WARNING)
+    # Ray Data reconfigures its logger for every dataset it runs, from this file when set.
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING_CONFIG)
+    if "ray.data" in sys.modules:
+        from ray.data._internal.logging import configure_logging  # private: Ray Data's own reconfiguration
+
+        configure_logging()
+    for name in ("ray", "ray.train", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for category in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"ray(\.|$)")
+    # A notice about Ray itself, not about the job (filters apply on the logger that logs).
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_drop_token_notice)
+
+
+def _drop_token_notice(record: logging.LogRecord) -> bool:
+    return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+def _after_init(log: Callable[[str], None]) -> None:
+    import ray
+
+    if verbose():
+        return
+    for name in ("ray", "ray.train", "ray.serve"):  # ray.init configured them again
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        logs = ray._private.worker._global_node.get_logs_dir_path()  # private: only for the message
+    except Exception:
+        logs = "the Ray session's logs folder (/tmp/ray/session_latest/logs on the head)"
+    log(f"Ray's own logs: {logs} (--verbose shows them here)")
 
 
 def _enable_token_auth_if_available() -> bool:

@@ -26,6 +26,7 @@ from . import dicomweb
 __all__ = [
     "StorageOptions",
     "StorageError",
+    "StorageUnavailable",
     "resolve",
     "join",
     "is_remote",
@@ -43,6 +44,11 @@ __all__ = [
 
 class StorageError(RuntimeError):
     """A URI could not be read or written; the message says which and why."""
+
+
+class StorageUnavailable(StorageError):
+    """The service holding a URI (a PACS) did not answer after retries. Not a fault of the file:
+    a job stops on it, keeping finished work, instead of rejecting every image it cannot reach."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +170,8 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     if dicomweb.is_dicomweb(uri):  # a PACS instance: WADO-RS
         try:
             return dicomweb.read_instance(uri)
+        except dicomweb.DicomWebUnavailable as exc:
+            raise StorageUnavailable(str(exc)) from exc
         except (dicomweb.DicomWebError, ValueError) as exc:
             raise StorageError(f"Could not read {uri}: {exc}") from exc
     fs, path = resolve(uri, options)
@@ -240,6 +248,8 @@ def list_files(uri: str, options: StorageOptions | None = None, *, recursive: bo
     if dicomweb.is_dicomweb(uri):
         try:
             return dicomweb.list_instances(uri)
+        except dicomweb.DicomWebUnavailable as exc:
+            raise StorageUnavailable(str(exc)) from exc
         except (dicomweb.DicomWebError, ValueError) as exc:
             raise StorageError(f"Could not list {uri}: {exc}") from exc
     fs, path = resolve(uri, options)

@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import os
 
+from ..raycluster import VERBOSE_ENV
 from ..storage import StorageOptions
+
+
+class _Verbose(argparse.Action):
+    """Sets FRACRAY_VERBOSE for everything the command starts; no config field of its own."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        os.environ[VERBOSE_ENV] = "1"
+
+
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action=_Verbose,
+                        help=f"also show Ray's own logs (workers' output, Ray Data and Ray Train INFO lines) on the "
+                             f"console; by default they stay in the Ray session's log files (or set {VERBOSE_ENV}=1)")
 
 
 def add_storage_arguments(parser: argparse.ArgumentParser) -> None:

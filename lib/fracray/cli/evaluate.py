@@ -9,7 +9,7 @@ import sys
 from .. import storage
 from ..data import adapters
 from ..jobs.evaluate import EvaluateConfig, run_evaluate
-from .common import add_storage_arguments, storage_options_from_args
+from .common import add_storage_arguments, add_verbose_argument, storage_options_from_args
 
 __all__ = ["main", "build_parser"]
 
@@ -41,6 +41,7 @@ def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
                              "high_specificity, 'specificity>=0.90') or a number in [0, 1] (default: each model's "
                              "own threshold)")
     add_storage_arguments(parser)
+    add_verbose_argument(parser)
     return parser
 
 

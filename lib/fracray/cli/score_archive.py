@@ -14,7 +14,7 @@ import sys
 from .. import storage
 from ..data import adapters
 from ..jobs.score import ScoreConfig, format_scoring_summary, run_score
-from .common import add_storage_arguments, storage_options_from_args
+from .common import add_storage_arguments, add_verbose_argument, storage_options_from_args
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -50,6 +50,7 @@ def build_parser(prog: str = "score_archive.py") -> argparse.ArgumentParser:
                         help="threshold to label at: a named operating point of the models (e.g. 'sensitivity>=0.95') "
                              "or a number in [0, 1] (default: each model's own threshold)")
     add_storage_arguments(parser)
+    add_verbose_argument(parser)
     return parser
 
 

@@ -14,7 +14,7 @@ import threading
 
 from .. import storage
 from ..jobs.serve import DEFAULT_MODELS, ServeJobConfig, start_service
-from .common import add_storage_arguments, storage_options_from_args
+from .common import add_storage_arguments, add_verbose_argument, storage_options_from_args
 
 __all__ = ["main", "build_parser"]
 
@@ -41,6 +41,7 @@ def build_parser(prog: str = "serve.py") -> argparse.ArgumentParser:
                         help="environment variable holding a bearer token to require (default: %(default)s; "
                              "unset = open)")
     add_storage_arguments(parser)
+    add_verbose_argument(parser)
     return parser
 
 

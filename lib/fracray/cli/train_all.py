@@ -18,7 +18,7 @@ from ..jobs.train import TrainAllConfig, run_train_all
 from ..storage import StorageOptions
 from ..training.orchestrate import TrainingSettings
 from ..training.trainer import TrainConfig
-from .common import add_storage_arguments
+from .common import add_storage_arguments, add_verbose_argument
 
 __all__ = ["main", "build_parser", "parse_config", "config_from_args"]
 
@@ -120,6 +120,7 @@ def build_parser(prog: str = "train_all.py") -> argparse.ArgumentParser:
     loc.add_argument("--threshold-target", choices=["youden", "sensitivity", "specificity"], default="youden")
     loc.add_argument("--threshold-value", type=float, default=None, help="e.g. 0.9 with --threshold-target")
     add_storage_arguments(parser)
+    add_verbose_argument(parser)
     return parser
 
 

@@ -112,6 +112,8 @@ def preprocess_batch(batch: pa.Table | dict[str, Any], *, preprocess: Preprocess
     for i, uri in enumerate(uris):
         try:
             data = storage.read_bytes(uri, storage_options)
+        except storage.StorageUnavailable:
+            raise  # the service is down, not the image bad: stop rather than reject what it holds
         except storage.StorageError as exc:
             status[i], errors[i] = RejectReason.READ_ERROR.value, str(exc)
             continue

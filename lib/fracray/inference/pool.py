@@ -46,5 +46,4 @@ def map_predictor(ds: Any, actor_class: type, constructor_kwargs: dict[str, Any]
     ds = ds.map_batches(actor_class, fn_constructor_kwargs=constructor_kwargs, batch_size=batch_size,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan.actors),
                         num_gpus=plan.gpus_per_actor or None, num_cpus=plan.cpus_per_actor)
-    ds.context.enable_progress_bars = False  # callers report their own progress
     return ds

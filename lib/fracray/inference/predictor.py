@@ -268,6 +268,8 @@ class FracturePredictor:
         for i, uri in enumerate(uris):
             try:
                 payloads.append(storage.read_bytes(uri, self.options))
+            except storage.StorageUnavailable:
+                raise  # the service is down, not the image bad: the chunk fails and a rerun scores it
             except storage.StorageError as exc:
                 payloads.append(b"")
                 errors[i] = str(exc)

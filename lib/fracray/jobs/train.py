@@ -121,9 +121,14 @@ def run_train_all(config: TrainAllConfig, *, log: Callable[[str], None] = print)
     stream_start = time.time()
     batches = 0
     shape = None
+    last_said = stream_start
     for batch in iter_model_batches(ds, batch_size=config.stream_batch_size, tally=tally, preprocess=preprocess):
         batches += 1
         shape = tuple(batch["image"].shape[1:])
+        if time.time() - last_said >= 10:  # a line every 10 s on long streams
+            last_said = time.time()
+            log(f"  [data] {tally.rows}/{manifest.num_rows} images ({100 * tally.rows / max(manifest.num_rows, 1):.0f}%), "
+                f"{tally.rows / (last_said - stream_start):.1f} images/s")
     seconds = time.time() - stream_start
     if tally.rows != manifest.num_rows:
         raise RuntimeError(f"Stream accounted for {tally.rows} of {manifest.num_rows} images")

@@ -72,7 +72,8 @@ def wrap_radiograph(pixels: np.ndarray, study: StudyIdentity, *, series_uid: str
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
     ds.PixelData = np.ascontiguousarray(stored).tobytes()
     if transfer_syntax != "explicit":
-        ds.compress(TRANSFER_SYNTAXES[transfer_syntax])
+        # Lossless: the same instance, so its UID stays (pydicom would otherwise make a new one).
+        ds.compress(TRANSFER_SYNTAXES[transfer_syntax], generate_instance_uid=False)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

@@ -246,6 +246,33 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _unavailable_cause(exc: BaseException) -> str | None:
+    """The message of the StorageUnavailable behind an error from Ray Data, which wraps the
+    actor's exception (as a cause where it survives pickling, else only in its text)."""
+    seen, current = set(), exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, storage.StorageUnavailable):
+            return str(current)
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    marker = f"{storage.StorageUnavailable.__module__}.{storage.StorageUnavailable.__name__}: "
+    lines = [line.split(marker, 1)[1] for line in str(exc).splitlines() if marker in line]
+    return lines[-1].strip() if lines else None
+
+
+def _batches_or_unavailable(ds, finished: Callable[[], int], chunks: int):
+    """The dataset's batches; a storage service that went away mid-run (a PACS stopped) ends the
+    run with one clear error, the finished chunks kept for the rerun."""
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    except Exception as exc:
+        cause = _unavailable_cause(exc)
+        if cause is None:
+            raise
+        raise storage.StorageUnavailable(f"{cause} Scoring stopped with {finished()} of {chunks} chunks written and "
+                                         f"kept; run the same command again to score the rest.") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class ScoringSummary:
     """A scoring run's outcome (``summary.json`` holds :meth:`to_dict`): every input counted
@@ -310,7 +337,7 @@ def score_archive(config: ScoreConfig, *, log: Callable[[str], None] = print,
         counts: Counter = Counter()
         written = 0
         loop_started = time.time()
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in _batches_or_unavailable(ds, lambda: len(done) + written, run["chunks"]):
             for chunk in pc.unique(batch["chunk_id"]).to_pylist():
                 part = batch.filter(pc.equal(batch["chunk_id"], chunk))
                 buffers[chunk].append(part)

@@ -20,6 +20,7 @@ from .. import storage
 from ..artifacts.index import ModelIndex, write_model_index
 from ..data.manifest import filter_rows, split_by_study
 from ..storage import StorageOptions
+from .progress import new_lines, open_board
 from .trainer import TrainConfig, train_classifier
 
 __all__ = ["TrainingSettings", "ModelRun", "TrainedModels", "train_models", "max_concurrent_runs",
@@ -151,6 +152,7 @@ def _run_all(jobs: list[dict[str, Any]], settings: TrainingSettings, log: Callab
         f"({ray.cluster_resources().get('CPU', 0):.0f} CPUs, {ray.cluster_resources().get('GPU', 0):.0f} GPUs)"
         + (f", {threads} CPU threads per training worker" if threads else ""))
     pending, results, queue = {}, {}, list(jobs)
+    board, shown = open_board(), 0
     while queue or pending:
         while queue and len(pending) < limit:
             job = queue.pop(0)
@@ -159,7 +161,13 @@ def _run_all(jobs: list[dict[str, Any]], settings: TrainingSettings, log: Callab
                                 job["options"], job["data_info"], job["run_config"])
             pending[ref] = job["name"]
             log(f"  started {job['name']} ({job['config'].model}, {job['train'].num_rows} training images)")
-        done, _ = ray.wait(list(pending), num_returns=1)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+        lines = new_lines(board, shown)
+        shown += len(lines)
+        for line in lines:
+            log(f"    {line}")
+        if not done:
+            continue
         name = pending.pop(done[0])
         try:
             results[name] = ray.get(done[0])
@@ -172,6 +180,9 @@ def _run_all(jobs: list[dict[str, Any]], settings: TrainingSettings, log: Callab
         score = valid.get("auroc") if valid.get("auroc") is not None else valid.get("accuracy")
         log(f"  finished {name} in {results[name].seconds}s (validation "
             f"{'AUROC' if valid.get('auroc') is not None else 'accuracy'} {score if score is None else round(score, 3)})")
+    for line in new_lines(board, shown):  # posted just before the last run returned
+        log(f"    {line}")
+    ray.kill(board)
     return results
 
 

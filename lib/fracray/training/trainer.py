@@ -38,6 +38,7 @@ from ..metrics.calibration import (calibrate, expected_calibration_error, operat
                                    softmax)
 from ..metrics.study import study_level
 from ..storage import StorageOptions
+from .progress import post_progress
 from .step import TrainStep, model_input, place_model
 
 __all__ = ["TrainConfig", "TrainResult", "train_classifier", "predict_manifest", "make_loss"]
@@ -289,11 +290,13 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if rank == 0:
             # One progress line per epoch, through the logging that Ray Train sets up in its workers
             # (forwarded to the driver and the job log). Its patched print() would show it twice.
+            # The same line goes to the driver's progress board (its console when Ray's logs are off).
             shown = ("AUROC", val.get("auroc")) if binary else ("accuracy", val.get("accuracy"))
-            logging.getLogger("fracray.train").info(
-                f"[{cfg['name']}] epoch {epoch + 1}/{tc.epochs}: train loss {record['train_loss']:.4f}, "
-                f"validation {shown[0]} {'n/a' if shown[1] is None else f'{shown[1]:.3f}'}, "
-                f"{record['images_per_second']:.1f} images/s, {train_seconds:.0f} s")
+            line = (f"[{cfg['name']}] epoch {epoch + 1}/{tc.epochs}: train loss {record['train_loss']:.4f}, "
+                    f"validation {shown[0]} {'n/a' if shown[1] is None else f'{shown[1]:.3f}'}, "
+                    f"{record['images_per_second']:.1f} images/s, {train_seconds:.0f} s")
+            logging.getLogger("fracray.train").info(line)
+            post_progress(line)
         _log_progress(tc.progress_file, rank=rank, pid=os.getpid(), event="epoch_end", epoch=epoch)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
