@@ -365,3 +365,59 @@ def test_out_of_scope_uploads_get_422_with_a_reason_and_studies_score_the_rest(s
     assert "fracture_probability" in images[0] and images[1]["error"] == "out_of_scope"
     only_photos = session.post(f"{url}/v1/classify/study", files=[files[1], files[1]])
     assert only_photos.status_code == 422 and only_photos.json()["error"] == "out_of_scope"
+
+
+def _stow_body(parts: list[bytes]) -> tuple[bytes, str]:
+    boundary = "fracray-test-boundary"
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
+                    for p in parts) + b"--" + boundary.encode() + b"--\r\n"
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def test_stow_rs_classifies_each_study_and_refuses_what_is_not_an_image(service):
+    """STOW-RS on the ingress: instances grouped by StudyInstanceUID, each study classified; an SR,
+    a multi-frame object and bytes that are not DICOM are refused with their STOW failure reasons
+    while the rest are scored; the standard DICOM JSON answer with Accept: application/dicom+json."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    from fracray.data.synthetic import render_radiograph
+    from fracray.pacs.wrap import StudyIdentity, wrap_radiograph
+
+    url, session = service
+
+    def study(n: int, seed: int) -> tuple[str, list[bytes]]:
+        identity = StudyIdentity(patient_id=f"P{seed}", patient_name="Stow^Test", study_uid=generate_uid(),
+                                 accession=f"A{seed}")
+        series = generate_uid()
+        return identity.study_uid, [
+            wrap_radiograph(render_radiograph(np.random.default_rng(seed + i), "wrist", 400, 320, fracture=i == 0).pixels, identity,
+                            series_uid=series, instance_number=i + 1, body_part="WRIST") for i in range(n)]
+
+    (uid_a, study_a), (uid_b, study_b) = study(2, 1), study(1, 5)
+    sr = open(get_testdata_file("test-SR.dcm"), "rb").read()
+    body, content_type = _stow_body(study_a + study_b + [sr])
+    r = session.post(f"{url}/dicomweb/studies", data=body, headers={"Content-Type": content_type})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    by_uid = {s["study_instance_uid"]: s for s in answer["studies"]}
+    assert set(by_uid) == {uid_a, uid_b}
+    assert by_uid[uid_a]["study"]["scored"] == 2 and by_uid[uid_b]["study"]["scored"] == 1
+    assert all(img["image"]["sop_instance_uid"] and "fracture_probability" in img
+               for s in answer["studies"] for img in s["images"])
+    assert [f["error"] for f in answer["failed"]] == ["unsupported_sop_class"]
+
+    multiframe = open(get_testdata_file("SC_rgb_rle_2frame.dcm"), "rb").read()
+    body, content_type = _stow_body([study_a[0], multiframe, b"not dicom at all"])
+    r = session.post(f"{url}/dicomweb/studies", data=body,
+                     headers={"Content-Type": content_type, "Accept": "application/dicom+json"})
+    assert r.status_code == 202 and r.headers["content-type"].startswith("application/dicom+json"), r.text
+    answer = r.json()
+    assert len(answer["00081199"]["Value"]) == 1
+    assert sorted(f["00081197"]["Value"][0] for f in answer["00081198"]["Value"]) == [0x0122, 0xC000]
+
+    refused = session.post(f"{url}/dicomweb/studies", data=b"x", headers={"Content-Type": "image/png"})
+    assert refused.status_code == 415 and refused.json()["error"] == "unsupported_media_type"
+    body, content_type = _stow_body(study_a * 3)
+    too_many = session.post(f"{url}/dicomweb/studies", data=body, headers={"Content-Type": content_type})
+    assert too_many.status_code == 413 and too_many.json()["error"] == "too_many_files"

@@ -342,6 +342,26 @@ api.add_middleware(_Gate)
 _ACTIVE_INGRESS: "Ingress | None" = None
 
 
+def _stow_response(referenced: list[dict], failed: list[dict]) -> dict[str, Any]:
+    """The STOW-RS response data set (PS3.18 10.5.3), in DICOM JSON."""
+    def item(h: dict, reason: int | None = None) -> dict[str, Any]:
+        out = {}
+        if h.get("sop_class"):
+            out["00081150"] = {"vr": "UI", "Value": [h["sop_class"]]}
+        if h.get("sop"):
+            out["00081155"] = {"vr": "UI", "Value": [h["sop"]]}
+        if reason is not None:
+            out["00081197"] = {"vr": "US", "Value": [reason]}
+        return out
+
+    answer: dict[str, Any] = {}
+    if referenced:
+        answer["00081199"] = {"vr": "SQ", "Value": [item(h) for h in referenced]}
+    if failed:
+        answer["00081198"] = {"vr": "SQ", "Value": [item(f, f["reason"]) for f in failed]}
+    return answer
+
+
 def _request_id(scope_or_request) -> str:
     headers = scope_or_request.headers if isinstance(scope_or_request, Request) else None
     if headers is not None:
@@ -590,6 +610,8 @@ class Ingress:
         result["batch"] = {"route": route_batch, "classify": classify_batch}  # images per model call
         result["image"] = {"name": name, "width": decoded.width, "height": decoded.height,
                            "format": decoded.source_format}
+        if decoded.sop_instance_uid:  # DICOM: joins the result back to the archive, as in scoring
+            result["image"]["sop_instance_uid"] = decoded.sop_instance_uid
         return result
 
     def _check_request(self, body_part: str | None, operating_point: str | None) -> str | None:
@@ -663,39 +685,137 @@ class Ingress:
         try:
             body_part = self._check_request(body_part, operating_point)
             uploads = await self._uploads(request, max_files=self.args.max_study_images)
-            request_id = _request_id(request)
-            outcomes = await asyncio.gather(*[self._classify_one(n, d, body_part, operating_point, gradcam, overlay,
-                                                                 request_id)
-                                              for n, d in uploads], return_exceptions=True)
-            images = []
-            for (name, _), outcome in zip(uploads, outcomes):
-                if isinstance(outcome, _Rejected):
-                    if not outcome.per_image:
-                        raise outcome  # not about this image (overload, a dead replica twice): fail the request
-                    images.append({"image": {"name": name}, "error": outcome.reason, "detail": outcome.detail})
-                elif isinstance(outcome, BaseException):  # _classify_one converts everything; kept as a guard
-                    logger.error("request %s: %s", request_id, type(outcome).__name__)
-                    images.append({"image": {"name": name}, "error": "processing_failed",
-                                   "detail": f"{type(outcome).__name__}; request id {request_id}"})
-                else:
-                    images.append(outcome)
-            scored = [r for r in images if "fracture_probability" in r]
-            if not scored and all(r.get("error") == "out_of_scope" for r in images):
-                raise _Rejected(422, "out_of_scope", "None of the study's images is a limb radiograph: "
-                                + "; ".join(f"{r['image']['name']}: {r['detail']}" for r in images))
-            if not scored and any(r.get("error") == "model_error" for r in images):
-                raise _Rejected(503, "model_error", "No image of the study could be scored: "
-                                + "; ".join(f"{r['image']['name']}: {r['detail']}" for r in images),
-                                {"Retry-After": "5"})
-            if not scored:
-                raise _Rejected(400, "no_readable_image", "None of the study's images could be scored: "
-                                + "; ".join(f"{r['image']['name']}: {r['error']}" for r in images))
-            decision = study_decision([r["fracture_probability"] for r in scored], [r["threshold"] for r in scored],
-                                      [r["body_part"] for r in scored])
-            study = {"images": len(images), "scored": len(scored), **decision, "rule": STUDY_RULE}
-            return {"study": study, "images": images}
+            return await self._score_study(uploads, body_part, operating_point, gradcam, overlay, _request_id(request))
         except _Rejected as exc:
             return self._error(exc)
+
+    @api.post("/dicomweb/studies", summary="STOW-RS: classify the DICOM instances of one or more studies",
+              description="DICOMweb STOW-RS (PS3.18): a multipart/related body with type=application/dicom, one "
+                          "DICOM instance per part (at most max_study_images). Instances are grouped by "
+                          "StudyInstanceUID and each study is classified as by /v1/classify/study. Objects that are "
+                          "not single-frame images (SR, RT, ECG, presentation states, multi-frame) are refused with "
+                          "FailureReason 0x0122 (SOP class not supported), unreadable ones with 0xC000; the rest "
+                          "are still classified. With Accept: application/dicom+json the answer is the standard "
+                          "STOW-RS response (ReferencedSOPSequence, FailedSOPSequence; 200 all, 202 some, 409 none "
+                          "accepted); otherwise JSON: {studies: [{study_instance_uid, study, images}], failed}. "
+                          "Nothing is stored: results go back to the PACS through the DICOM node (fracray listen) "
+                          "or fracray publish.")
+    async def stow(self, request: Request, operating_point: str | None = _operating_point_query()):
+        try:
+            self._check_request(None, operating_point)
+            instances, failed = await self._stow_parts(request)
+            request_id = _request_id(request)
+            by_study: dict[str, list[tuple[str, bytes, dict]]] = {}
+            for data, header in instances:
+                by_study.setdefault(header["study"], []).append((f"{header['sop']}.dcm", data, header))
+            studies, referenced = [], []
+            for study_uid, items in by_study.items():
+                try:
+                    answer = await self._score_study([(n, d) for n, d, _ in items], None, operating_point, False,
+                                                     False, request_id)
+                except _Rejected as exc:
+                    if not exc.per_image and exc.status in (429, 503):  # the service, not the study
+                        raise
+                    failed += [{**h, "reason": 0xC000, "error": exc.reason, "detail": exc.detail} for _, _, h in items]
+                    continue
+                for (_, _, header), image in zip(items, answer["images"]):
+                    image["image"]["sop_instance_uid"] = header["sop"]
+                    if "error" in image:
+                        failed.append({**header, "reason": 0xC000, "error": image["error"], "detail": image["detail"]})
+                    else:
+                        referenced.append(header)
+                studies.append({"study_instance_uid": study_uid, **answer})
+            if "application/dicom+json" in request.headers.get("accept", ""):
+                status = 200 if not failed else 202 if referenced else 409
+                return JSONResponse(_stow_response(referenced, failed), status_code=status,
+                                    media_type="application/dicom+json")
+            return {"studies": studies,
+                    "failed": [{"sop_instance_uid": f.get("sop"), "sop_class_uid": f.get("sop_class"),
+                                "error": f["error"], "detail": f["detail"]} for f in failed]}
+        except _Rejected as exc:
+            return self._error(exc)
+
+    async def _stow_parts(self, request) -> tuple[list[tuple[bytes, dict]], list[dict]]:
+        """The instances of a STOW-RS body that can be classified, with their header facts, and
+        the ones refused (not a single-frame image, unreadable), each with its reason."""
+        import email.parser
+        import io
+
+        import pydicom
+
+        content_type = request.headers.get("content-type", "")
+        media = content_type.split(";", 1)[0].strip().lower()
+        params = {k.strip().lower(): v.strip().strip('"').lower()
+                  for k, _, v in (p.partition("=") for p in content_type.split(";")[1:])}
+        if media != "multipart/related" or params.get("type", "application/dicom") != "application/dicom":
+            raise _Rejected(415, "unsupported_media_type", f"STOW-RS takes multipart/related; "
+                            f"type=\"application/dicom\". Got Content-Type {content_type!r}")
+        body = await self._read_body(request)
+        message = email.parser.BytesParser().parsebytes(
+            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+        parts = message.get_payload() if message.is_multipart() else None
+        if not parts:
+            raise _Rejected(400, "bad_multipart", "The multipart/related body has no parts (check its boundary)")
+        if len(parts) > self.args.max_study_images:
+            raise _Rejected(413, "too_many_files", f"At most {self.args.max_study_images} instance(s) per request; "
+                                                   f"got {len(parts)}")
+        instances, failed = [], []
+        for part in parts:
+            data = part.get_payload(decode=True) or b""
+            try:
+                ds = pydicom.dcmread(io.BytesIO(data), defer_size=1024, force=True)  # pixels left unread
+                header = {"study": str(ds.StudyInstanceUID), "sop": str(ds.SOPInstanceUID),
+                          "sop_class": str(ds.SOPClassUID)}
+            except Exception as exc:  # not DICOM, or no UIDs: refused, the others go on
+                failed.append({"sop": None, "sop_class": None, "reason": 0xC000, "error": "not_dicom",
+                               "detail": f"{type(exc).__name__}: not a DICOM instance with study and SOP UIDs"})
+                continue
+            try:
+                frames = int(ds.get("NumberOfFrames") or 1)
+            except (TypeError, ValueError):  # a malformed IS value: let the decoder judge the pixels
+                frames = 1
+            has_pixels = "PixelData" in ds
+            if not has_pixels or frames > 1:
+                why = "multi-frame objects are not classified" if frames > 1 else "not an image (no pixel data)"
+                failed.append({**header, "reason": 0x0122, "error": "unsupported_sop_class", "detail": why})
+                logger.info("STOW-RS: skipped one instance of SOP class %s: %s", header["sop_class"], why)
+                continue
+            instances.append((data, header))
+        return instances, failed
+
+    async def _score_study(self, uploads: list[tuple[str, bytes]], body_part: str | None, operating_point: str | None,
+                           gradcam: bool, overlay: bool, request_id: str) -> dict[str, Any]:
+        """Every image of one study, then the study's decision; per-image errors listed, the rest scored."""
+        outcomes = await asyncio.gather(*[self._classify_one(n, d, body_part, operating_point, gradcam, overlay,
+                                                             request_id)
+                                          for n, d in uploads], return_exceptions=True)
+        images = []
+        for (name, _), outcome in zip(uploads, outcomes):
+            if isinstance(outcome, _Rejected):
+                if not outcome.per_image:
+                    raise outcome  # not about this image (overload, a dead replica twice): fail the request
+                images.append({"image": {"name": name}, "error": outcome.reason, "detail": outcome.detail})
+            elif isinstance(outcome, BaseException):  # _classify_one converts everything; kept as a guard
+                logger.error("request %s: %s", request_id, type(outcome).__name__)
+                images.append({"image": {"name": name}, "error": "processing_failed",
+                               "detail": f"{type(outcome).__name__}; request id {request_id}"})
+            else:
+                images.append(outcome)
+        scored = [r for r in images if "fracture_probability" in r]
+        if not scored and all(r.get("error") == "out_of_scope" for r in images):
+            raise _Rejected(422, "out_of_scope", "None of the study's images is a limb radiograph: "
+                            + "; ".join(f"{r['image']['name']}: {r['detail']}" for r in images))
+        if not scored and any(r.get("error") == "model_error" for r in images):
+            raise _Rejected(503, "model_error", "No image of the study could be scored: "
+                            + "; ".join(f"{r['image']['name']}: {r['detail']}" for r in images),
+                            {"Retry-After": "5"})
+        if not scored:
+            raise _Rejected(400, "no_readable_image", "None of the study's images could be scored: "
+                            + "; ".join(f"{r['image']['name']}: {r['error']}" for r in images))
+        decision = study_decision([r["fracture_probability"] for r in scored], [r["threshold"] for r in scored],
+                                  [r["body_part"] for r in scored])
+        study = {"images": len(images), "scored": len(scored), **decision, "rule": STUDY_RULE}
+        return {"study": study, "images": images}
 
 
 # ----------------------------------------------------------------------------- builder
