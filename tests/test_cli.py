@@ -30,7 +30,7 @@ FRACRAY = str(REPO / ".venv" / "bin" / "fracray")
 # `fracray <command>` -> the pipelines/ script that runs the same main (what `ray job submit` runs).
 SAME_AS_SCRIPT = {"index": "index_dataset.py", "train": "train_all.py", "evaluate": "evaluate.py",
                   "score": "score_archive.py", "serve": "serve.py", "publish": "publish_results.py",
-                  "load-study": "load_study.py",
+                  "load-study": "load_study.py", "listen": "listen.py",
                   "check-scope": "check_scope.py", "ablation-table": "ablation_table.py",
                   "bench preprocess": "bench_preprocess.py", "bench training": "bench_training.py",
                   "bench scoring": "bench_scoring.py", "bench serving": "bench_serving.py"}

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("fracray.cli.score_archive", "bulk-score an archive (folder, s3://, dicomweb://) into Parquet"),
     "serve": ("fracray.cli.serve", "the HTTP service on Ray Serve, until Ctrl-C"),
     "publish": ("fracray.cli.publish_results", "a scoring run's results into the PACS as DICOM SR + overlays"),
+    "listen": ("fracray.cli.listen", "a DICOM node: classify studies a PACS sends by C-STORE, SR + overlays back"),
     "load-study": ("fracray.cli.load_study", "radiographs -> a demo DX/CR DICOM study in a test PACS (Orthanc)"),
     "check-scope": ("fracray.cli.check_scope", "measure the out-of-scope check on photos, CT/MR/US, blanks"),
     "ablation-table": ("fracray.cli.ablation_table", "the ablation table from train runs' bundles"),
