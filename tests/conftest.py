@@ -21,6 +21,11 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# The inference engine's exported graphs: one cache for the session (Ray workers and the CLIs the
+# tests start inherit it), never the user's ~/.cache.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("FRACRAY_ENGINE_CACHE", tempfile.mkdtemp(prefix="fracray-engines-"))
 # The bearer token the test Serve application requires (its replicas read it from their environment).
 SERVE_TEST_TOKEN_ENV = "FRACRAY_TEST_API_TOKEN"
 SERVE_TEST_TOKEN = "test-token-4f2a"

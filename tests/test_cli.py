@@ -33,7 +33,8 @@ SAME_AS_SCRIPT = {"index": "index_dataset.py", "train": "train_all.py", "evaluat
                   "load-study": "load_study.py", "listen": "listen.py",
                   "check-scope": "check_scope.py", "ablation-table": "ablation_table.py",
                   "bench preprocess": "bench_preprocess.py", "bench training": "bench_training.py",
-                  "bench scoring": "bench_scoring.py", "bench serving": "bench_serving.py"}
+                  "bench scoring": "bench_scoring.py", "bench serving": "bench_serving.py",
+                  "bench engine": "bench_engine.py"}
 
 
 def _fracray(*args, timeout=600, **kw):

@@ -27,13 +27,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-scope": ("fracray.cli.check_scope", "measure the out-of-scope check on photos, CT/MR/US, blanks"),
     "ablation-table": ("fracray.cli.ablation_table", "the ablation table from train runs' bundles"),
     "bench": ("", "benchmarks, a product feature for measuring your own hardware: preprocess, training, "
-                  "scoring, serving"),
+                  "scoring, serving, engine"),
 }
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "preprocess": ("fracray.benchmarks.preprocess", "decode + preprocessing: Ray Data against one process"),
     "training": ("fracray.benchmarks.training", "training images/s per backbone, CPU or GPU"),
     "scoring": ("fracray.benchmarks.scoring", "score_archive against a plain single-process loop"),
     "serving": ("fracray.benchmarks.serving", "the HTTP service's latency and throughput against in-process"),
+    "engine": ("fracray.benchmarks.engine", "model only: eager PyTorch against ONNX Runtime, vs the CPU's peak"),
 }
 
 

@@ -23,11 +23,15 @@ from ..imaging.preprocess import ModelInput, decode_for, finalize, prepare_input
 from ..imaging.regions import FINDINGS_TYPE, findings_to_rows
 from ..imaging.scope import OUT_OF_SCOPE, assess_scope
 from ..storage import StorageOptions
+from .engine import InferenceEngine, make_engine
 from .gradcam import gradcam_for_image
 
 __all__ = ["FracturePredictor", "BundleModel", "image_result", "route_decoded", "UnknownBodyPart"]
 
 CPU_MICRO_BATCH = 1
+# Which engine runs predict() when BundleModel is not told (see inference.engine): "auto" is
+# ONNX Runtime on CPU where it is installed, PyTorch on CUDA; $FRACRAY_ENGINE overrides both.
+DEFAULT_ENGINE = "auto"
 
 
 class BundleModel:
@@ -37,7 +41,8 @@ class BundleModel:
     deployments wrap, so an image gets the same numbers whichever path it takes.
     """
 
-    def __init__(self, uri: str, storage_options: StorageOptions | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, uri: str, storage_options: StorageOptions | None = None, device: str | torch.device = "cpu",
+                 engine: str | None = None):
         self.uri = uri
         self.device = torch.device(device)
         self.model, self.meta = load_bundle(uri, storage_options, device=str(self.device))
@@ -45,6 +50,11 @@ class BundleModel:
         self.name = bundle_name(uri, self.meta)
         self.tta_flip = bool(self.meta.inference.get("tta_flip", False))
         self.findings_config = FindingsConfig.from_dict(self.meta.inference.get("findings"))
+        # What runs predict() ("auto" | "torch" | "onnxruntime"; $FRACRAY_ENGINE overrides):
+        # self.engine.name says which did. Grad-CAM always runs self.model (it needs gradients).
+        input_shape = (self.config.channels, *self.config.image_size)
+        self.engine: InferenceEngine = make_engine(self.model, input_shape, engine=engine or DEFAULT_ENGINE,
+                                                   device=self.device, model_spec=self.meta.model)
 
     def inputs(self, decoded: list) -> torch.Tensor:
         """Decoded images or :class:`ModelInput`s (prepared for this model's config) -> a batch."""
@@ -72,7 +82,8 @@ class BundleModel:
     def predict(self, decoded: list) -> tuple[np.ndarray, list[np.ndarray] | None]:
         """(N x classes calibrated probabilities (softmax(logits / temperature)), per-image
         fracture-map probabilities over the model input, or None for a model without a map).
-        Test-time flip averaging when the bundle says so."""
+        Test-time flip averaging when the bundle says so. Runs on ``self.engine`` (ONNX
+        Runtime on CPU, eager PyTorch on CUDA: see inference.engine)."""
         if not decoded:
             return np.zeros((0, len(self.meta.classes)), dtype=np.float64), ([] if self.localizes else None)
         # On CPU these CNNs are compute-bound at batch 1 and bigger batches only fall out of
@@ -81,7 +92,7 @@ class BundleModel:
         step = len(decoded) if self.device.type == "cuda" else CPU_MICRO_BATCH
         out, maps = [], []
         for start in range(0, len(decoded), step):
-            logits, map_logits = self.model.infer(self.inputs(decoded[start:start + step]), tta_flip=self.tta_flip)
+            logits, map_logits = self.engine.infer(self.inputs(decoded[start:start + step]), tta_flip=self.tta_flip)
             out.append((logits.float() / float(self.meta.temperature)).softmax(-1).cpu().numpy().astype(np.float64))
             if map_logits is not None:
                 maps += list(torch.sigmoid(map_logits.float()).cpu().numpy())

@@ -1,0 +1,169 @@
+"""Model-only CPU inference benchmark: eager PyTorch against the ONNX Runtime engine
+(float32, "exact"), batch 1, a fixed number of threads (default one), in one run.
+
+For each model and input size: median and spread (10th-90th percentile) of ms/image over N
+timed runs (the engines interleaved, so a busy machine slows both alike), images/s per core,
+the model's FLOPs (counted once with torch's FlopCounterMode, multiply-add = 2 FLOPs) and the
+GFLOP/s each engine achieves, against the CPU's float32 peak measured by a matmul
+microbenchmark in the same run on the same threads. Ratios are against eager PyTorch.
+
+The ONNX Runtime numbers go through :class:`fracray.inference.engine.OnnxRuntimeEngine`, the
+same class BundleModel uses (its export cache in a temporary folder unless told otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..inference.engine import OnnxRuntimeEngine, onnxruntime_available
+from ..models.registry import create_model, list_models
+from .preprocess import machine_description
+
+__all__ = ["main", "run", "matmul_peak", "count_flops", "format_table"]
+
+
+def matmul_peak(n: int = 1024, repeats: int = 12) -> dict[str, float]:
+    """float32 n x n x n matmul on torch's current threads: best and median GFLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    for _ in range(2):
+        torch.mm(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - start)
+    flops = 2.0 * n ** 3
+    return {"n": n, "best_gflops": flops / min(times) / 1e9, "median_gflops": flops / float(np.median(times)) / 1e9}
+
+
+def count_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one forward (torch's FlopCounterMode: convolutions and matmuls, MAC = 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.forward_with_map(x)
+    return float(counter.get_total_flops())
+
+
+def _time_interleaved(fns: dict[str, Callable[[], Any]], runs: int, warmup: int) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _stats(seconds: list[float], flops: float, threads: int, peak: float) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    median = float(np.median(ms))
+    gflops = flops / (median / 1e3) / 1e9
+    return {"ms_median": median, "ms_p10": float(np.percentile(ms, 10)), "ms_p90": float(np.percentile(ms, 90)),
+            "images_per_s_per_core": 1000.0 / median / threads, "gflops": gflops, "peak_fraction": gflops / peak}
+
+
+def run(*, models: list[str], sizes: list[int], runs: int = 30, warmup: int = 5, threads: int = 1,
+        fracture_map: bool = False, cache_dir: str | None = None, log=print) -> dict[str, Any]:
+    if not onnxruntime_available():
+        raise SystemExit("onnxruntime is not installed: pip install the project (it is a dependency)")
+    torch.set_num_threads(threads)
+    load_before = os.getloadavg()
+    peak = matmul_peak()
+    log(f"matmul float32 peak, {threads} thread(s): {peak['best_gflops']:.1f} GFLOP/s "
+        f"(median {peak['median_gflops']:.1f})")
+    cache = cache_dir or tempfile.mkdtemp(prefix="fracray-bench-engine-")
+    rows = []
+    for name in models:
+        torch.manual_seed(0)
+        model = create_model(name, pretrained=False, localization=fracture_map).eval()
+        for size in sizes:
+            x = torch.randn(1, 3, size, size)
+            flops = count_flops(model, x)
+            start = time.perf_counter()
+            ort = OnnxRuntimeEngine(model, (3, size, size), cache_dir=cache, threads=threads,
+                                    model_spec={"name": name, "localization": fracture_map})
+            log(f"{name} {size}: {flops / 1e9:.2f} GFLOP/image; ONNX Runtime engine ready in "
+                f"{time.perf_counter() - start:.1f} s; timing {runs} runs ...")
+
+            def eager():
+                with torch.no_grad():
+                    return model.forward_with_map(x)
+
+            times = _time_interleaved({"eager torch": eager, "onnxruntime exact": lambda: ort.infer(x)}, runs, warmup)
+            results = {engine: _stats(t, flops, threads, peak["best_gflops"]) for engine, t in times.items()}
+            base = results["eager torch"]["ms_median"]
+            for engine, r in results.items():
+                r["speedup_vs_eager"] = base / r["ms_median"]
+                rows.append({"model": name, "size": size, "engine": engine, "gflop_per_image": flops / 1e9, **r})
+    return {"machine": machine_description(), "processor": platform.processor(), "threads": threads, "batch": 1,
+            "runs": runs, "fracture_map": fracture_map, "matmul_peak": peak, "rows": rows,
+            "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
+            "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    peak = result["matmul_peak"]
+    lines = [f"{result['machine']}; {result['threads']} thread(s), batch 1, {result['runs']} timed runs "
+             f"(median, p10-p90); torch {result['torch']}, onnxruntime {result['onnxruntime']}"
+             + ("; with the fracture map" if result["fracture_map"] else ""),
+             f"float32 matmul peak ({peak['n']}^3, same threads): {peak['best_gflops']:.1f} GFLOP/s",
+             "load average (1, 5, 15 min) before: " + ", ".join(f"{v:.1f}" for v in result["load_average_before"])
+             + "; after: " + ", ".join(f"{v:.1f}" for v in result["load_average_after"]),
+             "",
+             f"{'model':<20}{'size':>5}  {'engine':<18}{'ms/image':>9}  {'p10-p90':>13}  {'img/s/core':>10}"
+             f"  {'GFLOP':>6}  {'GFLOP/s':>8}  {'% peak':>6}  {'vs eager':>8}"]
+    for r in result["rows"]:
+        lines.append(f"{r['model']:<20}{r['size']:>5}  {r['engine']:<18}{r['ms_median']:>9.2f}  "
+                     f"{r['ms_p10']:>6.1f}-{r['ms_p90']:<6.1f}  {r['images_per_s_per_core']:>10.1f}  "
+                     f"{r['gflop_per_image']:>6.2f}  {r['gflops']:>8.1f}  {100 * r['peak_fraction']:>5.1f}%  "
+                     f"{r['speedup_vs_eager']:>7.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, *, prog: str = "bench_engine.py") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Model-only CPU inference: eager PyTorch vs the ONNX Runtime engine (float32), batch 1, "
+                    "ms/image, images/s per core and achieved GFLOP/s against a float32 matmul peak measured "
+                    "in the same run.")
+    parser.add_argument("--models", default="efficientnet_lite0",
+                        help=f"comma-separated registered backbones (default: %(default)s; any of {list_models()})")
+    parser.add_argument("--sizes", default="224,384", help="square input sizes (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per engine (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="threads for every engine and the matmul "
+                                                               "(default: %(default)s)")
+    parser.add_argument("--fracture-map", action="store_true",
+                        help="include the fracture-map branch (the localising models' extra head)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the ONNX export goes (default: a new temporary folder)")
+    parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - set(list_models()))
+    if unknown:
+        parser.error(f"unknown models {unknown}; registered: {list_models()}")
+    if args.runs < 1 or args.threads < 1:
+        parser.error("--runs and --threads must be >= 1")
+    result = run(models=models, sizes=[int(s) for s in args.sizes.split(",")], runs=args.runs, warmup=args.warmup,
+                 threads=args.threads, fracture_map=args.fracture_map, cache_dir=args.cache_dir)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
