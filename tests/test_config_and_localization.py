@@ -34,7 +34,8 @@ from fracray.training.trainer import TrainConfig
 
 # ----------------------------------------------------------------------------- 1. every option lands somewhere
 
-_SKIP_DESTS = {"help", "config", "endpoint_url", "region", "anonymous"}
+# --verbose sets FRACRAY_VERBOSE, no config field (argparse.SUPPRESS): test_cli follows it to the console.
+_SKIP_DESTS = {"help", "config", "endpoint_url", "region", "anonymous", argparse.SUPPRESS}
 # Values that the config classes accept where the generic rule below would not do.
 _VALUES = {"image_size": "160", "calibration_fraction": "0.25", "negatives_per_positive": "1.5",
            "threshold_value": "0.9", "pretrained": "none", "model": "resnet50", "router_model": "densenet121",
