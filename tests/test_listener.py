@@ -212,7 +212,7 @@ def test_a_study_by_c_store_is_classified_and_its_results_stored_by_stow_rs(pacs
     sources = datasets(files)
     source_uids = [str(ds.SOPInstanceUID) for ds in sources]
     config = ListenerConfig(spool=str(tmp_path / "spool"), destination=pacs["uri"], port=0, service_url=service,
-                            token_env=SERVE_TEST_TOKEN_ENV, study_idle_s=2, max_study_images=2)
+                            token_env=SERVE_TEST_TOKEN_ENV, study_idle_s=8, max_study_images=2)  # > a loaded C-STORE
     with Listener(config) as listener:
         statuses = c_store(listener.port, sources + unsupported_objects(study_uid))
         assert statuses == [0x0000] * (3 + len(UNSUPPORTED))  # every object acknowledged, none refused
