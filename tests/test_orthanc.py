@@ -168,11 +168,61 @@ def _orthanc_sh(*args: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
+class _PacsThatGoesAway:
+    """A forwarding HTTP proxy in front of the real Orthanc that stops Orthanc (for real) just
+    before the third instance retrieval: the outage lands at the same point on every machine,
+    however far Ray Data has read ahead (stopping it from a driver-side hook raced the actor)."""
+
+    def __init__(self, orthanc: dict, *, retrievals_before_outage: int):
+        import http.server
+        import threading
+
+        self.retrievals, self.stopped, self.outages = 0, False, 0
+        lock, upstream, proxy = threading.Lock(), orthanc["rest"], self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *_):
+                pass
+
+            def _forward(self):
+                if "/instances/" in self.path and self.command == "GET":
+                    with lock:
+                        proxy.retrievals += 1
+                        if proxy.retrievals > retrievals_before_outage and not proxy.outages:
+                            _orthanc_sh("stop", str(orthanc["folder"]))
+                            proxy.stopped, proxy.outages = True, 1
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                try:
+                    answer = requests.request(self.command, upstream + self.path, headers=headers, data=body,
+                                              timeout=30)
+                except requests.ConnectionError:
+                    self.send_error(502, "the PACS behind the proxy is down")
+                    return
+                self.send_response(answer.status_code)
+                for key, value in answer.headers.items():
+                    if key.lower() not in ("transfer-encoding", "content-length", "connection", "content-encoding"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"dicomweb://127.0.0.1:{self.server.server_port}/dicom-web"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def test_orthanc_stopped_mid_scoring_fails_clearly_and_the_rerun_resumes(orthanc, ray_local, localizing_single_index,
                                                                          tmp_path):
-    """The PACS goes away after the first chunk is written: the run stops with one clear error
-    (after the DICOMweb retries) instead of rejecting what it could not reach; once the PACS is
-    back, the same command scores the rest, nothing lost and nothing twice."""
+    """The PACS goes away after two images were read: the run stops with one clear error (after
+    the DICOMweb retries) instead of rejecting what it could not reach; once the PACS is back,
+    the same command scores the rest, nothing lost and nothing twice."""
     import pyarrow.compute as pc
     from pydicom.uid import generate_uid
 
@@ -188,24 +238,25 @@ def test_orthanc_stopped_mid_scoring_fails_clearly_and_the_rerun_resumes(orthanc
     dicomweb.store_instances(orthanc["uri"], [
         wrap_radiograph(render_radiograph(np.random.default_rng(i), "wrist", 320, 256, fracture=i % 2 == 0).pixels,
                         study, series_uid=series, instance_number=i + 1, body_part="WRIST") for i in range(n)])
-    config = ScoreConfig(input=f"{orthanc['uri']}?StudyDate=20261125", models=localizing_single_index,
+    pacs = _PacsThatGoesAway(orthanc, retrievals_before_outage=2)
+    config = ScoreConfig(input=f"{pacs.uri}?StudyDate=20261125", models=localizing_single_index,
                          output=str(tmp_path / "scores"), chunk_size=1, batch_size=1, concurrency=1)
-    stopped = []
-
-    def stop_the_pacs(chunk: int) -> None:
-        if not stopped:
-            _orthanc_sh("stop", str(orthanc["folder"]))
-            stopped.append(chunk)
-
     try:
-        with pytest.raises(storage.StorageUnavailable, match="did not answer after .* run the same command again"):
-            score_archive(config, log=lambda *_: None, on_chunk=stop_the_pacs)
-    finally:
+        with pytest.raises(storage.StorageUnavailable,
+                           match=r"did not answer after .* chunks written and kept; run the same command again"):
+            score_archive(config, log=lambda *_: None)
+        assert pacs.stopped
         _orthanc_sh("start", str(orthanc["folder"]), str(orthanc["http"]), str(orthanc["dicom"]))
-    parts = [u for u in storage.list_files(str(tmp_path / "scores" / "images")) if "/part-0" in u]
-    assert 1 <= len(parts) < n  # the first chunk (and any in flight) kept; the rest not written as rejects
-    again = score_archive(config, log=lambda *_: None)
-    assert again.resumed and again.inputs == n and again.scored == n and again.rejected == {}
+        pacs.stopped = False  # one outage: the rerun goes through the same proxy to the restarted PACS
+        parts = [u for u in storage.list_files(str(tmp_path / "scores" / "images")) if "/part-0" in u]
+        assert len(parts) <= 2  # what was read before the outage may be kept; nothing written as a reject
+        again = score_archive(config, log=lambda *_: None)
+    finally:
+        if pacs.stopped:
+            subprocess.run(["bash", str(REPO / "scripts" / "orthanc.sh"), "start", str(orthanc["folder"]),
+                            str(orthanc["http"]), str(orthanc["dicom"])], capture_output=True, timeout=60)
+        pacs.close()
+    assert again.resumed == bool(parts) and again.inputs == n and again.scored == n and again.rejected == {}
     assert again.scored_this_run == n - len(parts)
     rows = read_image_results(str(tmp_path / "scores"))
     assert rows.num_rows == n and len(pc.unique(rows["sop_instance_uid"])) == n
