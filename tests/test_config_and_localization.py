@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fracray.cli.train_all import build_parser, config_from_args, parse_config
+from fracray.cli.train_all import (DATASET_TRAINING_DEFAULTS, EMBEDDED_TRAINING_DEFAULTS, build_parser,
+                                   config_from_args, parse_config)
 from fracray.jobs.train import TrainAllConfig
 from fracray.data import adapters
 from fracray.data.manifest import split_by_study
@@ -39,7 +40,7 @@ _SKIP_DESTS = {"help", "config", "endpoint_url", "region", "anonymous", argparse
 # Values that the config classes accept where the generic rule below would not do.
 _VALUES = {"image_size": "160", "calibration_fraction": "0.25", "negatives_per_positive": "1.5",
            "threshold_value": "0.9", "pretrained": "none", "model": "resnet50", "router_model": "densenet121",
-           "strategy": "last60", "router_strategy": "classifier_only", "body_parts": "wrist,hand",
+           "strategy": "full", "router_strategy": "classifier_only", "body_parts": "wrist,hand",
            "compare_backbones": "resnet50,vgg16", "data": "/tmp/somewhere", "output": "out/elsewhere",
            "max_concurrent": "3", "cpu_threads": "2", "sharpen_factor": "3.0"}
 
@@ -82,6 +83,8 @@ def test_every_train_all_option_lands_in_exactly_one_config_field():
         config = parse_config(argv)
         expected = vars(parser.parse_args(argv))[action.dest]
         changed = {key for key, value in _flat(config).items() if value != baseline[key]}
+        if action.dest == "dataset":  # ... which also selects the real-data training defaults
+            changed -= {key for key in changed if key[1] in DATASET_TRAINING_DEFAULTS}
         assert len(changed) == 1, f"{argv} changed {sorted(changed)}; expected exactly one field named {action.dest}"
         (place, name), = changed
         assert name == action.dest, f"{argv} changed {place}.{name}, not a field named {action.dest}"
@@ -99,14 +102,29 @@ def test_an_option_without_a_config_field_is_an_error():
         config_from_args(dict(args, shiny_new_option=1))
 
 
+def test_training_defaults_follow_the_data():
+    """The embedded synthetic default trains to learn in minutes; --dataset keeps the conservative
+    fine-tuning the README's real-data results were measured with; a flag wins in both."""
+    embedded, real = parse_config([]), parse_config(["--dataset", "mura", "--data", "/tmp/somewhere"])
+    for config, defaults in ((embedded, EMBEDDED_TRAINING_DEFAULTS), (real, DATASET_TRAINING_DEFAULTS)):
+        values = {**dataclasses.asdict(config.training.fracture), **dataclasses.asdict(config.training)}
+        assert {k: values[k] for k in defaults} == defaults
+    assert (embedded.training.fracture.lr, real.training.fracture.lr) == (1e-3, 1e-4)
+    assert real.training.router_config(("hand", "leg")).epochs == real.training.fracture.epochs == 2
+    assert embedded.training.router_config(("hand", "leg")).epochs == 2 < embedded.training.fracture.epochs
+    assert parse_config(["--lr", "1e-4"]).training.fracture.lr == 1e-4
+    assert parse_config(["--dataset", "mura", "--data", "x", "--epochs", "4"]).training.fracture.epochs == 4
+
+
 def test_router_config_follows_the_router_options_and_the_backbones_own_input():
     config = parse_config(["--model", "resnet50", "--router-model", "densenet121", "--router-strategy", "last60",
-                           "--image-size", "160", "--localization", "--head", "dense3", "--epochs", "7"])
+                           "--image-size", "160", "--localization", "--head", "dense3", "--epochs", "7",
+                           "--router-epochs", "4"])
     router = config.training.router_config(("hand", "leg"))
     assert (router.model, router.strategy, router.task, router.classes) == ("densenet121", "last60", "body_part",
                                                                            ("hand", "leg"))
     assert router.image_size is None and router.localization is False and router.head == "linear"
-    assert router.epochs == 7 and router.preprocess().image_size == (224, 224)
+    assert router.epochs == 4 and config.training.fracture.epochs == 7 and router.preprocess().image_size == (224, 224)
     assert config.training.fracture.preprocess().image_size == (160, 160)
 
 
@@ -132,8 +150,9 @@ def test_yaml_keys_give_the_same_config_as_flags(tmp_path):
     assert parse_config(["--config", _yaml(tmp_path, other)]) == parse_config(flags)
     # A key that is an option's name ("batch_size" <- --batch-size) is that option, though another
     # option's dest has the same spelling (--train-batch-size's dest is batch_size).
-    config = parse_config(["--config", _yaml(tmp_path, "batch_size: 8\n")])
-    assert config == parse_config(["--batch-size", "8"]) and config.training.fracture.batch_size == 16
+    config = parse_config(["--config", _yaml(tmp_path, "batch_size: 24\n")])
+    assert config == parse_config(["--batch-size", "24"]) and config.stream_batch_size == 24
+    assert config.training.fracture.batch_size == EMBEDDED_TRAINING_DEFAULTS["batch_size"] != 24
     # no-<flag>: false turns the option back on; --no-X flags of boolean options read the same way.
     assert parse_config(["--config", _yaml(tmp_path, "no-augment: false\n")]).training.fracture.augment is True
     on = parse_config(["--config", _yaml(tmp_path, "localization: true\nsingle-model: true\n")])

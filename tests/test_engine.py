@@ -190,8 +190,9 @@ def test_the_environment_forces_torch(bundles, engine_cache, monkeypatch):
     monkeypatch.setenv(engines.ENGINE_ENV, "torch")
     model = BundleModel(bundles["fracture"], engine="onnxruntime")
     assert model.engine.name == "torch" and isinstance(model.engine, engines.TorchEngine)
+    assert engines.engine_label(model.engine) == "torch-float32"  # what answers and scoring rows say
     monkeypatch.delenv(engines.ENGINE_ENV)
-    assert BundleModel(bundles["fracture"]).engine.name == "onnxruntime"
+    assert engines.engine_label(BundleModel(bundles["fracture"]).engine) == "onnxruntime-float32"
 
 
 def test_an_unknown_engine_names_the_choices(bundles, engine_cache, monkeypatch):

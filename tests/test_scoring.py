@@ -86,6 +86,8 @@ def test_tree_archive_every_input_once_with_reasons(ray_local, untrained_index, 
         assert row["fracture_probability"] == pytest.approx(expected["fracture_probability"], abs=1e-6)
         assert row["body_part"] == expected["body_part"] and row["label"] == expected["label"]
         assert row["classifier"] == expected["classifier"] and row["router"] == expected["router"]
+        assert row["engine"] == expected["engine"] == "onnxruntime-float32"
+    assert all(r["engine"] is None for r in images.to_pylist() if r["status"] != "ok")
     # Study level: mean probability over the study's scored images.
     studies = pq.read_table(Path(output) / "studies.parquet").to_pylist()
     assert len(studies) == 6

@@ -94,6 +94,7 @@ def test_classify_agrees_with_the_batch_predictor(service, localizing_index):
         assert got["body_part_probability"] == pytest.approx(expected["body_part_probability"], abs=1e-5)
         assert got["label"] == expected["label"] and got["threshold"] == expected["threshold"]
         assert got["classifier"] == expected["classifier"] and got["router"] == expected["router"]
+        assert got["engine"] == expected["engine"] == "onnxruntime-float32"  # the CPU default, named in the answer
         # Scores only: on these flat backgrounds the untrained map has exact ties that the thread
         # counts may break either way (test_findings_in_the_uploads_pixels_and_overlay: exact boxes).
         assert [f["score"] for f in got["findings"]] == pytest.approx([f["score"] for f in expected["findings"]],

@@ -4,9 +4,12 @@ Real MURA cannot be redistributed, and tests, demos and benchmarks need data in
 exactly the released layouts. The generator draws plausible radiographs: body
 part specific bones (cortex brighter than the medullary canal, epiphyses at the
 joints), soft tissue, detector blur and noise, optional metal hardware, and
-fractures as a lucent line across a bone with a displacement of the distal
-fragment. ``subtlety`` (0 = obvious, 1 = nearly invisible) sets the contrast,
-width and displacement of the fracture, so a model has to learn, not look up.
+fractures as a lucent line through a bone whose distal fragment is displaced and
+angulated (with the rest of its finger, for a phalanx). A broken bone keeps its
+epiphyses: only the break tells. ``subtlety`` (0 = obvious, 1 = nearly invisible)
+sets the contrast, width, displacement and angulation of the fracture, sized to
+the bone, so that even the subtle ones stay visible at a model's 224 px input and
+a model has to learn them, not look them up.
 
 Deterministic: the same seed writes byte-identical files.
 """
@@ -49,15 +52,17 @@ def _chain(points: list[tuple[float, float]], width: float) -> list[Bone]:
 
 def _hand_bones(spread: float = 1.0) -> list[Bone]:
     bones = [Bone(0.42, 0.95, 0.44, 0.80, 0.10, False), Bone(0.58, 0.95, 0.57, 0.80, 0.08, False)]
+    # The hand fills the frame as in a hand radiograph: its rays are spread and wide enough
+    # that a phalanx's fracture is still a few pixels across at a model's 224 px input.
     for i, angle in enumerate((-32, -14, 0, 12, 24)):
         a = math.radians(angle * spread)
-        base = (0.34 + 0.08 * i, 0.72)
-        lengths = (0.20, 0.12, 0.08, 0.06) if i else (0.15, 0.10, 0.07)
+        base = (0.30 + 0.10 * i, 0.74)
+        lengths = (0.22, 0.14, 0.09, 0.07) if i else (0.17, 0.11, 0.08)
         pts, (x, y) = [base], base
         for seg in lengths:
             x, y = x + seg * math.sin(a), y - seg * math.cos(a)
             pts.append((x, y))
-        bones += _chain(pts, 0.045 if i else 0.05)
+        bones += _chain(pts, 0.06 if i else 0.065)
     return bones
 
 
@@ -130,30 +135,59 @@ def render_radiograph(rng: np.random.Generator, body_part: str, height: int, wid
     canvas += tissue * (0.18 + 0.06 * rng.random())
 
     candidates = [i for i, b in enumerate(bones) if b.fracturable]
-    broken = int(rng.choice(candidates)) if fracture else -1
+    # Long bones break more often than short ones (and show it more): pick by length x width.
+    bulk = np.array([math.hypot(bones[i].x1 - bones[i].x0, bones[i].y1 - bones[i].y0) * bones[i].width
+                     for i in candidates])
+    broken = int(rng.choice(candidates, p=bulk / bulk.sum())) if fracture else -1
+    # The bones distal to the broken one in its chain (a finger's phalanges) move with its distal fragment.
+    distal: set[int] = set()
+    if broken >= 0:
+        for j in range(broken + 1, len(bones)):
+            if (bones[j].x0, bones[j].y0) != (bones[j - 1].x1, bones[j - 1].y1):
+                break
+            distal.add(j)
     box = outline = None
+    fragment = None  # how the broken bone's distal fragment moved, once it is drawn
     for i, b in enumerate(bones):
         radius = b.width * unit * zoom / 2 * rng.uniform(0.9, 1.1)
         p0, p1 = np.array(to_px(b.x0, b.y0), float), np.array(to_px(b.x1, b.y1), float)
+        if i in distal and fragment is not None:
+            p0, p1 = _moved(p0, fragment), _moved(p1, fragment)
         bone = np.zeros_like(canvas)
         if i == broken:
+            # A complete break: a lucent gap through both cortices, the distal fragment displaced
+            # sideways and angulated. Sizes follow the bone (its radius), so a finger's fracture
+            # is as visible relative to the finger as a femur's to the femur and survives the
+            # downscaling to a model's 224 px input; subtlety shrinks all three.
+            visible = 1.0 - subtlety
             t = rng.uniform(0.3, 0.7)
             split = p0 + t * (p1 - p0)
             axis = (p1 - p0) / (np.linalg.norm(p1 - p0) + 1e-6)
             normal = np.array([-axis[1], axis[0]])
-            shift = normal * radius * 0.5 * (1 - subtlety) * rng.choice([-1, 1]) + axis * rng.uniform(0, 2)
+            # Thin bones (phalanges) get at least a model-visible break, a few pixels at 224 px.
+            size = max(radius, unit * 0.035)
+            shift = (normal * size * (0.3 + 0.9 * visible) * rng.choice([-1, 1])
+                     + axis * size * rng.uniform(0.1, 0.3))
+            # A broken phalanx angulates the rest of its finger (the bones in ``distal``) with it.
+            low = 10 if distal else 4
+            bend = math.radians(rng.uniform(low, 2 * low + 16 * visible) * rng.choice([-1, 1]))
+            turn = np.array([[math.cos(bend), -math.sin(bend)], [math.sin(bend), math.cos(bend)]])
+            fragment = (split, shift, turn)
+            end = _moved(p1, fragment)
             _draw_bone(bone, p0, split, radius)
-            _draw_bone(bone, split + shift, p1 + shift, radius)
+            _draw_bone(bone, split + shift, end, radius)
+            for p in (p0, end):  # the joints keep their epiphyses: only the break tells
+                cv2.circle(bone, tuple(int(v) for v in p), int(radius * 1.25), 0.5, -1, cv2.LINE_AA)
             # A lucent line across the bone, oblique by up to 35 degrees.
             tilt = math.radians(rng.uniform(-35, 35))
             across = normal * math.cos(tilt) + axis * math.sin(tilt)
             a, c = split - across * radius * 1.2, split + across * radius * 1.2
             gap = np.zeros_like(canvas)
-            line_w = max(1, int(round(unit * (0.012 - 0.008 * subtlety))))
+            line_w = max(2, int(round(size * (0.3 + 0.5 * visible))))
             cv2.line(gap, tuple(int(v) for v in a), tuple(int(v) for v in c), 1.0, line_w, cv2.LINE_AA)
-            bone *= 1.0 - gap * (0.85 - 0.65 * subtlety)
+            bone *= 1.0 - gap * (0.95 - 0.55 * subtlety)
             xs, ys = [a[0], c[0], split[0] + shift[0]], [a[1], c[1], split[1] + shift[1]]
-            pad = radius * 0.4
+            pad = radius * 0.4 + line_w / 2
             x0, x1 = max(0, min(xs) - pad), min(w, max(xs) + pad)
             y0, y1 = max(0, min(ys) - pad), min(h, max(ys) + pad)
             box = ((x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h)
@@ -183,6 +217,12 @@ def render_radiograph(rng: np.random.Generator, body_part: str, height: int, wid
     canvas = canvas + rng.normal(0.0, noise_sigma, canvas.shape).astype(np.float32)
     pixels = np.clip(canvas * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return RenderedImage(pixels, box, hardware, outline)
+
+
+def _moved(p: np.ndarray, fragment: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """Where a point of a broken bone's distal fragment went: turned about the break, then shifted."""
+    split, shift, turn = fragment
+    return split + shift + turn @ (p - split)
 
 
 def _draw_bone(canvas: np.ndarray, p0, p1, radius: float) -> None:
@@ -222,7 +262,11 @@ def generate_mura(output_uri: str, *, patients_per_part: int = 6, seed: int = 0,
     """Write ``<output_uri>/MURA-v1.1/`` exactly as the MURA v1.1 release lays it out.
 
     Images are PNG, at most ``max_side`` px (512 in the release), grayscale or RGB;
-    abnormal studies have a fracture in every image (and some hardware).
+    abnormal studies have a fracture in every image (and some hardware). Each body
+    part's patients are split and labelled by plan: ``valid_fraction`` of them are
+    validation patients and ``positive_fraction`` of each split's patients have an
+    abnormal first study (both rounded), so that even a small set validates every
+    body part on both classes.
     With ``stray_files`` a ``._image1.png`` AppleDouble file is added, as found in
     copies unpacked on macOS. Returns counts.
     """
@@ -235,12 +279,24 @@ def generate_mura(output_uri: str, *, patients_per_part: int = 6, seed: int = 0,
     studies = {"train": [], "valid": []}
     counter = 0
     for part_index, part in enumerate(body_parts):
+        # Stratified per body part: valid_fraction of its patients (rounded) are validation
+        # patients, and in each split positive_fraction of the patients (rounded) have an
+        # abnormal first study, so a small set still validates every part on both classes.
+        plan = np.random.default_rng([seed, part_index])
+        order = [int(v) for v in plan.permutation(patients_per_part)]
+        n_valid = int(valid_fraction * patients_per_part + 0.5)
+        if patients_per_part > 1:
+            n_valid = min(n_valid, patients_per_part - 1)
+        valid_patients = set(order[:n_valid])
+        first_positive: set[int] = set()
+        for group in (order[:n_valid], order[n_valid:]):
+            first_positive.update(group[: int(positive_fraction * len(group) + 0.5)])
         for p in range(patients_per_part):
             rng = np.random.default_rng([seed, part_index, p])
             patient = f"patient{part_index * 10000 + p + 1:05d}"
-            split = "valid" if rng.random() < valid_fraction else "train"
+            split = "valid" if p in valid_patients else "train"
             for s in range(1 + int(rng.random() < 0.3)):
-                positive = bool(rng.random() < positive_fraction)
+                positive = p in first_positive if s == 0 else bool(rng.random() < positive_fraction)
                 study = f"study{s + 1}_{'positive' if positive else 'negative'}"
                 rel_study = f"MURA-v1.1/{split}/XR_{part.upper()}/{patient}/{study}/"
                 studies[split].append((rel_study, int(positive)))

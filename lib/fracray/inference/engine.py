@@ -44,7 +44,7 @@ from torch import nn
 
 __all__ = ["ENGINES", "ENGINE_ENV", "CACHE_ENV", "InferenceEngine", "TorchEngine", "OnnxRuntimeEngine",
            "ExportSettings", "requested_engine", "resolve_engine", "make_engine", "onnxruntime_available",
-           "cache_root", "cache_key", "weights_digest", "default_threads", "ExportMismatch"]
+           "cache_root", "cache_key", "weights_digest", "default_threads", "ExportMismatch", "engine_label"]
 
 ENGINES = ("auto", "torch", "onnxruntime")
 ENGINE_ENV = "FRACRAY_ENGINE"
@@ -72,6 +72,11 @@ class InferenceEngine(Protocol):
     def infer(self, x: torch.Tensor, *, tta_flip: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+def engine_label(engine: InferenceEngine) -> str:
+    """How answers and scoring output name the engine that computed them: ``<engine>-<precision>``."""
+    return f"{engine.name}-{engine.precision}"
 
 
 class TorchEngine:

@@ -23,7 +23,7 @@ from ..imaging.preprocess import ModelInput, decode_for, finalize, prepare_input
 from ..imaging.regions import FINDINGS_TYPE, findings_to_rows
 from ..imaging.scope import OUT_OF_SCOPE, assess_scope
 from ..storage import StorageOptions
-from .engine import InferenceEngine, make_engine
+from .engine import InferenceEngine, engine_label, make_engine
 from .gradcam import gradcam_for_image
 
 __all__ = ["FracturePredictor", "BundleModel", "image_result", "route_decoded", "UnknownBodyPart"]
@@ -152,14 +152,17 @@ def route_decoded(router: "BundleModel | None", body_parts: list[str], decoded: 
 
 
 def image_result(part: str, part_probability: float | None, fracture_probability: float, threshold: float,
-                 classifier: str, router: str | None, findings: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                 classifier: str, router: str | None, findings: list[dict[str, Any]] | None = None, *,
+                 engine: str | None = None) -> dict[str, Any]:
     """The per-image answer, identical for batch scoring and the HTTP API. ``findings``:
     suspected fracture regions ({box: [x0, y0, x1, y1] in the image's pixels, score, peak}),
-    best first; empty for a model without a fracture map."""
+    best first; empty for a model without a fracture map. ``engine``: what computed the
+    fracture probability (``onnxruntime-float32``, ``torch-float32``; see inference.engine)."""
     return {"body_part": part, "body_part_probability": part_probability,
             "fracture_probability": float(fracture_probability), "label": int(fracture_probability >= threshold),
             "threshold": float(threshold), "classifier": classifier,
-            "router": router if part_probability is not None else None, "findings": list(findings or [])}
+            "router": router if part_probability is not None else None, "findings": list(findings or []),
+            "engine": engine}
 
 
 class UnknownBodyPart(KeyError):
@@ -234,7 +237,8 @@ class FracturePredictor:
             for k, (i, p) in enumerate(zip(members, probs[:, 1])):
                 found = classifier.findings(maps[k], decoded[i]) if maps is not None else []
                 results[i] = image_result(part, part_probs[i], p, threshold, classifier.name,
-                                          self.router.name if self.router else None, found)
+                                          self.router.name if self.router else None, found,
+                                          engine=engine_label(classifier.engine))
                 # The frame of the findings' boxes, as the HTTP answer's "image" gives it.
                 results[i]["image"] = {"width": decoded[i].width, "height": decoded[i].height,
                                        "format": decoded[i].source_format}
@@ -288,7 +292,7 @@ class FracturePredictor:
         for i, msg in errors.items():
             results[i] = {"status": RejectReason.READ_ERROR.value, "error": msg}
         columns = {"image_uri": np.asarray(uris, dtype=object)}
-        for key in ("status", "error", "body_part", "classifier", "router"):
+        for key in ("status", "error", "body_part", "classifier", "router", "engine"):
             columns[key] = np.asarray([str(r.get(key) or "") for r in results], dtype=object)
         for key in ("body_part_probability", "fracture_probability", "threshold"):
             columns[key] = np.asarray([np.nan if r.get(key) is None else r[key] for r in results], dtype=np.float64)

@@ -42,7 +42,7 @@ class TrainAllConfig:
     output: str = "runs/latest"
     storage: StorageOptions = StorageOptions()
     stream_batch_size: int = 256        # images per Ray Data batch in the data-stage pass
-    synthetic_patients_per_part: int = 6
+    synthetic_patients_per_part: int = 16
     body_parts: tuple[str, ...] = ()
     verify: bool = False
     skip_training: bool = False

@@ -56,6 +56,7 @@ IMAGE_RESULT_SCHEMA = pa.schema([
     ("threshold", pa.float64()),
     ("classifier", pa.string()),             # bundle:backbone@version
     ("router", pa.string()),
+    ("engine", pa.string()),                 # what computed the probability: onnxruntime-float32, torch-float32
     ("width", pa.int32()),                   # the image's own size in pixels: the frame of the findings
     ("height", pa.int32()),
     ("sop_instance_uid", pa.string()),       # DICOM inputs: the SOP Instance UID (joins back to the PACS)
@@ -180,7 +181,7 @@ def _conform_results(table: pa.Table, chunk_id: int | None = None) -> pa.Table:
                 column = pc.if_else(pc.is_nan(column.cast(pa.float64())), None, column.cast(pa.float64()))
             if field.type == pa.string():
                 column = pc.if_else(pc.equal(column.cast(pa.string()), ""), None, column.cast(pa.string())) \
-                    if field.name in ("body_part", "classifier", "router", "study_id", "layout_body_part") \
+                    if field.name in ("body_part", "classifier", "router", "engine", "study_id", "layout_body_part") \
                     else column.cast(pa.string())
             columns.append(column.cast(field.type))
         elif field.name == "chunk_id" and chunk_id is not None:

@@ -187,18 +187,20 @@ class FractureClassifiers:
                                        _device())
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def classify(self, images: list, body_parts: list[str]) -> list[tuple[float, str, int, list[dict]]]:
-        """(P(fracture), the model's name, the batch size, findings) for each image, grouped by
-        body part. Findings ({box, score, peak} in the image's own pixels) are made here from the
-        fracture map, so only those few numbers travel back, never the map."""
-        out: list[tuple[float, str, int, list[dict]] | None] = [None] * len(images)
+    async def classify(self, images: list, body_parts: list[str]) -> list[tuple[float, str, int, list[dict], str]]:
+        """(P(fracture), the model's name, the batch size, findings, the engine) for each image,
+        grouped by body part. Findings ({box, score, peak} in the image's own pixels) are made
+        here from the fracture map, so only those few numbers travel back, never the map."""
+        from ..inference.engine import engine_label
+
+        out: list[tuple[float, str, int, list[dict], str] | None] = [None] * len(images)
         for part in sorted(set(body_parts)):
             members = [i for i, p in enumerate(body_parts) if p == part]
             model = await self.get_model(part)
             probs, maps = model.predict([images[i] for i in members])
             for k, (i, p) in enumerate(zip(members, probs[:, 1])):
                 found = model.findings(maps[k], images[i]) if maps is not None else []
-                out[i] = (float(p), model.name, len(members), found)
+                out[i] = (float(p), model.name, len(members), found, engine_label(model.engine))
         return out
 
     async def heat(self, image, body_part: str, gradcam: bool = False) -> dict[str, Any]:
@@ -240,7 +242,8 @@ _RESULT_FIELDS = (
     "fracture regions from the model's fracture map, best first, each {box: [x0, y0, x1, y1] in the uploaded "
     "image's own pixels (x1, y1 exclusive), score: the map's peak probability in the box, peak: [x, y] of that "
     "peak}; an empty list when none reaches the model's minimum score or the model has no fracture map (see "
-    "/v1/models: localization.localizes). image gives the upload's width and height, the frame of the boxes.")
+    "/v1/models: localization.localizes). image gives the upload's width and height, the frame of the boxes. "
+    "engine names what computed the probability: onnxruntime-float32 (CPU) or torch-float32 (eager PyTorch).")
 
 
 def _body_part_query():
@@ -585,11 +588,12 @@ class Ingress:
         config = self.part_configs[body_part]
         prepared = routed if routed is not None and routed.config == config else \
             await asyncio.to_thread(prepare_input, decoded, config)  # one preprocessing when the configs agree
-        probability, classifier_name, classify_batch, findings = await self._call(
+        probability, classifier_name, classify_batch, findings, engine = await self._call(
             lambda: handle.classify.remote(prepared, body_part), "classifier")
         classified_at = time.perf_counter()
         result = image_result(body_part, part_probability, probability, threshold, classifier_name,
-                              self.models["router"]["name"] if self.models["router"] else None, findings)
+                              self.models["router"]["name"] if self.models["router"] else None, findings,
+                              engine=engine)
         result["operating_point"] = operating_point or "default"
         size = (decoded.width, decoded.height)
         if overlay:

@@ -31,12 +31,13 @@ __all__ = ["TrainingSettings", "ModelRun", "TrainedModels", "train_models", "max
 class TrainingSettings:
     """How train_all trains. ``fracture`` is the fracture models' :class:`TrainConfig`, the one
     place every per-model option lives (preprocessing overrides included); the router's run is
-    derived from it (its own backbone/strategy, linear head, the backbone's own input size,
+    derived from it (its own backbone, strategy and epochs, linear head, the backbone's own input size,
     no fracture map). The rest says which runs there are and how they share the cluster."""
 
     fracture: TrainConfig = TrainConfig(epochs=3, batch_size=16, max_failures=1)
     router_model: str = "efficientnet_lite0"
     router_strategy: str = "full"
+    router_epochs: int | None = None  # None: the fracture models' epochs (telling body parts apart takes fewer)
     exclude_hardware: bool = False
     min_images_per_part: int = 4
     single_model: bool = False      # one fracture model for all body parts, no router
@@ -47,6 +48,9 @@ class TrainingSettings:
     def __post_init__(self):
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1 (or None to share the cluster's CPUs). Got {self.cpu_threads}")
+        if self.router_epochs is not None and self.router_epochs < 1:
+            raise ValueError(f"router_epochs must be >= 1 (or None: the fracture models' epochs). "
+                             f"Got {self.router_epochs}")
         object.__setattr__(self, "compare_backbones", tuple(self.compare_backbones))
 
     @property
@@ -59,8 +63,9 @@ class TrainingSettings:
 
     def router_config(self, classes: tuple[str, ...]) -> TrainConfig:
         return dataclasses.replace(self.fracture, model=self.router_model, strategy=self.router_strategy,
-                                   task="body_part", classes=tuple(classes), head="linear", bam=False,
-                                   image_size=None, localization=False, negatives_per_positive=None)
+                                   epochs=self.router_epochs or self.fracture.epochs, task="body_part",
+                                   classes=tuple(classes), head="linear", bam=False, image_size=None,
+                                   localization=False, negatives_per_positive=None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

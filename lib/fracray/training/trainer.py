@@ -229,7 +229,10 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
     for epoch in range(start_epoch, tc.epochs):
         model.train()
         epoch_start, seen, loss_sum = time.time(), 0, 0.0
-        for batch in train_shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy", prefetch_batches=2):
+        # A fresh order each epoch within a window of rows (train_classifier shuffled the manifest once).
+        for batch in train_shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy", prefetch_batches=2,
+                                              local_shuffle_buffer_size=4 * tc.batch_size,
+                                              local_shuffle_seed=tc.seed * 1009 + epoch * 31 + rank):
             keep, labels = _usable(batch, tc)
             if tc.negatives_per_positive and binary:
                 keep &= _epoch_sample(batch["image_uri"], labels, epoch, tc.seed, cfg["negative_keep"])
@@ -280,9 +283,16 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
             score = val["accuracy"] or 0.0
         improved = score > best_score
         best_score, stale = (score, 0) if improved else (best_score, stale + 1)
+        # The kept model is the epoch with the best score, and of epochs with equal scores the one with
+        # the lowest validation loss: a small validation set reaches AUROC (or accuracy) 1.0 early, at an
+        # epoch whose barely separated probabilities would rank poorly beside other models' (a pooled AUROC).
+        val_loss = (float(-np.log(np.clip(v_probs[np.arange(len(v_labels)), v_labels], 1e-7, 1.0)).mean())
+                    if len(v_labels) else None)
+        selection = float(score) - 1e-6 * min(val_loss if val_loss is not None else 0.0, 10.0)
         record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_images": seen,
                   "images_per_second": seen * world / max(train_seconds, 1e-9),
-                  "lr": optimizer.param_groups[0]["lr"], "val_score": float(score),
+                  "lr": optimizer.param_groups[0]["lr"], "val_score": float(score), "val_loss": val_loss,
+                  "val_selection": selection,
                   "val_accuracy": val.get("accuracy"), "val_auroc": val.get("auroc"),
                   "val_sensitivity": val.get("sensitivity"), "val_specificity": val.get("specificity"),
                   "best_score": float(best_score), "input_shape": input_shape}
@@ -432,6 +442,9 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
             train = fit
         else:
             calibration_set = None
+    # Train in a seeded random order: a manifest lists its images grouped (MURA: by body part, then
+    # patient and study), and a stream in that order would feed the router one body part per batch.
+    train = train.take(np.random.default_rng(config.seed).permutation(train.num_rows))
     labels = _manifest_labels(train, config)
     counts = Counter(labels)
     negative_keep = 1.0
@@ -465,7 +478,7 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
         run_config=ray.train.RunConfig(
             name=name, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_score",
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_selection",
                                                          checkpoint_score_order="max"),
         ),
     )
@@ -473,7 +486,7 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
         f"validating on {valid.num_rows}, {config.num_workers} worker(s){' with GPU' if config.use_gpu else ''}")
     result = trainer.fit()
     latest = result.checkpoint
-    best = result.get_best_checkpoint("val_score", "max") if result.best_checkpoints else latest
+    best = result.get_best_checkpoint("val_selection", "max") if result.best_checkpoints else latest
     if best is None:
         raise RuntimeError(f"{name}: training produced no checkpoint")
     from safetensors.torch import load_file
