@@ -113,6 +113,8 @@ def test_training_defaults_follow_the_data():
     assert real.training.router_config(("hand", "leg")).epochs == real.training.fracture.epochs == 2
     assert embedded.training.router_config(("hand", "leg")).epochs == 2 < embedded.training.fracture.epochs
     assert parse_config(["--lr", "1e-4"]).training.fracture.lr == 1e-4
+    # The library's default job is the command line's (what `fracray serve` trains when it has no models).
+    assert TrainAllConfig().training == embedded.training
     assert parse_config(["--dataset", "mura", "--data", "x", "--epochs", "4"]).training.fracture.epochs == 4
 
 

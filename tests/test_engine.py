@@ -1,11 +1,16 @@
 """Inference engines (fracray.inference.engine): ONNX Runtime float32 gives eager PyTorch's
 outputs, the export is made once per weights and reused, the engine choice and its override,
-and one runtime thread per CPU that Ray reserved."""
+one runtime thread per CPU that Ray reserved, and the fast precision (OpenVINO bf16): close to
+eager PyTorch, refused on a bundle without a passed validation, validated and recorded by
+``fracray validate-fast-mode``, and followed from $FRACRAY_PRECISION."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -18,14 +23,18 @@ pytest.importorskip("onnxruntime")
 
 from conftest import write_localizing_bundle  # noqa: E402
 from fracray.artifacts.bundle import load_bundle, save_bundle  # noqa: E402
-from fracray.artifacts.index import read_model_index  # noqa: E402
+from fracray.artifacts.index import ModelIndex, read_model_index, write_model_index  # noqa: E402
 from fracray.data.synthetic import render_radiograph  # noqa: E402
 from fracray.imaging.decode import decode_image  # noqa: E402
 from fracray.inference import engine as engines  # noqa: E402
 from fracray.inference.predictor import BundleModel  # noqa: E402
 
 TOLERANCE = 1e-4
+# OpenVINO bf16 against eager PyTorch (float32): probabilities and fracture-map probabilities.
+FAST_TOLERANCE = 2e-2
 KINDS = ("router", "fracture", "localizing")
+needs_openvino = pytest.mark.skipif(not engines.openvino_available(),
+                                    reason="openvino is not importable (a dependency: pip install -e . installs it)")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,6 +54,7 @@ def engine_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(engines.CACHE_ENV, str(cache))
         mp.delenv(engines.ENGINE_ENV, raising=False)
+        mp.delenv(engines.PRECISION_ENV, raising=False)
         yield cache
 
 
@@ -79,18 +89,19 @@ def synthetic_images() -> list:
     return [decode_image(_png(render_radiograph(rng, part, h, w, fracture=frac).pixels)) for part, h, w, frac in shapes]
 
 
-def _assert_same_outputs(pair: tuple[BundleModel, BundleModel], images: list, tta_flip: bool) -> None:
+def _assert_same_outputs(pair: tuple[BundleModel, BundleModel], images: list, tta_flip: bool,
+                         tolerance: float = TOLERANCE) -> None:
     eager, ort = pair
     eager.tta_flip = ort.tta_flip = tta_flip
     probs_t, maps_t = eager.predict(images)
     probs_o, maps_o = ort.predict(images)
     assert probs_o.shape == probs_t.shape == (len(images), len(eager.meta.classes))
-    np.testing.assert_allclose(probs_o, probs_t, rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(probs_o, probs_t, rtol=0, atol=tolerance)
     if eager.localizes:
         assert maps_o is not None and len(maps_o) == len(maps_t) == len(images)
         for a, b in zip(maps_o, maps_t):
             assert a.shape == b.shape
-            np.testing.assert_allclose(a, b, rtol=0, atol=TOLERANCE)
+            np.testing.assert_allclose(a, b, rtol=0, atol=tolerance)
     else:
         assert maps_o is None and maps_t is None
 
@@ -199,8 +210,9 @@ def test_an_unknown_engine_names_the_choices(bundles, engine_cache, monkeypatch)
     monkeypatch.delenv(engines.ENGINE_ENV, raising=False)
     with pytest.raises(ValueError, match="choose one of auto, torch, onnxruntime"):
         BundleModel(bundles["fracture"], engine="tensorrt")
-    monkeypatch.setenv(engines.ENGINE_ENV, "openvino")
-    with pytest.raises(ValueError, match=r"'openvino' \(\$FRACRAY_ENGINE\); choose one of auto, torch, onnxruntime"):
+    monkeypatch.setenv(engines.ENGINE_ENV, "openvino")  # not an engine to choose: it is the fast precision
+    with pytest.raises(ValueError, match=r"'openvino' \(\$FRACRAY_ENGINE\); choose one of auto, torch, onnxruntime "
+                                         r"\(OpenVINO bf16 is the fast precision: FRACRAY_PRECISION=fast\)"):
         BundleModel(bundles["fracture"])
 
 
@@ -241,3 +253,237 @@ def test_an_export_that_does_not_match_eager_is_never_used(tmp_path, monkeypatch
     with pytest.raises(engines.ExportMismatch):
         engines.make_engine(net, (3, 16, 16), engine="onnxruntime", cache_dir=tmp_path)
     assert _onnx_files(tmp_path) == [] and not list(tmp_path.glob("*/*.tmp"))
+
+
+# ----------------------------------------------------------------------------- the fast precision (OpenVINO bf16)
+
+def _cpu_has_bf16() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@pytest.fixture(scope="module")
+def openvino_models(bundles, engine_cache) -> dict[str, BundleModel]:
+    """Per kind, the bundle with its engine replaced by OpenVINO bf16 (the engine itself, no gate)."""
+    if not engines.openvino_available():
+        pytest.skip("openvino is not importable (a dependency: pip install -e . installs it)")
+    out = {}
+    for kind, uri in bundles.items():
+        model = BundleModel(uri, engine="torch")
+        model.engine = engines.OpenVinoEngine(model.model, (model.config.channels, *model.config.image_size),
+                                              model_spec=model.meta.model)
+        out[kind] = model
+    return out
+
+
+@needs_openvino
+@pytest.mark.parametrize("tta_flip", [False, True], ids=["plain", "tta_flip"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_openvino_bf16_is_close_to_eager_torch(model_pairs, openvino_models, synthetic_images, kind, tta_flip):
+    _assert_same_outputs((model_pairs[kind][0], openvino_models[kind]), synthetic_images, tta_flip, FAST_TOLERANCE)
+
+
+@needs_openvino
+@pytest.mark.shared_data
+@pytest.mark.parametrize("kind", KINDS)
+def test_openvino_bf16_is_close_to_eager_torch_on_real_fracatlas(model_pairs, openvino_models, shared_fracatlas, kind):
+    folder = shared_fracatlas / "FracAtlas" / "images"
+    paths = sorted((folder / "Fractured").glob("*.jpg"))[:2] + sorted((folder / "Non_fractured").glob("*.jpg"))[:2]
+    images = [decode_image(p.read_bytes()) for p in paths]
+    _assert_same_outputs((model_pairs[kind][0], openvino_models[kind]), images, True, FAST_TOLERANCE)
+
+
+@needs_openvino
+def test_openvino_compiles_the_same_cached_export_and_says_what_it_runs(model_pairs, openvino_models, engine_cache):
+    ort, ov = model_pairs["fracture"][1].engine, openvino_models["fracture"].engine
+    assert ov.path == ort.path and not ov.exported  # ONNX Runtime's export, not a second one
+    stamps = sorted(p.name for p in ov.folder.glob("verified-*.json"))
+    assert [s.split("-")[1] for s in stamps] == ["onnxruntime", "openvino"], stamps  # each read checked once
+    assert json.loads((ov.folder / f"verified-openvino-{ov.version}.json").read_text())["max_difference"]
+    precision = "bf16" if _cpu_has_bf16() else "f32"
+    assert engines.engine_label(ov) == f"openvino-{precision}"
+    assert ov.describe() == {"engine": "openvino", "precision": precision, "device": "cpu", "threads": 1,
+                             "onnx": str(ort.path), "cache_key": ort.key, "openvino": engines.openvino_version()}
+    assert ov.threads == torch.get_num_threads() == 1  # the module's one thread, as in a one-CPU actor
+
+
+@needs_openvino
+def test_fast_is_refused_on_a_bundle_without_a_validation(bundles, engine_cache, monkeypatch):
+    uri = bundles["fracture"]
+    with pytest.raises(engines.FastModeRefused) as refused:
+        BundleModel(uri, precision="fast")
+    message = str(refused.value)
+    assert isinstance(refused.value, ValueError) and uri in message and "records no fast-mode validation" in message
+    assert f"fracray validate-fast-mode --bundle {uri} --dataset fracatlas --data" in message
+    monkeypatch.setenv(engines.PRECISION_ENV, "fast")  # the environment asks for it: the same refusal
+    with pytest.raises(engines.FastModeRefused, match="records no fast-mode validation"):
+        BundleModel(uri)
+    # A router has no gate of its own: in fast mode it runs exact.
+    assert engines.engine_label(BundleModel(bundles["router"]).engine) == "onnxruntime-float32"
+
+
+def test_precision_choices_and_where_fast_is_not_offered(monkeypatch):
+    monkeypatch.delenv(engines.PRECISION_ENV, raising=False)
+    monkeypatch.delenv(engines.ENGINE_ENV, raising=False)
+    assert engines.requested_precision() == "exact" and engines.requested_precision("FAST") == "fast"
+    with pytest.raises(ValueError, match="'int4' \\(precision\\); choose one of exact, fast"):
+        engines.requested_precision("int4")
+    with pytest.raises(ValueError, match="runs on CPU only"):
+        engines.resolve_precision("fast", "cuda")
+    with pytest.raises(ValueError, match="runs on the openvino engine, but engine 'torch' was asked for"):
+        engines.resolve_precision("fast", "cpu", "torch")
+    monkeypatch.setenv(engines.PRECISION_ENV, "half")
+    with pytest.raises(ValueError, match="'half' \\(\\$FRACRAY_PRECISION\\); choose one of exact, fast"):
+        engines.requested_precision("exact")
+    assert engines.requested_precision("fast", environment=False) == "fast"
+
+
+# ----------------------------------------------------------------------------- validating the fast mode
+
+@pytest.fixture(scope="module")
+def tiny_fracatlas(tmp_path_factory) -> Path:
+    from fracray.data.synthetic import generate_fracatlas
+
+    root = tmp_path_factory.mktemp("tiny-fracatlas")
+    generate_fracatlas(str(root), n_images=40, seed=3, fractured_fraction=0.4, large_images=False)
+    return root
+
+
+def _single_index(bundle: str, folder: Path) -> str:
+    """A copy of ``bundle`` (so the record written into it stays in this test) as a one-model index."""
+    copy = shutil.copytree(bundle, folder / "fracture_all")
+    index = str(folder / "model_index.json")
+    write_model_index(index, ModelIndex(router=None, classifiers={"all": str(copy)}, dataset="untrained"))
+    return index
+
+
+def _validate(*args) -> tuple[int, str, str]:
+    from fracray.cli.validate_fast_mode import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args], prog="fracray validate-fast-mode")
+    return code, out.getvalue(), err.getvalue()
+
+
+def _record(bundle: Path) -> dict:
+    return json.loads((bundle / "bundle.json").read_text())["inference"].get(engines.FAST_MODE_KEY)
+
+
+# The gate the validation test runs under. An untrained network's probabilities lie within about
+# 1e-3 of each other, so one bf16 rounding (up to ~1e-3 here) may swap two images' order, on some
+# CPU if not on this one: the real gate (fast_mode.MAX_DELTA_*) is checked by the unit test below,
+# this one only makes the command's pass deterministic.
+TEST_GATE = {"MAX_DELTA_AUROC": 0.5, "MAX_DELTA_SENSITIVITY": 0.5}
+
+
+@pytest.fixture(scope="module")
+def validated(bundles, tiny_fracatlas, tmp_path_factory, engine_cache) -> tuple[Path, int, str, str]:
+    """The fracture-map bundle, copied, validated by the command on the tiny FracAtlas's valid split."""
+    from fracray.evaluation import fast_mode
+
+    if not engines.openvino_available():
+        pytest.skip("openvino is not importable (a dependency: pip install -e . installs it)")
+    index = _single_index(bundles["localizing"], tmp_path_factory.mktemp("validated"))
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in TEST_GATE.items():
+            mp.setattr(fast_mode, name, value)
+        code, out, err = _validate("--models", index, "--dataset", "fracatlas", "--data", tiny_fracatlas,
+                                   "--split", "valid")
+    return Path(index).parent / "fracture_all", code, out, err
+
+
+def test_the_gate_is_delta_auroc_0_005_and_delta_sensitivity_0_01_either_way():
+    from fracray.evaluation import fast_mode
+
+    assert (fast_mode.MAX_DELTA_AUROC, fast_mode.MAX_DELTA_SENSITIVITY) == (0.005, 0.01)
+    assert fast_mode.passes_gate(0.0, 0.0) and fast_mode.passes_gate(-0.005, 0.01)
+    assert fast_mode.passes_gate(0.004, -0.01)
+    assert not fast_mode.passes_gate(0.0051, 0.0) and not fast_mode.passes_gate(-0.0051, 0.0)
+    assert not fast_mode.passes_gate(0.0, 0.0101) and not fast_mode.passes_gate(0.0, -0.02)
+
+
+@needs_openvino
+def test_the_validation_records_a_passed_fast_mode_in_the_bundle(validated, bundles, tiny_fracatlas):
+    bundle, code, out, err = validated
+    assert code == 0, out + err
+    record = _record(bundle)
+    original = json.loads((Path(bundles["localizing"]) / "bundle.json").read_text())
+    now = json.loads((bundle / "bundle.json").read_text())
+    now["inference"].pop(engines.FAST_MODE_KEY)
+    assert now == original  # everything else in bundle.json as it was
+    assert record["passed"] is True and record["engine"] == "openvino"
+    assert record["precision"] == ("bf16" if _cpu_has_bf16() else "f32")
+    assert (record["max_delta_auroc"], record["max_delta_sensitivity"]) == (0.5, 0.5)  # TEST_GATE
+    assert record["max_probability_difference"] < FAST_TOLERANCE
+    assert record["delta_auroc"] == pytest.approx(record["auroc_fast"] - record["auroc_exact"])
+    assert record["delta_sensitivity"] == pytest.approx(record["sensitivity_fast"] - record["sensitivity_exact"])
+    assert (record["dataset"], record["split"], record["body_part"]) == ("fracatlas", "valid", "all")
+    assert record["images"] >= 4 and 0 < record["positives"] < record["images"]
+    assert record["openvino"] == engines.openvino_version() and record["exact_engine"] == "onnxruntime-float32"
+    assert record["validated_at"] and record["cpu"] and len(record["weights_sha256"]) == 64
+    assert "AUROC" in out and "sensitivity" in out and "PASSED" in out and str(bundle / "bundle.json") in out
+
+
+@needs_openvino
+def test_a_validated_bundle_runs_fast_and_the_environment_decides(validated, synthetic_images, monkeypatch):
+    bundle = str(validated[0])
+    fast = BundleModel(bundle, precision="fast")
+    assert engines.engine_label(fast.engine) == f"openvino-{'bf16' if _cpu_has_bf16() else 'f32'}"
+    assert engines.engine_label(BundleModel(bundle).engine) == "onnxruntime-float32"  # exact by default
+    monkeypatch.setenv(engines.PRECISION_ENV, "fast")
+    assert BundleModel(bundle).engine.name == "openvino"
+    monkeypatch.setenv(engines.PRECISION_ENV, "exact")  # the environment wins over the code
+    assert engines.engine_label(BundleModel(bundle, precision="fast").engine) == "onnxruntime-float32"
+    # The whole predictor follows it, and every answer names the engine.
+    from fracray.inference.predictor import FracturePredictor
+
+    monkeypatch.setenv(engines.PRECISION_ENV, "fast")
+    predictor = FracturePredictor(str(Path(bundle).parent / "model_index.json"), device="cpu", check_scope=False)
+    answers = predictor.predict_decoded(synthetic_images[:1])
+    assert answers[0]["engine"] == engines.engine_label(fast.engine)
+
+
+@needs_openvino
+def test_a_record_for_other_weights_or_another_openvino_is_refused(validated, tmp_path, engine_cache):
+    model, meta = load_bundle(str(validated[0]))
+    assert meta.inference[engines.FAST_MODE_KEY]["passed"] is True  # the record travels with the metadata ...
+    with torch.no_grad():
+        model.head[-1].bias.add_(0.5)
+    changed = save_bundle(str(tmp_path / "changed"), model, dataclasses.replace(meta))
+    with pytest.raises(engines.FastModeRefused, match="weights are not the ones validated"):
+        BundleModel(changed, precision="fast")  # ... but not to other weights
+    other = shutil.copytree(validated[0], tmp_path / "other-openvino")
+    raw = json.loads((other / "bundle.json").read_text())
+    raw["inference"][engines.FAST_MODE_KEY]["openvino"] = "2020.1.0"
+    (other / "bundle.json").write_text(json.dumps(raw))
+    with pytest.raises(engines.FastModeRefused, match="validated with OpenVINO 2020.1.0"):
+        BundleModel(str(other), precision="fast")
+
+
+@needs_openvino
+def test_a_failed_validation_is_recorded_and_refused(bundles, tiny_fracatlas, tmp_path, engine_cache, monkeypatch):
+    from fracray.evaluation import fast_mode
+
+    index = _single_index(bundles["localizing"], tmp_path)
+    bundle = tmp_path / "fracture_all"
+    monkeypatch.setattr(fast_mode, "MAX_DELTA_AUROC", -1.0)  # no measurement can pass
+    before = (bundle / "bundle.json").read_bytes()
+    code, out, err = _validate("--models", index, "--dataset", "fracatlas", "--data", tiny_fracatlas, "--dry-run")
+    assert code == 1 and "FAILED" in out and "not recorded" in out, out + err
+    assert (bundle / "bundle.json").read_bytes() == before  # --dry-run writes nothing
+    code, out, err = _validate("--models", index, "--dataset", "fracatlas", "--data", tiny_fracatlas)
+    assert code == 1 and "fast mode failed its gate" in err and "fracture_all" in err, out + err
+    record = _record(bundle)
+    assert record["passed"] is False and record["max_delta_auroc"] == -1.0
+    with pytest.raises(engines.FastModeRefused, match="fast-mode validation failed \\(ΔAUROC"):
+        BundleModel(str(bundle), precision="fast")
+
+
+def test_the_validation_refuses_what_it_cannot_measure(bundles, tiny_fracatlas, tmp_path, engine_cache):
+    code, _, err = _validate("--models", bundles["router"].rsplit("/", 1)[0], "--dataset", "fracatlas",
+                             "--data", tiny_fracatlas)  # the untrained index: wrist and humerus, not in FracAtlas
+    assert code == 2 and "No labelled humerus images in split valid" in err, err
+    code, _, err = _validate("--bundle", bundles["router"], "--dataset", "fracatlas", "--data", tiny_fracatlas)
+    assert code == 2 and "is a 'body_part' bundle" in err, err

@@ -24,6 +24,7 @@ PACKAGE = REPO / "lib" / "fracray"
 # brings in at import (torch, timm, Ray Serve, OpenCV, Pillow): what the deferral saves.
 DEFERRED = {
     "fracray.inference.predictor": "torch",   # evaluation, scoring, serving: the model runs in Ray actors
+    "fracray.inference.engine": "torch",      # the engine names for options; the engines load where models run
     "fracray.inference.gradcam": "torch",     # evaluation and serving draw heatmaps
     "fracray.models.registry": "timm",        # a model is built only where a bundle is made or loaded
     "fracray.jobs.train": "torch",            # serve trains the default only when no model exists

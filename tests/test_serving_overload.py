@@ -52,7 +52,7 @@ def test_a_single_model_index_serves_without_a_router(ray_local, localizing_sing
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app({"models": localizing_single_index, "min_replicas": 1}), name="single",
+        serve.run(build_app({"models": localizing_single_index, "min_replicas": 1, "engine": "torch"}), name="single",
                   route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url)
@@ -60,6 +60,9 @@ def test_a_single_model_index_serves_without_a_router(ray_local, localizing_sing
         expected = FracturePredictor(localizing_single_index).predict_bytes([data])[0]
         got = requests.post(f"{url}/v1/classify", data=data, timeout=120).json()
         assert got["body_part"] == "all" and got["router"] is None and got["body_part_probability"] is None
+        # engine="torch" reaches the replicas: eager PyTorch ran (the predictor here: ONNX Runtime, within 1e-5)
+        assert got["engine"] == "torch-float32" and expected["engine"] == "onnxruntime-float32"
+        assert requests.get(f"{url}/v1/models", timeout=30).json()["engine"] == "torch"
         assert got["fracture_probability"] == pytest.approx(expected["fracture_probability"], abs=1e-5)
         assert [f["score"] for f in got["findings"]] == pytest.approx([f["score"] for f in expected["findings"]],
                                                                       abs=2e-4)

@@ -15,6 +15,7 @@ Ratios: b/a (target >= 0.87), b/c, d/(b x cores) (target >= 0.8), e/(b x cores).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -141,6 +142,22 @@ def _gpu_rate(payloads: list[bytes], config: PreprocessConfig, min_seconds: floa
         run_all()
         done += len(jpegs)
     return done / (time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def forced_engine(name: str | None):
+    """FRACRAY_ENGINE (inference.engine) for this process only while a measurement runs;
+    None: unset, what the product does by default. Ray workers keep their own environment."""
+    variable = "FRACRAY_ENGINE"  # inference.engine.ENGINE_ENV, without importing torch here
+    before = os.environ.pop(variable, None)
+    if name is not None:
+        os.environ[variable] = name
+    try:
+        yield
+    finally:
+        os.environ.pop(variable, None)
+        if before is not None:
+            os.environ[variable] = before
 
 
 def machine_description() -> str:

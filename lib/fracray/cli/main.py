@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "load-study": ("fracray.cli.load_study", "radiographs -> a demo DX/CR DICOM study in a test PACS (Orthanc)"),
     "check-scope": ("fracray.cli.check_scope", "measure the out-of-scope check on photos, CT/MR/US, blanks"),
     "ablation-table": ("fracray.cli.ablation_table", "the ablation table from train runs' bundles"),
+    "validate-fast-mode": ("fracray.cli.validate_fast_mode", "measure the fast CPU precision (OpenVINO bf16) against "
+                                                             "exact; record it in the bundles"),
     "bench": ("", "benchmarks, a product feature for measuring your own hardware: preprocess, training, "
                   "scoring, serving, engine"),
 }

@@ -37,6 +37,10 @@ def build_parser(prog: str = "serve.py") -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=16, help="dynamic batch size; 1 disables batching")
     parser.add_argument("--max-upload-mb", type=float, default=64.0, help="request size limit (default: %(default)s)")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per model replica (default: 0)")
+    parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
+                        help="what runs the models in the replicas: auto (ONNX Runtime on CPU, PyTorch on CUDA; "
+                             "default), torch (eager PyTorch) or onnxruntime; FRACRAY_ENGINE in the replicas' "
+                             "environment wins. Each answer's \"engine\" names what ran")
     parser.add_argument("--token-env", default="FRACRAY_API_TOKEN",
                         help="environment variable holding a bearer token to require (default: %(default)s; "
                              "unset = open)")
@@ -52,6 +56,7 @@ def main(argv: list[str] | None = None, *, prog: str = "serve.py") -> int:
     try:
         config = ServeJobConfig(models=args.models, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                                 max_upload_mb=args.max_upload_mb, num_gpus=args.num_gpus, token_env=args.token_env,
+                                engine=args.engine,
                                 storage=storage_options_from_args(args))
         handle = start_service(config)
     except (FileNotFoundError, ValueError, RuntimeError, ConnectionError, storage.StorageError) as exc:

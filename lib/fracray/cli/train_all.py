@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import storage
 from ..data.adapters import ADAPTERS
-from ..jobs.train import TrainAllConfig, run_train_all
+from ..jobs.train import DATASET_TRAINING_DEFAULTS, EMBEDDED_TRAINING_DEFAULTS, TrainAllConfig, run_train_all
 from ..storage import StorageOptions
 from ..training.orchestrate import TrainingSettings
 from ..training.trainer import TrainConfig
@@ -27,17 +27,8 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-# Training defaults follow the data. The embedded synthetic default is sized to show the system
-# learning in minutes on a 2-core laptop (router accuracy near 1 and fracture AUROC above 0.85 on
-# its own validation split); with --dataset they stay the conservative fine-tuning that the README's
-# real-data results were measured with. An option left unset (None) on the command line and in
-# --config takes the value for its case.
-EMBEDDED_TRAINING_DEFAULTS: dict[str, Any] = {"epochs": 10, "batch_size": 8, "lr": 1e-3, "strategy": "last60",
-                                              "router_strategy": "last30", "router_epochs": 2}
-DATASET_TRAINING_DEFAULTS: dict[str, Any] = {"epochs": 2, "batch_size": 16, "lr": 1e-4, "strategy": "full",
-                                             "router_strategy": "full", "router_epochs": None}
-
-
+# An option left unset (None) on the command line and in --config takes the training default
+# for its case: the embedded default's or, with --dataset, the real-data one (jobs.train).
 def _default_note(dest: str) -> str:
     data = DATASET_TRAINING_DEFAULTS[dest]
     return (f" (default: {EMBEDDED_TRAINING_DEFAULTS[dest]} on the embedded synthetic default, "

@@ -1,5 +1,5 @@
 """Inference engines behind :class:`~fracray.inference.predictor.BundleModel`: what runs a
-bundle's network forward, chosen per device.
+bundle's network forward, chosen per device and precision.
 
 - ``torch``: the model itself (``model.infer``): eager PyTorch, on CPU or CUDA. Grad-CAM and
   anything else that needs gradients always uses it.
@@ -7,21 +7,38 @@ bundle's network forward, chosen per device.
   float32) and run by ONNX Runtime. Same outputs as eager PyTorch (within 1e-4 on
   probabilities and fracture maps: tests/test_engine.py), about twice as fast per core.
 - ``auto`` (the default): onnxruntime on CPU where it is installed, torch on CUDA.
+- ``openvino`` (not chosen by name: it is the "fast" precision below): the same cached ONNX
+  export compiled by OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT`` bf16.
 
-``FRACRAY_ENGINE`` (one of the names above), when set, decides for the whole process, over
-what the code asks: Serve replicas and scoring actors inherit it from their environment.
+Two precisions:
+
+- ``exact`` (the default): float32, one of the engines above; outputs equal to eager PyTorch.
+- ``fast``: OpenVINO bf16 on CPU (on a CPU without bf16 the plugin runs float32 and the engine
+  says so in its precision). Its outputs are *not* equal to eager PyTorch (within 2e-2 in
+  probability and fracture map on the tests' images, not 1e-4), so it is allowed per bundle only where the bundle's ``bundle.json`` records a
+  passed validation (``inference.fast_mode``, written by ``fracray validate-fast-mode``:
+  ΔAUROC <= 0.005 and Δsensitivity at the bundle's threshold <= 0.01 on FracAtlas valid,
+  see :mod:`fracray.evaluation.fast_mode`) for these weights and this OpenVINO version;
+  elsewhere it is refused with the command that validates it. Not offered on CUDA. A router
+  (a body-part bundle) runs exact in fast mode: the gate is defined on fracture classifiers.
+
+``FRACRAY_ENGINE`` (auto, torch, onnxruntime) and ``FRACRAY_PRECISION`` (exact, fast), when
+set, decide for the whole process, over what the code asks: Serve replicas and scoring actors
+inherit them from their environment.
 
 The export is cached on local disk, keyed by a hash of the weights, the model's description,
 its input shape and the export settings (``$FRACRAY_ENGINE_CACHE``, default
 ``~/.cache/fracray/engines/<key>/model.onnx``). It is written under a lock, to a temporary
 file renamed into place, so replicas and actors starting together on one machine export once
-and never read half a file. Only float32 ("exact") is offered: a faster precision mode (bf16
-or INT8) needs the accuracy check on FracAtlas valid that the issue asks for, not built yet.
+and never read half a file. Each runtime checks its own reading of the file once, at float32
+against eager PyTorch within 1e-4 on a fixed input, before it uses it (a stamp
+``verified-<runtime>-<version>.json`` beside the file records it): a graph a runtime reads
+wrongly is never used.
 
-Threads: ONNX Runtime gets one intra-op thread per CPU that Ray reserved for the calling
-actor or replica (rounded, at least 1), else ``torch.get_num_threads()``, and one inter-op
-thread; its worker threads do not spin between runs, so actors sharing a machine do not
-steal each other's cores.
+Threads: each runtime gets one intra-op thread per CPU that Ray reserved for the calling
+actor or replica (rounded, at least 1), else ``torch.get_num_threads()``; ONNX Runtime's
+worker threads do not spin between runs and OpenVINO's are not pinned to cores, so actors
+sharing a machine do not steal each other's cores.
 """
 
 from __future__ import annotations
@@ -33,22 +50,35 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ENGINES", "ENGINE_ENV", "CACHE_ENV", "InferenceEngine", "TorchEngine", "OnnxRuntimeEngine",
-           "ExportSettings", "requested_engine", "resolve_engine", "make_engine", "onnxruntime_available",
-           "cache_root", "cache_key", "weights_digest", "default_threads", "ExportMismatch", "engine_label"]
+__all__ = ["ENGINES", "ENGINE_ENV", "CACHE_ENV", "PRECISIONS", "PRECISION_ENV", "DEFAULT_PRECISION",
+           "InferenceEngine", "TorchEngine", "OnnxRuntimeEngine", "OpenVinoEngine", "ExportSettings",
+           "CachedExport", "cached_export", "requested_engine", "resolve_engine", "requested_precision",
+           "resolve_precision", "make_engine", "onnxruntime_available", "openvino_available", "openvino_version",
+           "cache_root", "cache_key", "weights_digest", "default_threads", "ExportMismatch", "engine_label",
+           "FAST_ENGINE", "FAST_PRECISION", "FAST_MODE_KEY", "FastModeRefused", "check_fast_mode",
+           "fast_mode_command"]
 
 ENGINES = ("auto", "torch", "onnxruntime")
 ENGINE_ENV = "FRACRAY_ENGINE"
 CACHE_ENV = "FRACRAY_ENGINE_CACHE"
+PRECISIONS = ("exact", "fast")
+PRECISION_ENV = "FRACRAY_PRECISION"
+DEFAULT_PRECISION = "exact"
+# What "fast" is: the engine and the precision it asks the runtime for (what a validation records).
+FAST_ENGINE = "openvino"
+FAST_PRECISION = "bf16"
+# Where a bundle records its fast-mode validation: bundle.json's inference[FAST_MODE_KEY].
+FAST_MODE_KEY = "fast_mode"
 MODEL_FILE = "model.onnx"
 INFO_FILE = "engine.json"
 # Bump when what goes into the exported graph changes (the wrapper below, its outputs).
@@ -59,6 +89,10 @@ EXPORT_TOLERANCE = 1e-4
 
 class ExportMismatch(RuntimeError):
     """The exported graph's outputs differ from eager PyTorch's: the export is not used."""
+
+
+class FastModeRefused(ValueError):
+    """A bundle asked to run in fast precision without a passed validation of it."""
 
 
 class InferenceEngine(Protocol):
@@ -108,21 +142,41 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def requested_engine(engine: str | None = None) -> str:
-    """The engine asked for: ``$FRACRAY_ENGINE`` when set (it decides for the whole process),
-    else ``engine``, else "auto". Raises ValueError naming the choices for anything else."""
-    env = os.environ.get(ENGINE_ENV, "").strip()
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def openvino_version() -> str | None:
+    """The installed OpenVINO's release ("2026.4.1"), or None without it (what a validation records)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("openvino")
+    except PackageNotFoundError:
+        return None
+
+
+def requested_engine(engine: str | None = None, *, environment: bool = True) -> str:
+    """The engine asked for: ``$FRACRAY_ENGINE`` when set (it decides for the whole process;
+    ``environment=False`` ignores it), else ``engine``, else "auto". Raises ValueError naming
+    the choices for anything else."""
+    env = os.environ.get(ENGINE_ENV, "").strip() if environment else ""
     name = (env or engine or "auto").strip().lower()
     if name not in ENGINES:
         source = f"${ENGINE_ENV}" if env else "engine"
-        raise ValueError(f"Unknown inference engine {name!r} ({source}); choose one of {', '.join(ENGINES)}")
+        hint = f" (OpenVINO bf16 is the fast precision: {PRECISION_ENV}=fast)" if name == FAST_ENGINE else ""
+        raise ValueError(f"Unknown inference engine {name!r} ({source}); choose one of {', '.join(ENGINES)}{hint}")
     return name
 
 
-def resolve_engine(engine: str | None, device: str | torch.device) -> str:
+def resolve_engine(engine: str | None, device: str | torch.device, *, environment: bool = True) -> str:
     """"torch" or "onnxruntime" for this device (see :func:`requested_engine`): auto means
     onnxruntime on CPU where it is installed, torch elsewhere."""
-    name = requested_engine(engine)
+    name = requested_engine(engine, environment=environment)
     device = torch.device(device)
     if name == "auto":
         return "onnxruntime" if device.type == "cpu" and onnxruntime_available() else "torch"
@@ -134,20 +188,110 @@ def resolve_engine(engine: str | None, device: str | torch.device) -> str:
     return name
 
 
+def requested_precision(precision: str | None = None, *, environment: bool = True) -> str:
+    """The precision asked for: ``$FRACRAY_PRECISION`` when set (it decides for the whole
+    process; ``environment=False`` ignores it), else ``precision``, else "exact". Raises
+    ValueError naming the choices for anything else."""
+    env = os.environ.get(PRECISION_ENV, "").strip() if environment else ""
+    name = (env or precision or DEFAULT_PRECISION).strip().lower()
+    if name not in PRECISIONS:
+        source = f"${PRECISION_ENV}" if env else "precision"
+        raise ValueError(f"Unknown precision {name!r} ({source}); choose one of {', '.join(PRECISIONS)}")
+    return name
+
+
+def resolve_precision(precision: str | None, device: str | torch.device, engine: str | None = None, *,
+                      environment: bool = True) -> str:
+    """"exact" or "fast" (see :func:`requested_precision`). Fast runs on CPU only, on its own
+    engine (OpenVINO): with CUDA, or with torch/onnxruntime asked for by name, it raises."""
+    name = requested_precision(precision, environment=environment)
+    if name == "fast":
+        _check_fast_runs_here(device, engine, environment=environment)
+    return name
+
+
+def _check_fast_runs_here(device: str | torch.device, engine: str | None, *, environment: bool) -> None:
+    device = torch.device(device)
+    if device.type != "cpu":
+        raise ValueError(f"The fast precision (OpenVINO {FAST_PRECISION}) runs on CPU only; this model is on "
+                         f"{device}: use the exact precision (unset ${PRECISION_ENV})")
+    asked = requested_engine(engine, environment=environment)
+    if asked != "auto":
+        raise ValueError(f"The fast precision runs on the {FAST_ENGINE} engine, but engine {asked!r} was asked for "
+                         f"(${ENGINE_ENV} or the code): use engine auto with precision fast, or precision exact")
+    if not openvino_available():
+        raise ValueError("The fast precision needs the openvino package (pip install the project: it is a "
+                         "dependency)")
+
+
+def fast_mode_command(bundle: str, dataset: str | None = None, data: str | None = None) -> str:
+    """The command that validates ``bundle``'s fast mode (the data as the bundle's training
+    recorded it, where it did)."""
+    return (f"fracray validate-fast-mode --bundle {bundle} --dataset {dataset or 'fracatlas'} "
+            f"--data {data or '<the FracAtlas folder>'} --split valid")
+
+
+def check_fast_mode(record: Any, *, bundle: str, command: str, weights_sha256: str | None = None,
+                    engine: InferenceEngine | None = None) -> None:
+    """Raise :class:`FastModeRefused` (a ValueError naming the bundle and ``command``) unless
+    ``record`` (bundle.json's ``inference.fast_mode``) is a passed validation of these
+    weights (``weights_sha256``) and, given the built ``engine``, of its engine, precision and
+    OpenVINO version."""
+
+    def refuse(why: str) -> None:
+        raise FastModeRefused(f"Fast precision refused for bundle {bundle}: {why}. A bundle runs fast only after "
+                              f"a passed validation of fast against exact on labelled data (AUROC and sensitivity "
+                              f"at its threshold within the gate of `fracray validate-fast-mode --help`). "
+                              f"Validate it with: {command}   (or run it exact: unset ${PRECISION_ENV})")
+
+    if not record:
+        refuse(f"its bundle.json records no fast-mode validation (inference.{FAST_MODE_KEY})")
+    if not isinstance(record, dict):
+        refuse(f"inference.{FAST_MODE_KEY} in its bundle.json is not a validation record")
+    if record.get("passed") is not True:
+        refuse(f"its fast-mode validation failed ({_record_summary(record)})")
+    if weights_sha256 is not None and record.get("weights_sha256") != weights_sha256:
+        refuse("its weights are not the ones validated (weights_sha256 differs or is missing)")
+    if engine is not None:
+        if (record.get("engine"), record.get("precision")) != (engine.name, engine.precision):
+            refuse(f"it was validated for {record.get('engine')}-{record.get('precision')}, and this machine "
+                   f"runs {engine_label(engine)}")
+        ran = engine.describe().get("openvino")
+        if record.get("openvino") != ran:
+            refuse(f"it was validated with OpenVINO {record.get('openvino')}, and {ran} is installed")
+
+
+def _record_summary(record: dict[str, Any]) -> str:
+    def num(key: str) -> str:
+        value = record.get(key)
+        return f"{value:+.5f}" if isinstance(value, (int, float)) else "?"
+
+    return (f"ΔAUROC {num('delta_auroc')}, Δsensitivity {num('delta_sensitivity')} on {record.get('images', '?')} "
+            f"images of {record.get('dataset', '?')} {record.get('split', '?')}, {record.get('validated_at', '?')}")
+
+
 def make_engine(model: nn.Module, input_shape: tuple[int, int, int], *, engine: str | None = None,
                 device: str | torch.device = "cpu", model_spec: dict[str, Any] | None = None,
-                cache_dir: str | os.PathLike | None = None, threads: int | None = None) -> InferenceEngine:
+                cache_dir: str | os.PathLike | None = None, threads: int | None = None,
+                precision: str | None = None, environment: bool = True) -> InferenceEngine:
     """The engine for a loaded model whose input is ``input_shape`` (C, H, W). ``model_spec``:
     what identifies the model beyond its weights (the bundle's model description), part of the
     cache key. With "auto", a model that does not export faithfully runs on torch (a warning
-    says why); asked for by name, onnxruntime raises instead."""
-    name = resolve_engine(engine, device)
+    says why); asked for by name, onnxruntime raises instead. ``precision``: "exact" or "fast"
+    as given, for the caller has decided it (:func:`resolve_precision` reads
+    ``$FRACRAY_PRECISION``; BundleModel calls it); "fast" is OpenVINO bf16, never a fallback,
+    and whether a bundle may run it is the caller's check (:func:`check_fast_mode`).
+    ``environment=False``: ignore ``$FRACRAY_ENGINE`` (the fast-mode validation runs both)."""
+    if requested_precision(precision, environment=False) == "fast":
+        _check_fast_runs_here(device, engine, environment=environment)
+        return OpenVinoEngine(model, input_shape, model_spec=model_spec, cache_dir=cache_dir, threads=threads)
+    name = resolve_engine(engine, device, environment=environment)
     if name == "torch":
         return TorchEngine(model)
     try:
         return OnnxRuntimeEngine(model, input_shape, model_spec=model_spec, cache_dir=cache_dir, threads=threads)
     except Exception as exc:
-        if requested_engine(engine) != "auto":
+        if requested_engine(engine, environment=environment) != "auto":
             raise
         warnings.warn(f"ONNX Runtime engine unavailable for this model ({type(exc).__name__}: {exc}); "
                       f"running it on eager PyTorch", RuntimeWarning, stacklevel=2)
@@ -176,7 +320,9 @@ def default_threads() -> int:
 class ExportSettings:
     """What decides the exported graph besides the weights; part of the cache key."""
 
-    opset: int = 17
+    # 18, not 17: OpenVINO (2026.4) reads opset 17's ReduceLogSumExp (axes as an attribute, in the
+    # fracture-map fusion) as a reduction over every axis and cannot convert the graph.
+    opset: int = 18
     exporter: str = "torchscript"
     dynamic_batch: bool = True
     precision: str = "float32"
@@ -288,6 +434,104 @@ def _check_input(input_shape: tuple[int, int, int]) -> torch.Tensor:
     return (image - 0.45) / 0.226
 
 
+# Reads an exported file at float32 and runs it on one input: (path, N x C x H x W) -> outputs.
+GraphRunner = Callable[[str, np.ndarray], list[np.ndarray]]
+
+
+def _verify(model: nn.Module, input_shape: tuple[int, int, int], path: str, run: GraphRunner) -> dict[str, float]:
+    """A runtime's float32 reading of the exported graph against eager PyTorch on one fixed
+    input; raises :class:`ExportMismatch` above :data:`EXPORT_TOLERANCE`, else the differences."""
+    x = _check_input(input_shape)
+    got = run(path, x.numpy())
+    was_training = model.training
+    with torch.no_grad():
+        expected = _Exported(model.eval())(x)
+    model.train(was_training)
+    logits, maps = expected if isinstance(expected, tuple) else (expected, None)
+    diffs = {"probabilities": float((torch.from_numpy(np.asarray(got[0])).softmax(-1) - logits.softmax(-1)).abs().max())}
+    if maps is not None:
+        diffs["map"] = float((torch.sigmoid(torch.from_numpy(np.asarray(got[1]))) - torch.sigmoid(maps)).abs().max())
+    if not max(diffs.values()) <= EXPORT_TOLERANCE:
+        raise ExportMismatch(f"exported graph differs from eager PyTorch by {diffs} (> {EXPORT_TOLERANCE})")
+    return diffs
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedExport:
+    """The model's ONNX file in the cache: ``exported`` is True when this call wrote it."""
+
+    key: str
+    folder: Path
+    path: Path
+    exported: bool
+
+
+def cached_export(model: nn.Module, input_shape: tuple[int, int, int], *, runtime: str, run: GraphRunner,
+                  model_spec: dict[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
+                  settings: ExportSettings = ExportSettings()) -> CachedExport:
+    """The cached export of ``model`` (see the module's docs), made on a miss, and checked once
+    for ``runtime`` (a name with its version, e.g. "onnxruntime-1.32.0"): ``run`` reads the file
+    at float32 and must give eager PyTorch's outputs within 1e-4; then a stamp
+    ``verified-<runtime>.json`` records it. A new export is checked before it is published; a
+    file that ``runtime`` reads wrongly raises :class:`ExportMismatch` and is not used."""
+    input_shape = tuple(int(v) for v in input_shape)
+    key = cache_key(model, input_shape, settings, model_spec)
+    folder = cache_root(cache_dir) / key
+    path = folder / MODEL_FILE
+    stamp = folder / f"verified-{runtime}.json"
+    exported = False
+    if not (path.exists() and stamp.exists()):
+        folder.mkdir(parents=True, exist_ok=True)
+        with _locked(folder):
+            diffs = None
+            if not path.exists():  # another process may have made it while we waited
+                start = time.perf_counter()
+                found: dict[str, dict[str, float]] = {}
+
+                def write(tmp: str) -> None:
+                    export_onnx(model, input_shape, tmp, settings)
+                    found["diffs"] = _verify(model, input_shape, tmp, run)
+
+                _write_atomic(path, write)
+                diffs = found["diffs"]
+                info = {"format": EXPORT_FORMAT, "key": key, "input_shape": list(input_shape),
+                        "export": settings.to_dict(), "torch": torch.__version__, "verified_by": runtime,
+                        "export_seconds": round(time.perf_counter() - start, 3)}
+                _write_atomic(folder / INFO_FILE, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
+                exported = True
+            if not stamp.exists():
+                diffs = diffs if diffs is not None else _verify(model, input_shape, str(path), run)
+                note = {"runtime": runtime, "max_difference": diffs, "tolerance": EXPORT_TOLERANCE}
+                _write_atomic(stamp, lambda tmp: Path(tmp).write_text(json.dumps(note, indent=2)))
+    return CachedExport(key, folder, path, exported)
+
+
+def _flip_averaged(run: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor | None]], x: torch.Tensor,
+                   tta_flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """As ``FractureClassifier.infer``: the same averaging, in the same order, on a runtime's
+    outputs (``run``: a float32 N x C x H x W array -> logits, map logits or None)."""
+    array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+    logits, maps = run(array)
+    if tta_flip:
+        logits_f, maps_f = run(np.ascontiguousarray(array[..., ::-1]))
+        logits = (logits + logits_f) / 2
+        maps = None if maps is None else (maps + torch.flip(maps_f, dims=[-1])) / 2
+    return logits, maps
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime (exact)
+
+
+def _onnxruntime_outputs(path: str, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})
+
+
 class OnnxRuntimeEngine:
     """The network exported to ONNX (cached, see the module's docs) and run by ONNX Runtime
     on CPU, float32: outputs equal to eager PyTorch within 1e-4."""
@@ -304,16 +548,11 @@ class OnnxRuntimeEngine:
             raise ValueError("The onnxruntime engine runs on CPU only")
         self.input_shape = tuple(int(v) for v in input_shape)
         self.settings = settings
-        self.key = cache_key(model, self.input_shape, settings, model_spec)
-        self.folder = cache_root(cache_dir) / self.key
-        self.path = self.folder / MODEL_FILE
-        self.exported = False  # True when this object made the file (a cache miss)
         self.localizes = bool(getattr(model, "localizes", False))
-        if not self.path.exists():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with _locked(self.folder):
-                if not self.path.exists():  # another process may have made it while we waited
-                    self._export(model)
+        export = cached_export(model, self.input_shape, runtime=f"onnxruntime-{ort.__version__}",
+                               run=_onnxruntime_outputs, model_spec=model_spec, cache_dir=cache_dir, settings=settings)
+        self.key, self.folder, self.path = export.key, export.folder, export.path
+        self.exported = export.exported  # True when this object made the file (a cache miss)
         self.threads = int(threads) if threads else default_threads()
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
@@ -325,41 +564,6 @@ class OnnxRuntimeEngine:
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def _export(self, model: nn.Module) -> None:
-        start = time.perf_counter()
-
-        def write(tmp: str) -> None:
-            export_onnx(model, self.input_shape, tmp, self.settings)
-            self._verify(model, tmp)
-
-        _write_atomic(self.path, write)
-        info = {"format": EXPORT_FORMAT, "key": self.key, "input_shape": list(self.input_shape),
-                "export": self.settings.to_dict(), "torch": torch.__version__,
-                "export_seconds": round(time.perf_counter() - start, 3)}
-        _write_atomic(self.folder / INFO_FILE, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
-        self.exported = True
-
-    def _verify(self, model: nn.Module, path: str) -> None:
-        """The exported graph against eager PyTorch on one fixed input, before it is published."""
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.log_severity_level = 3
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        x = _check_input(self.input_shape)
-        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-        was_training = model.training
-        with torch.no_grad():
-            expected = _Exported(model.eval())(x)
-        model.train(was_training)
-        logits, maps = expected if isinstance(expected, tuple) else (expected, None)
-        diffs = {"probabilities": float((torch.from_numpy(got[0]).softmax(-1) - logits.softmax(-1)).abs().max())}
-        if maps is not None:
-            diffs["map"] = float((torch.sigmoid(torch.from_numpy(got[1])) - torch.sigmoid(maps)).abs().max())
-        if not max(diffs.values()) <= EXPORT_TOLERANCE:
-            raise ExportMismatch(f"exported graph differs from eager PyTorch by {diffs} (> {EXPORT_TOLERANCE})")
-
     def _run(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.session.run(self.output_names, {self.input_name: x})
         return torch.from_numpy(out[0]), (torch.from_numpy(out[1]) if len(out) > 1 else None)
@@ -367,14 +571,93 @@ class OnnxRuntimeEngine:
     def infer(self, x: torch.Tensor, *, tta_flip: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """As ``FractureClassifier.infer``: the same averaging, in the same order, on the
         runtime's outputs."""
-        array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        logits, maps = self._run(array)
-        if tta_flip:
-            logits_f, maps_f = self._run(np.ascontiguousarray(array[..., ::-1]))
-            logits = (logits + logits_f) / 2
-            maps = None if maps is None else (maps + torch.flip(maps_f, dims=[-1])) / 2
-        return logits, maps
+        return _flip_averaged(self._run, x, tta_flip)
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name, "precision": self.precision, "device": "cpu", "threads": self.threads,
                 "onnx": str(self.path), "cache_key": self.key}
+
+
+# ----------------------------------------------------------------------------- OpenVINO (fast)
+
+
+def _openvino_config(precision: str, threads: int) -> dict[str, Any]:
+    """The CPU plugin's settings: ``threads`` inference threads for one request at a time,
+    not pinned to cores (Ray actors sharing a machine would all pin to the same first ones)."""
+    return {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
+
+
+def _openvino_outputs(path: str, x: np.ndarray) -> list[np.ndarray]:
+    """OpenVINO's float32 reading of the file (the export check for this runtime)."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(path, "CPU", _openvino_config("f32", 1))
+    result = compiled.create_infer_request().infer({0: x})
+    return [np.array(result[out]) for out in compiled.outputs]
+
+
+def _type_name(value: Any) -> str:
+    """An OpenVINO element type as its short name ("bf16", "f32")."""
+    name = getattr(value, "get_type_name", None)
+    return str(name() if callable(name) else value)
+
+
+class OpenVinoEngine:
+    """The fast precision: the same cached ONNX export as :class:`OnnxRuntimeEngine`,
+    compiled by OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT`` bf16. ``precision``
+    is what the compiled model reports (bf16 where the CPU has it, else f32). Not equal to
+    eager PyTorch: a bundle runs it only after a passed validation (see the module's docs)."""
+
+    name = FAST_ENGINE
+    precision = FAST_PRECISION
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], *,
+                 model_spec: dict[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
+                 threads: int | None = None, settings: ExportSettings = ExportSettings(),
+                 precision: str = FAST_PRECISION):
+        import openvino as ov
+
+        if next(model.parameters()).device.type != "cpu":
+            raise ValueError("The openvino engine runs on CPU only")
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.settings = settings
+        self.localizes = bool(getattr(model, "localizes", False))
+        self.version = openvino_version() or ov.__version__
+        export = cached_export(model, self.input_shape, runtime=f"openvino-{self.version}", run=_openvino_outputs,
+                               model_spec=model_spec, cache_dir=cache_dir, settings=settings)
+        self.key, self.folder, self.path = export.key, export.folder, export.path
+        self.exported = export.exported
+        self.threads = int(threads) if threads else default_threads()
+        core = ov.Core()
+        network = core.read_model(str(self.path))
+        # Compiled for one image (static shapes are the CPU plugin's fast path, and the CPU
+        # runs image by image: BundleModel.predict); a bigger batch runs as a loop.
+        network.reshape([1, *self.input_shape])
+        self.compiled = core.compile_model(network, "CPU", _openvino_config(precision, self.threads))
+        self.precision = _type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.outputs = list(self.compiled.outputs)
+        # One request, one call at a time (a request is not thread-safe; with one stream,
+        # parallel requests would only queue behind each other).
+        self._request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
+
+    def _run_one(self, x: np.ndarray) -> list[np.ndarray]:
+        with self._lock:
+            result = self._request.infer({0: x})
+            return [np.array(result[o], dtype=np.float32, copy=True) for o in self.outputs]  # it reuses its buffers
+
+    def _run(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if len(x) == 0:  # no images: outputs with no rows
+            return tuple(None if t is None else t[:0] for t in self._run(np.zeros((1, *x.shape[1:]), np.float32)))
+        out = [np.concatenate(parts) for parts in zip(*(self._run_one(x[i:i + 1]) for i in range(len(x))))]
+        return torch.from_numpy(out[0]), (torch.from_numpy(out[1]) if len(out) > 1 else None)
+
+    def infer(self, x: torch.Tensor, *, tta_flip: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As ``FractureClassifier.infer``: the same averaging, in the same order, on the
+        runtime's outputs."""
+        return _flip_averaged(self._run, x, tta_flip)
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.name, "precision": self.precision, "device": "cpu", "threads": self.threads,
+                "onnx": str(self.path), "cache_key": self.key, "openvino": self.version}

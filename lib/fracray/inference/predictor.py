@@ -7,6 +7,7 @@ comes from each model's bundle, never re-declared here.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,8 @@ from ..imaging.preprocess import ModelInput, decode_for, finalize, prepare_input
 from ..imaging.regions import FINDINGS_TYPE, findings_to_rows
 from ..imaging.scope import OUT_OF_SCOPE, assess_scope
 from ..storage import StorageOptions
-from .engine import InferenceEngine, engine_label, make_engine
+from .engine import (DEFAULT_PRECISION, FAST_MODE_KEY, InferenceEngine, check_fast_mode, engine_label,
+                     fast_mode_command, make_engine, resolve_precision, weights_digest)
 from .gradcam import gradcam_for_image
 
 __all__ = ["FracturePredictor", "BundleModel", "image_result", "route_decoded", "UnknownBodyPart"]
@@ -32,6 +34,9 @@ CPU_MICRO_BATCH = 1
 # Which engine runs predict() when BundleModel is not told (see inference.engine): "auto" is
 # ONNX Runtime on CPU where it is installed, PyTorch on CUDA; $FRACRAY_ENGINE overrides both.
 DEFAULT_ENGINE = "auto"
+# At which precision, when not told: DEFAULT_PRECISION (from inference.engine), "exact" (float32);
+# "fast" is OpenVINO bf16 on CPU, for a bundle whose bundle.json records a passed validation
+# (fracray validate-fast-mode). $FRACRAY_PRECISION overrides both.
 
 
 class BundleModel:
@@ -42,7 +47,7 @@ class BundleModel:
     """
 
     def __init__(self, uri: str, storage_options: StorageOptions | None = None, device: str | torch.device = "cpu",
-                 engine: str | None = None):
+                 engine: str | None = None, precision: str | None = None, *, for_validation: bool = False):
         self.uri = uri
         self.device = torch.device(device)
         self.model, self.meta = load_bundle(uri, storage_options, device=str(self.device))
@@ -50,11 +55,37 @@ class BundleModel:
         self.name = bundle_name(uri, self.meta)
         self.tta_flip = bool(self.meta.inference.get("tta_flip", False))
         self.findings_config = FindingsConfig.from_dict(self.meta.inference.get("findings"))
-        # What runs predict() ("auto" | "torch" | "onnxruntime"; $FRACRAY_ENGINE overrides):
-        # self.engine.name says which did. Grad-CAM always runs self.model (it needs gradients).
+        # What runs predict() ("auto" | "torch" | "onnxruntime"; $FRACRAY_ENGINE overrides) and at
+        # which precision ("exact" | "fast"; $FRACRAY_PRECISION overrides): engine_label(self.engine)
+        # says which did. Grad-CAM always runs self.model (it needs gradients). for_validation: the
+        # fast-mode validation's own use (fracray.evaluation.fast_mode): what is asked here, whatever
+        # the environment says, and "fast" without a validation record.
+        environment = not for_validation
+        self.precision = resolve_precision(precision or DEFAULT_PRECISION, self.device, engine or DEFAULT_ENGINE,
+                                           environment=environment)
+        if self.precision == "fast" and self.meta.task != "fracture":
+            self.precision = "exact"  # a router: the fast-mode gate is defined on fracture classifiers only
+        check = self.precision == "fast" and not for_validation
+        if check:  # refused before anything is compiled
+            self._check_fast_mode()
         input_shape = (self.config.channels, *self.config.image_size)
         self.engine: InferenceEngine = make_engine(self.model, input_shape, engine=engine or DEFAULT_ENGINE,
-                                                   device=self.device, model_spec=self.meta.model)
+                                                   device=self.device, model_spec=self.meta.model,
+                                                   precision=self.precision, environment=environment)
+        if check:  # and what was validated is what runs here (precision, OpenVINO version)
+            self._check_fast_mode(self.engine)
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """The digest of the weights (:func:`~fracray.inference.engine.weights_digest`) that a
+        fast-mode validation is tied to."""
+        return weights_digest(self.model)
+
+    def _check_fast_mode(self, engine: InferenceEngine | None = None) -> None:
+        run = (self.meta.training or {}).get("run") or {}
+        command = fast_mode_command(self.uri, self.meta.data.get("dataset") or run.get("dataset"), run.get("data"))
+        check_fast_mode(self.meta.inference.get(FAST_MODE_KEY), bundle=self.uri, command=command,
+                        weights_sha256=self.weights_sha256, engine=engine)
 
     def inputs(self, decoded: list) -> torch.Tensor:
         """Decoded images or :class:`ModelInput`s (prepared for this model's config) -> a batch."""

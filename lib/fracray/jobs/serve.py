@@ -27,6 +27,7 @@ class ServeJobConfig:
     max_upload_mb: float = 64.0
     num_gpus: float | None = None
     token_env: str = "FRACRAY_API_TOKEN"
+    engine: str = "auto"                    # what runs the models in the replicas (ServeArgs.engine)
     storage: StorageOptions = StorageOptions()
 
     def __post_init__(self):
@@ -57,7 +58,7 @@ def start_service(config: ServeJobConfig, *, log: Callable[[str], None] = print)
     check_model_index(models, config.storage)
     options = config.storage
     serve_args = ServeArgs(models=models, max_batch_size=config.max_batch_size, max_upload_mb=config.max_upload_mb,
-                           num_gpus=config.num_gpus, auth_token_env=config.token_env,
+                           num_gpus=config.num_gpus, auth_token_env=config.token_env, engine=config.engine,
                            endpoint_url=options.endpoint_url, region=options.region, anonymous=options.anonymous)
     application = build_app(serve_args)
     # Serve's proxy runs the request limits only if Ray starts with them in its environment

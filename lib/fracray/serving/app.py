@@ -86,6 +86,9 @@ class ServeArgs:
     min_replicas: int = 2
     check_scope: bool = True             # refuse photos, CT/MR/US, chest films, blank images (422 out_of_scope)
     public_docs: bool = False            # with a token set: /docs and /openapi.json open too (else token only)
+    # What runs the models in the replicas (inference.engine): auto = ONNX Runtime on CPU, PyTorch on
+    # CUDA; torch or onnxruntime to choose. FRACRAY_ENGINE in a replica's environment still wins.
+    engine: str = "auto"
 
     @classmethod
     def parse(cls, args: "ServeArgs | dict[str, Any] | None") -> "ServeArgs":
@@ -97,6 +100,10 @@ class ServeArgs:
         if unknown:
             raise ValueError(f"Unknown application arguments {unknown}; known: {sorted(known)}")
         parsed = cls(**args)
+        from ..inference.engine import ENGINES  # names only; the engines load in the replicas
+
+        if parsed.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}. Got {parsed.engine!r}")
         if (parsed.max_batch_size < 1 or parsed.max_upload_mb <= 0 or parsed.max_study_images < 1
                 or parsed.min_replicas < 1):
             raise ValueError(f"max_batch_size, max_upload_mb, max_study_images and min_replicas must be positive. "
@@ -144,7 +151,7 @@ class BodyPartRouter:
         options = args.storage_options
         index = read_model_index(args.models, options)
         self.body_parts = sorted(index.classifiers)
-        self.model = BundleModel(index.router, options, _device()) if index.router else None
+        self.model = BundleModel(index.router, options, _device(), engine=args.engine) if index.router else None
         self.route.set_max_batch_size(args.max_batch_size)
         self.route.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
@@ -184,7 +191,7 @@ class FractureClassifiers:
         if body_part not in self.index.classifiers:
             raise UnknownBodyPart(body_part, sorted(self.index.classifiers))
         return await asyncio.to_thread(BundleModel, self.index.classifiers[body_part], self.args.storage_options,
-                                       _device())
+                                       _device(), engine=self.args.engine)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def classify(self, images: list, body_parts: list[str]) -> list[tuple[float, str, int, list[dict], str]]:
@@ -404,7 +411,9 @@ class Ingress:
         self.router_meta = read_bundle_meta(self.index.router, options) if self.index.router else None
         self.models = {"router": describe_bundle(self.index.router, self.router_meta) if self.router_meta else None,
                        "classifiers": {p: describe_bundle(self.index.classifiers[p], m) for p, m in self.metas.items()},
-                       "dataset": self.index.dataset, "index_created": self.index.created}
+                       "dataset": self.index.dataset, "index_created": self.index.created,
+                       # Asked of the replicas; each answer's "engine" names what ran.
+                       "engine": self.args.engine}
         from ..imaging.preprocess import PreprocessConfig, shared_decode_config
 
         decode = shared_decode_config([m.preprocess_config() for m in

@@ -1,0 +1,39 @@
+"""The scoring and serving benchmarks at toy sizes: every row they print is measured, on the
+engine it names (numbers are not asserted: timings do not belong in tests)."""
+
+import math
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_scoring_compares_score_archive_with_the_eager_loop(ray_local):
+    from fracray.benchmarks import scoring
+
+    result = scoring.run(model="efficientnet_lite0", images=24, image_size=(256, 208), log=lambda *_: None)
+    assert result["baseline_engine"] == "torch-float32"
+    assert result["default_engine"] == "onnxruntime-float32"
+    assert result["score_archive_engines"] == ["onnxruntime-float32"]  # the actors ran the default engine
+    for key in ("plain_loop_images_per_s", "plain_loop_batched_images_per_s", "plain_loop_engine_images_per_s",
+                "score_archive_images_per_s"):
+        assert result[key] > 0 and math.isfinite(result[key]), key
+    table = scoring.format_table(result)
+    assert "| plain loop, 1 image per call (baseline) | torch-float32 |" in table
+    assert "target >= 3.0" in table and "target >= 2.5" in table
+
+
+@pytest.mark.slow
+def test_bench_serving_compares_the_engine_service_with_eager(ray_local):
+    from fracray.benchmarks import serving
+
+    result = serving.run(model="efficientnet_lite0", clients=(1, 2), requests_per_client=2, image_size=(256, 208),
+                         batch_size=4, log=lambda *_: None)
+    assert result["in_process"]["engine"] == "torch-float32"
+    assert result["in_process_engine"]["engine"] == "onnxruntime-float32"
+    engines = {label: {row["engine"] for row in rows} for label, rows in result["http"].items()}
+    # engine="torch" reached the eager service's replicas; the others ran the default engine.
+    assert engines == {"eager_batched": {"torch-float32"}, "unbatched": {"onnxruntime-float32"},
+                       "batched": {"onnxruntime-float32"}}
+    assert all(row["errors"] == 0 for rows in result["http"].values() for row in rows)
+    table = serving.format_table(result)
+    assert "as before the engine" in table and "target >= 2" in table
