@@ -31,6 +31,28 @@ SERVE_TEST_TOKEN_ENV = "FRACRAY_TEST_API_TOKEN"
 SERVE_TEST_TOKEN = "test-token-4f2a"
 
 
+
+def radiographs(n: int, *, start: int = 0, body_part: str = "hand", size: tuple[int, int] = (600, 480),
+                fractured_every: int = 1) -> list:
+    """``n`` grey uint8 radiographs: real FracAtlas fractured ones (images ``start`` to
+    ``start + n`` in name order) when the shared data is there, else synthetic ones of
+    ``body_part`` at ``size`` (every ``fractured_every``-th with a fracture). The DICOM and PACS
+    tests wrap them as a modality would."""
+    import numpy as np
+
+    folder = SHARED_DATA / "fracatlas" / "FracAtlas" / "images" / "Fractured"
+    if folder.is_dir():
+        from PIL import Image
+
+        paths = sorted(folder.glob("*.jpg"))[start:start + n]
+        assert len(paths) == n, f"only {len(paths)} FracAtlas images from {start} in {folder}"
+        return [np.asarray(Image.open(p).convert("L")) for p in paths]
+    from fracray.data.synthetic import render_radiograph
+
+    return [render_radiograph(np.random.default_rng(start + i), body_part, *size,
+                              fracture=i % fractured_every == 0).pixels for i in range(n)]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

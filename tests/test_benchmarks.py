@@ -37,3 +37,19 @@ def test_bench_serving_compares_the_engine_service_with_eager(ray_local):
     assert all(row["errors"] == 0 for rows in result["http"].values() for row in rows)
     table = serving.format_table(result)
     assert "as before the engine" in table and "target >= 2" in table
+
+
+def test_bench_engine_times_eager_exact_and_fast_side_by_side(tmp_path):
+    from fracray.benchmarks import engine
+
+    result = engine.run(models=["efficientnet_lite0"], sizes=[64], runs=2, warmup=1, cache_dir=str(tmp_path),
+                        log=lambda *_: None)
+    engines = [row["engine"] for row in result["rows"]]
+    assert engines[:2] == ["eager torch", "onnxruntime exact"] and engines[2].startswith("openvino fast (")
+    assert all(row["ms_median"] > 0 and math.isfinite(row["gflops"]) for row in result["rows"])
+    assert result["rows"][0]["speedup_vs_eager"] == 1.0 and result["openvino"]
+    table = engine.format_table(result)
+    assert "openvino fast" in table and "matmul peak" in table
+    without = engine.run(models=["efficientnet_lite0"], sizes=[64], runs=1, warmup=0, cache_dir=str(tmp_path),
+                         fast=False, log=lambda *_: None)  # --no-fast
+    assert [row["engine"] for row in without["rows"]] == ["eager torch", "onnxruntime exact"]

@@ -18,11 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 
-from conftest import REPO, SERVE_TEST_TOKEN, SERVE_TEST_TOKEN_ENV, _free_port
+from conftest import REPO, SERVE_TEST_TOKEN, SERVE_TEST_TOKEN_ENV, _free_port, radiographs
 
 HAVE_ORTHANC = shutil.which("Orthanc") is not None and Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so").exists()
 needs_orthanc = pytest.mark.skipif(not HAVE_ORTHANC, reason="Orthanc with DICOMweb is not installed: bash "
@@ -86,21 +85,18 @@ def service(ray_local, localizing_single_index):
 
 
 def make_study(n: int, k: int = 0, syntaxes=("jpeg-ls", "jpeg2000", "rle")) -> tuple[str, list[bytes]]:
-    """A study of ``n`` synthetic hand radiographs as a modality writes them (DX and CR, MONOCHROME1
-    and 2, compressed), patient ``k``."""
+    """A study of ``n`` hand radiographs (real FracAtlas ones where the shared data is there, else
+    synthetic) as a modality writes them (DX and CR, MONOCHROME1 and 2, compressed), patient ``k``."""
     from pydicom.uid import generate_uid
 
-    from fracray.data.synthetic import render_radiograph
     from fracray.pacs.wrap import StudyIdentity, wrap_radiograph
 
     study = StudyIdentity(patient_id=PATIENT_IDS[k], patient_name=PATIENT_NAMES[k], study_uid=generate_uid(),
                           accession=f"LACC-{k}")
     series = generate_uid()
-    files = [wrap_radiograph(render_radiograph(np.random.default_rng(10 * k + i), "hand", 600, 480,
-                                               fracture=True).pixels, study, series_uid=series,
-                             instance_number=i + 1, modality=("DX", "CR")[i % 2], body_part="HAND",
+    files = [wrap_radiograph(pixels, study, series_uid=series, instance_number=i + 1, modality=("DX", "CR")[i % 2], body_part="HAND",
                              monochrome1=(i == 1), transfer_syntax=syntaxes[i % len(syntaxes)])
-             for i in range(n)]
+             for i, pixels in enumerate(radiographs(n, start=10 + 10 * k))]
     return study.study_uid, files
 
 

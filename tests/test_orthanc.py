@@ -11,11 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 
-from conftest import REPO, _free_port
+from conftest import REPO, _free_port, radiographs
 
 pytestmark = pytest.mark.skipif(
     shutil.which("Orthanc") is None or not Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so").exists(),
@@ -37,18 +36,6 @@ def orthanc(tmp_path_factory):
     subprocess.run(["bash", str(REPO / "scripts" / "orthanc.sh"), "stop", str(folder)], timeout=60)
 
 
-def _radiographs(n: int) -> list[np.ndarray]:
-    """Real FracAtlas radiographs (grey, uint8) when the shared data is there, else synthetic."""
-    from PIL import Image
-
-    if FRACATLAS.is_dir():
-        paths = sorted(FRACATLAS.glob("*.jpg"))[:n]
-        return [np.asarray(Image.open(p).convert("L")) for p in paths]
-    from fracray.data.synthetic import render_radiograph
-
-    return [render_radiograph(np.random.default_rng(i), "hand", 600, 480, fracture=True).pixels for i in range(n)]
-
-
 @pytest.fixture(scope="module")
 def loaded_study(orthanc):
     """One study of three images, each in another transfer syntax, MONOCHROME1 and 2, stored by STOW-RS."""
@@ -62,7 +49,7 @@ def loaded_study(orthanc):
     series = generate_uid()
     files = [wrap_radiograph(pixels, study, series_uid=series, instance_number=i + 1, modality=("DX", "CR")[i % 2],
                              body_part="HAND", monochrome1=(i == 1), transfer_syntax=ts)
-             for i, (pixels, ts) in enumerate(zip(_radiographs(3), ["jpeg-ls", "jpeg2000", "rle"]))]
+             for i, (pixels, ts) in enumerate(zip(radiographs(3), ["jpeg-ls", "jpeg2000", "rle"]))]
     dicomweb.store_instances(orthanc["uri"], files)
     return study
 
@@ -227,7 +214,6 @@ def test_orthanc_stopped_mid_scoring_fails_clearly_and_the_rerun_resumes(orthanc
     from pydicom.uid import generate_uid
 
     from fracray import dicomweb, storage
-    from fracray.data.synthetic import render_radiograph
     from fracray.pacs.wrap import StudyIdentity, wrap_radiograph
     from fracray.scoring.archive import ScoreConfig, read_image_results, score_archive
 
@@ -236,8 +222,8 @@ def test_orthanc_stopped_mid_scoring_fails_clearly_and_the_rerun_resumes(orthanc
     series = generate_uid()
     n = 8
     dicomweb.store_instances(orthanc["uri"], [
-        wrap_radiograph(render_radiograph(np.random.default_rng(i), "wrist", 320, 256, fracture=i % 2 == 0).pixels,
-                        study, series_uid=series, instance_number=i + 1, body_part="WRIST") for i in range(n)])
+        wrap_radiograph(pixels, study, series_uid=series, instance_number=i + 1, body_part="WRIST")
+        for i, pixels in enumerate(radiographs(n, start=3, body_part="wrist", size=(320, 256), fractured_every=2))])
     pacs = _PacsThatGoesAway(orthanc, retrievals_before_outage=2)
     config = ScoreConfig(input=f"{pacs.uri}?StudyDate=20261125", models=localizing_single_index,
                          output=str(tmp_path / "scores"), chunk_size=1, batch_size=1, concurrency=1)
@@ -280,7 +266,7 @@ def test_load_study_cli_then_index_and_evaluate_through_dicomweb(orthanc, ray_lo
         labels = [1, 1, 0, 0]
     else:
         images, labels = [], []
-        for i, pixels in enumerate(_radiographs(4)):
+        for i, pixels in enumerate(radiographs(4)):
             images.append(tmp_path / f"r{i}.png")
             Image.fromarray(pixels).save(images[-1])
             labels.append(1 - i // 2)

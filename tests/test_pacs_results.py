@@ -64,6 +64,29 @@ def test_structured_report_reads_back_with_every_fact(tmp_path):
     # Evidence: the source image is referenced, so the PACS links the report to it.
     evidence = back.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    # The model (name, version) as the observing device and as the algorithm of every measurement,
+    # with the operating point its decision was taken at.
+    texts = _text_items(back)
+    assert texts["Device Observer Model Name"] == {"fracture_wrist:efficientnet_lite0"}
+    assert texts["Algorithm Name"] == {"fracture_wrist:efficientnet_lite0"}
+    assert texts["Algorithm Version"] == {"2026-11-24T10:00:00+00:00"}
+    assert texts["Algorithm Parameters"] == {"operating point high_sensitivity"}
+
+
+def _text_items(dataset) -> dict[str, set[str]]:
+    """Every TEXT/UIDREF content item of an SR, by concept name (walked through every level)."""
+    found: dict[str, set[str]] = {}
+
+    def walk(items):
+        for item in items:
+            if item.ValueType in ("TEXT", "UIDREF"):
+                value = item.TextValue if item.ValueType == "TEXT" else item.UID
+                found.setdefault(item.ConceptNameCodeSequence[0].CodeMeaning, set()).add(str(value))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(dataset.ContentSequence)
+    return found
 
 
 def test_the_same_study_and_model_give_the_same_instances():

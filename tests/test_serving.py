@@ -378,7 +378,7 @@ def _stow_body(parts: list[bytes]) -> tuple[bytes, str]:
 
 def test_stow_rs_classifies_each_study_and_refuses_what_is_not_an_image(service):
     """STOW-RS on the ingress: instances grouped by StudyInstanceUID, each study classified; an SR,
-    a multi-frame object and bytes that are not DICOM are refused with their STOW failure reasons
+    an RT plan, an ECG, a multi-frame object and bytes that are not DICOM are refused with their STOW failure reasons
     while the rest are scored; the standard DICOM JSON answer with Accept: application/dicom+json."""
     from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
@@ -397,8 +397,10 @@ def test_stow_rs_classifies_each_study_and_refuses_what_is_not_an_image(service)
                             series_uid=series, instance_number=i + 1, body_part="WRIST") for i in range(n)]
 
     (uid_a, study_a), (uid_b, study_b) = study(2, 1), study(1, 5)
-    sr = open(get_testdata_file("test-SR.dcm"), "rb").read()
-    body, content_type = _stow_body(study_a + study_b + [sr])
+    # An SR, an RT plan and an ECG (pydicom's own test objects): no pixels, refused one by one.
+    no_pixels = [open(get_testdata_file(name), "rb").read() for name in ("test-SR.dcm", "rtplan.dcm",
+                                                                        "waveform_ecg.dcm")]
+    body, content_type = _stow_body(study_a + study_b + no_pixels)
     r = session.post(f"{url}/dicomweb/studies", data=body, headers={"Content-Type": content_type})
     assert r.status_code == 200, r.text
     answer = r.json()
@@ -407,7 +409,8 @@ def test_stow_rs_classifies_each_study_and_refuses_what_is_not_an_image(service)
     assert by_uid[uid_a]["study"]["scored"] == 2 and by_uid[uid_b]["study"]["scored"] == 1
     assert all(img["image"]["sop_instance_uid"] and "fracture_probability" in img
                for s in answer["studies"] for img in s["images"])
-    assert [f["error"] for f in answer["failed"]] == ["unsupported_sop_class"]
+    assert [(f["error"], f["detail"]) for f in answer["failed"]] == [("unsupported_sop_class",
+                                                                      "not an image (no pixel data)")] * 3
 
     multiframe = open(get_testdata_file("SC_rgb_rle_2frame.dcm"), "rb").read()
     body, content_type = _stow_body([study_a[0], multiframe, b"not dicom at all"])

@@ -1,5 +1,6 @@
 """Model-only CPU inference benchmark: eager PyTorch against the ONNX Runtime engine
-(float32, "exact"), batch 1, a fixed number of threads (default one), in one run.
+(float32, "exact") and the OpenVINO engine (bf16, "fast"), batch 1, a fixed number of threads
+(default one), in one run.
 
 For each model and input size: median and spread (10th-90th percentile) of ms/image over N
 timed runs (the engines interleaved, so a busy machine slows both alike), images/s per core,
@@ -7,8 +8,10 @@ the model's FLOPs (counted once with torch's FlopCounterMode, multiply-add = 2 F
 GFLOP/s each engine achieves, against the CPU's float32 peak measured by a matmul
 microbenchmark in the same run on the same threads. Ratios are against eager PyTorch.
 
-The ONNX Runtime numbers go through :class:`fracray.inference.engine.OnnxRuntimeEngine`, the
-same class BundleModel uses (its export cache in a temporary folder unless told otherwise).
+The ONNX Runtime and OpenVINO numbers go through :class:`fracray.inference.engine.OnnxRuntimeEngine`
+and :class:`~fracray.inference.engine.OpenVinoEngine`, the classes BundleModel uses (their
+export cache in a temporary folder unless told otherwise). The fast row's GFLOP/s is set against
+the float32 matmul peak too: bf16 units can exceed it, which is the point of the mode.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..inference.engine import OnnxRuntimeEngine, onnxruntime_available
+from ..inference.engine import OnnxRuntimeEngine, OpenVinoEngine, onnxruntime_available, openvino_available
 from ..models.registry import create_model, list_models
 from .preprocess import machine_description
 
@@ -78,9 +81,11 @@ def _stats(seconds: list[float], flops: float, threads: int, peak: float) -> dic
 
 
 def run(*, models: list[str], sizes: list[int], runs: int = 30, warmup: int = 5, threads: int = 1,
-        fracture_map: bool = False, cache_dir: str | None = None, log=print) -> dict[str, Any]:
+        fracture_map: bool = False, cache_dir: str | None = None, fast: bool = True, log=print) -> dict[str, Any]:
+    """``fast``: also time the fast precision (OpenVINO bf16), where openvino is installed."""
     if not onnxruntime_available():
         raise SystemExit("onnxruntime is not installed: pip install the project (it is a dependency)")
+    fast = fast and openvino_available()
     torch.set_num_threads(threads)
     load_before = os.getloadavg()
     peak = matmul_peak()
@@ -97,14 +102,19 @@ def run(*, models: list[str], sizes: list[int], runs: int = 30, warmup: int = 5,
             start = time.perf_counter()
             ort = OnnxRuntimeEngine(model, (3, size, size), cache_dir=cache, threads=threads,
                                     model_spec={"name": name, "localization": fracture_map})
-            log(f"{name} {size}: {flops / 1e9:.2f} GFLOP/image; ONNX Runtime engine ready in "
+            engines: dict[str, Callable[[], Any]] = {"onnxruntime exact": lambda: ort.infer(x)}
+            if fast:
+                ov = OpenVinoEngine(model, (3, size, size), cache_dir=cache, threads=threads,
+                                    model_spec={"name": name, "localization": fracture_map})
+                engines[f"openvino fast ({ov.precision})"] = lambda: ov.infer(x)
+            log(f"{name} {size}: {flops / 1e9:.2f} GFLOP/image; {len(engines)} engine(s) ready in "
                 f"{time.perf_counter() - start:.1f} s; timing {runs} runs ...")
 
             def eager():
                 with torch.no_grad():
                     return model.forward_with_map(x)
 
-            times = _time_interleaved({"eager torch": eager, "onnxruntime exact": lambda: ort.infer(x)}, runs, warmup)
+            times = _time_interleaved({"eager torch": eager, **engines}, runs, warmup)
             results = {engine: _stats(t, flops, threads, peak["best_gflops"]) for engine, t in times.items()}
             base = results["eager torch"]["ms_median"]
             for engine, r in results.items():
@@ -113,22 +123,24 @@ def run(*, models: list[str], sizes: list[int], runs: int = 30, warmup: int = 5,
     return {"machine": machine_description(), "processor": platform.processor(), "threads": threads, "batch": 1,
             "runs": runs, "fracture_map": fracture_map, "matmul_peak": peak, "rows": rows,
             "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
-            "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__}
+            "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
+            "openvino": __import__("openvino").__version__ if fast else None}
 
 
 def format_table(result: dict[str, Any]) -> str:
     peak = result["matmul_peak"]
     lines = [f"{result['machine']}; {result['threads']} thread(s), batch 1, {result['runs']} timed runs "
              f"(median, p10-p90); torch {result['torch']}, onnxruntime {result['onnxruntime']}"
+             + (f", openvino {result['openvino']}" if result.get("openvino") else "")
              + ("; with the fracture map" if result["fracture_map"] else ""),
              f"float32 matmul peak ({peak['n']}^3, same threads): {peak['best_gflops']:.1f} GFLOP/s",
              "load average (1, 5, 15 min) before: " + ", ".join(f"{v:.1f}" for v in result["load_average_before"])
              + "; after: " + ", ".join(f"{v:.1f}" for v in result["load_average_after"]),
              "",
-             f"{'model':<20}{'size':>5}  {'engine':<18}{'ms/image':>9}  {'p10-p90':>13}  {'img/s/core':>10}"
+             f"{'model':<20}{'size':>5}  {'engine':<24}{'ms/image':>9}  {'p10-p90':>13}  {'img/s/core':>10}"
              f"  {'GFLOP':>6}  {'GFLOP/s':>8}  {'% peak':>6}  {'vs eager':>8}"]
     for r in result["rows"]:
-        lines.append(f"{r['model']:<20}{r['size']:>5}  {r['engine']:<18}{r['ms_median']:>9.2f}  "
+        lines.append(f"{r['model']:<20}{r['size']:>5}  {r['engine']:<24}{r['ms_median']:>9.2f}  "
                      f"{r['ms_p10']:>6.1f}-{r['ms_p90']:<6.1f}  {r['images_per_s_per_core']:>10.1f}  "
                      f"{r['gflop_per_image']:>6.2f}  {r['gflops']:>8.1f}  {100 * r['peak_fraction']:>5.1f}%  "
                      f"{r['speedup_vs_eager']:>7.2f}x")
@@ -138,7 +150,8 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None, *, prog: str = "bench_engine.py") -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Model-only CPU inference: eager PyTorch vs the ONNX Runtime engine (float32), batch 1, "
+        description="Model-only CPU inference: eager PyTorch vs the ONNX Runtime engine (float32, exact) and "
+                    "the OpenVINO engine (bf16, fast), batch 1, "
                     "ms/image, images/s per core and achieved GFLOP/s against a float32 matmul peak measured "
                     "in the same run.")
     parser.add_argument("--models", default="efficientnet_lite0",
@@ -150,6 +163,8 @@ def main(argv: list[str] | None = None, *, prog: str = "bench_engine.py") -> int
                                                                "(default: %(default)s)")
     parser.add_argument("--fracture-map", action="store_true",
                         help="include the fracture-map branch (the localising models' extra head)")
+    parser.add_argument("--no-fast", dest="fast", action="store_false",
+                        help="leave out the fast precision (OpenVINO bf16; timed by default where installed)")
     parser.add_argument("--cache-dir", default=None,
                         help="where the ONNX export goes (default: a new temporary folder)")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
@@ -161,7 +176,7 @@ def main(argv: list[str] | None = None, *, prog: str = "bench_engine.py") -> int
     if args.runs < 1 or args.threads < 1:
         parser.error("--runs and --threads must be >= 1")
     result = run(models=models, sizes=[int(s) for s in args.sizes.split(",")], runs=args.runs, warmup=args.warmup,
-                 threads=args.threads, fracture_map=args.fracture_map, cache_dir=args.cache_dir)
+                 threads=args.threads, fracture_map=args.fracture_map, cache_dir=args.cache_dir, fast=args.fast)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:
