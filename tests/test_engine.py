@@ -378,6 +378,14 @@ def _record(bundle: Path) -> dict:
 TEST_GATE = {"MAX_DELTA_AUROC": 0.5, "MAX_DELTA_SENSITIVITY": 0.5}
 
 
+@pytest.fixture
+def test_gate(monkeypatch):
+    """The engine accepts records made against TEST_GATE (it refuses any gate looser than the
+    product's: test_a_record_against_a_looser_gate_or_on_training_images_is_refused)."""
+    for name, value in TEST_GATE.items():
+        monkeypatch.setattr(engines, name, value)
+
+
 @pytest.fixture(scope="module")
 def validated(bundles, tiny_fracatlas, tmp_path_factory, engine_cache) -> tuple[Path, int, str, str]:
     """The fracture-map bundle, copied, validated by the command on the tiny FracAtlas's valid split."""
@@ -427,7 +435,8 @@ def test_the_validation_records_a_passed_fast_mode_in_the_bundle(validated, bund
 
 
 @needs_openvino
-def test_a_validated_bundle_runs_fast_and_the_environment_decides(validated, synthetic_images, monkeypatch):
+def test_a_validated_bundle_runs_fast_and_the_environment_decides(validated, synthetic_images, monkeypatch,
+                                                                   test_gate):
     bundle = str(validated[0])
     fast = BundleModel(bundle, precision="fast")
     assert engines.engine_label(fast.engine) == f"openvino-{'bf16' if _cpu_has_bf16() else 'f32'}"
@@ -446,7 +455,7 @@ def test_a_validated_bundle_runs_fast_and_the_environment_decides(validated, syn
 
 
 @needs_openvino
-def test_a_record_for_other_weights_or_another_openvino_is_refused(validated, tmp_path, engine_cache):
+def test_a_record_for_other_weights_or_another_openvino_is_refused(validated, tmp_path, engine_cache, test_gate):
     model, meta = load_bundle(str(validated[0]))
     assert meta.inference[engines.FAST_MODE_KEY]["passed"] is True  # the record travels with the metadata ...
     with torch.no_grad():
@@ -460,6 +469,34 @@ def test_a_record_for_other_weights_or_another_openvino_is_refused(validated, tm
     (other / "bundle.json").write_text(json.dumps(raw))
     with pytest.raises(engines.FastModeRefused, match="validated with OpenVINO 2020.1.0"):
         BundleModel(str(other), precision="fast")
+
+
+@needs_openvino
+def test_a_record_against_a_looser_gate_or_on_training_images_is_refused(validated, tmp_path, engine_cache):
+    from fracray.evaluation import fast_mode
+
+    assert (engines.MAX_DELTA_AUROC, engines.MAX_DELTA_SENSITIVITY) == (fast_mode.MAX_DELTA_AUROC,
+                                                                         fast_mode.MAX_DELTA_SENSITIVITY)
+    # The fixture's record passed against TEST_GATE (0.5): the product's gate (0.005 / 0.01) does not take it.
+    with pytest.raises(engines.FastModeRefused, match="validated against the gate .*0.5.* not this version's 0.005"):
+        BundleModel(str(validated[0]), precision="fast")
+    strict = shutil.copytree(validated[0], tmp_path / "on-train")
+    raw = json.loads((strict / "bundle.json").read_text())
+    raw["inference"][engines.FAST_MODE_KEY].update(max_delta_auroc=0.005, max_delta_sensitivity=0.01, split="train")
+    (strict / "bundle.json").write_text(json.dumps(raw))
+    with pytest.raises(engines.FastModeRefused, match="split 'train', which holds images the model was trained on"):
+        BundleModel(str(strict), precision="fast")
+    raw["inference"][engines.FAST_MODE_KEY]["split"] = "valid"  # the same record on valid runs
+    (strict / "bundle.json").write_text(json.dumps(raw))
+    assert BundleModel(str(strict), precision="fast").engine.name == "openvino"
+
+
+def test_the_validation_is_refused_on_training_images(bundles, tiny_fracatlas, tmp_path):
+    index = _single_index(bundles["localizing"], tmp_path)
+    for split in ("train", "all"):
+        code, _, err = _validate("--models", index, "--dataset", "fracatlas", "--data", tiny_fracatlas,
+                                 "--split", split, "--dry-run")
+        assert code == 2 and f"split '{split}' holds training images" in err, err
 
 
 @needs_openvino

@@ -27,11 +27,22 @@ if TYPE_CHECKING:
     from ..imaging.preprocess import PreprocessConfig
 
 __all__ = ["BundleMeta", "save_bundle", "load_bundle", "read_bundle_meta", "BUNDLE_FORMAT", "META_FILE", "WEIGHTS_FILE",
-           "code_version"]
+           "code_version", "FAST_MODE_KEY", "FAST_MODE_MAX_DELTA_AUROC", "FAST_MODE_MAX_DELTA_SENSITIVITY",
+           "FAST_MODE_NOT_FOR_VALIDATION"]
 
 BUNDLE_FORMAT = "fracray-bundle/1"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "bundle.json"
+# A bundle's fast-precision validation (inference.engine's OpenVINO bf16) is recorded in
+# bundle.json as inference[FAST_MODE_KEY]. Its gate, the only place these numbers live
+# (evaluation.fast_mode measures against it, inference.engine enforces it):
+# |AUROC(fast) - AUROC(exact)| and |sensitivity(fast) - sensitivity(exact)| at the bundle's own
+# threshold, at most these, on a split the model was not trained on. A record made against a
+# looser gate, or on a split that holds training images, does not count.
+FAST_MODE_KEY = "fast_mode"
+FAST_MODE_MAX_DELTA_AUROC = 0.005
+FAST_MODE_MAX_DELTA_SENSITIVITY = 0.01
+FAST_MODE_NOT_FOR_VALIDATION = ("train", "all")
 
 INTENDED_USE = ("Research and decision support: flags musculoskeletal radiographs likely to show a fracture or "
                 "other abnormality for review by a qualified reader. Not a diagnosis; not cleared as a medical "

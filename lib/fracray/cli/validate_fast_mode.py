@@ -40,7 +40,9 @@ def build_parser(prog: str = "validate_fast_mode.py") -> argparse.ArgumentParser
     parser.add_argument("--dataset", required=True, choices=sorted(adapters.ADAPTERS),
                         help="layout of --data (the gate is defined on fracatlas)")
     parser.add_argument("--data", required=True, help="URI of the labelled collection")
-    parser.add_argument("--split", default="valid", help="split to measure on, or 'all' (default: %(default)s)")
+    parser.add_argument("--split", default="valid",
+                        help="split to measure on: one the models were not trained on (default: %(default)s; "
+                             "train and all are refused)")
     parser.add_argument("--dry-run", action="store_true",
                         help="measure and print, but write nothing into the bundles")
     add_storage_arguments(parser)

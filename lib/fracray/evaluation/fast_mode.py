@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import storage
-from ..artifacts.bundle import META_FILE, read_bundle_meta
+from ..artifacts.bundle import (FAST_MODE_KEY, FAST_MODE_MAX_DELTA_AUROC, FAST_MODE_MAX_DELTA_SENSITIVITY,
+                                FAST_MODE_NOT_FOR_VALIDATION, META_FILE, read_bundle_meta)
 from ..artifacts.index import check_model_index
 from ..data import adapters
 from ..data.manifest import filter_rows
@@ -37,10 +38,11 @@ from ..storage import StorageOptions
 __all__ = ["MAX_DELTA_AUROC", "MAX_DELTA_SENSITIVITY", "ALL_PARTS", "FastModeCheck", "passes_gate",
            "validate_fast_mode", "validate_bundle", "bundle_images", "write_record", "cpu_description", "format_check"]
 
-# The gate (the only place these numbers live): |AUROC(fast) - AUROC(exact)| and
-# |sensitivity(fast) - sensitivity(exact)| at the bundle's own threshold, at most these.
-MAX_DELTA_AUROC = 0.005
-MAX_DELTA_SENSITIVITY = 0.01
+# The gate (artifacts.bundle, where the record's rules live; inference.engine enforces it):
+# |AUROC(fast) - AUROC(exact)| and |sensitivity(fast) - sensitivity(exact)| at the bundle's own
+# threshold, at most these.
+MAX_DELTA_AUROC = FAST_MODE_MAX_DELTA_AUROC
+MAX_DELTA_SENSITIVITY = FAST_MODE_MAX_DELTA_SENSITIVITY
 # The model index's name for one classifier of every body part (train_all --single-model).
 ALL_PARTS = "all"
 # Images decoded and scored at a time (bounded memory, whatever the split's size).
@@ -105,8 +107,6 @@ def cpu_description() -> str:
 def write_record(bundle: str, record: dict[str, Any], options: StorageOptions | None = None) -> str:
     """``record`` into the bundle's bundle.json as ``inference.fast_mode``, everything else in
     the file as it was; returns the file's URI."""
-    from ..inference.predictor import FAST_MODE_KEY
-
     uri = storage.join(bundle, META_FILE)
     raw = json.loads(storage.read_bytes(uri, options))
     raw.setdefault("inference", {})[FAST_MODE_KEY] = record
@@ -195,12 +195,15 @@ def validate_fast_mode(*, dataset: str, data: str, models: str | None = None, bu
     """Every fracture classifier of the model index ``models`` (each on its body part's
     images; a router runs exact in fast mode and is not measured), or the one ``bundle`` (on
     ``body_part``'s images: default the part its training recorded, else all), on the
-    labelled images of ``split`` ("all": every split) of ``data`` (layout ``dataset``)."""
+    labelled images of ``split`` (not "train" nor "all") of ``data`` (layout ``dataset``)."""
     options = storage_options or StorageOptions()
     if (models is None) == (bundle is None):
         raise ValueError("give either a model index (models) or one bundle (bundle)")
     if dataset not in adapters.ADAPTERS:
         raise ValueError(f"Unknown dataset layout {dataset!r}; choose one of {sorted(adapters.ADAPTERS)}")
+    if (split or "all") in FAST_MODE_NOT_FOR_VALIDATION:
+        raise ValueError(f"The fast-mode gate is measured on images the models were not trained on; split "
+                         f"{split or 'all'!r} holds training images: choose valid (or test)")
     if models is not None:
         index = check_model_index(models, options)  # every bundle, before anything is scored
         targets = sorted(index.classifiers.items())

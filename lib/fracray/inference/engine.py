@@ -60,6 +60,13 @@ import numpy as np
 import torch
 from torch import nn
 
+# Where a bundle records its fast-mode validation (bundle.json's inference[FAST_MODE_KEY]) and the
+# gate it must have passed: the bundle format's rules (artifacts.bundle).
+from ..artifacts.bundle import FAST_MODE_KEY
+from ..artifacts.bundle import FAST_MODE_MAX_DELTA_AUROC as MAX_DELTA_AUROC
+from ..artifacts.bundle import FAST_MODE_MAX_DELTA_SENSITIVITY as MAX_DELTA_SENSITIVITY
+from ..artifacts.bundle import FAST_MODE_NOT_FOR_VALIDATION as NOT_FOR_VALIDATION
+
 __all__ = ["ENGINES", "ENGINE_ENV", "CACHE_ENV", "PRECISIONS", "PRECISION_ENV", "DEFAULT_PRECISION",
            "InferenceEngine", "TorchEngine", "OnnxRuntimeEngine", "OpenVinoEngine", "ExportSettings",
            "CachedExport", "cached_export", "requested_engine", "resolve_engine", "requested_precision",
@@ -77,8 +84,6 @@ DEFAULT_PRECISION = "exact"
 # What "fast" is: the engine and the precision it asks the runtime for (what a validation records).
 FAST_ENGINE = "openvino"
 FAST_PRECISION = "bf16"
-# Where a bundle records its fast-mode validation: bundle.json's inference[FAST_MODE_KEY].
-FAST_MODE_KEY = "fast_mode"
 MODEL_FILE = "model.onnx"
 INFO_FILE = "engine.json"
 # Bump when what goes into the exported graph changes (the wrapper below, its outputs).
@@ -250,6 +255,13 @@ def check_fast_mode(record: Any, *, bundle: str, command: str, weights_sha256: s
         refuse(f"inference.{FAST_MODE_KEY} in its bundle.json is not a validation record")
     if record.get("passed") is not True:
         refuse(f"its fast-mode validation failed ({_record_summary(record)})")
+    gate = (record.get("max_delta_auroc"), record.get("max_delta_sensitivity"))
+    if not all(isinstance(v, (int, float)) for v in gate) or gate[0] > MAX_DELTA_AUROC \
+            or gate[1] > MAX_DELTA_SENSITIVITY:
+        refuse(f"it was validated against the gate |ΔAUROC| <= {gate[0]}, |Δsensitivity| <= {gate[1]}, not "
+               f"this version's {MAX_DELTA_AUROC} and {MAX_DELTA_SENSITIVITY}")
+    if record.get("split") in NOT_FOR_VALIDATION:
+        refuse(f"it was measured on split {record.get('split')!r}, which holds images the model was trained on")
     if weights_sha256 is not None and record.get("weights_sha256") != weights_sha256:
         refuse("its weights are not the ones validated (weights_sha256 differs or is missing)")
     if engine is not None:
@@ -532,7 +544,34 @@ def _onnxruntime_outputs(path: str, x: np.ndarray) -> list[np.ndarray]:
     return session.run(None, {session.get_inputs()[0].name: x})
 
 
-class OnnxRuntimeEngine:
+class _ExportedGraphEngine:
+    """What the engines that run the cached export share: flip averaging exactly as
+    ``FractureClassifier.infer`` does it, on the runtime's outputs (``_run``), and the
+    description (``_describe_extra`` adds a runtime's own facts)."""
+
+    name: str
+    precision: str
+    threads: int
+    path: Path
+    key: str
+
+    def _run(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def infer(self, x: torch.Tensor, *, tta_flip: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As ``FractureClassifier.infer``: the same averaging, in the same order, on the
+        runtime's outputs."""
+        return _flip_averaged(self._run, x, tta_flip)
+
+    def _describe_extra(self) -> dict[str, Any]:
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.name, "precision": self.precision, "device": "cpu", "threads": self.threads,
+                "onnx": str(self.path), "cache_key": self.key, **self._describe_extra()}
+
+
+class OnnxRuntimeEngine(_ExportedGraphEngine):
     """The network exported to ONNX (cached, see the module's docs) and run by ONNX Runtime
     on CPU, float32: outputs equal to eager PyTorch within 1e-4."""
 
@@ -568,15 +607,6 @@ class OnnxRuntimeEngine:
         out = self.session.run(self.output_names, {self.input_name: x})
         return torch.from_numpy(out[0]), (torch.from_numpy(out[1]) if len(out) > 1 else None)
 
-    def infer(self, x: torch.Tensor, *, tta_flip: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As ``FractureClassifier.infer``: the same averaging, in the same order, on the
-        runtime's outputs."""
-        return _flip_averaged(self._run, x, tta_flip)
-
-    def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, "precision": self.precision, "device": "cpu", "threads": self.threads,
-                "onnx": str(self.path), "cache_key": self.key}
-
 
 # ----------------------------------------------------------------------------- OpenVINO (fast)
 
@@ -603,7 +633,7 @@ def _type_name(value: Any) -> str:
     return str(name() if callable(name) else value)
 
 
-class OpenVinoEngine:
+class OpenVinoEngine(_ExportedGraphEngine):
     """The fast precision: the same cached ONNX export as :class:`OnnxRuntimeEngine`,
     compiled by OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT`` bf16. ``precision``
     is what the compiled model reports (bf16 where the CPU has it, else f32). Not equal to
@@ -653,11 +683,5 @@ class OpenVinoEngine:
         out = [np.concatenate(parts) for parts in zip(*(self._run_one(x[i:i + 1]) for i in range(len(x))))]
         return torch.from_numpy(out[0]), (torch.from_numpy(out[1]) if len(out) > 1 else None)
 
-    def infer(self, x: torch.Tensor, *, tta_flip: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As ``FractureClassifier.infer``: the same averaging, in the same order, on the
-        runtime's outputs."""
-        return _flip_averaged(self._run, x, tta_flip)
-
-    def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, "precision": self.precision, "device": "cpu", "threads": self.threads,
-                "onnx": str(self.path), "cache_key": self.key, "openvino": self.version}
+    def _describe_extra(self) -> dict[str, Any]:
+        return {"openvino": self.version}
