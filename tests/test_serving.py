@@ -397,10 +397,8 @@ def test_stow_rs_classifies_each_study_and_refuses_what_is_not_an_image(service)
                             series_uid=series, instance_number=i + 1, body_part="WRIST") for i in range(n)]
 
     (uid_a, study_a), (uid_b, study_b) = study(2, 1), study(1, 5)
-    # An SR, an RT plan and an ECG (pydicom's own test objects): no pixels, refused one by one.
-    no_pixels = [open(get_testdata_file(name), "rb").read() for name in ("test-SR.dcm", "rtplan.dcm",
-                                                                        "waveform_ecg.dcm")]
-    body, content_type = _stow_body(study_a + study_b + no_pixels)
+    sr = open(get_testdata_file("test-SR.dcm"), "rb").read()
+    body, content_type = _stow_body(study_a + study_b + [sr])
     r = session.post(f"{url}/dicomweb/studies", data=body, headers={"Content-Type": content_type})
     assert r.status_code == 200, r.text
     answer = r.json()
@@ -410,7 +408,16 @@ def test_stow_rs_classifies_each_study_and_refuses_what_is_not_an_image(service)
     assert all(img["image"]["sop_instance_uid"] and "fracture_probability" in img
                for s in answer["studies"] for img in s["images"])
     assert [(f["error"], f["detail"]) for f in answer["failed"]] == [("unsupported_sop_class",
-                                                                      "not an image (no pixel data)")] * 3
+                                                                      "not an image (no pixel data)")]
+    # An RT plan and an ECG (pydicom's own test objects): no pixels either, refused one by one
+    # while the radiograph beside them is scored.
+    rt_ecg = [open(get_testdata_file(name), "rb").read() for name in ("rtplan.dcm", "waveform_ecg.dcm")]
+    body, content_type = _stow_body(study_b + rt_ecg)
+    r = session.post(f"{url}/dicomweb/studies", data=body, headers={"Content-Type": content_type})
+    assert r.status_code == 200, r.text
+    assert [s["study"]["scored"] for s in r.json()["studies"]] == [1]
+    assert [(f["error"], f["detail"]) for f in r.json()["failed"]] == [("unsupported_sop_class",
+                                                                        "not an image (no pixel data)")] * 2
 
     multiframe = open(get_testdata_file("SC_rgb_rle_2frame.dcm"), "rb").read()
     body, content_type = _stow_body([study_a[0], multiframe, b"not dicom at all"])
