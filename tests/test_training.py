@@ -95,7 +95,9 @@ def small_mura(tmp_path_factory):
     from fracray.data.synthetic import generate_mura
 
     root = tmp_path_factory.mktemp("train-mura")
-    generate_mura(str(root), patients_per_part=3, seed=21, max_side=192, valid_fraction=0.3)
+    # Two validation patients per part, one of them fractured: both classes in each split (one
+    # validation patient per part would round its positives to none).
+    generate_mura(str(root), patients_per_part=4, seed=21, max_side=192, valid_fraction=0.5)
     manifest = adapters.index_mura(str(root)).manifest
     return filter_rows(manifest, split="train"), filter_rows(manifest, split="valid")
 
