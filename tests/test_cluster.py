@@ -260,9 +260,14 @@ def test_train_all_and_score_archive_run_on_both_nodes(two_node_cluster, tmp_pat
     out = tmp_path / "run"
     _submit(two_node_cluster, [python, "pipelines/train_all.py", "--output", str(out), "--body-parts",
                                "wrist,humerus", "--synthetic-patients-per-part", "4", "--epochs", "1",
-                               "--train-batch-size", "8"], timeout=1500)
+                               "--train-batch-size", "8", "--compare-backbones", "efficientnet_lite0"], timeout=1500)
     index = out / "model_index.json"
     assert index.exists() and (out / "report.md").exists()
+    # --compare-backbones: the backbone with and without ImageNet weights, validation metrics and a plot.
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["comparison"]) == {"compare_efficientnet_lite0_imagenet", "compare_efficientnet_lite0_scratch"}
+    assert all(c["valid"] and c["valid"]["n"] > 0 and c["seconds"] > 0 for c in report["comparison"].values())
+    assert (out / "backbone_comparison.png").exists()
     scores = tmp_path / "scores"
     stdout = _submit(two_node_cluster, [python, "pipelines/score_archive.py", "--input", str(out / "synthetic-mura"),
                                         "--models", str(index), "--output", str(scores), "--concurrency", "2"],

@@ -15,11 +15,11 @@ from conftest import REPO
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("train-all")
-    # The embedded default exactly as the README runs it, plus a backbone comparison (two more
-    # runs beside the router and the seven fracture models; it does not change them).
+    # The embedded default exactly as the README runs it. (--compare-backbones is followed on the
+    # two-node cluster's small run in test_cluster.py: here its two runs on every part's images
+    # cost more than the router and the seven fracture models together.)
     proc = subprocess.run(
-        [sys.executable, str(REPO / "pipelines" / "train_all.py"), "--output", str(out / "run"),
-         "--compare-backbones", "efficientnet_lite0"],
+        [sys.executable, str(REPO / "pipelines" / "train_all.py"), "--output", str(out / "run")],
         capture_output=True, text=True, timeout=2400, cwd=out)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out / "run", proc.stdout, proc.stderr
@@ -74,10 +74,7 @@ def test_train_all_trains_router_and_per_bone_models_and_reports(trained):
         with Image.open(run / png) as img:
             assert img.size[0] > 300
     assert "| body part | TP | FN | FP | TN |" in (run / "report.md").read_text()
-    # Backbone comparison: with and without ImageNet weights, validation metrics and a plot.
-    assert set(report["comparison"]) == {"compare_efficientnet_lite0_imagenet", "compare_efficientnet_lite0_scratch"}
-    assert all(c["valid"] and c["valid"]["n"] > 0 and c["seconds"] > 0 for c in report["comparison"].values())
-    assert (run / "backbone_comparison.png").exists()
+    assert not report.get("comparison") and not (run / "backbone_comparison.png").exists()
     assert "Model index for serving and scoring" in stdout
 
 
