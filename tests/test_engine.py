@@ -524,3 +524,126 @@ def test_the_validation_refuses_what_it_cannot_measure(bundles, tiny_fracatlas, 
     assert code == 2 and "No labelled humerus images in split valid" in err, err
     code, _, err = _validate("--bundle", bundles["router"], "--dataset", "fracatlas", "--data", tiny_fracatlas)
     assert code == 2 and "is a 'body_part' bundle" in err, err
+
+
+# ----------------------------------------------------------------------------- --engine / --precision in the jobs
+
+def test_the_commands_offer_the_engines_and_precisions_and_pass_them_on():
+    """serve, score and evaluate: --engine and --precision land in each job's config (serve's in
+    the application's arguments too); the choices are the engine module's."""
+    from fracray.cli import common, evaluate, score_archive, serve
+    from fracray.jobs.serve import serve_args
+
+    assert common.ENGINE_CHOICES == engines.ENGINES and common.PRECISION_CHOICES == engines.PRECISIONS
+    flags = ["--engine", "torch", "--precision", "fast"]
+    config = serve.config_from_args(serve.build_parser().parse_args(["--models", "m.json", *flags]))
+    assert (config.engine, config.precision) == ("torch", "fast")
+    app_args = serve_args(config)
+    assert (app_args.models, app_args.engine, app_args.precision) == ("m.json", "torch", "fast")
+    config = score_archive.config_from_args(score_archive.build_parser().parse_args(
+        ["--input", "a", "--models", "m.json", "--output", "o", *flags]))
+    assert (config.engine, config.precision) == ("torch", "fast")
+    config = evaluate.config_from_args(evaluate.build_parser().parse_args(
+        ["--models", "m.json", "--dataset", "fracatlas", "--data", "d", *flags]))
+    assert (config.engine, config.precision) == ("torch", "fast")
+    defaults = evaluate.config_from_args(evaluate.build_parser().parse_args(
+        ["--models", "m.json", "--dataset", "fracatlas", "--data", "d"]))
+    assert (defaults.engine, defaults.precision) == ("auto", "exact")
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        score_archive.build_parser().parse_args(["--input", "a", "--models", "m", "--output", "o", "--precision", "int8"])
+
+
+@pytest.fixture(scope="module")
+def strict_index(validated, tmp_path_factory) -> str:
+    """A one-model index whose bundle's validation record stands against the product's own gate
+    (the fixture's passed against TEST_GATE): what every process accepts, Ray's actors and
+    Serve's replicas included, where the test's monkeypatched gate does not reach."""
+    from fracray.evaluation import fast_mode
+
+    bundle, code, out, err = validated
+    assert code == 0, out + err
+    folder = tmp_path_factory.mktemp("strict")
+    index = _single_index(str(bundle), folder)
+    meta = folder / "fracture_all" / "bundle.json"
+    raw = json.loads(meta.read_text())
+    raw["inference"][engines.FAST_MODE_KEY].update(max_delta_auroc=fast_mode.MAX_DELTA_AUROC,
+                                                   max_delta_sensitivity=fast_mode.MAX_DELTA_SENSITIVITY)
+    meta.write_text(json.dumps(raw))
+    return index
+
+
+def _fast_label() -> str:
+    return f"openvino-{'bf16' if _cpu_has_bf16() else 'f32'}"
+
+
+@needs_openvino
+def test_score_and_evaluate_run_at_the_engine_and_precision_asked(ray_local, strict_index, bundles, tiny_fracatlas,
+                                                                  tmp_path, engine_cache):
+    import pyarrow.parquet as pq
+
+    from fracray.cli.evaluate import main as evaluate
+    from fracray.cli.score_archive import main as score
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for path in sorted((tiny_fracatlas / "FracAtlas" / "images").rglob("*.jpg"))[:4]:
+        shutil.copy(path, archive / path.name)
+
+    def run(main, *args) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+        return code, out.getvalue(), err.getvalue()
+
+    for flags, label in ((["--precision", "fast"], _fast_label()), (["--engine", "torch"], "torch-float32")):
+        output = tmp_path / f"scores-{label}"
+        code, out, err = run(score, "--input", archive, "--models", strict_index, "--output", output, *flags)
+        assert code == 0, out + err
+        rows = pq.read_table(output / "images").to_pylist()
+        assert len(rows) == 4 and {r["engine"] for r in rows} == {label}, rows
+    # Fast for a bundle that records no validation: refused before the archive is indexed.
+    unvalidated = _single_index(bundles["localizing"], tmp_path / "unvalidated")
+    code, out, err = run(score, "--input", archive, "--models", unvalidated, "--output", tmp_path / "refused",
+                         "--precision", "fast")
+    assert code == 2 and "Fast precision refused" in err and "fracray validate-fast-mode --bundle" in err, err
+    assert not (tmp_path / "refused").exists()
+    # evaluate: every stage at the precision asked; the summary says what was asked and what ran.
+    code, out, err = run(evaluate, "--models", strict_index, "--dataset", "fracatlas", "--data", tiny_fracatlas,
+                         "--precision", "fast")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert (summary["engine"], summary["precision"], summary["engines"]) == ("auto", "fast", [_fast_label()])
+    assert summary["pointing_game"] is not None
+    code, out, err = run(evaluate, "--models", unvalidated, "--dataset", "fracatlas", "--data", tiny_fracatlas,
+                         "--precision", "fast")
+    assert code == 2 and "Fast precision refused" in err, err
+
+
+@needs_openvino
+def test_serve_runs_the_precision_asked_and_refuses_fast_where_unvalidated(ray_local, strict_index, bundles,
+                                                                           tmp_path, engine_cache):
+    import requests
+    from ray import serve
+
+    from conftest import _free_port
+    from fracray.serving.app import build_app
+    from test_serving import _image, _wait_ready
+
+    # Refused by the builder, before a replica starts (they load classifiers on demand).
+    unvalidated = _single_index(bundles["localizing"], tmp_path)
+    with pytest.raises(engines.FastModeRefused, match="records no fast-mode validation"):
+        build_app({"models": unvalidated, "precision": "fast"})
+    with pytest.raises(ValueError, match="precision must be one of exact, fast. Got 'half'"):
+        build_app({"models": strict_index, "precision": "half"})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"models": strict_index, "min_replicas": 1, "precision": "fast"}), name="fast",
+                  route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url)
+        got = requests.post(f"{url}/v1/classify", data=_image(seed=12), timeout=120).json()
+        assert got["engine"] == _fast_label(), got
+        assert requests.get(f"{url}/v1/models", timeout=30).json()["precision"] == "fast"
+    finally:
+        serve.shutdown()

@@ -40,3 +40,24 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
 
 def storage_options_from_args(args: argparse.Namespace) -> StorageOptions:
     return StorageOptions.from_env(args.endpoint_url, args.region, args.anonymous)
+
+
+# inference.engine's ENGINES and PRECISIONS (not imported: --help need not load torch);
+# tests/test_engine.py checks that they agree.
+ENGINE_CHOICES = ("auto", "torch", "onnxruntime")
+PRECISION_CHOICES = ("exact", "fast")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, *, where: str = "the predictor actors") -> None:
+    group = parser.add_argument_group(
+        "inference engine",
+        f"What runs the models in {where} (fracray.inference.engine). FRACRAY_ENGINE and FRACRAY_PRECISION in "
+        f"their environment, when set, win over these flags. Every answer's \"engine\" names what ran "
+        f"(onnxruntime-float32, torch-float32, openvino-bf16).")
+    group.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+                       help="auto (ONNX Runtime on CPU, PyTorch on CUDA; default), torch (eager PyTorch) or "
+                            "onnxruntime")
+    group.add_argument("--precision", choices=PRECISION_CHOICES, default="exact",
+                       help="exact (float32, equal to eager PyTorch within 1e-4; default) or fast (OpenVINO bf16 on "
+                            "CPU: only for fracture models whose bundle records a passed `fracray validate-fast-mode`; "
+                            "refused before anything starts otherwise)")

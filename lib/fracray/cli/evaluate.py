@@ -9,9 +9,9 @@ import sys
 from .. import storage
 from ..data import adapters
 from ..jobs.evaluate import EvaluateConfig, run_evaluate
-from .common import add_storage_arguments, add_verbose_argument, storage_options_from_args
+from .common import add_engine_arguments, add_storage_arguments, add_verbose_argument, storage_options_from_args
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "config_from_args"]
 
 
 def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
@@ -40,18 +40,23 @@ def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
                         help="label at a named operating point of the models (e.g. high_sensitivity, "
                              "high_specificity, 'specificity>=0.90') or a number in [0, 1] (default: each model's "
                              "own threshold)")
+    add_engine_arguments(parser, where="the evaluation's predictor actors")
     add_storage_arguments(parser)
     add_verbose_argument(parser)
     return parser
 
 
+def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
+    return EvaluateConfig(models=args.models, dataset=args.dataset, data=args.data, split=args.split,
+                          output=args.output, storage=storage_options_from_args(args),
+                          pointing_tolerance=args.pointing_tolerance, operating_point=args.operating_point,
+                          engine=args.engine, precision=args.precision)
+
+
 def main(argv: list[str] | None = None, *, prog: str = "evaluate.py") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
-        config = EvaluateConfig(models=args.models, dataset=args.dataset, data=args.data, split=args.split,
-                                output=args.output, storage=storage_options_from_args(args),
-                                pointing_tolerance=args.pointing_tolerance, operating_point=args.operating_point)
-        result = run_evaluate(config, log=lambda line: print(line, file=sys.stderr))
+        result = run_evaluate(config_from_args(args), log=lambda line: print(line, file=sys.stderr))
     except (FileNotFoundError, ValueError, KeyError, ConnectionError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

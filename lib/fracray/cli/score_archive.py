@@ -14,7 +14,7 @@ import sys
 from .. import storage
 from ..data import adapters
 from ..jobs.score import ScoreConfig, format_scoring_summary, run_score
-from .common import add_storage_arguments, add_verbose_argument, storage_options_from_args
+from .common import add_engine_arguments, add_storage_arguments, add_verbose_argument, storage_options_from_args
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -49,6 +49,7 @@ def build_parser(prog: str = "score_archive.py") -> argparse.ArgumentParser:
     parser.add_argument("--operating-point", default=None,
                         help="threshold to label at: a named operating point of the models (e.g. 'sensitivity>=0.95') "
                              "or a number in [0, 1] (default: each model's own threshold)")
+    add_engine_arguments(parser)
     add_storage_arguments(parser)
     add_verbose_argument(parser)
     return parser
@@ -58,7 +59,8 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
     return ScoreConfig(input=args.input, models=args.models, output=args.output, layout=args.layout,
                        chunk_size=args.chunk_size, batch_size=args.batch_size, concurrency=args.concurrency,
                        gpus_per_actor=args.gpus_per_actor, body_part_from_layout=args.body_part_from_layout,
-                       operating_point=args.operating_point, storage=storage_options_from_args(args))
+                       operating_point=args.operating_point, engine=args.engine, precision=args.precision,
+                       storage=storage_options_from_args(args))
 
 
 def main(argv: list[str] | None = None, *, prog: str = "score_archive.py") -> int:

@@ -14,9 +14,9 @@ import threading
 
 from .. import storage
 from ..jobs.serve import DEFAULT_MODELS, ServeJobConfig, start_service
-from .common import add_storage_arguments, add_verbose_argument, storage_options_from_args
+from .common import add_engine_arguments, add_storage_arguments, add_verbose_argument, storage_options_from_args
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "config_from_args"]
 
 
 def build_parser(prog: str = "serve.py") -> argparse.ArgumentParser:
@@ -37,16 +37,19 @@ def build_parser(prog: str = "serve.py") -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=16, help="dynamic batch size; 1 disables batching")
     parser.add_argument("--max-upload-mb", type=float, default=64.0, help="request size limit (default: %(default)s)")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per model replica (default: 0)")
-    parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
-                        help="what runs the models in the replicas: auto (ONNX Runtime on CPU, PyTorch on CUDA; "
-                             "default), torch (eager PyTorch) or onnxruntime; FRACRAY_ENGINE in the replicas' "
-                             "environment wins. Each answer's \"engine\" names what ran")
     parser.add_argument("--token-env", default="FRACRAY_API_TOKEN",
                         help="environment variable holding a bearer token to require (default: %(default)s; "
                              "unset = open)")
+    add_engine_arguments(parser, where="the model replicas")
     add_storage_arguments(parser)
     add_verbose_argument(parser)
     return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServeJobConfig:
+    return ServeJobConfig(models=args.models, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                          max_upload_mb=args.max_upload_mb, num_gpus=args.num_gpus, token_env=args.token_env,
+                          engine=args.engine, precision=args.precision, storage=storage_options_from_args(args))
 
 
 def main(argv: list[str] | None = None, *, prog: str = "serve.py") -> int:
@@ -54,11 +57,7 @@ def main(argv: list[str] | None = None, *, prog: str = "serve.py") -> int:
     from ray import serve
 
     try:
-        config = ServeJobConfig(models=args.models, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-                                max_upload_mb=args.max_upload_mb, num_gpus=args.num_gpus, token_env=args.token_env,
-                                engine=args.engine,
-                                storage=storage_options_from_args(args))
-        handle = start_service(config)
+        handle = start_service(config_from_args(args))
     except (FileNotFoundError, ValueError, RuntimeError, ConnectionError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -38,22 +38,27 @@ HEATMAP_GRADCAM = "Grad-CAM"
 
 def evaluate_graph(manifest: pa.Table, index_uri: str, *, storage_options: StorageOptions | None = None,
                    output_uri: str | None = None, operating_point: str | float | None = None,
-                   pointing_tolerance: float = 0.0) -> tuple[dict[str, list], dict[str, Any]]:
+                   pointing_tolerance: float = 0.0, engine: str | None = None,
+                   precision: str | None = None) -> tuple[dict[str, list], dict[str, Any]]:
     """The whole evaluation of the graph on a labelled manifest: (predictions, summary).
     The summary is :func:`summarize_predictions` with ``pointing_game`` and ``localization``
-    (with ``output_uri``, example overlays are written under it)."""
-    preds = score_manifest(manifest, index_uri, storage_options=storage_options, operating_point=operating_point)
+    (with ``output_uri``, example overlays are written under it). ``engine``, ``precision``:
+    what runs the models in every stage (FracturePredictor's; the predictions' "engine" names it)."""
+    runtime = {"engine": engine, "precision": precision}
+    preds = score_manifest(manifest, index_uri, storage_options=storage_options, operating_point=operating_point,
+                           **runtime)
     summary = summarize_predictions(preds)
     summary["pointing_game"] = pointing_game(manifest, index_uri, storage_options=storage_options,
-                                             tolerance=pointing_tolerance)
+                                             tolerance=pointing_tolerance, **runtime)
     summary["localization"] = localization_report(manifest, preds, index_uri, output_uri=output_uri,
-                                                  storage_options=storage_options)
+                                                  storage_options=storage_options, **runtime)
     return preds, summary
 
 
 def score_manifest(manifest: pa.Table, index_uri: str, *, storage_options: StorageOptions | None = None,
                    batch_size: int = 32, concurrency: int = 1,
-                   operating_point: str | float | None = None) -> dict[str, list]:
+                   operating_point: str | float | None = None, engine: str | None = None,
+                   precision: str | None = None) -> dict[str, list]:
     """Run the predictor over every manifest row (an actor pool); one output row per input,
     labelled at ``operating_point`` (a named point of the bundles, a number, or their default)."""
     import ray
@@ -64,7 +69,8 @@ def score_manifest(manifest: pa.Table, index_uri: str, *, storage_options: Stora
     rows = max(1, min(256, math.ceil(manifest.num_rows / 8)))
     ds = ray.data.from_arrow([manifest.slice(s, rows) for s in range(0, manifest.num_rows, rows)])
     ds = map_predictor(ds, FracturePredictor, {"index_uri": index_uri, "storage_options": options,
-                                               "operating_point": operating_point},
+                                               "operating_point": operating_point, "engine": engine,
+                                               "precision": precision},
                        batch_size=batch_size, plan=ActorPlan(actors=concurrency))
     out: dict[str, list] = defaultdict(list)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # Arrow: nested findings stay lists
@@ -133,10 +139,11 @@ class _PointingGameScorer:
     where it has one, else Grad-CAM of the fracture class (``BundleModel.heatmap``) - through
     the same router -> classifier path as scoring."""
 
-    def __init__(self, index_uri: str, storage_options: StorageOptions | None = None, tolerance: float = 0.0):
+    def __init__(self, index_uri: str, storage_options: StorageOptions | None = None, tolerance: float = 0.0,
+                 engine: str | None = None, precision: str | None = None):
         from ..inference.predictor import FracturePredictor
 
-        self.predictor = FracturePredictor(index_uri, storage_options)
+        self.predictor = FracturePredictor(index_uri, storage_options, engine=engine, precision=precision)
         self.options = storage_options
         self.tolerance = tolerance
 
@@ -173,7 +180,8 @@ class _PointingGameScorer:
 
 
 def pointing_game(manifest: pa.Table, index_uri: str, *, storage_options: StorageOptions | None = None,
-                  tolerance: float = 0.0, limit: int | None = None) -> dict[str, Any] | None:
+                  tolerance: float = 0.0, limit: int | None = None, engine: str | None = None,
+                  precision: str | None = None) -> dict[str, Any] | None:
     """How often the heatmap's peak falls inside a fracture box (FracAtlas YOLO boxes), per
     body part, against the image-centre baseline. The heatmap is the model's fracture map
     where it has one, else Grad-CAM of the fracture class; ``method`` and ``heatmaps`` say
@@ -193,7 +201,8 @@ def pointing_game(manifest: pa.Table, index_uri: str, *, storage_options: Storag
     block = max(1, min(64, math.ceil(rows.num_rows / 4)))
     ds = ray.data.from_arrow([rows.slice(s, block) for s in range(0, rows.num_rows, block)])
     ds = map_predictor(ds, _PointingGameScorer, {"index_uri": index_uri, "storage_options": options,
-                                                 "tolerance": tolerance}, batch_size=8)
+                                                 "tolerance": tolerance, "engine": engine, "precision": precision},
+                       batch_size=8)
     results = defaultdict(list)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for key, values in batch.items():
@@ -323,14 +332,14 @@ def _pick_examples(manifest: pa.Table, preds: dict[str, list], per_kind: int) ->
 
 
 def _render_examples(index_uri: str, options: StorageOptions | None, examples: list[dict[str, Any]],
-                     output_uri: str) -> list[dict[str, Any]]:
+                     output_uri: str, engine: str | None = None, precision: str | None = None) -> list[dict[str, Any]]:
     """Draw each example (heatmap, ground-truth boxes, findings) with the shared overlay_png."""
     from ..imaging.decode import decode_image
     from ..imaging.preprocess import decode_for
     from ..inference.gradcam import overlay_png
     from ..inference.predictor import FracturePredictor
 
-    predictor = FracturePredictor(index_uri, options)
+    predictor = FracturePredictor(index_uri, options, engine=engine, precision=precision)
     written = []
     for ex in examples:
         data = storage.read_bytes(ex["image_uri"], options)
@@ -356,7 +365,8 @@ def _render_examples(index_uri: str, options: StorageOptions | None, examples: l
 
 def localization_report(manifest: pa.Table, preds: dict[str, list], index_uri: str, *,
                         output_uri: str | None = None, storage_options: StorageOptions | None = None,
-                        examples_per_kind: int = 3) -> dict[str, Any] | None:
+                        examples_per_kind: int = 3, engine: str | None = None,
+                        precision: str | None = None) -> dict[str, Any] | None:
     """The evaluation's localisation part, for train_all's report and evaluate.py alike:
     lesion-level FROC (:func:`lesion_evaluation`) and, with ``output_uri``, example overlays
     (``examples/{tp,fp,fn}_<rank>_<image>.png``: the heatmap, fracture boxes in green, the
@@ -374,5 +384,6 @@ def localization_report(manifest: pa.Table, preds: dict[str, list], index_uri: s
         chosen = _pick_examples(manifest, preds, examples_per_kind)
         options = (storage_options or StorageOptions()).resolved()
         task = ray.remote(num_cpus=1)(_render_examples)
-        out["examples"] = ray.get(task.remote(index_uri, options, chosen, output_uri)) if chosen else []
+        out["examples"] = (ray.get(task.remote(index_uri, options, chosen, output_uri, engine, precision))
+                           if chosen else [])
     return out

@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 
 from .. import storage
-from ..artifacts.bundle import load_bundle
+from ..artifacts.bundle import BundleMeta, load_bundle, read_bundle_meta
 from ..artifacts.describe import bundle_name, describe_bundle, resolve_threshold
 from ..artifacts.index import read_model_index
 from ..imaging.decode import ImageRejected, RejectReason
@@ -25,10 +25,10 @@ from ..imaging.regions import FINDINGS_TYPE, findings_to_rows
 from ..imaging.scope import OUT_OF_SCOPE, assess_scope
 from ..storage import StorageOptions
 from .engine import (DEFAULT_PRECISION, FAST_MODE_KEY, InferenceEngine, check_fast_mode, engine_label,
-                     fast_mode_command, make_engine, resolve_precision, weights_digest)
+                     fast_mode_command, make_engine, requested_engine, requested_precision, resolve_precision, weights_digest)
 from .gradcam import gradcam_for_image
 
-__all__ = ["FracturePredictor", "BundleModel", "image_result", "route_decoded", "UnknownBodyPart"]
+__all__ = ["FracturePredictor", "BundleModel", "image_result", "route_decoded", "UnknownBodyPart", "check_precision"]
 
 CPU_MICRO_BATCH = 1
 # Which engine runs predict() when BundleModel is not told (see inference.engine): "auto" is
@@ -82,10 +82,7 @@ class BundleModel:
         return weights_digest(self.model)
 
     def _check_fast_mode(self, engine: InferenceEngine | None = None) -> None:
-        run = (self.meta.training or {}).get("run") or {}
-        command = fast_mode_command(self.uri, self.meta.data.get("dataset") or run.get("dataset"), run.get("data"))
-        check_fast_mode(self.meta.inference.get(FAST_MODE_KEY), bundle=self.uri, command=command,
-                        weights_sha256=self.weights_sha256, engine=engine)
+        _check_bundle_fast_mode(self.uri, self.meta, weights_sha256=self.weights_sha256, engine=engine)
 
     def inputs(self, decoded: list) -> torch.Tensor:
         """Decoded images or :class:`ModelInput`s (prepared for this model's config) -> a batch."""
@@ -205,6 +202,34 @@ class UnknownBodyPart(KeyError):
         return f"No fracture model for body part {self.part!r}; known: {self.known}"
 
 
+def _check_bundle_fast_mode(uri: str, meta: BundleMeta, **given) -> None:
+    """check_fast_mode for one bundle, naming the command that validates it on the data its
+    training recorded."""
+    run = (meta.training or {}).get("run") or {}
+    command = fast_mode_command(uri, meta.data.get("dataset") or run.get("dataset"), run.get("data"))
+    check_fast_mode(meta.inference.get(FAST_MODE_KEY), bundle=uri, command=command, **given)
+
+
+def check_precision(index_uri: str, storage_options: StorageOptions | None = None, *, engine: str | None = None,
+                    precision: str | None = None, device: str | torch.device = "cpu") -> str:
+    """The precision a model index's classifiers will run at ("exact" | "fast";
+    ``$FRACRAY_PRECISION`` wins, as in BundleModel), checked where a job starts, before any
+    actor or replica loads a model: fast is refused (:class:`~fracray.inference.engine.FastModeRefused`,
+    a ValueError with the command that validates) for a fracture bundle whose bundle.json records
+    no passed validation, and (ValueError) where it cannot run (CUDA, an engine asked for by name,
+    no openvino). Each BundleModel checks again against the weights and the OpenVINO it loads."""
+    requested_engine(engine or DEFAULT_ENGINE)  # an unknown name: refused here, not in every actor
+    name = requested_precision(precision)
+    if name != "fast":
+        return name
+    resolve_precision(name, device, engine or DEFAULT_ENGINE)
+    for uri in read_model_index(index_uri, storage_options).classifiers.values():
+        meta = read_bundle_meta(uri, storage_options)
+        if meta.task == "fracture":  # a router runs exact (BundleModel)
+            _check_bundle_fast_mode(uri, meta)
+    return name
+
+
 class FracturePredictor:
     """Loads the router and per-bone bundles named by a model index.
 
@@ -216,7 +241,7 @@ class FracturePredictor:
 
     def __init__(self, index_uri: str, storage_options: StorageOptions | None = None, device: str | None = None,
                  *, use_known_body_part: bool = False, operating_point: str | float | None = None,
-                 check_scope: bool = True):
+                 check_scope: bool = True, engine: str | None = None, precision: str | None = None):
         self.options = storage_options
         # Refuse what is not a limb radiograph (photos, CT/MR/US, chest films, blank images): imaging.scope.
         self.check_scope = check_scope
@@ -225,8 +250,10 @@ class FracturePredictor:
         self.operating_point = operating_point
         self.index = read_model_index(index_uri, storage_options)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.router = BundleModel(self.index.router, storage_options, self.device) if self.index.router else None
-        self.classifiers = {part: BundleModel(uri, storage_options, self.device)
+        # engine / precision: BundleModel's (each answer's "engine" names what ran).
+        self.router = (BundleModel(self.index.router, storage_options, self.device, engine, precision)
+                       if self.index.router else None)
+        self.classifiers = {part: BundleModel(uri, storage_options, self.device, engine, precision)
                             for part, uri in self.index.classifiers.items()}
         if not self.classifiers:
             raise ValueError("The model index names no fracture classifiers")

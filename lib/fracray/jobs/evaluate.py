@@ -33,6 +33,8 @@ class EvaluateConfig:
     storage: StorageOptions = StorageOptions()
     pointing_tolerance: float = 0.0
     operating_point: str | float | None = None
+    engine: str = "auto"                     # what runs the models (inference.engine; $FRACRAY_ENGINE wins)
+    precision: str = "exact"                 # exact | fast (a validated bundle only; $FRACRAY_PRECISION wins)
 
     def __post_init__(self):
         if self.dataset not in adapters.ADAPTERS:
@@ -63,13 +65,20 @@ def run_evaluate(config: EvaluateConfig, *, log: Callable[[str], None] = print) 
     if config.operating_point not in (None, "", "default"):  # refuse an unknown point before any work starts
         for uri in index.classifiers.values():
             resolve_threshold(read_bundle_meta(uri, options), config.operating_point)
+    from ..inference.predictor import check_precision  # torch: only once the job runs
+
+    check_precision(config.models, options, engine=config.engine, precision=config.precision)
     connect()
     log(f"Evaluating {manifest.num_rows} images of {config.data} ({split or 'all'}) with {config.models} ...")
     preds, summary = evaluate_graph(manifest, config.models, storage_options=options, output_uri=config.output,
                                     operating_point=config.operating_point,
-                                    pointing_tolerance=config.pointing_tolerance)
+                                    pointing_tolerance=config.pointing_tolerance, engine=config.engine,
+                                    precision=config.precision)
     summary.update(models=config.models, dataset=config.dataset, data=config.data, split=split or "all",
-                   operating_point=config.operating_point or "default")
+                   operating_point=config.operating_point or "default",
+                   # What was asked, and what computed the probabilities (each prediction's "engine").
+                   engine=config.engine, precision=config.precision,
+                   engines=sorted({e for e in preds.get("engine", []) if e}))
     plots: dict[str, str] = {}
     if config.output:
         plots = write_training_plots(summary, config.output, options)

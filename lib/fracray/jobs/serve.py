@@ -13,7 +13,7 @@ from ..raycluster import connect
 from ..serving.proxy_guard import configure_environment
 from ..storage import StorageOptions
 
-__all__ = ["ServeJobConfig", "ServeHandle", "DEFAULT_MODELS", "start_service"]
+__all__ = ["ServeJobConfig", "ServeHandle", "DEFAULT_MODELS", "serve_args", "start_service"]
 
 DEFAULT_MODELS = "runs/latest/model_index.json"
 
@@ -28,6 +28,7 @@ class ServeJobConfig:
     num_gpus: float | None = None
     token_env: str = "FRACRAY_API_TOKEN"
     engine: str = "auto"                    # what runs the models in the replicas (ServeArgs.engine)
+    precision: str = "exact"                # and at which precision (ServeArgs.precision)
     storage: StorageOptions = StorageOptions()
 
     def __post_init__(self):
@@ -42,12 +43,23 @@ class ServeHandle:
     protected: bool                          # a bearer token is required
 
 
+def serve_args(config: ServeJobConfig, models: str | None = None):
+    """The application's arguments (:class:`~fracray.serving.app.ServeArgs`) for this job."""
+    from ..serving.app import ServeArgs
+
+    options = config.storage
+    return ServeArgs(models=models or config.models or DEFAULT_MODELS, max_batch_size=config.max_batch_size,
+                     max_upload_mb=config.max_upload_mb, num_gpus=config.num_gpus, auth_token_env=config.token_env,
+                     engine=config.engine, precision=config.precision, endpoint_url=options.endpoint_url,
+                     region=options.region, anonymous=options.anonymous)
+
+
 def start_service(config: ServeJobConfig, *, log: Callable[[str], None] = print) -> ServeHandle:
     """Check the models, start Ray Serve with the application and return once it is deployed
     (``serve.shutdown()`` stops it)."""
     from ray import serve
 
-    from ..serving.app import ServeArgs, build_app  # Ray Serve and FastAPI: only where a service starts
+    from ..serving.app import build_app  # Ray Serve and FastAPI: only where a service starts
 
     models = config.models or DEFAULT_MODELS
     if config.models is None and not storage.exists(storage.normalize(models)):
@@ -56,11 +68,7 @@ def start_service(config: ServeJobConfig, *, log: Callable[[str], None] = print)
 
         run_train_all(TrainAllConfig(), log=log)
     check_model_index(models, config.storage)
-    options = config.storage
-    serve_args = ServeArgs(models=models, max_batch_size=config.max_batch_size, max_upload_mb=config.max_upload_mb,
-                           num_gpus=config.num_gpus, auth_token_env=config.token_env, engine=config.engine,
-                           endpoint_url=options.endpoint_url, region=options.region, anonymous=options.anonymous)
-    application = build_app(serve_args)
+    application = build_app(serve_args(config, models))
     # Serve's proxy runs the request limits only if Ray starts with them in its environment
     # (a Ray that is joined keeps its own: cluster nodes set it, see cluster/Dockerfile).
     configure_environment(max_body_mb=max(config.max_upload_mb, float(os.environ.get("FRACRAY_MAX_BODY_MB", 0))))

@@ -97,6 +97,8 @@ class ScoreConfig:
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs
     body_part_from_layout: bool = False  # trust MURA-style body-part folders over the router
     operating_point: str | None = None   # None: each model's own threshold
+    engine: str = "auto"                 # what runs the models in the actors (inference.engine; $FRACRAY_ENGINE wins)
+    precision: str = "exact"             # exact | fast (validated bundles only; $FRACRAY_PRECISION wins)
     storage: StorageOptions = StorageOptions()
 
     def __post_init__(self):
@@ -306,12 +308,15 @@ def score_archive(config: ScoreConfig, *, log: Callable[[str], None] = print,
     """Score every image under ``config.input``; returns the summary (also written to summary.json)."""
     import ray
 
-    from ..inference.predictor import FracturePredictor  # torch: in the actors, not to read the results
+    from ..inference.predictor import FracturePredictor, check_precision  # torch: here, not to read the results
 
     started = time.time()
     options = config.storage.resolved()
     output = storage.normalize(config.output)
     check_model_index(config.models, options)  # fail before any work if the index or a bundle is not there
+    # ... or if the engine or precision asked for cannot run them (fast: a bundle without a passed validation).
+    check_precision(config.models, options, engine=config.engine, precision=config.precision,
+                    device="cuda" if (config.gpus_per_actor or 0) > 0 else "cpu")
     work, run = _prepare(config, output, log)
     done = _done_chunks(output, options)
     pending = sorted(set(range(run["chunks"])) - done)
@@ -323,6 +328,8 @@ def score_archive(config: ScoreConfig, *, log: Callable[[str], None] = print,
     scored_now = 0
     if pending:
         plan = plan_actors(config.concurrency, config.gpus_per_actor)
+        if plan.gpus_per_actor and not config.gpus_per_actor:  # GPUs found: where fast does not run
+            check_precision(config.models, options, engine=config.engine, precision=config.precision, device="cuda")
         # A chunk is one block: more actors than chunks would idle.
         plan = dataclasses.replace(plan, actors=min(plan.actors, len(pending)))
         # One block per chunk: a chunk's rows travel together, so they finish close in time.
@@ -330,7 +337,8 @@ def score_archive(config: ScoreConfig, *, log: Callable[[str], None] = print,
         ds = map_predictor(ray.data.from_arrow(blocks), FracturePredictor,
                            {"index_uri": storage.normalize(config.models), "storage_options": options,
                             "use_known_body_part": config.body_part_from_layout,
-                            "operating_point": config.operating_point},
+                            "operating_point": config.operating_point, "engine": config.engine,
+                            "precision": config.precision},
                            batch_size=config.batch_size, plan=plan)
         log(f"Scoring with {plan.actors} predictor actor(s)"
             + (f", {plan.gpus_per_actor:g} GPU each" if plan.gpus_per_actor else ""))

@@ -89,6 +89,10 @@ class ServeArgs:
     # What runs the models in the replicas (inference.engine): auto = ONNX Runtime on CPU, PyTorch on
     # CUDA; torch or onnxruntime to choose. FRACRAY_ENGINE in a replica's environment still wins.
     engine: str = "auto"
+    # At which precision: exact (float32) or fast (OpenVINO bf16 on CPU, only for fracture bundles
+    # whose bundle.json records a passed validation: build_app refuses the others before deploying).
+    # FRACRAY_PRECISION in a replica's environment still wins.
+    precision: str = "exact"
 
     @classmethod
     def parse(cls, args: "ServeArgs | dict[str, Any] | None") -> "ServeArgs":
@@ -100,10 +104,12 @@ class ServeArgs:
         if unknown:
             raise ValueError(f"Unknown application arguments {unknown}; known: {sorted(known)}")
         parsed = cls(**args)
-        from ..inference.engine import ENGINES  # names only; the engines load in the replicas
+        from ..inference.engine import ENGINES, PRECISIONS  # names only; the engines load in the replicas
 
         if parsed.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}. Got {parsed.engine!r}")
+        if parsed.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}. Got {parsed.precision!r}")
         if (parsed.max_batch_size < 1 or parsed.max_upload_mb <= 0 or parsed.max_study_images < 1
                 or parsed.min_replicas < 1):
             raise ValueError(f"max_batch_size, max_upload_mb, max_study_images and min_replicas must be positive. "
@@ -151,7 +157,8 @@ class BodyPartRouter:
         options = args.storage_options
         index = read_model_index(args.models, options)
         self.body_parts = sorted(index.classifiers)
-        self.model = BundleModel(index.router, options, _device(), engine=args.engine) if index.router else None
+        self.model = (BundleModel(index.router, options, _device(), engine=args.engine, precision=args.precision)
+                      if index.router else None)
         self.route.set_max_batch_size(args.max_batch_size)
         self.route.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
@@ -191,7 +198,7 @@ class FractureClassifiers:
         if body_part not in self.index.classifiers:
             raise UnknownBodyPart(body_part, sorted(self.index.classifiers))
         return await asyncio.to_thread(BundleModel, self.index.classifiers[body_part], self.args.storage_options,
-                                       _device(), engine=self.args.engine)
+                                       _device(), engine=self.args.engine, precision=self.args.precision)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def classify(self, images: list, body_parts: list[str]) -> list[tuple[float, str, int, list[dict], str]]:
@@ -250,7 +257,8 @@ _RESULT_FIELDS = (
     "image's own pixels (x1, y1 exclusive), score: the map's peak probability in the box, peak: [x, y] of that "
     "peak}; an empty list when none reaches the model's minimum score or the model has no fracture map (see "
     "/v1/models: localization.localizes). image gives the upload's width and height, the frame of the boxes. "
-    "engine names what computed the probability: onnxruntime-float32 (CPU) or torch-float32 (eager PyTorch).")
+    "engine names what computed the probability: onnxruntime-float32 (CPU), torch-float32 (eager PyTorch) or "
+    "openvino-bf16 (the fast precision, for a bundle validated for it).")
 
 
 def _body_part_query():
@@ -413,7 +421,7 @@ class Ingress:
                        "classifiers": {p: describe_bundle(self.index.classifiers[p], m) for p, m in self.metas.items()},
                        "dataset": self.index.dataset, "index_created": self.index.created,
                        # Asked of the replicas; each answer's "engine" names what ran.
-                       "engine": self.args.engine}
+                       "engine": self.args.engine, "precision": self.args.precision}
         from ..imaging.preprocess import PreprocessConfig, shared_decode_config
 
         decode = shared_decode_config([m.preprocess_config() for m in
@@ -839,6 +847,12 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None):
     args = ServeArgs.parse(args)
     if not storage.is_remote(args.models):
         args = dataclasses.replace(args, models=storage.normalize(args.models))  # replicas have other cwds
+    from ..inference.predictor import check_precision
+
+    # Fast precision for a bundle without a passed validation: refused here, not by every request
+    # that reaches a replica (which loads its classifiers on demand and checks again).
+    check_precision(args.models, args.storage_options, engine=args.engine, precision=args.precision,
+                    device="cuda" if args.num_gpus else "cpu")
     model_options: dict[str, Any] = {}
     if args.num_gpus is not None:
         model_options["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": args.num_gpus}
