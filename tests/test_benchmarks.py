@@ -46,6 +46,7 @@ def test_bench_engine_times_eager_exact_and_fast_side_by_side(tmp_path):
                         log=lambda *_: None)
     engines = [row["engine"] for row in result["rows"]]
     assert engines[:2] == ["eager torch", "onnxruntime exact"] and engines[2].startswith("openvino fast (")
+    assert engines[3] == "openvino fast (int8)"  # the quantised graph, as validate-fast-mode makes it
     assert all(row["ms_median"] > 0 and math.isfinite(row["gflops"]) for row in result["rows"])
     assert result["rows"][0]["speedup_vs_eager"] == 1.0 and result["openvino"]
     table = engine.format_table(result)

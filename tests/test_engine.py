@@ -212,7 +212,7 @@ def test_an_unknown_engine_names_the_choices(bundles, engine_cache, monkeypatch)
         BundleModel(bundles["fracture"], engine="tensorrt")
     monkeypatch.setenv(engines.ENGINE_ENV, "openvino")  # not an engine to choose: it is the fast precision
     with pytest.raises(ValueError, match=r"'openvino' \(\$FRACRAY_ENGINE\); choose one of auto, torch, onnxruntime "
-                                         r"\(OpenVINO bf16 is the fast precision: FRACRAY_PRECISION=fast\)"):
+                                         r"\(OpenVINO is the fast precision: FRACRAY_PRECISION=fast\)"):
         BundleModel(bundles["fracture"])
 
 
@@ -398,7 +398,7 @@ def validated(bundles, tiny_fracatlas, tmp_path_factory, engine_cache) -> tuple[
         for name, value in TEST_GATE.items():
             mp.setattr(fast_mode, name, value)
         code, out, err = _validate("--models", index, "--dataset", "fracatlas", "--data", tiny_fracatlas,
-                                   "--split", "valid")
+                                   "--split", "valid", "--kind", "bf16")
     return Path(index).parent / "fracture_all", code, out, err
 
 
@@ -647,3 +647,99 @@ def test_serve_runs_the_precision_asked_and_refuses_fast_where_unvalidated(ray_l
         assert requests.get(f"{url}/v1/models", timeout=30).json()["precision"] == "fast"
     finally:
         serve.shutdown()
+
+
+# ----------------------------------------------------------------------------- fast as INT8
+
+
+@pytest.fixture(scope="module")
+def validated_int8(bundles, tiny_fracatlas, tmp_path_factory, engine_cache) -> tuple[Path, int, str, str]:
+    """The fracture-map bundle, copied, quantised and validated by the command (its default
+    kind, INT8) on the tiny FracAtlas: calibrated on 8 training images, measured on valid."""
+    from fracray.evaluation import fast_mode
+
+    if not engines.openvino_available():
+        pytest.skip("openvino is not importable (a dependency: pip install -e . installs it)")
+    index = _single_index(bundles["localizing"], tmp_path_factory.mktemp("validated-int8"))
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in TEST_GATE.items():
+            mp.setattr(fast_mode, name, value)
+        code, out, err = _validate("--models", index, "--dataset", "fracatlas", "--data", tiny_fracatlas,
+                                   "--calibration-images", 8)
+    return Path(index).parent / "fracture_all", code, out, err
+
+
+@needs_openvino
+def test_int8_validation_quantises_on_training_images_and_stores_the_graph(validated_int8, tiny_fracatlas):
+    import hashlib
+
+    from fracray.data import adapters
+
+    bundle, code, out, err = validated_int8
+    assert code == 0, out + err
+    record = _record(bundle)
+    assert (record["engine"], record["precision"], record["passed"]) == ("openvino", "int8", True)
+    graph = bundle / record["graph"]
+    assert record["graph"] == engines.FAST_GRAPH_FILE and graph.exists()
+    assert record["graph_sha256"] == hashlib.sha256(graph.read_bytes()).hexdigest()
+    quantization = record["quantization"]
+    assert (quantization["split"], quantization["method"], quantization["format"]) == ("train", "minmax", "QDQ")
+    train = adapters.index_dataset("fracatlas", str(tiny_fracatlas)).manifest
+    n_train = sum(1 for s in train["split"].to_pylist() if s == "train")
+    assert 1 <= quantization["images"] <= min(8, n_train)
+    # Each calibration image and, as the bundle averages flips, its mirror image.
+    flips = 2 if record["tta_flip"] else 1
+    assert quantization["calibration_inputs"] == flips * quantization["images"]
+    assert record["split"] == "valid" and "int8" in out and "PASSED" in out
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(graph)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # a quantised graph, not a copy of the float one
+
+
+@needs_openvino
+def test_an_int8_bundle_runs_its_own_graph_and_refuses_another(validated_int8, synthetic_images, tmp_path,
+                                                               test_gate):
+    bundle = validated_int8[0]
+    fast, exact = BundleModel(str(bundle), precision="fast"), BundleModel(str(bundle))
+    assert engines.engine_label(fast.engine) == "openvino-int8"
+    assert fast.engine.describe()["graph_sha256"] == _record(bundle)["graph_sha256"]
+    p_fast, p_exact = fast.probabilities(synthetic_images), exact.probabilities(synthetic_images)
+    assert np.abs(p_fast - p_exact).max() < 0.1  # close, not equal: the gate, not a tolerance, decides
+    # Another graph than the one validated: refused, as is a bundle whose graph is gone.
+    changed = shutil.copytree(bundle, tmp_path / "changed")
+    raw = json.loads((changed / "bundle.json").read_text())
+    raw["inference"][engines.FAST_MODE_KEY]["graph_sha256"] = "0" * 64
+    (changed / "bundle.json").write_text(json.dumps(raw))
+    with pytest.raises(engines.FastModeRefused, match="INT8 graph \\(fast_int8.onnx\\) is not the one validated"):
+        BundleModel(str(changed), precision="fast")
+    missing = shutil.copytree(bundle, tmp_path / "missing")
+    (missing / engines.FAST_GRAPH_FILE).unlink()
+    with pytest.raises(engines.FastModeRefused, match="validated INT8 graph .* cannot be read"):
+        BundleModel(str(missing), precision="fast")
+
+
+def test_int8_calibrates_on_another_split_than_it_measures(bundles, tiny_fracatlas, tmp_path):
+    index = _single_index(bundles["localizing"], tmp_path)
+    code, _, err = _validate("--models", index, "--dataset", "fracatlas", "--data", tiny_fracatlas,
+                             "--calibration-split", "valid", "--dry-run")
+    assert code == 2 and "calibration_split must be another split than 'valid'" in err, err
+    code, _, err = _validate("--models", index, "--dataset", "fracatlas", "--data", tiny_fracatlas,
+                             "--calibration-split", "nosuch", "--dry-run")
+    assert code == 2 and "No labelled all images in split nosuch" in err, err
+    assert not (tmp_path / "fracture_all" / engines.FAST_GRAPH_FILE).exists()
+
+
+@needs_openvino
+def test_an_int8_dry_run_writes_no_graph(bundles, tiny_fracatlas, tmp_path, engine_cache, monkeypatch):
+    from fracray.evaluation import fast_mode
+
+    for name, value in TEST_GATE.items():
+        monkeypatch.setattr(fast_mode, name, value)
+    index = _single_index(bundles["localizing"], tmp_path)
+    before = (tmp_path / "fracture_all" / "bundle.json").read_bytes()
+    code, out, err = _validate("--models", index, "--dataset", "fracatlas", "--data", tiny_fracatlas,
+                               "--calibration-images", 4, "--dry-run")
+    assert code == 0 and "openvino-int8" in out and "not recorded" in out, out + err
+    assert (tmp_path / "fracture_all" / "bundle.json").read_bytes() == before
+    assert not (tmp_path / "fracture_all" / engines.FAST_GRAPH_FILE).exists()

@@ -1,6 +1,6 @@
 """Model-only CPU inference benchmark: eager PyTorch against the ONNX Runtime engine
-(float32, "exact") and the OpenVINO engine (bf16, "fast"), batch 1, a fixed number of threads
-(default one), in one run.
+(float32, "exact") and the OpenVINO engine in both fast kinds (INT8 on the quantised graph,
+bf16 on the float one), batch 1, a fixed number of threads (default one), in one run.
 
 For each model and input size: median and spread (10th-90th percentile) of ms/image over N
 timed runs (the engines interleaved, so a busy machine slows both alike), images/s per core,
@@ -10,8 +10,10 @@ microbenchmark in the same run on the same threads. Ratios are against eager PyT
 
 The ONNX Runtime and OpenVINO numbers go through :class:`fracray.inference.engine.OnnxRuntimeEngine`
 and :class:`~fracray.inference.engine.OpenVinoEngine`, the classes BundleModel uses (their
-export cache in a temporary folder unless told otherwise). The fast row's GFLOP/s is set against
-the float32 matmul peak too: bf16 units can exceed it, which is the point of the mode.
+export cache in a temporary folder unless told otherwise). The INT8 graph is quantised by
+:func:`~fracray.inference.engine.quantize_int8`, as validate-fast-mode does, calibrated here on
+smooth random images (the timing does not depend on the ranges). The fast rows' GFLOP/s is set
+against the float32 matmul peak too: bf16 and INT8 units can exceed it, which is the point.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..inference.engine import OnnxRuntimeEngine, OpenVinoEngine, onnxruntime_available, openvino_available
+from ..inference.engine import (OnnxRuntimeEngine, OpenVinoEngine, onnxruntime_available, openvino_available,
+                                quantize_int8)
 from ..models.registry import create_model, list_models
 from .preprocess import machine_description
 
@@ -59,6 +62,17 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
+def _calibration_inputs(size: int, n: int = 8):
+    """Smooth random images in the normalised range (what a calibration slice looks like to the
+    quantiser, as far as timing goes)."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(n):
+        low = torch.nn.functional.interpolate(torch.rand(1, 1, 8, 8, generator=g), size=(size, size),
+                                              mode="bilinear", align_corners=False)
+        image = (0.8 * low + 0.2 * torch.rand(1, 1, size, size, generator=g)).expand(1, 3, size, size)
+        yield ((image - 0.45) / 0.226).numpy()
+
+
 def _time_interleaved(fns: dict[str, Callable[[], Any]], runs: int, warmup: int) -> dict[str, list[float]]:
     for _ in range(warmup):
         for fn in fns.values():
@@ -82,7 +96,7 @@ def _stats(seconds: list[float], flops: float, threads: int, peak: float) -> dic
 
 def run(*, models: list[str], sizes: list[int], runs: int = 30, warmup: int = 5, threads: int = 1,
         fracture_map: bool = False, cache_dir: str | None = None, fast: bool = True, log=print) -> dict[str, Any]:
-    """``fast``: also time the fast precision (OpenVINO bf16), where openvino is installed."""
+    """``fast``: also time the fast precision (OpenVINO INT8 and bf16), where openvino is installed."""
     if not onnxruntime_available():
         raise SystemExit("onnxruntime is not installed: pip install the project (it is a dependency)")
     fast = fast and openvino_available()
@@ -107,6 +121,10 @@ def run(*, models: list[str], sizes: list[int], runs: int = 30, warmup: int = 5,
                 ov = OpenVinoEngine(model, (3, size, size), cache_dir=cache, threads=threads,
                                     model_spec={"name": name, "localization": fracture_map})
                 engines[f"openvino fast ({ov.precision})"] = lambda: ov.infer(x)
+                graph = os.path.join(cache, f"{name}-{size}-int8.onnx")
+                quantize_int8(ort.path, lambda: _calibration_inputs(size), graph)
+                ov8 = OpenVinoEngine(model, (3, size, size), cache_dir=cache, threads=threads, graph=graph)
+                engines[f"openvino fast ({ov8.precision})"] = lambda: ov8.infer(x)
             log(f"{name} {size}: {flops / 1e9:.2f} GFLOP/image; {len(engines)} engine(s) ready in "
                 f"{time.perf_counter() - start:.1f} s; timing {runs} runs ...")
 
@@ -151,7 +169,7 @@ def main(argv: list[str] | None = None, *, prog: str = "bench_engine.py") -> int
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Model-only CPU inference: eager PyTorch vs the ONNX Runtime engine (float32, exact) and "
-                    "the OpenVINO engine (bf16, fast), batch 1, "
+                    "the OpenVINO engine (fast: INT8 on the quantised graph, and bf16), batch 1, "
                     "ms/image, images/s per core and achieved GFLOP/s against a float32 matmul peak measured "
                     "in the same run.")
     parser.add_argument("--models", default="efficientnet_lite0",
@@ -164,7 +182,8 @@ def main(argv: list[str] | None = None, *, prog: str = "bench_engine.py") -> int
     parser.add_argument("--fracture-map", action="store_true",
                         help="include the fracture-map branch (the localising models' extra head)")
     parser.add_argument("--no-fast", dest="fast", action="store_false",
-                        help="leave out the fast precision (OpenVINO bf16; timed by default where installed)")
+                        help="leave out the fast precision (OpenVINO INT8 and bf16; timed by default where "
+                             "installed)")
     parser.add_argument("--cache-dir", default=None,
                         help="where the ONNX export goes (default: a new temporary folder)")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")

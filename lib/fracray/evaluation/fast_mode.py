@@ -1,7 +1,10 @@
 """The fast precision's gate: a bundle's fracture probabilities, exact against fast, on labelled data.
 
-The fast precision (OpenVINO bf16, :mod:`fracray.inference.engine`) does not give eager
-PyTorch's numbers, so a bundle may run it only after this check: the labelled images of the
+The fast precision (OpenVINO, INT8 or bf16: :mod:`fracray.inference.engine`) does not give eager
+PyTorch's numbers, so a bundle may run it only after this check. For INT8 the check first makes
+the quantised graph: ONNX Runtime's static quantisation, its activation ranges calibrated on a
+slice of the bundle's *training* split (never the images it is then measured on); the graph is
+written into the bundle beside the record. Then the labelled images of the
 bundle's body part in one split (FracAtlas valid) are scored in one process, without Ray, by
 the bundle at exact (float32) and at fast precision, decoded and preprocessed once with the
 bundle's own config (the functions :class:`~fracray.inference.predictor.BundleModel` uses),
@@ -35,7 +38,8 @@ from ..data.manifest import filter_rows
 from ..metrics.classification import binary_metrics
 from ..storage import StorageOptions
 
-__all__ = ["MAX_DELTA_AUROC", "MAX_DELTA_SENSITIVITY", "ALL_PARTS", "FastModeCheck", "passes_gate",
+__all__ = ["MAX_DELTA_AUROC", "MAX_DELTA_SENSITIVITY", "ALL_PARTS", "DEFAULT_KIND", "CALIBRATION_IMAGES",
+           "FastModeCheck", "passes_gate", "calibration_rows",
            "validate_fast_mode", "validate_bundle", "bundle_images", "write_record", "cpu_description", "format_check"]
 
 # The gate (artifacts.bundle, where the record's rules live; inference.engine enforces it):
@@ -47,6 +51,10 @@ MAX_DELTA_SENSITIVITY = FAST_MODE_MAX_DELTA_SENSITIVITY
 ALL_PARTS = "all"
 # Images decoded and scored at a time (bounded memory, whatever the split's size).
 CHUNK = 32
+# What validate-fast-mode measures unless told: INT8 (the faster kind on the CPUs measured, see
+# the README's engine table), calibrated on this many training images of the bundle's body part.
+DEFAULT_KIND = "int8"
+CALIBRATION_IMAGES = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +92,22 @@ def _part_of_bundle(meta) -> str:
     return name[len("fracture_"):] if name.startswith("fracture_") else ALL_PARTS
 
 
+def calibration_rows(manifest: pa.Table, body_part: str, n: int, seed: int = 0) -> pa.Table:
+    """Up to ``n`` labelled rows of ``body_part`` from ``manifest`` (the calibration split), the
+    same share of fractured images as the split has, drawn with ``seed``."""
+    rows = bundle_images(manifest, body_part)
+    if rows.num_rows <= n:
+        return rows
+    labels = np.asarray(rows["image_label"].to_pylist())
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for value in (0, 1):
+        members = np.flatnonzero(labels == value)
+        take = int(round(n * len(members) / len(labels)))
+        chosen += rng.choice(members, size=min(take, len(members)), replace=False).tolist()
+    return rows.take(pa.array(sorted(chosen), pa.int64()))
+
+
 def cpu_description() -> str:
     """The CPU the validation ran on: its model name, CPU count and the bf16 features the
     runtime can use (bf16 results can differ between CPUs that compute them differently)."""
@@ -114,48 +138,109 @@ def write_record(bundle: str, record: dict[str, Any], options: StorageOptions | 
     return uri
 
 
-def validate_bundle(bundle: str, images: pa.Table, *, body_part: str, dataset: str, data: str, split: str,
-                    storage_options: StorageOptions | None = None, write: bool = True,
-                    log: Callable[[str], None] = print) -> FastModeCheck:
-    """Score ``images`` (labelled manifest rows) with ``bundle`` exact and fast, compare, and
-    (with ``write``) record the outcome in its bundle.json. Raises ValueError where nothing
-    can be measured (no images, or one class only)."""
+def _prepared(model, uris: list[str], options: StorageOptions, labels: list | None = None):
+    """Decode and prepare ``uris`` for ``model`` as scoring does: (inputs, their labels, how many
+    were rejected). Images scoring rejects (unreadable, not a limb radiograph) are left out."""
     from ..imaging.decode import ImageRejected
     from ..imaging.preprocess import decode_for
     from ..imaging.scope import assess_scope
+
+    prepared, kept, rejected = [], [], 0
+    for i, uri in enumerate(uris):
+        try:
+            decoded = decode_for(storage.read_bytes(uri, options), model.config, name=uri)
+        except storage.StorageUnavailable:
+            raise  # the service is down, not the image bad
+        except (ImageRejected, storage.StorageError):
+            rejected += 1  # counted in the record; scoring rejects it the same way
+            continue
+        if not assess_scope(decoded).in_scope:  # scoring does not score it either
+            rejected += 1
+            continue
+        prepared.append(model.prepare(decoded))
+        kept.append(None if labels is None else int(labels[i]))
+    return prepared, kept, rejected
+
+
+def _quantize(exact, calibration: pa.Table, folder: str, options: StorageOptions,
+              method: str, log: Callable[[str], None]) -> tuple[str, dict[str, Any]]:
+    """The bundle's INT8 graph, calibrated on ``calibration``'s images (with their mirror
+    images where the bundle averages flips): (its local path, what the record keeps)."""
+    import onnxruntime
+
+    from ..inference.engine import _onnxruntime_outputs as onnxruntime_reading
+    from ..inference.engine import cached_export, quantize_int8
+
+    export = cached_export(exact.model, (exact.config.channels, *exact.config.image_size),
+                           runtime=f"onnxruntime-{onnxruntime.__version__}", run=onnxruntime_reading,
+                           model_spec=exact.meta.model)
+    uris = calibration["image_uri"].to_pylist()
+    log(f"{exact.name}: INT8 quantisation, activation ranges from {len(uris)} training images ...")
+
+    def batches():
+        for start in range(0, len(uris), CHUNK):
+            prepared, _, _ = _prepared(exact, uris[start:start + CHUNK], options)
+            for item in prepared:
+                x = exact.inputs([item]).numpy()
+                yield x
+                if exact.tta_flip:  # the engine also runs the mirror image
+                    yield np.ascontiguousarray(x[..., ::-1])
+
+    out = os.path.join(folder, "fast_int8.onnx")
+    info = quantize_int8(export.path, batches, out, method=method)
+    return out, info
+
+
+def validate_bundle(bundle: str, images: pa.Table, *, body_part: str, dataset: str, data: str, split: str,
+                    storage_options: StorageOptions | None = None, write: bool = True,
+                    log: Callable[[str], None] = print, kind: str = DEFAULT_KIND,
+                    calibration: pa.Table | None = None, calibration_split: str | None = None,
+                    calibration_method: str = "minmax") -> FastModeCheck:
+    """Score ``images`` (labelled manifest rows) with ``bundle`` exact and fast (``kind``: int8,
+    quantised on ``calibration``'s images first, or bf16), compare, and (with ``write``) record
+    the outcome in its bundle.json (and an INT8 graph beside it). Raises ValueError where
+    nothing can be measured (no images, or one class only)."""
+    import hashlib
+    import tempfile
+
+    from ..inference.engine import FAST_GRAPH_FILE, FAST_KINDS
     from ..inference.predictor import BundleModel, engine_label
 
+    if kind not in FAST_KINDS:
+        raise ValueError(f"Unknown fast kind {kind!r}; choose one of {', '.join(FAST_KINDS)}")
     options = storage_options or StorageOptions()
     # Both modes whatever $FRACRAY_ENGINE / $FRACRAY_PRECISION say; fast without a record (that is made here).
     exact = BundleModel(bundle, options, "cpu", engine="auto", precision="exact", for_validation=True)
     if exact.meta.task != "fracture":
         raise ValueError(f"{bundle} is a {exact.meta.task!r} bundle; the fast-mode gate is for fracture classifiers")
-    fast = BundleModel(bundle, options, "cpu", engine="auto", precision="fast", for_validation=True)
-    uris, truth = images["image_uri"].to_pylist(), images["image_label"].to_pylist()
-    log(f"{exact.name}: {len(uris)} labelled images ({body_part}, {dataset} {split}), exact "
-        f"({engine_label(exact.engine)}) against fast ({engine_label(fast.engine)}) ...")
-    labels: list[int] = []
-    p_exact: list[float] = []
-    p_fast: list[float] = []
-    rejected = 0
-    for start in range(0, len(uris), CHUNK):
-        prepared = []
-        for uri, label in zip(uris[start:start + CHUNK], truth[start:start + CHUNK]):
-            try:
-                decoded = decode_for(storage.read_bytes(uri, options), exact.config, name=uri)
-            except storage.StorageUnavailable:
-                raise  # the service is down, not the image bad
-            except (ImageRejected, storage.StorageError):
-                rejected += 1  # counted in the record; scoring rejects it the same way
-                continue
-            if not assess_scope(decoded).in_scope:  # scoring does not score it either
-                rejected += 1
-                continue
-            prepared.append(exact.prepare(decoded))
-            labels.append(int(label))
-        if prepared:
-            p_exact += exact.probabilities(prepared)[:, 1].tolist()
-            p_fast += fast.probabilities(prepared)[:, 1].tolist()
+    quantized: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="fracray-fast-") as tmp:
+        graph = None
+        if kind == "int8":
+            if calibration is None or calibration.num_rows == 0:
+                raise ValueError(f"{bundle}: INT8 needs calibration images (labelled images of {body_part} in a "
+                                 f"training split); none were given")
+            graph, quantized = _quantize(exact, calibration, tmp, options, calibration_method, log)
+            quantized.update(split=calibration_split, images=calibration.num_rows)
+        fast = BundleModel(bundle, options, "cpu", engine="auto", precision="fast", for_validation=True,
+                           fast_graph=graph)
+        graph_bytes = open(graph, "rb").read() if graph else None
+        uris, truth = images["image_uri"].to_pylist(), images["image_label"].to_pylist()
+        log(f"{exact.name}: {len(uris)} labelled images ({body_part}, {dataset} {split}), exact "
+            f"({engine_label(exact.engine)}) against fast ({engine_label(fast.engine)}) ...")
+        labels: list[int] = []
+        p_exact: list[float] = []
+        p_fast: list[float] = []
+        rejected = 0
+        for start in range(0, len(uris), CHUNK):
+            prepared, kept, dropped = _prepared(exact, uris[start:start + CHUNK], options,
+                                                truth[start:start + CHUNK])
+            rejected += dropped
+            labels += kept
+            if prepared:
+                p_exact += exact.probabilities(prepared)[:, 1].tolist()
+                p_fast += fast.probabilities(prepared)[:, 1].tolist()
+        described = fast.engine.describe()
     threshold = float(exact.meta.threshold)
     m_exact, m_fast = binary_metrics(labels, p_exact, threshold), binary_metrics(labels, p_fast, threshold)
     if m_exact["auroc"] is None or m_fast["auroc"] is None:
@@ -165,7 +250,6 @@ def validate_bundle(bundle: str, images: pa.Table, *, body_part: str, dataset: s
     delta_sensitivity = m_fast["sensitivity"] - m_exact["sensitivity"]
     passed = passes_gate(delta_auroc, delta_sensitivity)
     a, b = np.asarray(p_exact), np.asarray(p_fast)
-    described = fast.engine.describe()
     record = {
         "engine": fast.engine.name, "precision": fast.engine.precision, "openvino": described.get("openvino"),
         "passed": bool(passed),
@@ -184,6 +268,11 @@ def validate_bundle(bundle: str, images: pa.Table, *, body_part: str, dataset: s
         "validated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_description(),
     }
+    if graph_bytes is not None:  # the INT8 graph travels with the bundle; the record names it and its digest
+        record.update(graph=FAST_GRAPH_FILE, graph_sha256=hashlib.sha256(graph_bytes).hexdigest(),
+                      quantization=quantized)
+        if write:
+            storage.write_bytes(storage.join(bundle, FAST_GRAPH_FILE), graph_bytes, options)
     written = write_record(bundle, record, options) if write else None
     return FastModeCheck(bundle, exact.name, body_part, record, written)
 
@@ -191,19 +280,32 @@ def validate_bundle(bundle: str, images: pa.Table, *, body_part: str, dataset: s
 def validate_fast_mode(*, dataset: str, data: str, models: str | None = None, bundle: str | None = None,
                        body_part: str | None = None, split: str | None = "valid",
                        storage_options: StorageOptions | None = None, write: bool = True,
-                       log: Callable[[str], None] = print) -> list[FastModeCheck]:
+                       log: Callable[[str], None] = print, kind: str = DEFAULT_KIND,
+                       calibration_split: str = "train", calibration_images: int = CALIBRATION_IMAGES,
+                       calibration_method: str = "minmax") -> list[FastModeCheck]:
     """Every fracture classifier of the model index ``models`` (each on its body part's
     images; a router runs exact in fast mode and is not measured), or the one ``bundle`` (on
     ``body_part``'s images: default the part its training recorded, else all), on the
-    labelled images of ``split`` (not "train" nor "all") of ``data`` (layout ``dataset``)."""
+    labelled images of ``split`` (not "train" nor "all") of ``data`` (layout ``dataset``).
+    ``kind``: int8 (each classifier quantised first, calibrated on up to ``calibration_images``
+    of its body part's labelled images in ``calibration_split``, another split than ``split``)
+    or bf16."""
+    from ..inference.engine import FAST_KINDS  # names only
+
     options = storage_options or StorageOptions()
     if (models is None) == (bundle is None):
         raise ValueError("give either a model index (models) or one bundle (bundle)")
     if dataset not in adapters.ADAPTERS:
         raise ValueError(f"Unknown dataset layout {dataset!r}; choose one of {sorted(adapters.ADAPTERS)}")
+    if kind not in FAST_KINDS:
+        raise ValueError(f"Unknown fast kind {kind!r}; choose one of {', '.join(FAST_KINDS)}")
     if (split or "all") in FAST_MODE_NOT_FOR_VALIDATION:
         raise ValueError(f"The fast-mode gate is measured on images the models were not trained on; split "
                          f"{split or 'all'!r} holds training images: choose valid (or test)")
+    if kind == "int8" and (calibration_split in (split, "all", "", None) or calibration_images < 1):
+        raise ValueError(f"INT8 is calibrated on images it is not measured on: calibration_split must be another "
+                         f"split than {split!r} (train), with calibration_images >= 1. Got {calibration_split!r}, "
+                         f"{calibration_images}")
     if models is not None:
         index = check_model_index(models, options)  # every bundle, before anything is scored
         targets = sorted(index.classifiers.items())
@@ -214,16 +316,23 @@ def validate_fast_mode(*, dataset: str, data: str, models: str | None = None, bu
         if meta.task != "fracture":
             raise ValueError(f"{bundle} is a {meta.task!r} bundle; the fast-mode gate is for fracture classifiers")
         targets = [(body_part or _part_of_bundle(meta), storage.normalize(bundle))]
-    manifest = adapters.index_dataset(dataset, data, options).manifest
-    if split and split != "all":
-        manifest = filter_rows(manifest, split=split)
+    everything = adapters.index_dataset(dataset, data, options).manifest
+    manifest = filter_rows(everything, split=split) if split and split != "all" else everything
     chosen = {part: bundle_images(manifest, part) for part, _ in targets}
+    calibration = {part: (calibration_rows(filter_rows(everything, split=calibration_split), part, calibration_images)
+                          if kind == "int8" else None) for part, _ in targets}
     for part, rows in chosen.items():  # all refused before any model is loaded
         if rows.num_rows == 0:
             raise ValueError(f"No labelled {part} images in split {split or 'all'} of {data} to validate the "
                              f"{part} classifier on")
+        if kind == "int8" and calibration[part].num_rows == 0:
+            raise ValueError(f"No labelled {part} images in split {calibration_split} of {data} to calibrate the "
+                             f"{part} classifier's INT8 graph on (or validate --kind bf16)")
     return [validate_bundle(uri, chosen[part], body_part=part, dataset=dataset, data=data, split=split or "all",
-                            storage_options=options, write=write, log=log) for part, uri in targets]
+                            storage_options=options, write=write, log=log, kind=kind,
+                            calibration=calibration[part], calibration_split=calibration_split,
+                            calibration_method=calibration_method)
+            for part, uri in targets]
 
 
 def format_check(check: FastModeCheck) -> str:

@@ -7,18 +7,22 @@ bundle's network forward, chosen per device and precision.
   float32) and run by ONNX Runtime. Same outputs as eager PyTorch (within 1e-4 on
   probabilities and fracture maps: tests/test_engine.py), about twice as fast per core.
 - ``auto`` (the default): onnxruntime on CPU where it is installed, torch on CUDA.
-- ``openvino`` (not chosen by name: it is the "fast" precision below): the same cached ONNX
-  export compiled by OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT`` bf16.
+- ``openvino`` (not chosen by name: it is the "fast" precision below): the bundle's INT8 graph,
+  or the cached ONNX export at bf16, compiled by OpenVINO's CPU plugin.
 
 Two precisions:
 
 - ``exact`` (the default): float32, one of the engines above; outputs equal to eager PyTorch.
-- ``fast``: OpenVINO bf16 on CPU (on a CPU without bf16 the plugin runs float32 and the engine
-  says so in its precision). Its outputs are *not* equal to eager PyTorch (within 2e-2 in
-  probability and fracture map on the tests' images, not 1e-4), so it is allowed per bundle only where the bundle's ``bundle.json`` records a
+- ``fast``: OpenVINO on CPU, in the kind the bundle's validation chose (:data:`FAST_KINDS`):
+  ``int8``, the export quantised by ONNX Runtime's static post-training quantisation (QDQ,
+  per-channel weights) on a calibration slice of the training images, a graph stored in the
+  bundle (``fast_int8.onnx``, its sha256 in the record); or ``bf16``, the cached export with
+  ``INFERENCE_PRECISION_HINT`` bf16 (on a CPU without bf16 the plugin runs float32 and the
+  engine says so in its precision). Its outputs are *not* equal to eager PyTorch, so it is
+  allowed per bundle only where the bundle's ``bundle.json`` records a
   passed validation (``inference.fast_mode``, written by ``fracray validate-fast-mode``:
   ΔAUROC <= 0.005 and Δsensitivity at the bundle's threshold <= 0.01 on FracAtlas valid,
-  see :mod:`fracray.evaluation.fast_mode`) for these weights and this OpenVINO version;
+  see :mod:`fracray.evaluation.fast_mode`) for these weights, that kind and this OpenVINO version;
   elsewhere it is refused with the command that validates it. Not offered on CUDA. A router
   (a body-part bundle) runs exact in fast mode: the gate is defined on fracture classifiers.
 
@@ -72,8 +76,8 @@ __all__ = ["ENGINES", "ENGINE_ENV", "CACHE_ENV", "PRECISIONS", "PRECISION_ENV", 
            "CachedExport", "cached_export", "requested_engine", "resolve_engine", "requested_precision",
            "resolve_precision", "make_engine", "onnxruntime_available", "openvino_available", "openvino_version",
            "cache_root", "cache_key", "weights_digest", "default_threads", "ExportMismatch", "engine_label",
-           "FAST_ENGINE", "FAST_PRECISION", "FAST_MODE_KEY", "FastModeRefused", "check_fast_mode",
-           "fast_mode_command"]
+           "FAST_ENGINE", "FAST_PRECISION", "FAST_KINDS", "FAST_GRAPH_FILE", "FAST_MODE_KEY", "FastModeRefused",
+           "check_fast_mode", "fast_mode_command", "quantize_int8", "local_graph"]
 
 ENGINES = ("auto", "torch", "onnxruntime")
 ENGINE_ENV = "FRACRAY_ENGINE"
@@ -84,6 +88,10 @@ DEFAULT_PRECISION = "exact"
 # What "fast" is: the engine and the precision it asks the runtime for (what a validation records).
 FAST_ENGINE = "openvino"
 FAST_PRECISION = "bf16"
+# The kinds of fast a validation can choose (the record's "precision"): int8 runs the bundle's
+# quantised graph, FAST_GRAPH_FILE beside its weights; bf16 the float export at bf16.
+FAST_KINDS = ("int8", FAST_PRECISION)
+FAST_GRAPH_FILE = "fast_int8.onnx"
 MODEL_FILE = "model.onnx"
 INFO_FILE = "engine.json"
 # Bump when what goes into the exported graph changes (the wrapper below, its outputs).
@@ -173,7 +181,7 @@ def requested_engine(engine: str | None = None, *, environment: bool = True) -> 
     name = (env or engine or "auto").strip().lower()
     if name not in ENGINES:
         source = f"${ENGINE_ENV}" if env else "engine"
-        hint = f" (OpenVINO bf16 is the fast precision: {PRECISION_ENV}=fast)" if name == FAST_ENGINE else ""
+        hint = f" (OpenVINO is the fast precision: {PRECISION_ENV}=fast)" if name == FAST_ENGINE else ""
         raise ValueError(f"Unknown inference engine {name!r} ({source}); choose one of {', '.join(ENGINES)}{hint}")
     return name
 
@@ -218,7 +226,7 @@ def resolve_precision(precision: str | None, device: str | torch.device, engine:
 def _check_fast_runs_here(device: str | torch.device, engine: str | None, *, environment: bool) -> None:
     device = torch.device(device)
     if device.type != "cpu":
-        raise ValueError(f"The fast precision (OpenVINO {FAST_PRECISION}) runs on CPU only; this model is on "
+        raise ValueError(f"The fast precision (OpenVINO, {' or '.join(FAST_KINDS)}) runs on CPU only; this model is on "
                          f"{device}: use the exact precision (unset ${PRECISION_ENV})")
     asked = requested_engine(engine, environment=environment)
     if asked != "auto":
@@ -271,6 +279,8 @@ def check_fast_mode(record: Any, *, bundle: str, command: str, weights_sha256: s
         ran = engine.describe().get("openvino")
         if record.get("openvino") != ran:
             refuse(f"it was validated with OpenVINO {record.get('openvino')}, and {ran} is installed")
+        if record.get("precision") == "int8" and engine.describe().get("graph_sha256") != record.get("graph_sha256"):
+            refuse(f"its INT8 graph ({record.get('graph')}) is not the one validated (graph_sha256 differs)")
 
 
 def _record_summary(record: dict[str, Any]) -> str:
@@ -285,18 +295,21 @@ def _record_summary(record: dict[str, Any]) -> str:
 def make_engine(model: nn.Module, input_shape: tuple[int, int, int], *, engine: str | None = None,
                 device: str | torch.device = "cpu", model_spec: dict[str, Any] | None = None,
                 cache_dir: str | os.PathLike | None = None, threads: int | None = None,
-                precision: str | None = None, environment: bool = True) -> InferenceEngine:
+                precision: str | None = None, environment: bool = True,
+                fast_graph: str | os.PathLike | None = None) -> InferenceEngine:
     """The engine for a loaded model whose input is ``input_shape`` (C, H, W). ``model_spec``:
     what identifies the model beyond its weights (the bundle's model description), part of the
     cache key. With "auto", a model that does not export faithfully runs on torch (a warning
     says why); asked for by name, onnxruntime raises instead. ``precision``: "exact" or "fast"
     as given, for the caller has decided it (:func:`resolve_precision` reads
-    ``$FRACRAY_PRECISION``; BundleModel calls it); "fast" is OpenVINO bf16, never a fallback,
+    ``$FRACRAY_PRECISION``; BundleModel calls it); "fast" is OpenVINO (bf16, or int8 on ``fast_graph``), never a fallback,
     and whether a bundle may run it is the caller's check (:func:`check_fast_mode`).
-    ``environment=False``: ignore ``$FRACRAY_ENGINE`` (the fast-mode validation runs both)."""
+    ``environment=False``: ignore ``$FRACRAY_ENGINE`` (the fast-mode validation runs both).
+    ``fast_graph``: in fast precision, a quantised (INT8) graph to run instead of the export at bf16."""
     if requested_precision(precision, environment=False) == "fast":
         _check_fast_runs_here(device, engine, environment=environment)
-        return OpenVinoEngine(model, input_shape, model_spec=model_spec, cache_dir=cache_dir, threads=threads)
+        return OpenVinoEngine(model, input_shape, model_spec=model_spec, cache_dir=cache_dir, threads=threads,
+                              graph=fast_graph)
     name = resolve_engine(engine, device, environment=environment)
     if name == "torch":
         return TorchEngine(model)
@@ -645,7 +658,7 @@ class OpenVinoEngine(_ExportedGraphEngine):
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], *,
                  model_spec: dict[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
                  threads: int | None = None, settings: ExportSettings = ExportSettings(),
-                 precision: str = FAST_PRECISION):
+                 precision: str = FAST_PRECISION, graph: str | os.PathLike | None = None):
         import openvino as ov
 
         if next(model.parameters()).device.type != "cpu":
@@ -654,10 +667,18 @@ class OpenVinoEngine(_ExportedGraphEngine):
         self.settings = settings
         self.localizes = bool(getattr(model, "localizes", False))
         self.version = openvino_version() or ov.__version__
-        export = cached_export(model, self.input_shape, runtime=f"openvino-{self.version}", run=_openvino_outputs,
-                               model_spec=model_spec, cache_dir=cache_dir, settings=settings)
-        self.key, self.folder, self.path = export.key, export.folder, export.path
-        self.exported = export.exported
+        self.graph_sha256 = None
+        if graph is None:  # the float export (checked once against eager PyTorch), at ``precision``
+            export = cached_export(model, self.input_shape, runtime=f"openvino-{self.version}",
+                                   run=_openvino_outputs, model_spec=model_spec, cache_dir=cache_dir,
+                                   settings=settings)
+            self.key, self.folder, self.path = export.key, export.folder, export.path
+            self.exported = export.exported
+        else:  # a quantised graph: its INT8 operations run as quantised, the rest at float32
+            self.path = Path(graph)
+            self.graph_sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+            self.key, self.folder, self.exported = self.graph_sha256[:32], self.path.parent, False
+            precision = "f32"
         self.threads = int(threads) if threads else default_threads()
         core = ov.Core()
         network = core.read_model(str(self.path))
@@ -665,7 +686,8 @@ class OpenVinoEngine(_ExportedGraphEngine):
         # runs image by image: BundleModel.predict); a bigger batch runs as a loop.
         network.reshape([1, *self.input_shape])
         self.compiled = core.compile_model(network, "CPU", _openvino_config(precision, self.threads))
-        self.precision = _type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.precision = ("int8" if graph is not None
+                          else _type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT")))
         self.outputs = list(self.compiled.outputs)
         # One request, one call at a time (a request is not thread-safe; with one stream,
         # parallel requests would only queue behind each other).
@@ -684,4 +706,65 @@ class OpenVinoEngine(_ExportedGraphEngine):
         return torch.from_numpy(out[0]), (torch.from_numpy(out[1]) if len(out) > 1 else None)
 
     def _describe_extra(self) -> dict[str, Any]:
-        return {"openvino": self.version}
+        return {"openvino": self.version, **({"graph_sha256": self.graph_sha256} if self.graph_sha256 else {})}
+
+
+# ----------------------------------------------------------------------------- INT8 (fast)
+
+
+def quantize_int8(float_graph: str | os.PathLike, calibration: Callable[[], Any], out_path: str | os.PathLike,
+                  *, method: str = "minmax") -> dict[str, Any]:
+    """ONNX Runtime's static post-training quantisation of ``float_graph`` (the cached float
+    export) into ``out_path``: QDQ format, INT8 weights per output channel, UINT8 activations
+    whose ranges come from running ``calibration()`` (an iterable of float32 N x C x H x W
+    model inputs, as BundleModel prepares them) through the graph; ``method``: "minmax",
+    "percentile" or "entropy". Returns what a record keeps of it."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    if method not in methods:
+        raise ValueError(f"Unknown calibration method {method!r}; choose one of {', '.join(methods)}")
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calibration())
+            self.count = 0
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            if batch is None:
+                return None
+            self.count += len(batch)
+            return {"image": np.ascontiguousarray(batch, dtype=np.float32)}
+
+    reader = _Reader()
+    with tempfile.TemporaryDirectory(prefix="fracray-int8-") as tmp:
+        prepared = os.path.join(tmp, "prepared.onnx")
+        # ONNX shape inference and graph clean-up first, as ORT advises; not its symbolic shape
+        # inference, which cannot follow the fracture-map fusion (and writes a temporary file to cwd).
+        quant_pre_process(str(float_graph), prepared, skip_symbolic_shape=True)
+        quantize_static(prepared, str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=methods[method])
+    if reader.count == 0:
+        raise ValueError("No calibration images: INT8 quantisation needs model inputs to measure activation ranges")
+    import onnxruntime
+
+    return {"method": method, "per_channel": True, "format": "QDQ", "weights": "int8", "activations": "uint8",
+            "calibration_inputs": reader.count, "onnxruntime": onnxruntime.__version__}
+
+
+def local_graph(data: bytes, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A graph's bytes (read from a bundle, which may be on object storage) as a local file in
+    the engine cache, keyed by their sha256, so that OpenVINO can read it; written once per
+    machine, atomically."""
+    digest = hashlib.sha256(data).hexdigest()
+    folder = cache_root(cache_dir) / f"graph-{digest[:32]}"
+    path = folder / FAST_GRAPH_FILE
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+    return path

@@ -24,8 +24,9 @@ from ..imaging.preprocess import ModelInput, decode_for, finalize, prepare_input
 from ..imaging.regions import FINDINGS_TYPE, findings_to_rows
 from ..imaging.scope import OUT_OF_SCOPE, assess_scope
 from ..storage import StorageOptions
-from .engine import (DEFAULT_PRECISION, FAST_MODE_KEY, InferenceEngine, check_fast_mode, engine_label,
-                     fast_mode_command, make_engine, requested_engine, requested_precision, resolve_precision, weights_digest)
+from .engine import (DEFAULT_PRECISION, FAST_GRAPH_FILE, FAST_MODE_KEY, FastModeRefused, InferenceEngine,
+                     check_fast_mode, engine_label, fast_mode_command, local_graph, make_engine, requested_engine,
+                     requested_precision, resolve_precision, weights_digest)
 from .gradcam import gradcam_for_image
 
 __all__ = ["FracturePredictor", "BundleModel", "image_result", "route_decoded", "UnknownBodyPart", "check_precision"]
@@ -35,7 +36,7 @@ CPU_MICRO_BATCH = 1
 # ONNX Runtime on CPU where it is installed, PyTorch on CUDA; $FRACRAY_ENGINE overrides both.
 DEFAULT_ENGINE = "auto"
 # At which precision, when not told: DEFAULT_PRECISION (from inference.engine), "exact" (float32);
-# "fast" is OpenVINO bf16 on CPU, for a bundle whose bundle.json records a passed validation
+# "fast" is OpenVINO (INT8 or bf16) on CPU, for a bundle whose bundle.json records a passed validation
 # (fracray validate-fast-mode). $FRACRAY_PRECISION overrides both.
 
 
@@ -47,8 +48,10 @@ class BundleModel:
     """
 
     def __init__(self, uri: str, storage_options: StorageOptions | None = None, device: str | torch.device = "cpu",
-                 engine: str | None = None, precision: str | None = None, *, for_validation: bool = False):
+                 engine: str | None = None, precision: str | None = None, *, for_validation: bool = False,
+                 fast_graph: str | None = None):
         self.uri = uri
+        self.storage_options = storage_options
         self.device = torch.device(device)
         self.model, self.meta = load_bundle(uri, storage_options, device=str(self.device))
         self.config = self.meta.preprocess_config()
@@ -59,7 +62,8 @@ class BundleModel:
         # which precision ("exact" | "fast"; $FRACRAY_PRECISION overrides): engine_label(self.engine)
         # says which did. Grad-CAM always runs self.model (it needs gradients). for_validation: the
         # fast-mode validation's own use (fracray.evaluation.fast_mode): what is asked here, whatever
-        # the environment says, and "fast" without a validation record.
+        # the environment says, and "fast" without a validation record: at bf16, or on the INT8
+        # graph ``fast_graph`` it has just made (elsewhere fast runs the kind the record validated).
         environment = not for_validation
         self.precision = resolve_precision(precision or DEFAULT_PRECISION, self.device, engine or DEFAULT_ENGINE,
                                            environment=environment)
@@ -68,10 +72,12 @@ class BundleModel:
         check = self.precision == "fast" and not for_validation
         if check:  # refused before anything is compiled
             self._check_fast_mode()
+            fast_graph = self._validated_graph()
         input_shape = (self.config.channels, *self.config.image_size)
         self.engine: InferenceEngine = make_engine(self.model, input_shape, engine=engine or DEFAULT_ENGINE,
                                                    device=self.device, model_spec=self.meta.model,
-                                                   precision=self.precision, environment=environment)
+                                                   precision=self.precision, environment=environment,
+                                                   fast_graph=fast_graph if self.precision == "fast" else None)
         if check:  # and what was validated is what runs here (precision, OpenVINO version)
             self._check_fast_mode(self.engine)
 
@@ -80,6 +86,22 @@ class BundleModel:
         """The digest of the weights (:func:`~fracray.inference.engine.weights_digest`) that a
         fast-mode validation is tied to."""
         return weights_digest(self.model)
+
+    def _validated_graph(self) -> str | None:
+        """The INT8 graph a passed int8 validation recorded (read from the bundle, a local copy
+        in the engine cache), or None for bf16."""
+        record = self.meta.inference.get(FAST_MODE_KEY) or {}
+        if record.get("precision") != "int8":
+            return None
+        uri = storage.join(self.uri, str(record.get("graph") or FAST_GRAPH_FILE))
+        try:
+            data = storage.read_bytes(uri, self.storage_options)
+        except storage.StorageUnavailable:
+            raise
+        except storage.StorageError as exc:
+            raise FastModeRefused(f"Fast precision refused for bundle {self.uri}: its validated INT8 graph {uri} "
+                                  f"cannot be read ({exc}); validate again or run it exact") from exc
+        return str(local_graph(data))
 
     def _check_fast_mode(self, engine: InferenceEngine | None = None) -> None:
         _check_bundle_fast_mode(self.uri, self.meta, weights_sha256=self.weights_sha256, engine=engine)
