@@ -554,13 +554,14 @@ def test_the_commands_offer_the_engines_and_precisions_and_pass_them_on():
 
 
 @pytest.fixture(scope="module")
-def strict_index(validated, tmp_path_factory) -> str:
-    """A one-model index whose bundle's validation record stands against the product's own gate
-    (the fixture's passed against TEST_GATE): what every process accepts, Ray's actors and
-    Serve's replicas included, where the test's monkeypatched gate does not reach."""
+def strict_index(validated_int8, tmp_path_factory) -> str:
+    """A one-model index whose bundle's INT8 validation record stands against the product's own
+    gate (the fixture's passed against TEST_GATE): what every process accepts, Ray's actors and
+    Serve's replicas included (each reads the graph from the bundle), where the test's
+    monkeypatched gate does not reach."""
     from fracray.evaluation import fast_mode
 
-    bundle, code, out, err = validated
+    bundle, code, out, err = validated_int8
     assert code == 0, out + err
     folder = tmp_path_factory.mktemp("strict")
     index = _single_index(str(bundle), folder)
@@ -573,7 +574,7 @@ def strict_index(validated, tmp_path_factory) -> str:
 
 
 def _fast_label() -> str:
-    return f"openvino-{'bf16' if _cpu_has_bf16() else 'f32'}"
+    return "openvino-int8"  # strict_index's kind
 
 
 @needs_openvino
