@@ -694,8 +694,11 @@ def test_int8_validation_quantises_on_training_images_and_stores_the_graph(valid
     assert record["split"] == "valid" and "int8" in out and "PASSED" in out
     import onnx
 
-    ops = {node.op_type for node in onnx.load(str(graph)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # a quantised graph, not a copy of the float one
+    nodes = onnx.load(str(graph)).graph.node
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in nodes}  # not the float graph
+    # The full-resolution front stays float: the image itself is never quantised, and the record says so.
+    assert not [node.name for node in nodes if node.op_type == "QuantizeLinear" and node.input[0] == "image"]
+    assert quantization["float_front_stride"] == engines.FLOAT_FRONT_STRIDE and quantization["float_nodes"] > 0
 
 
 @needs_openvino
@@ -744,3 +747,45 @@ def test_an_int8_dry_run_writes_no_graph(bundles, tiny_fracatlas, tmp_path, engi
     assert code == 0 and "openvino-int8" in out and "not recorded" in out, out + err
     assert (tmp_path / "fracture_all" / "bundle.json").read_bytes() == before
     assert not (tmp_path / "fracture_all" / engines.FAST_GRAPH_FILE).exists()
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_quantize_int8_keeps_the_front_float_and_calibrates_in_strides(bundles, engine_cache, tmp_path, method):
+    """INT8 straight from the float export: every calibration method, 7 inputs (prime: one per
+    calibration stride), convolutions at stride < 8 left float, the rest quantised; the graph
+    runs and stays close to the float one."""
+    import onnx
+    import onnxruntime
+
+    model = BundleModel(str(bundles["localizing"]), engine="onnxruntime")
+    size = (model.config.channels, *model.config.image_size)
+    export = engines.cached_export(model.model, size, runtime=f"onnxruntime-{onnxruntime.__version__}",
+                                   run=engines._onnxruntime_outputs, model_spec=model.meta.model)
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(0, 1, (7, *size)).astype(np.float32)
+    info = engines.quantize_int8(export.path, lambda: (inputs[i:i + 2] for i in range(0, 7, 2)),
+                                 tmp_path / "q.onnx", method=method)
+    assert info["calibration_inputs"] == 7 and info["method"] == method
+    front = engines.float_front(export.path, inputs[:1])
+    assert info["float_nodes"] == len(front) > 0
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    producer = {out: n.op_type for n in graph.node for out in n.output}
+    quantised_convs = {n.name for n in graph.node if n.op_type == "Conv" and producer.get(n.input[0]) == "DequantizeLinear"}
+    convs = [n.name for n in graph.node if n.op_type == "Conv"]
+    assert convs[0] in front and convs[0] not in quantised_convs  # the stem reads the float image
+    assert quantised_convs and not quantised_convs & set(front)
+    session = onnxruntime.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    out = session.run(["logits"], {"image": inputs[:2]})[0]
+    assert out.shape[0] == 2 and np.isfinite(out).all()
+
+
+def test_quantize_int8_refuses_an_empty_calibration(bundles, engine_cache, tmp_path):
+    import onnxruntime
+
+    model = BundleModel(str(bundles["localizing"]), engine="onnxruntime")
+    export = engines.cached_export(model.model, (model.config.channels, *model.config.image_size),
+                                   runtime=f"onnxruntime-{onnxruntime.__version__}",
+                                   run=engines._onnxruntime_outputs, model_spec=model.meta.model)
+    with pytest.raises(ValueError, match="No calibration images"):
+        engines.quantize_int8(export.path, lambda: iter(()), tmp_path / "q.onnx")
+    assert not (tmp_path / "q.onnx").exists()
