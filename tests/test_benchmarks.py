@@ -33,10 +33,11 @@ def test_bench_serving_compares_the_engine_service_with_eager(ray_local):
     engines = {label: {row["engine"] for row in rows} for label, rows in result["http"].items()}
     # engine="torch" reached the eager service's replicas; the others ran the default engine.
     assert engines == {"eager_batched": {"torch-float32"}, "unbatched": {"onnxruntime-float32"},
-                       "batched": {"onnxruntime-float32"}}
+                       "batched": {"onnxruntime-float32"}, "fused": {"onnxruntime-float32"}}
+    assert {row["layout"] for row in result["http"]["fused"]} == {"fused"}  # the layout reached the app
     assert all(row["errors"] == 0 for rows in result["http"].values() for row in rows)
     table = serving.format_table(result)
-    assert "as before the engine" in table and "target >= 2" in table
+    assert "as before the engine" in table and "target >= 2" in table and "fused layout" in table
 
 
 def test_bench_engine_times_eager_exact_and_fast_side_by_side(tmp_path):
@@ -54,3 +55,20 @@ def test_bench_engine_times_eager_exact_and_fast_side_by_side(tmp_path):
     without = engine.run(models=["efficientnet_lite0"], sizes=[64], runs=1, warmup=0, cache_dir=str(tmp_path),
                          fast=False, log=lambda *_: None)  # --no-fast
     assert [row["engine"] for row in without["rows"]] == ["eager torch", "onnxruntime exact"]
+
+
+def test_bench_engine_threading_measures_one_thread_per_cpu_against_oversubscription(tmp_path, capsys):
+    from fracray.benchmarks import engine
+
+    rows = engine.threading_check(model="efficientnet_lite0", size=64, seconds=0.5, cache_dir=str(tmp_path),
+                                  cpus=2, log=lambda *_: None)
+    assert [(r["processes"], r["threads_per_process"]) for r in rows] == [(2, 1), (2, 2), (1, 2)]
+    assert rows[0]["vs_engine"] == 1.0 and all(r["images_per_s"] > 0 for r in rows)
+    assert "oversubscribed" in engine.format_threading(rows, "efficientnet_lite0", 64)
+    # The flag reaches it: --threading SECONDS adds the table to the run's output; 0 leaves it out.
+    assert engine.main(["--sizes", "64", "--runs", "1", "--warmup", "0", "--no-fast", "--threading", "0.5",
+                        "--cache-dir", str(tmp_path)]) == 0
+    assert "Threading: efficientnet_lite0 at 64" in capsys.readouterr().out
+    assert engine.main(["--sizes", "64", "--runs", "1", "--warmup", "0", "--no-fast",
+                        "--cache-dir", str(tmp_path)]) == 0
+    assert "Threading:" not in capsys.readouterr().out

@@ -324,13 +324,14 @@ def test_pipelines_serve_one_command_start(tmp_path, untrained_index):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and k != "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
            and not k.startswith("FRACRAY_MAX_") and k != "FRACRAY_BODY_TIMEOUT_S"}
     proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--models", untrained_index,
-                             "--port", str(port), "--max-upload-mb", "1", "--engine", "torch"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             "--port", str(port), "--max-upload-mb", "1", "--engine", "torch", "--layout", "fused"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, timeout=240)
         answer = requests.post(f"{url}/v1/classify", data=_image(seed=11), timeout=60)
         assert answer.status_code == 200 and answer.json()["engine"] == "torch-float32"  # --engine reached the replicas
+        assert requests.get(f"{url}/v1/models", timeout=30).json()["layout"] == "fused"  # --layout reached the app
         # --max-upload-mb reaches Serve's proxy: the guard (not the ingress) refuses 2 MB.
         big = requests.post(f"{url}/v1/classify", data=os.urandom(2 * 1024 * 1024), timeout=60)
         assert big.status_code == 413 and "FRACRAY_MAX_BODY_MB" in big.json()["detail"], big.text

@@ -68,3 +68,35 @@ def test_a_single_model_index_serves_without_a_router(ray_local, localizing_sing
                                                                       abs=2e-4)
     finally:
         serve.shutdown()
+
+
+def test_the_fused_layout_runs_the_models_in_the_ingress_with_the_same_answers(ray_local, untrained_index):
+    """layout=fused: one deployment (the ingress holds the router and the classifiers), the
+    same answers as the batch predictor, overlays included; a bad layout is refused."""
+    from ray import serve
+
+    from fracray.inference.predictor import FracturePredictor
+    from fracray.serving.app import ServeArgs, build_app
+
+    with pytest.raises(ValueError, match="layout must be one of graph, fused. Got 'star'"):
+        ServeArgs.parse({"models": untrained_index, "layout": "star"})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"models": untrained_index, "min_replicas": 1, "layout": "fused"}), name="fused",
+                  route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url)
+        assert set(serve.status().applications["fused"].deployments) == {"Ingress"}
+        assert requests.get(f"{url}/v1/models", timeout=30).json()["layout"] == "fused"
+        predictor = FracturePredictor(untrained_index)
+        for seed in (13, 14):
+            data = _image(seed=seed)
+            expected = predictor.predict_bytes([data])[0]
+            got = requests.post(f"{url}/v1/classify", data=data, params={"overlay": "true"}, timeout=120).json()
+            assert got["body_part"] == expected["body_part"] and got["engine"] == expected["engine"]
+            assert got["body_part_probability"] == pytest.approx(expected["body_part_probability"], abs=1e-5)
+            assert got["fracture_probability"] == pytest.approx(expected["fracture_probability"], abs=1e-5)
+            assert got["classifier"] == expected["classifier"] and got["overlay"]["png_base64"]
+    finally:
+        serve.shutdown()

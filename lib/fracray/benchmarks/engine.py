@@ -34,7 +34,7 @@ from ..inference.engine import (OnnxRuntimeEngine, OpenVinoEngine, onnxruntime_a
 from ..models.registry import create_model, list_models
 from .preprocess import machine_description
 
-__all__ = ["main", "run", "matmul_peak", "count_flops", "format_table"]
+__all__ = ["main", "run", "matmul_peak", "count_flops", "format_table", "threading_check", "format_threading"]
 
 
 def matmul_peak(n: int = 1024, repeats: int = 12) -> dict[str, float]:
@@ -94,9 +94,71 @@ def _stats(seconds: list[float], flops: float, threads: int, peak: float) -> dic
             "images_per_s_per_core": 1000.0 / median / threads, "gflops": gflops, "peak_fraction": gflops / peak}
 
 
+def _threading_worker(name: str, size: int, fracture_map: bool, cache: str, threads: int, seconds: float,
+                      barrier, results) -> None:
+    """One scoring process: the exact engine with ``threads`` threads, images counted for
+    ``seconds`` once every process is ready."""
+    torch.manual_seed(0)  # the weights, hence the export's cache key, of the parent's model
+    torch.set_num_threads(threads)
+    model = create_model(name, pretrained=False, localization=fracture_map).eval()
+    engine = OnnxRuntimeEngine(model, (3, size, size), cache_dir=cache, threads=threads,
+                               model_spec={"name": name, "localization": fracture_map})
+    x = torch.randn(1, 3, size, size)
+    engine.infer(x)
+    barrier.wait()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        engine.infer(x)
+        count += 1
+    results.put((count, time.perf_counter() - start))
+
+
+def threading_check(*, model: str, size: int, seconds: float, cache_dir: str, fracture_map: bool = False,
+                    cpus: int | None = None, log=print) -> list[dict[str, Any]]:
+    """Aggregate images/s of the exact engine when ``cpus`` processes score at once (as scoring
+    actors and Serve replicas do, one CPU each), with one runtime thread per process (what the
+    engine sets: one per reserved CPU) against ``cpus`` threads per process (each runtime using
+    every core, as its default would: oversubscribed), and one process with ``cpus`` threads."""
+    import multiprocessing
+
+    cpus = cpus or os.cpu_count() or 1
+    context = multiprocessing.get_context("spawn")  # fresh runtimes, no forked thread pools
+    rows = []
+    for label, processes, threads in (("one thread per reserved CPU (the engine)", cpus, 1),
+                                      ("every process on every core (oversubscribed)", cpus, cpus),
+                                      ("one process, every core", 1, cpus)):
+        log(f"threading: {processes} process(es) x {threads} thread(s), {seconds:.0f} s ...")
+        barrier, results = context.Barrier(processes), context.Queue()
+        workers = [context.Process(target=_threading_worker,
+                                   args=(model, size, fracture_map, cache_dir, threads, seconds, barrier, results))
+                   for _ in range(processes)]
+        for w in workers:
+            w.start()
+        counts = [results.get(timeout=600 + seconds) for _ in workers]
+        for w in workers:
+            w.join()
+        rows.append({"setting": label, "processes": processes, "threads_per_process": threads,
+                     "images_per_s": sum(c / t for c, t in counts)})
+    for row in rows:
+        row["vs_engine"] = row["images_per_s"] / rows[0]["images_per_s"]
+    return rows
+
+
+def format_threading(rows: list[dict[str, Any]], model: str, size: int) -> str:
+    lines = [f"Threading: {model} at {size}, exact engine, processes scoring at once (images/s, all together)",
+             f"{'setting':<48}{'processes':>10}{'threads each':>14}{'images/s':>10}{'vs engine':>11}"]
+    for r in rows:
+        lines.append(f"{r['setting']:<48}{r['processes']:>10}{r['threads_per_process']:>14}"
+                     f"{r['images_per_s']:>10.1f}{r['vs_engine']:>10.2f}x")
+    return "\n".join(lines)
+
+
 def run(*, models: list[str], sizes: list[int], runs: int = 30, warmup: int = 5, threads: int = 1,
-        fracture_map: bool = False, cache_dir: str | None = None, fast: bool = True, log=print) -> dict[str, Any]:
-    """``fast``: also time the fast precision (OpenVINO INT8 and bf16), where openvino is installed."""
+        fracture_map: bool = False, cache_dir: str | None = None, fast: bool = True, threading_seconds: float = 0,
+        log=print) -> dict[str, Any]:
+    """``fast``: also time the fast precision (OpenVINO INT8 and bf16), where openvino is installed;
+    ``threading_seconds`` > 0: also :func:`threading_check` on the first model and size, that long
+    per setting."""
     if not onnxruntime_available():
         raise SystemExit("onnxruntime is not installed: pip install the project (it is a dependency)")
     fast = fast and openvino_available()
@@ -138,7 +200,10 @@ def run(*, models: list[str], sizes: list[int], runs: int = 30, warmup: int = 5,
             for engine, r in results.items():
                 r["speedup_vs_eager"] = base / r["ms_median"]
                 rows.append({"model": name, "size": size, "engine": engine, "gflop_per_image": flops / 1e9, **r})
+    threading_rows = (threading_check(model=models[0], size=sizes[0], seconds=threading_seconds, cache_dir=cache,
+                                      fracture_map=fracture_map, log=log) if threading_seconds > 0 else None)
     return {"machine": machine_description(), "processor": platform.processor(), "threads": threads, "batch": 1,
+            "threading": threading_rows,
             "runs": runs, "fracture_map": fracture_map, "matmul_peak": peak, "rows": rows,
             "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
             "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
@@ -186,6 +251,11 @@ def main(argv: list[str] | None = None, *, prog: str = "bench_engine.py") -> int
                              "installed)")
     parser.add_argument("--cache-dir", default=None,
                         help="where the ONNX export goes (default: a new temporary folder)")
+    parser.add_argument("--threading", type=float, default=0, metavar="SECONDS",
+                        help="also measure oversubscription: as many processes as CPUs scoring at once with the "
+                             "exact engine, one thread each (what actors and replicas run) against every process "
+                             "on every core, and one process on every core; SECONDS per setting, on the first "
+                             "model and size (default: 0, not measured)")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -194,9 +264,15 @@ def main(argv: list[str] | None = None, *, prog: str = "bench_engine.py") -> int
         parser.error(f"unknown models {unknown}; registered: {list_models()}")
     if args.runs < 1 or args.threads < 1:
         parser.error("--runs and --threads must be >= 1")
+    if args.threading < 0:
+        parser.error(f"--threading must be >= 0 seconds. Got {args.threading}")
     result = run(models=models, sizes=[int(s) for s in args.sizes.split(",")], runs=args.runs, warmup=args.warmup,
-                 threads=args.threads, fracture_map=args.fracture_map, cache_dir=args.cache_dir, fast=args.fast)
+                 threads=args.threads, fracture_map=args.fracture_map, cache_dir=args.cache_dir, fast=args.fast,
+                 threading_seconds=args.threading)
     print(format_table(result))
+    if result["threading"]:
+        print()
+        print(format_threading(result["threading"], models[0], int(args.sizes.split(",")[0])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -2,7 +2,8 @@
 
 For 1, 8 and 32 concurrent clients: p50/p99 latency and requests/s over HTTP, for the
 service on eager PyTorch (batched, as it ran before the inference engine) and on the
-default engine (ONNX Runtime on CPU) with dynamic batching off and on; and the same
+default engine (ONNX Runtime on CPU) with dynamic batching off and on, and in the fused
+layout (the models inside each ingress replica, one replica per CPU); and the same
 predictor in-process (decode -> router -> classifier, one image per call, the threads
 of a model replica) on both engines. Targets on the 2-core build machine (issue 13): one
 client over HTTP answers faster (p50) than the in-process eager predictor, and 32
@@ -154,23 +155,30 @@ def run(*, model: str, clients: tuple[int, ...], requests_per_client: int, image
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     results = {}
-    # (label, engine asked of the replicas, max batch): eager PyTorch as the service ran before
-    # the engine, then the default engine with batching off and on.
-    settings = (("eager_batched", "torch", batch_size), ("unbatched", "auto", 1), ("batched", "auto", batch_size))
+    # (label, engine asked of the replicas, max batch, layout, replicas): eager PyTorch as the
+    # service ran before the engine, then the default engine with batching off and on (one
+    # replica per deployment), then the fused layout with one ingress replica per CPU (each
+    # reserves a whole CPU and holds the models).
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))  # Ray's CPUs, where the replicas go
+    settings = (("eager_batched", "torch", batch_size, "graph", 1), ("unbatched", "auto", 1, "graph", 1),
+                ("batched", "auto", batch_size, "graph", 1), ("fused", "auto", 1, "fused", cpus))
     try:
-        for label, engine, max_batch in settings:
-            app = build_app({"models": index, "max_batch_size": max_batch, "replicas": 1, "engine": engine,
-                             "max_ongoing_requests": 256, "max_queued_requests": 1024})
+        for label, engine, max_batch, layout, replicas in settings:
+            app = build_app({"models": index, "max_batch_size": max_batch, "replicas": replicas, "engine": engine,
+                             "layout": layout, "max_ongoing_requests": 256, "max_queued_requests": 1024})
             serve.run(app, name="bench", route_prefix="/", blocking=False)
             import requests
             requests.get(f"{url}/readyz", timeout=300).raise_for_status()
             warm = requests.post(f"{url}/v1/classify", data=images[0], headers={"content-type": "image/jpeg"},
                                  timeout=300).json()
+            served_layout = requests.get(f"{url}/v1/models", timeout=60).json().get("layout")  # what the app runs
             http_load(url, images, 4, 16)  # warm-up
             results[label] = []
             for n in clients:
                 row = dict(http_load(url, images, n, max(requests_per_client * n, 40)), engine=warm.get("engine"),
-                           max_batch_size=max_batch)
+                           max_batch_size=max_batch, layout=served_layout, replicas=replicas)
                 log(f"  {label:13s} {n:3d} clients: p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
                     f"{row['requests_per_s']:6.1f} req/s  errors {row['errors']}  ({row['engine']})")
                 results[label].append(row)
@@ -182,13 +190,18 @@ def run(*, model: str, clients: tuple[int, ...], requests_per_client: int, image
     top = max(clients)
     at_top = {label: {r["clients"]: r for r in rows}[top] for label, rows in results.items()}
     speedup = at_top["batched"]["requests_per_s"] / max(at_top["unbatched"]["requests_per_s"], 1e-9)
-    rps_ratio = at_top["batched"]["requests_per_s"] / max(at_top["eager_batched"]["requests_per_s"], 1e-9)
-    best_one = min(rows[0]["p50_ms"] for label, rows in results.items() if label != "eager_batched")
+    # The targets are the product's: its best setting on the default engine against eager.
+    engine_labels = [label for label in results if label != "eager_batched"]
+    best_rps_label = max(engine_labels, key=lambda label: at_top[label]["requests_per_s"])
+    rps_ratio = at_top[best_rps_label]["requests_per_s"] / max(at_top["eager_batched"]["requests_per_s"], 1e-9)
+    best_one_label = min(engine_labels, key=lambda label: results[label][0]["p50_ms"])
+    best_one = results[best_one_label][0]["p50_ms"]
     return {"machine": machine_description(), "model": model, "image_size": list(image_size),
             "max_batch_size": batch_size, "in_process": local, "in_process_engine": local_engine,
             "in_process_all_threads": local_default,
             "http": results, "serve_overhead_p50_ms": overhead, "batching_speedup_at_max_clients": speedup,
             "rps_ratio_vs_eager_at_max_clients": rps_ratio, "p50_one_client_ms": best_one,
+            "best": {"p50_one_client": best_one_label, "rps_at_max_clients": best_rps_label},
             "targets": {"p50_one_client_below_in_process_eager_ms": local["p50_ms"],
                         "rps_ratio_vs_eager_min": TARGET_RPS_RATIO},
             "met": {"p50": best_one < local["p50_ms"], "rps": rps_ratio >= TARGET_RPS_RATIO}}
@@ -205,15 +218,19 @@ def format_table(result: dict) -> str:
         lines.append(f"| {label} | {row['engine']} | 1 | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
                      f"{row['requests_per_s']:.1f} |")
     names = {"eager_batched": "HTTP, batched (max {b}), as before the engine", "unbatched": "HTTP, unbatched",
-             "batched": "HTTP, batched (max {b})"}
+             "batched": "HTTP, batched (max {b})", "fused": "HTTP, fused layout ({r} ingress replicas), unbatched"}
     for label, rows in result["http"].items():
         for row in rows:
-            lines.append(f"| {names[label].format(b=row['max_batch_size'])} | {row['engine']} | {row['clients']} | "
+            name = names[label].format(b=row["max_batch_size"], r=row.get("replicas", 1))
+            lines.append(f"| {name} | {row['engine']} | {row['clients']} | "
                          f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['requests_per_s']:.1f} |")
     top = result["http"]["batched"][-1]["clients"]
-    lines += ["", f"1 client over HTTP, p50 {result['p50_one_client_ms']:.1f} ms vs the in-process eager predictor's "
-                  f"{result['in_process']['p50_ms']:.1f} (target: below it: {'met' if result['met']['p50'] else 'NOT met'})",
-              f"{top} clients, batched: {result['rps_ratio_vs_eager_at_max_clients']:.2f}x the requests/s of the "
+    best = result.get("best", {"p50_one_client": "batched", "rps_at_max_clients": "batched"})
+    lines += ["", f"1 client over HTTP ({best['p50_one_client']}), p50 {result['p50_one_client_ms']:.1f} ms vs the "
+                  f"in-process eager predictor's {result['in_process']['p50_ms']:.1f} (target: below it: "
+                  f"{'met' if result['met']['p50'] else 'NOT met'})",
+              f"{top} clients ({best['rps_at_max_clients']}): {result['rps_ratio_vs_eager_at_max_clients']:.2f}x the "
+              f"requests/s of the "
               f"eager service (target >= {TARGET_RPS_RATIO:g}: {'met' if result['met']['rps'] else 'NOT met'})",
               f"Serve overhead at p50 (1 client, unbatched HTTP - in-process, same engine and threads): "
               f"{result['serve_overhead_p50_ms']:.1f} ms; batching at {top} clients: "
@@ -224,8 +241,9 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None, *, prog: str = "bench_serving.py") -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Latency and throughput of the Serve application over HTTP (1/8/32 clients; eager PyTorch, and "
-                    "the default engine with and without dynamic batching) against the same predictor in-process. "
+        description="Latency and throughput of the Serve application over HTTP (1/8/32 clients; eager PyTorch, "
+                    "the default engine with and without dynamic batching, and the fused layout with one ingress "
+                    "replica per CPU) against the same predictor in-process. "
                     "Prints a table and the ratios against the targets.")
     parser.add_argument("--model", default="efficientnet_lite0", help="backbone of the router and classifiers")
     parser.add_argument("--clients", default="1,8,32", help="comma-separated client counts (default: %(default)s)")

@@ -40,6 +40,11 @@ def build_parser(prog: str = "serve.py") -> argparse.ArgumentParser:
     parser.add_argument("--token-env", default="FRACRAY_API_TOKEN",
                         help="environment variable holding a bearer token to require (default: %(default)s; "
                              "unset = open)")
+    parser.add_argument("--layout", choices=("graph", "fused"), default="graph",
+                        help="graph (default): the router and the classifiers run as deployments of their own "
+                             "that scale apart (clusters, GPUs); fused: both run inside each ingress replica, so a "
+                             "request crosses one process instead of three (faster on a small CPU machine: see the "
+                             "README's Serving benchmark)")
     add_engine_arguments(parser, where="the model replicas")
     add_storage_arguments(parser)
     add_verbose_argument(parser)
@@ -49,7 +54,8 @@ def build_parser(prog: str = "serve.py") -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ServeJobConfig:
     return ServeJobConfig(models=args.models, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                           max_upload_mb=args.max_upload_mb, num_gpus=args.num_gpus, token_env=args.token_env,
-                          engine=args.engine, precision=args.precision, storage=storage_options_from_args(args))
+                          engine=args.engine, precision=args.precision, layout=args.layout,
+                          storage=storage_options_from_args(args))
 
 
 def main(argv: list[str] | None = None, *, prog: str = "serve.py") -> int:

@@ -41,7 +41,7 @@ from ..storage import StorageOptions
 # The predictor and Grad-CAM (torch) and the imaging modules (OpenCV) are imported where the
 # replicas use them: building the application needs neither.
 
-__all__ = ["ServeArgs", "build_app", "app_builder", "Ingress", "BodyPartRouter", "FractureClassifiers",
+__all__ = ["ServeArgs", "LAYOUTS", "build_app", "app_builder", "Ingress", "BodyPartRouter", "FractureClassifiers",
            "HTTP_STATUS_FOR_REJECT", "ACCEPTED_CONTENT_TYPES", "OPEN_PATHS", "DOCS_PATHS"]
 
 logger = logging.getLogger("ray.serve")
@@ -60,6 +60,9 @@ HTTP_STATUS_FOR_REJECT = {
 ACCEPTED_CONTENT_TYPES = ("image/*", "application/dicom", "application/octet-stream")
 OPEN_PATHS = ("/healthz",)  # liveness: no token, no model facts
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")  # open only with public_docs
+
+
+LAYOUTS = ("graph", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +96,11 @@ class ServeArgs:
     # whose bundle.json records a passed validation: build_app refuses the others before deploying).
     # FRACRAY_PRECISION in a replica's environment still wins.
     precision: str = "exact"
+    # How the models are laid out (LAYOUTS): "graph", the router and the classifiers as deployments of
+    # their own that scale apart (clusters, GPUs); "fused", both inside each ingress replica, so a
+    # request crosses one process instead of three (small CPU machines, where each hop costs more
+    # than it spreads: see the README's Serving benchmark).
+    layout: str = "graph"
 
     @classmethod
     def parse(cls, args: "ServeArgs | dict[str, Any] | None") -> "ServeArgs":
@@ -110,6 +118,8 @@ class ServeArgs:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}. Got {parsed.engine!r}")
         if parsed.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}. Got {parsed.precision!r}")
+        if parsed.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}. Got {parsed.layout!r}")
         if (parsed.max_batch_size < 1 or parsed.max_upload_mb <= 0 or parsed.max_study_images < 1
                 or parsed.min_replicas < 1):
             raise ValueError(f"max_batch_size, max_upload_mb, max_study_images and min_replicas must be positive. "
@@ -232,6 +242,52 @@ class FractureClassifiers:
 
     async def load(self, body_part: str) -> str:
         return (await self.get_model(body_part)).name
+
+
+class _FusedClassifiers(FractureClassifiers.func_or_class):
+    """The classifiers inside an ingress replica (layout "fused"): every body part's model
+    loaded once on first use, without Serve's multiplexing (which is for a deployment of its own)."""
+
+    def __init__(self, args: ServeArgs):
+        super().__init__(args)
+        self._models: dict[str, Any] = {}
+        self._loading = asyncio.Lock()
+
+    async def get_model(self, body_part: str):
+        from ..inference.predictor import BundleModel, UnknownBodyPart
+
+        if body_part not in self.index.classifiers:
+            raise UnknownBodyPart(body_part, sorted(self.index.classifiers))
+        async with self._loading:
+            if body_part not in self._models:
+                self._models[body_part] = await asyncio.to_thread(
+                    BundleModel, self.index.classifiers[body_part], self.args.storage_options, _device(),
+                    engine=self.args.engine, precision=self.args.precision)
+        return self._models[body_part]
+
+
+class _InProcess:
+    """A model object called in this process with a deployment handle's calling convention
+    (``target.method.remote(...)`` is awaited; ``options(...)`` changes nothing): the ingress
+    code is the same for both layouts."""
+
+    def __init__(self, target):
+        self._target = target
+
+    def options(self, **_):
+        return self
+
+    def __getattr__(self, name: str):
+        import inspect
+        import types
+
+        method = getattr(self._target, name)
+
+        async def call(*args, **kwargs):
+            result = method(*args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+
+        return types.SimpleNamespace(remote=call)
 
 
 # ----------------------------------------------------------------------------- HTTP ingress
@@ -410,6 +466,9 @@ def _replica_errors() -> tuple[type[BaseException], ...]:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, router, classifiers, args: ServeArgs):
+        if args.layout == "fused":  # the models run here, in this replica's process
+            router = _InProcess(BodyPartRouter.func_or_class(args))
+            classifiers = _InProcess(_FusedClassifiers(args))
         self.router = router
         self.classifiers = classifiers
         self.args = args
@@ -421,7 +480,8 @@ class Ingress:
                        "classifiers": {p: describe_bundle(self.index.classifiers[p], m) for p, m in self.metas.items()},
                        "dataset": self.index.dataset, "index_created": self.index.created,
                        # Asked of the replicas; each answer's "engine" names what ran.
-                       "engine": self.args.engine, "precision": self.args.precision}
+                       "engine": self.args.engine, "precision": self.args.precision,
+                       "layout": self.args.layout}
         from ..imaging.preprocess import PreprocessConfig, shared_decode_config
 
         decode = shared_decode_config([m.preprocess_config() for m in
@@ -875,6 +935,11 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None):
                            initial_replicas=args.min_replicas)
             scaling["max_replicas"] = max(scaling["max_replicas"], args.min_replicas)
             options["autoscaling_config"] = scaling
+    if args.layout == "fused":
+        # One deployment: each ingress replica holds the models, so it reserves what a model
+        # replica would (a whole CPU: the engine runs one thread per reserved CPU), and a GPU if asked.
+        ingress_options["ray_actor_options"] = {"num_cpus": 1, **({"num_gpus": args.num_gpus} if args.num_gpus else {})}
+        return Ingress.options(**ingress_options).bind(None, None, args)
     router = BodyPartRouter.options(**router_options).bind(args)
     classifiers = FractureClassifiers.options(**classifier_options).bind(args)
     return Ingress.options(**ingress_options).bind(router, classifiers, args)
