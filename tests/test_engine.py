@@ -626,9 +626,8 @@ def test_serve_runs_the_precision_asked_and_refuses_fast_where_unvalidated(ray_l
     import requests
     from ray import serve
 
-    from conftest import _free_port
     from fracray.serving.app import build_app
-    from test_serving import _image, _wait_ready
+    from test_serving import _image, served
 
     # Refused by the builder, before a replica starts (they load classifiers on demand).
     unvalidated = _single_index(bundles["localizing"], tmp_path)
@@ -636,18 +635,10 @@ def test_serve_runs_the_precision_asked_and_refuses_fast_where_unvalidated(ray_l
         build_app({"models": unvalidated, "precision": "fast"})
     with pytest.raises(ValueError, match="precision must be one of exact, fast. Got 'half'"):
         build_app({"models": strict_index, "precision": "half"})
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app({"models": strict_index, "min_replicas": 1, "precision": "fast"}), name="fast",
-                  route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        _wait_ready(url)
+    with served({"models": strict_index, "min_replicas": 1, "precision": "fast"}, "fast") as url:
         got = requests.post(f"{url}/v1/classify", data=_image(seed=12), timeout=120).json()
         assert got["engine"] == _fast_label(), got
         assert requests.get(f"{url}/v1/models", timeout=30).json()["precision"] == "fast"
-    finally:
-        serve.shutdown()
 
 
 # ----------------------------------------------------------------------------- fast as INT8

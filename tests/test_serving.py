@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import signal
@@ -44,6 +45,26 @@ def _wait_ready(url: str, timeout: float = 180, headers=None) -> None:
             last = exc
         time.sleep(1)
     raise AssertionError(f"service not ready after {timeout}s: {getattr(last, 'text', last)}")
+
+
+@contextlib.contextmanager
+def served(app_args: dict, name: str):
+    """The application built from ``app_args`` on its own Serve instance (a free port), ready;
+    yields its URL and shuts Serve down after."""
+    from ray import serve
+
+    from conftest import _free_port
+    from fracray.serving.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(app_args), name=name, route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url)
+        yield url
+    finally:
+        serve.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -7,25 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import _free_port
-from test_serving import _image, _wait_ready
+from test_serving import _image, served
 
 
 
 @pytest.mark.slow
 def test_overload_returns_503_with_retry_after_then_recovers(ray_local, untrained_index):
     """An ingress that takes one request at a time and queues one more."""
-    from ray import serve
-
-    from fracray.serving.app import build_app
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app({"models": untrained_index, "max_ongoing_requests": 1, "max_queued_requests": 1}),
-                  name="small", route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        _wait_ready(url)
+    with served({"models": untrained_index, "max_ongoing_requests": 1, "max_queued_requests": 1}, "small") as url:
         data = _image(seed=8)
         with ThreadPoolExecutor(12) as pool:
             responses = list(pool.map(lambda _: requests.post(f"{url}/v1/classify", params={"gradcam": "true"},
@@ -37,25 +26,14 @@ def test_overload_returns_503_with_retry_after_then_recovers(ray_local, untraine
         assert all(r.json()["error"] in ("unavailable", "overloaded") and r.json()["detail"]
                    for r in responses if r.status_code == 503)
         assert requests.post(f"{url}/v1/classify", data=data, timeout=60).status_code == 200
-    finally:
-        serve.shutdown()
 
 
 def test_a_single_model_index_serves_without_a_router(ray_local, localizing_single_index):
     """No router in the index: every image goes to the one classifier, with the same numbers as
     the batch predictor (the router replica gets the model-sized input, never the full image)."""
-    from ray import serve
-
     from fracray.inference.predictor import FracturePredictor
-    from fracray.serving.app import build_app
 
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app({"models": localizing_single_index, "min_replicas": 1, "engine": "torch"}), name="single",
-                  route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        _wait_ready(url)
+    with served({"models": localizing_single_index, "min_replicas": 1, "engine": "torch"}, "single") as url:
         data = _image(seed=12)
         expected = FracturePredictor(localizing_single_index).predict_bytes([data])[0]
         got = requests.post(f"{url}/v1/classify", data=data, timeout=120).json()
@@ -66,8 +44,6 @@ def test_a_single_model_index_serves_without_a_router(ray_local, localizing_sing
         assert got["fracture_probability"] == pytest.approx(expected["fracture_probability"], abs=1e-5)
         assert [f["score"] for f in got["findings"]] == pytest.approx([f["score"] for f in expected["findings"]],
                                                                       abs=2e-4)
-    finally:
-        serve.shutdown()
 
 
 def test_the_fused_layout_runs_the_models_in_the_ingress_with_the_same_answers(ray_local, untrained_index):
@@ -76,17 +52,11 @@ def test_the_fused_layout_runs_the_models_in_the_ingress_with_the_same_answers(r
     from ray import serve
 
     from fracray.inference.predictor import FracturePredictor
-    from fracray.serving.app import ServeArgs, build_app
+    from fracray.serving.app import ServeArgs
 
     with pytest.raises(ValueError, match="layout must be one of graph, fused. Got 'star'"):
         ServeArgs.parse({"models": untrained_index, "layout": "star"})
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app({"models": untrained_index, "min_replicas": 1, "layout": "fused"}), name="fused",
-                  route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        _wait_ready(url)
+    with served({"models": untrained_index, "min_replicas": 1, "layout": "fused"}, "fused") as url:
         assert set(serve.status().applications["fused"].deployments) == {"Ingress"}
         assert requests.get(f"{url}/v1/models", timeout=30).json()["layout"] == "fused"
         predictor = FracturePredictor(untrained_index)
@@ -98,5 +68,3 @@ def test_the_fused_layout_runs_the_models_in_the_ingress_with_the_same_answers(r
             assert got["body_part_probability"] == pytest.approx(expected["body_part_probability"], abs=1e-5)
             assert got["fracture_probability"] == pytest.approx(expected["fracture_probability"], abs=1e-5)
             assert got["classifier"] == expected["classifier"] and got["overlay"]["png_base64"]
-    finally:
-        serve.shutdown()

@@ -62,8 +62,13 @@ def main(argv: list[str] | None = None, *, prog: str = "serve.py") -> int:
     args = build_parser(prog).parse_args(argv)
     from ray import serve
 
+    # SIGTERM stops the service cleanly, also one that arrives while it is still starting (the
+    # first replica can answer before the last is up): the start finishes, then it shuts down.
+    # Installed once Ray is connected, which replaces the handler with its own.
+    stop = threading.Event()
     try:
-        handle = start_service(config_from_args(args))
+        handle = start_service(config_from_args(args),
+                               on_connected=lambda: signal.signal(signal.SIGTERM, lambda *_: stop.set()))
     except (FileNotFoundError, ValueError, RuntimeError, ConnectionError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -71,8 +76,6 @@ def main(argv: list[str] | None = None, *, prog: str = "serve.py") -> int:
     print(f"fracray is serving {handle.models}{' (bearer token required)' if handle.protected else ''}\n"
           f"  API docs:  {url}/docs\n  models:    {url}/v1/models\n  classify:  POST {url}/v1/classify\n"
           f"Ctrl-C to stop.", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         stop.wait()
     except KeyboardInterrupt:

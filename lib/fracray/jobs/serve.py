@@ -55,9 +55,11 @@ def serve_args(config: ServeJobConfig, models: str | None = None):
                      region=options.region, anonymous=options.anonymous)
 
 
-def start_service(config: ServeJobConfig, *, log: Callable[[str], None] = print) -> ServeHandle:
+def start_service(config: ServeJobConfig, *, log: Callable[[str], None] = print,
+                  on_connected: Callable[[], None] | None = None) -> ServeHandle:
     """Check the models, start Ray Serve with the application and return once it is deployed
-    (``serve.shutdown()`` stops it)."""
+    (``serve.shutdown()`` stops it). ``on_connected`` runs once Ray is connected, before the
+    deployments start (the CLI installs its SIGTERM handler there: Ray installs its own on connect)."""
     from ray import serve
 
     from ..serving.app import build_app  # Ray Serve and FastAPI: only where a service starts
@@ -74,6 +76,8 @@ def start_service(config: ServeJobConfig, *, log: Callable[[str], None] = print)
     # (a Ray that is joined keeps its own: cluster nodes set it, see cluster/Dockerfile).
     configure_environment(max_body_mb=max(config.max_upload_mb, float(os.environ.get("FRACRAY_MAX_BODY_MB", 0))))
     connect()
+    if on_connected is not None:
+        on_connected()
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(application, name="fracray", route_prefix="/", blocking=False)
     return ServeHandle(models=models, url=f"http://{config.host}:{config.port}",
