@@ -53,11 +53,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, where: str = "the p
         "inference engine",
         f"What runs the models in {where} (fracray.inference.engine). FRACRAY_ENGINE and FRACRAY_PRECISION in "
         f"their environment, when set, win over these flags. Every answer's \"engine\" names what ran "
-        f"(onnxruntime-float32, torch-float32, openvino-bf16).")
+        f"(onnxruntime-float32, torch-float32, openvino-int8, openvino-bf16).")
     group.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
                        help="auto (ONNX Runtime on CPU, PyTorch on CUDA; default), torch (eager PyTorch) or "
                             "onnxruntime")
     group.add_argument("--precision", choices=PRECISION_CHOICES, default="exact",
-                       help="exact (float32, equal to eager PyTorch within 1e-4; default) or fast (OpenVINO bf16 on "
-                            "CPU: only for fracture models whose bundle records a passed `fracray validate-fast-mode`; "
+                       help="exact (float32, equal to eager PyTorch within 1e-4; default) or fast (OpenVINO INT8 or "
+                            "bf16 on CPU, the kind the bundle validated: only for fracture models whose bundle records a passed `fracray validate-fast-mode`; "
                             "refused before anything starts otherwise)")

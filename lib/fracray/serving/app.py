@@ -92,7 +92,7 @@ class ServeArgs:
     # What runs the models in the replicas (inference.engine): auto = ONNX Runtime on CPU, PyTorch on
     # CUDA; torch or onnxruntime to choose. FRACRAY_ENGINE in a replica's environment still wins.
     engine: str = "auto"
-    # At which precision: exact (float32) or fast (OpenVINO bf16 on CPU, only for fracture bundles
+    # At which precision: exact (float32) or fast (OpenVINO INT8 or bf16 on CPU, only for fracture bundles
     # whose bundle.json records a passed validation: build_app refuses the others before deploying).
     # FRACRAY_PRECISION in a replica's environment still wins.
     precision: str = "exact"
@@ -314,7 +314,7 @@ _RESULT_FIELDS = (
     "peak}; an empty list when none reaches the model's minimum score or the model has no fracture map (see "
     "/v1/models: localization.localizes). image gives the upload's width and height, the frame of the boxes. "
     "engine names what computed the probability: onnxruntime-float32 (CPU), torch-float32 (eager PyTorch) or "
-    "openvino-bf16 (the fast precision, for a bundle validated for it).")
+    "openvino-int8 or openvino-bf16 (the fast precision, in the kind the bundle was validated for).")
 
 
 def _body_part_query():
