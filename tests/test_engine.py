@@ -744,7 +744,7 @@ def test_an_int8_dry_run_writes_no_graph(bundles, tiny_fracatlas, tmp_path, engi
 def test_quantize_int8_keeps_the_front_float_and_calibrates_in_strides(bundles, engine_cache, tmp_path, method):
     """INT8 straight from the float export: every calibration method, 7 inputs (prime: one per
     calibration stride), convolutions at stride < 8 left float, the rest quantised; the graph
-    runs and stays close to the float one."""
+    runs and gives finite outputs."""
     import onnx
     import onnxruntime
 

@@ -113,6 +113,27 @@ def _threading_worker(name: str, size: int, fracture_map: bool, cache: str, thre
     results.put((count, time.perf_counter() - start))
 
 
+def _collect(workers, results, deadline: float) -> list[tuple[int, float]]:
+    """Each worker's (count, seconds); a worker that dies first is an error, not a wait until
+    the deadline (the others are stopped)."""
+    import queue
+
+    counts: list[tuple[int, float]] = []
+    while len(counts) < len(workers):
+        try:
+            counts.append(results.get(timeout=1))
+        except queue.Empty:
+            failed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                for w in workers:
+                    w.kill()
+                raise RuntimeError(f"threading benchmark: a worker process failed (exit codes {failed}) or "
+                                   f"timed out; run it again with --threading 0 to see the model alone")
+    for w in workers:
+        w.join()
+    return counts
+
+
 def threading_check(*, model: str, size: int, seconds: float, cache_dir: str, fracture_map: bool = False,
                     cpus: int | None = None, log=print) -> list[dict[str, Any]]:
     """Aggregate images/s of the exact engine when ``cpus`` processes score at once (as scoring
@@ -134,9 +155,7 @@ def threading_check(*, model: str, size: int, seconds: float, cache_dir: str, fr
                    for _ in range(processes)]
         for w in workers:
             w.start()
-        counts = [results.get(timeout=600 + seconds) for _ in workers]
-        for w in workers:
-            w.join()
+        counts = _collect(workers, results, deadline=time.monotonic() + 600 + seconds)
         rows.append({"setting": label, "processes": processes, "threads_per_process": threads,
                      "images_per_s": sum(c / t for c, t in counts)})
     for row in rows:

@@ -201,14 +201,18 @@ class FractureClassifiers:
         self.classify.set_max_batch_size(args.max_batch_size)
         self.classify.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
-    @serve.multiplexed(max_num_models_per_replica=8)
-    async def get_model(self, body_part: str):
+    def _load(self, body_part: str):
+        """``body_part``'s fracture model, read from its bundle (blocking)."""
         from ..inference.predictor import BundleModel, UnknownBodyPart
 
         if body_part not in self.index.classifiers:
             raise UnknownBodyPart(body_part, sorted(self.index.classifiers))
-        return await asyncio.to_thread(BundleModel, self.index.classifiers[body_part], self.args.storage_options,
-                                       _device(), engine=self.args.engine, precision=self.args.precision)
+        return BundleModel(self.index.classifiers[body_part], self.args.storage_options, _device(),
+                           engine=self.args.engine, precision=self.args.precision)
+
+    @serve.multiplexed(max_num_models_per_replica=8)
+    async def get_model(self, body_part: str):
+        return await asyncio.to_thread(self._load, body_part)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def classify(self, images: list, body_parts: list[str]) -> list[tuple[float, str, int, list[dict], str]]:
@@ -254,15 +258,9 @@ class _FusedClassifiers(FractureClassifiers.func_or_class):
         self._loading = asyncio.Lock()
 
     async def get_model(self, body_part: str):
-        from ..inference.predictor import BundleModel, UnknownBodyPart
-
-        if body_part not in self.index.classifiers:
-            raise UnknownBodyPart(body_part, sorted(self.index.classifiers))
         async with self._loading:
             if body_part not in self._models:
-                self._models[body_part] = await asyncio.to_thread(
-                    BundleModel, self.index.classifiers[body_part], self.args.storage_options, _device(),
-                    engine=self.args.engine, precision=self.args.precision)
+                self._models[body_part] = await asyncio.to_thread(self._load, body_part)
         return self._models[body_part]
 
 
