@@ -169,6 +169,9 @@ def untrained_index(tmp_path_factory):
 
 # What the localising test bundle says of its training (so /v1/models has something to show).
 LOCALIZING_DATA = {"images_with_outlines": 3, "images_with_boxes_only": 5, "positives_without_regions": 1}
+LOCALIZING_TRAINING = {"config": {"model": "efficientnet_lite0", "image_size": 128, "localization": True,
+                                  "negatives_per_positive": 1.5, "seed": 0},
+                       "epochs_run": 0, "seconds": 0.0, "history": [{"epoch": 1, "loss": 0.7}]}
 LOCALIZING_VALIDATION = {"pointing_game": 0.5, "pointing_centre_baseline": 0.25, "pointing_images": 4,
                          "lesion_sensitivity_at_0.5_fp": 0.4, "lesion_sensitivity_at_1_fp": 0.6, "lesions": 5,
                          "images": 10, "froc": {"fp_per_image": [0.1, 0.5, 1.0], "sensitivity": [0.2, 0.4, 0.6]}}
@@ -193,7 +196,9 @@ def write_localizing_bundle(uri: str, *, image_size: int = 128, seed: int = 0) -
                       operating_points={"sensitivity>=0.90": {"threshold": 0.3, "sensitivity": None,
                                                               "specificity": None}},
                       metrics={"valid": {"auroc": 0.5, "n": 10}, "valid_localization": LOCALIZING_VALIDATION},
-                      data={"dataset": "synthetic", "localization": LOCALIZING_DATA},
+                      data={"dataset": "synthetic", "train_images": 8, "valid_images": 10,
+                            "localization": LOCALIZING_DATA},
+                      training=LOCALIZING_TRAINING,
                       inference={"tta_flip": False, "findings": {"min_score": 0.5, "region_level": 0.8,
                                                                  "max_findings": 3}},
                       intended_use="Untrained weights for tests only. Outputs are meaningless.")

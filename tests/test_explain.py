@@ -217,3 +217,12 @@ def test_evaluate_writes_froc_overlays_and_the_predictors_findings(ray_local, lo
             assert findings_from_rows(by_uri[uri]["findings"]) == expected["findings"]
             compared += bool(expected["findings"])
     assert compared > 0
+    # Calibration on the evaluated images: ECE of the probabilities as the predictor serves them, and
+    # a reliability diagram of them.
+    scored = [r for r in preds if r["status"] == "ok"]
+    p = np.array([r["fracture_probability"] for r in scored])
+    y = [int(r["true_image_label"]) for r in scored]
+    assert summary["overall"]["ece"] == pytest.approx(expected_calibration_error(np.stack([1 - p, p], 1), y))
+    assert sum(b["n"] for b in summary["overall"]["reliability"]) == len(scored) == summary["overall"]["n"]
+    with Image.open(summary["plots"]["reliability"]) as img:
+        assert img.format == "PNG" and img.size[0] > 300

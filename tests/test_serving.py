@@ -145,7 +145,7 @@ def test_multipart_body_part_operating_point_and_gradcam(service):
 
 
 def test_models_show_localization_facts(service):
-    from conftest import LOCALIZING_DATA, LOCALIZING_VALIDATION
+    from conftest import LOCALIZING_DATA, LOCALIZING_TRAINING, LOCALIZING_VALIDATION
 
     url, session = service
     models = session.get(f"{url}/v1/models").json()
@@ -154,6 +154,10 @@ def test_models_show_localization_facts(service):
     assert wrist["data"] == LOCALIZING_DATA
     assert wrist["validation"] == {k: v for k, v in LOCALIZING_VALIDATION.items() if k != "froc"}
     assert wrist["findings"] == {"min_score": 0.5, "region_level": 0.8, "max_findings": 3}
+    # What it was trained on and with (the per-epoch history stays in bundle.json).
+    assert models["classifiers"]["wrist"]["data"] == {"dataset": "synthetic", "train_images": 8, "valid_images": 10}
+    assert models["classifiers"]["wrist"]["training"] == {k: v for k, v in LOCALIZING_TRAINING.items()
+                                                          if k != "history"}
     assert humerus == {"localizes": False, "heatmap": "Grad-CAM", "data": None, "findings": None, "validation": None}
     assert models["classifiers"]["wrist"]["tta_flip"] is False
     assert models["classifiers"]["wrist"]["operating_points"]["sensitivity>=0.90"]["threshold"] == 0.3
@@ -345,13 +349,15 @@ def test_pipelines_serve_one_command_start(tmp_path, untrained_index):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and k != "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
            and not k.startswith("FRACRAY_MAX_") and k != "FRACRAY_BODY_TIMEOUT_S"}
     proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "serve.py"), "--models", untrained_index,
-                             "--port", str(port), "--max-upload-mb", "1", "--engine", "torch", "--layout", "fused"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             "--port", str(port), "--max-upload-mb", "1", "--engine", "torch", "--layout", "fused", "--operating-point", "0.25"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, timeout=240)
         answer = requests.post(f"{url}/v1/classify", data=_image(seed=11), timeout=60)
         assert answer.status_code == 200 and answer.json()["engine"] == "torch-float32"  # --engine reached the replicas
+        assert answer.json()["threshold"] == 0.25 and answer.json()["operating_point"] == "0.25"  # --operating-point
         assert requests.get(f"{url}/v1/models", timeout=30).json()["layout"] == "fused"  # --layout reached the app
         # --max-upload-mb reaches Serve's proxy: the guard (not the ingress) refuses 2 MB.
         big = requests.post(f"{url}/v1/classify", data=os.urandom(2 * 1024 * 1024), timeout=60)

@@ -33,11 +33,18 @@ def test_a_single_model_index_serves_without_a_router(ray_local, localizing_sing
     the batch predictor (the router replica gets the model-sized input, never the full image)."""
     from fracray.inference.predictor import FracturePredictor
 
-    with served({"models": localizing_single_index, "min_replicas": 1, "engine": "torch"}, "single") as url:
+    # The service's own operating point (a named one of the bundle) labels every request that names none.
+    with served({"models": localizing_single_index, "min_replicas": 1, "engine": "torch",
+                 "operating_point": "sensitivity>=0.90"}, "single") as url:
         data = _image(seed=12)
         expected = FracturePredictor(localizing_single_index).predict_bytes([data])[0]
         got = requests.post(f"{url}/v1/classify", data=data, timeout=120).json()
         assert got["body_part"] == "all" and got["router"] is None and got["body_part_probability"] is None
+        assert got["operating_point"] == "sensitivity>=0.90" and got["threshold"] == 0.3 != expected["threshold"]
+        assert got["label"] == int(got["fracture_probability"] >= 0.3)
+        asked = requests.post(f"{url}/v1/classify", data=data, params={"operating_point": "default"}, timeout=120)
+        assert asked.json()["threshold"] == expected["threshold"] and asked.json()["operating_point"] == "default"
+        assert requests.get(f"{url}/v1/models", timeout=30).json()["operating_point"] == "sensitivity>=0.90"
         # engine="torch" reaches the replicas: eager PyTorch ran (the predictor here: ONNX Runtime, within 1e-5)
         assert got["engine"] == "torch-float32" and expected["engine"] == "onnxruntime-float32"
         assert requests.get(f"{url}/v1/models", timeout=30).json()["engine"] == "torch"
@@ -68,3 +75,13 @@ def test_the_fused_layout_runs_the_models_in_the_ingress_with_the_same_answers(r
             assert got["body_part_probability"] == pytest.approx(expected["body_part_probability"], abs=1e-5)
             assert got["fracture_probability"] == pytest.approx(expected["fracture_probability"], abs=1e-5)
             assert got["classifier"] == expected["classifier"] and got["overlay"]["png_base64"]
+
+
+def test_a_service_operating_point_the_models_lack_is_refused_before_deploying(localizing_single_index):
+    from fracray.serving.app import ServeArgs, build_app
+
+    with pytest.raises(ValueError, match="operating_point 'high_specificity' for the 'all' model: Unknown operating"):
+        build_app({"models": localizing_single_index, "operating_point": "high_specificity"})
+    with pytest.raises(ValueError, match=r"A threshold must be a number in \[0, 1\]. Got '1.5'"):
+        ServeArgs.parse({"models": localizing_single_index, "operating_point": "1.5"})
+    assert build_app({"models": localizing_single_index, "operating_point": "0.25"}) is not None

@@ -7,7 +7,7 @@ import decimal
 
 from typing import Any
 
-__all__ = ["bundle_name", "describe_bundle", "describe_localization", "resolve_threshold", "parse_threshold"]
+__all__ = ["bundle_name", "describe_bundle", "describe_localization", "describe_training", "resolve_threshold", "parse_threshold"]
 
 
 def bundle_name(uri: str, meta) -> str:
@@ -25,7 +25,18 @@ def describe_bundle(uri: str, meta) -> dict[str, Any]:
             "validation": {k: v for k, v in (meta.metrics.get("valid") or {}).items()
                            if k in ("auroc", "sensitivity", "specificity", "accuracy", "n")},
             "tta_flip": bool((meta.inference or {}).get("tta_flip", False)),
+            "data": {k: v for k, v in (meta.data or {}).items() if k != "localization"},  # that one: below
+            "training": describe_training(meta),
             "localization": describe_localization(meta)}
+
+
+def describe_training(meta) -> dict[str, Any]:
+    """How the bundle was trained: its model's whole configuration (preprocessing overrides,
+    strategy, epochs, sampling, seed...), the epochs it ran and how long it took; the job's
+    full configuration stays in bundle.json (``training.run``)."""
+    training = meta.training or {}
+    return {"config": training.get("config"), "epochs_run": training.get("epochs_run"),
+            "seconds": training.get("seconds")}
 
 
 def describe_localization(meta) -> dict[str, Any]:

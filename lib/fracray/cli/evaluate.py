@@ -18,12 +18,13 @@ def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Score a labelled dataset through the router -> per-bone classifier graph named by a model "
-                    "index, and print accuracy, sensitivity, specificity, F1, AUROC and study-level kappa, overall "
+                    "index, and print accuracy, sensitivity, specificity, F1, AUROC, expected calibration error (ECE) and "
+                    "study-level kappa, overall "
                     "and per body part, as JSON, and - where images carry fracture boxes (FracAtlas) - the pointing "
                     "game (the fracture map's peak for models with one, else Grad-CAM's) and, for models with a "
                     "fracture map, lesion sensitivity at 0.5 and 1 false-positive findings per image (FROC). With "
                     "--output also writes evaluation.json, predictions.parquet (with each image's findings), "
-                    "confusion_matrices.png, froc.png and examples/*.png (true positives, false positives and false "
+                    "confusion_matrices.png, reliability.png (reliability diagram), froc.png and examples/*.png (true positives, false positives and false "
                     "negatives with the heatmap, the fracture boxes in green and the findings in magenta).",
         epilog="Example: evaluate.py --models runs/latest/model_index.json --dataset mura "
                "--data runs/latest/synthetic-mura --split valid",

@@ -45,6 +45,11 @@ def build_parser(prog: str = "serve.py") -> argparse.ArgumentParser:
                              "that scale apart (clusters, GPUs); fused: both run inside each ingress replica, so a "
                              "request crosses one process instead of three (faster on a small CPU machine: see the "
                              "README's Serving benchmark)")
+    parser.add_argument("--operating-point", default="default",
+                        help="where a request that names no operating_point is labelled: default (each model's "
+                             "own threshold), a named operating point of the models (high_sensitivity, "
+                             "high_specificity, 'sensitivity>=0.95', ...; /v1/models lists them) or a number in "
+                             "[0, 1] (default: %(default)s); refused at start when a model lacks it")
     add_engine_arguments(parser, where="the model replicas")
     add_storage_arguments(parser)
     add_verbose_argument(parser)
@@ -55,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> ServeJobConfig:
     return ServeJobConfig(models=args.models, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                           max_upload_mb=args.max_upload_mb, num_gpus=args.num_gpus, token_env=args.token_env,
                           engine=args.engine, precision=args.precision, layout=args.layout,
-                          storage=storage_options_from_args(args))
+                          operating_point=args.operating_point, storage=storage_options_from_args(args))
 
 
 def main(argv: list[str] | None = None, *, prog: str = "serve.py") -> int:

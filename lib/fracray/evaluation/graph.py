@@ -2,7 +2,8 @@
 
 Per body part: TP, FN, FP, TN, accuracy, precision, sensitivity, specificity, F1,
 AUROC; study-level Cohen's kappa (MURA); router accuracy where the true body part
-is known; where images carry fracture boxes (FracAtlas), the pointing game and - for models
+is known; expected calibration error and reliability bins of the probabilities as served; where
+images carry fracture boxes (FracAtlas), the pointing game and - for models
 with a fracture map - lesion-level FROC of the findings, with example overlays.
 :func:`evaluate_graph` does all of it, for train_all's report and ``pipelines/evaluate.py``.
 The predictor (torch) is imported only where Ray actors run it.
@@ -25,6 +26,7 @@ from ..artifacts.describe import bundle_name
 from ..artifacts.index import read_model_index
 from ..imaging.regions import Finding, findings_from_rows, froc, lesion_sensitivity_at, yolo_to_pixels
 from ..inference.pool import ActorPlan, map_predictor
+from ..metrics.calibration import expected_calibration_error, reliability_bins
 from ..metrics.classification import binary_metrics
 from ..metrics.study import study_level
 from ..storage import StorageOptions
@@ -114,6 +116,11 @@ def summarize_predictions(preds: dict[str, list]) -> dict[str, Any]:
                    specificity=tn / (tn + fp) if tn + fp else None)
         s, r = out["precision"], out["sensitivity"]
         out["f1"] = 2 * s * r / (s + r) if s and r else None
+        # Calibration of the probabilities as served (temperature included), on these images: the
+        # bundles' temperatures were fitted elsewhere (a calibration slice of the training studies).
+        two_class = np.stack([1.0 - np.asarray(p, dtype=np.float64), np.asarray(p, dtype=np.float64)], axis=1)
+        out["ece"] = expected_calibration_error(two_class, y) if y else None
+        out["reliability"] = reliability_bins(two_class, y) if y else []
         studies = [preds["study_id"][i] for i in idx] if "study_id" in preds else None
         if studies and all(studies):
             # Each study decided at the mean threshold of its images' models.

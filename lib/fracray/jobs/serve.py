@@ -30,6 +30,7 @@ class ServeJobConfig:
     engine: str = "auto"                    # what runs the models in the replicas (ServeArgs.engine)
     precision: str = "exact"                # and at which precision (ServeArgs.precision)
     layout: str = "graph"                   # graph: three deployments; fused: the models in the ingress (ServeArgs.layout)
+    operating_point: str = "default"        # for requests that name none (ServeArgs.operating_point)
     storage: StorageOptions = StorageOptions()
 
     def __post_init__(self):
@@ -51,7 +52,8 @@ def serve_args(config: ServeJobConfig, models: str | None = None):
     options = config.storage
     return ServeArgs(models=models or config.models or DEFAULT_MODELS, max_batch_size=config.max_batch_size,
                      max_upload_mb=config.max_upload_mb, num_gpus=config.num_gpus, auth_token_env=config.token_env,
-                     engine=config.engine, precision=config.precision, layout=config.layout, endpoint_url=options.endpoint_url,
+                     engine=config.engine, precision=config.precision, layout=config.layout,
+                     operating_point=config.operating_point, endpoint_url=options.endpoint_url,
                      region=options.region, anonymous=options.anonymous)
 
 

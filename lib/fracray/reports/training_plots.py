@@ -109,6 +109,33 @@ def _reliability(calibrations: dict[str, dict]) -> bytes:
     return _png(fig, plt)
 
 
+def _reliability_evaluated(evaluation: dict[str, Any]) -> bytes:
+    """Reliability diagrams of an evaluation: the probabilities as served (temperature
+    included) against the observed fraction correct, all images and each body part, with each
+    bin's image count (a calibrated model follows the diagonal)."""
+    blocks = [("all images", evaluation["overall"])]
+    blocks += sorted((p, b) for p, b in (evaluation.get("per_body_part") or {}).items()
+                     if b.get("reliability") and len(evaluation["per_body_part"]) > 1)
+    plt, fig, axes = _panels(len(blocks), (3.2, 3.2))
+    for ax, (name, block) in zip(axes, blocks):
+        bins = block["reliability"]
+        ax.plot([0, 1], [0, 1], ":", color="gray", linewidth=1)
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "s-", markersize=3,
+                color="tab:blue", label=f"ECE {block['ece']:.3f}")
+        for b in bins:
+            ax.annotate(str(b["n"]), (b["confidence"], b["accuracy"]), fontsize=6, xytext=(2, -8),
+                        textcoords="offset points")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{name} ({block['n']} images)", fontsize=9)
+        ax.set_xlabel("confidence (max probability)", fontsize=8)
+        ax.set_ylabel("fraction correct", fontsize=8)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Reliability of the evaluated probabilities (numbers: images per bin)", fontsize=10)
+    fig.tight_layout()
+    return _png(fig, plt)
+
+
 def _froc(lesions: dict[str, Any]) -> bytes:
     """FROC curves: lesion sensitivity against false-positive findings per image, all images
     and each body part, with the 0.5 and 1 FP/image points marked."""
@@ -139,7 +166,7 @@ def _froc(lesions: dict[str, Any]) -> bytes:
 def write_training_plots(evaluation: dict[str, Any], output_uri: str, options: StorageOptions | None, *,
                          histories: dict[str, list[dict]] | None = None, runs: dict[str, Any] | None = None,
                          comparison: dict[str, Any] | None = None) -> dict[str, str]:
-    """The plots of an evaluation summary (confusion matrices, FROC) and, from a training run,
+    """The plots of an evaluation summary (confusion matrices, reliability, FROC) and, from a training run,
     its training curves, reliability diagrams and backbone comparison; returns name -> URI.
     ``runs`` and ``comparison`` map names to :class:`fracray.training.orchestrate.ModelRun`."""
     out = {}
@@ -156,6 +183,9 @@ def write_training_plots(evaluation: dict[str, Any], output_uri: str, options: S
     if calibrations:
         out["calibration"] = storage.join(output_uri, "calibration.png")
         storage.write_bytes(out["calibration"], _reliability(calibrations), options)
+    if (evaluation.get("overall") or {}).get("reliability"):
+        out["reliability"] = storage.join(output_uri, "reliability.png")
+        storage.write_bytes(out["reliability"], _reliability_evaluated(evaluation), options)
     lesions = (evaluation.get("localization") or {}).get("lesions")
     if lesions and lesions.get("lesions"):
         out["froc"] = storage.join(output_uri, "froc.png")

@@ -118,6 +118,10 @@ def format_report(report: TrainingReport) -> str:
         lines += ["", f"{heatmap} pointing game ({game['overall']['images']} fractured images with boxes): the heatmap "
                       f"peak falls inside a fracture box for {_fmt(game['overall']['hit_rate'])} of them "
                       f"(image-centre baseline {_fmt(game['overall']['center_baseline'])})."]
+    if (ev.get("overall") or {}).get("ece") is not None:
+        lines += ["", f"Calibration of the probabilities as served, on these {ev['overall']['n']} images (not the ones "
+                      f"the temperature was fitted on): ECE {_fmt(ev['overall']['ece'])}"
+                      + (" (reliability diagram: reliability.png)" if "reliability" in report.plots else "") + "."]
     lines += _localization_lines(ev.get("localization"), report.plots)
     if "calibration" in report.plots:
         lines += ["", "Calibration (reliability before and after temperature scaling): calibration.png"]

@@ -101,6 +101,10 @@ class ServeArgs:
     # request crosses one process instead of three (small CPU machines, where each hop costs more
     # than it spreads: see the README's Serving benchmark).
     layout: str = "graph"
+    # The operating point a request that names none is labelled at: "default" (each model's own
+    # threshold), a named point of the models ("high_sensitivity", "high_specificity",
+    # "sensitivity>=0.95", ...) or a number in [0, 1]. A request's operating_point still wins.
+    operating_point: str = "default"
 
     @classmethod
     def parse(cls, args: "ServeArgs | dict[str, Any] | None") -> "ServeArgs":
@@ -120,6 +124,7 @@ class ServeArgs:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}. Got {parsed.precision!r}")
         if parsed.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}. Got {parsed.layout!r}")
+        parse_threshold(str(parsed.operating_point))  # a number outside [0, 1] fails here; names at build_app
         if (parsed.max_batch_size < 1 or parsed.max_upload_mb <= 0 or parsed.max_study_images < 1
                 or parsed.min_replicas < 1):
             raise ValueError(f"max_batch_size, max_upload_mb, max_study_images and min_replicas must be positive. "
@@ -479,7 +484,8 @@ class Ingress:
                        "dataset": self.index.dataset, "index_created": self.index.created,
                        # Asked of the replicas; each answer's "engine" names what ran.
                        "engine": self.args.engine, "precision": self.args.precision,
-                       "layout": self.args.layout}
+                       "layout": self.args.layout,
+                       "operating_point": self.args.operating_point}  # what a request that names none gets
         from ..imaging.preprocess import PreprocessConfig, shared_decode_config
 
         decode = shared_decode_config([m.preprocess_config() for m in
@@ -594,7 +600,7 @@ class Ingress:
 
     def _threshold(self, part: str, operating_point: str | None) -> float:
         try:
-            return resolve_threshold(self.metas[part], operating_point)
+            return resolve_threshold(self.metas[part], operating_point or self.args.operating_point)
         except ValueError as exc:
             raise _Rejected(422, "bad_operating_point", str(exc)) from exc
 
@@ -669,7 +675,7 @@ class Ingress:
         result = image_result(body_part, part_probability, probability, threshold, classifier_name,
                               self.models["router"]["name"] if self.models["router"] else None, findings,
                               engine=engine)
-        result["operating_point"] = operating_point or "default"
+        result["operating_point"] = operating_point or self.args.operating_point
         size = (decoded.width, decoded.height)
         if overlay:
             drawn = await self._call(lambda: handle.heat.remote(prepared, body_part), "classifier")
@@ -899,6 +905,19 @@ class Ingress:
 
 # ----------------------------------------------------------------------------- builder
 
+def check_operating_point(index_uri: str, operating_point: str, options: StorageOptions | None = None) -> None:
+    """The service's default operating point must exist in every fracture model: refused before
+    deploying, not by each request. "default" and numbers need no model to check."""
+    if operating_point in ("", "default") or parse_threshold(str(operating_point)) is not None:
+        return
+    index = read_model_index(index_uri, options)
+    for part, uri in index.classifiers.items():
+        try:
+            resolve_threshold(read_bundle_meta(uri, options), operating_point)
+        except ValueError as exc:
+            raise ValueError(f"operating_point {operating_point!r} for the {part!r} model: {exc}") from None
+
+
 def build_app(args: ServeArgs | dict[str, Any] | None = None):
     """The typed application builder: ``serve run fracray.serving.app:build_app models=...``
     or serving/config.yaml's ``import_path`` + ``args``."""
@@ -911,6 +930,7 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None):
     # that reaches a replica (which loads its classifiers on demand and checks again).
     check_precision(args.models, args.storage_options, engine=args.engine, precision=args.precision,
                     device="cuda" if args.num_gpus else "cpu")
+    check_operating_point(args.models, args.operating_point, args.storage_options)
     model_options: dict[str, Any] = {}
     if args.num_gpus is not None:
         model_options["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": args.num_gpus}
