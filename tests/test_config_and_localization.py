@@ -522,6 +522,22 @@ def test_real_fracatlas_outlines(shared_fracatlas):
     assert all(0.0 <= v <= 1.0 for r in rows if r["outlines"] for p in r["outlines"] for v in p)
 
 
+def test_seed_and_negatives_per_positive_decide_which_images_train_each_epoch():
+    """--negatives-per-positive keeps every fractured image and that share of the others each
+    epoch; --seed and the epoch decide which (the same on every worker, different each epoch)."""
+    from fracray.training.trainer import _epoch_sample
+
+    uris = [f"/img/{i}.png" for i in range(4000)]
+    labels = np.array([1] * 500 + [0] * 3500)
+    keep = _epoch_sample(uris, labels, epoch=0, seed=0, negative_keep=0.25)
+    assert keep[:500].all() and abs(keep[500:].mean() - 0.25) < 0.03
+    assert np.array_equal(keep, _epoch_sample(uris, labels, epoch=0, seed=0, negative_keep=0.25))  # workers agree
+    for other in (_epoch_sample(uris, labels, epoch=1, seed=0, negative_keep=0.25),
+                  _epoch_sample(uris, labels, epoch=0, seed=1, negative_keep=0.25)):
+        assert other[:500].all() and (other != keep).sum() > 500  # a fresh draw of the negatives
+    assert _epoch_sample(uris, labels, epoch=0, seed=0, negative_keep=1.0).all()
+
+
 # ----------------------------------------------------------------------------- 8. calibration slice, operating points
 
 def test_split_by_study_never_splits_a_study_and_is_deterministic_per_seed():
