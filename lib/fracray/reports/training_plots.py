@@ -81,6 +81,16 @@ def _comparison(comparison: dict[str, dict]) -> bytes:
     return _png(fig, plt)
 
 
+def _reliability_axes(ax, title: str) -> None:
+    """A reliability panel's frame: the unit square, confidence against fraction correct."""
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("confidence (max probability)", fontsize=8)
+    ax.set_ylabel("fraction correct", fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
+
+
 def _reliability(calibrations: dict[str, dict]) -> bytes:
     """Reliability diagrams: confidence against accuracy per bin, before and after
     temperature scaling, one panel per model (a calibrated model follows the diagonal)."""
@@ -95,12 +105,7 @@ def _reliability(calibrations: dict[str, dict]) -> bytes:
             bins = cal.get(key) or []
             ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], style, markersize=3,
                     label=f"{label} (ECE {cal.get('ece_' + label, float('nan')):.3f})")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{name}, T = {cal.get('temperature', 1.0):.2f}", fontsize=9)
-        ax.set_xlabel("confidence", fontsize=8)
-        ax.set_ylabel("accuracy", fontsize=8)
-        ax.legend(fontsize=7, loc="upper left")
+        _reliability_axes(ax, f"{name}, T = {cal.get('temperature', 1.0):.2f}")
     fitted_on = {(c.get("fitted_on") or "valid") for c in calibrations.values()}
     fig.suptitle("Calibration on the validation split: temperature scaling"
                  + (" fitted on a calibration slice of the training studies" if fitted_on == {"calibration_slice"}
@@ -125,12 +130,7 @@ def _reliability_evaluated(evaluation: dict[str, Any]) -> bytes:
         for b in bins:
             ax.annotate(str(b["n"]), (b["confidence"], b["accuracy"]), fontsize=6, xytext=(2, -8),
                         textcoords="offset points")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{name} ({block['n']} images)", fontsize=9)
-        ax.set_xlabel("confidence (max probability)", fontsize=8)
-        ax.set_ylabel("fraction correct", fontsize=8)
-        ax.legend(fontsize=7, loc="upper left")
+        _reliability_axes(ax, f"{name} ({block['n']} images)")
     fig.suptitle("Reliability of the evaluated probabilities (numbers: images per bin)", fontsize=10)
     fig.tight_layout()
     return _png(fig, plt)
