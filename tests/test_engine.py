@@ -389,16 +389,21 @@ def test_gate(monkeypatch):
 @pytest.fixture(scope="module")
 def validated(bundles, tiny_fracatlas, tmp_path_factory, engine_cache) -> tuple[Path, int, str, str]:
     """The fracture-map bundle, copied, validated by the command on the tiny FracAtlas's valid split."""
+    return _validated_copy(bundles, tiny_fracatlas, tmp_path_factory, "validated", "--split", "valid", "--kind", "bf16")
+
+
+def _validated_copy(bundles, data, tmp_path_factory, name: str, *flags) -> tuple[Path, int, str, str]:
+    """The fracture-map bundle copied into its own index and validated by the command with ``flags``
+    (at the test gate); the copy's folder and the command's exit code and output."""
     from fracray.evaluation import fast_mode
 
     if not engines.openvino_available():
         pytest.skip("openvino is not importable (a dependency: pip install -e . installs it)")
-    index = _single_index(bundles["localizing"], tmp_path_factory.mktemp("validated"))
+    index = _single_index(bundles["localizing"], tmp_path_factory.mktemp(name))
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in TEST_GATE.items():
-            mp.setattr(fast_mode, name, value)
-        code, out, err = _validate("--models", index, "--dataset", "fracatlas", "--data", tiny_fracatlas,
-                                   "--split", "valid", "--kind", "bf16")
+        for key, value in TEST_GATE.items():
+            mp.setattr(fast_mode, key, value)
+        code, out, err = _validate("--models", index, "--dataset", "fracatlas", "--data", data, *flags)
     return Path(index).parent / "fracture_all", code, out, err
 
 
@@ -648,17 +653,7 @@ def test_serve_runs_the_precision_asked_and_refuses_fast_where_unvalidated(ray_l
 def validated_int8(bundles, tiny_fracatlas, tmp_path_factory, engine_cache) -> tuple[Path, int, str, str]:
     """The fracture-map bundle, copied, quantised and validated by the command (its default
     kind, INT8) on the tiny FracAtlas: calibrated on 8 training images, measured on valid."""
-    from fracray.evaluation import fast_mode
-
-    if not engines.openvino_available():
-        pytest.skip("openvino is not importable (a dependency: pip install -e . installs it)")
-    index = _single_index(bundles["localizing"], tmp_path_factory.mktemp("validated-int8"))
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in TEST_GATE.items():
-            mp.setattr(fast_mode, name, value)
-        code, out, err = _validate("--models", index, "--dataset", "fracatlas", "--data", tiny_fracatlas,
-                                   "--calibration-images", 8)
-    return Path(index).parent / "fracture_all", code, out, err
+    return _validated_copy(bundles, tiny_fracatlas, tmp_path_factory, "validated-int8", "--calibration-images", 8)
 
 
 @needs_openvino
