@@ -217,6 +217,17 @@ def test_evaluate_writes_froc_overlays_and_the_predictors_findings(ray_local, lo
             assert findings_from_rows(by_uri[uri]["findings"]) == expected["findings"]
             compared += bool(expected["findings"])
     assert compared > 0
+    # Bulk scoring of the same release: the same findings as the evaluation, image by image
+    # (serving is held to the predictor the same way in test_serving).
+    from fracray.scoring.archive import ScoreConfig, read_image_results, score_archive
+
+    score_archive(ScoreConfig(input=str(data), models=localizing_single_index, output=str(tmp_path / "scores"),
+                              layout="fracatlas", batch_size=4), log=lambda *_: None)
+    scored_rows = {r["image_uri"]: r for r in read_image_results(str(tmp_path / "scores")).to_pylist()}
+    assert set(scored_rows) == set(by_uri)
+    for uri, row in by_uri.items():
+        assert scored_rows[uri]["findings"] == row["findings"], uri
+        assert scored_rows[uri]["fracture_probability"] == pytest.approx(row["fracture_probability"], abs=1e-6)
     # Calibration on the evaluated images: ECE of the probabilities as the predictor serves them, and
     # a reliability diagram of them.
     scored = [r for r in preds if r["status"] == "ok"]
