@@ -124,6 +124,12 @@ def test_mura_layout_body_part_from_layout_and_operating_point(ray_local, untrai
         if row["layout_body_part"] in ("wrist", "humerus"):  # trusted: no router call
             assert row["body_part"] == row["layout_body_part"] and row["body_part_probability"] is None
         assert row["threshold"] == 0.3 and row["known_label"] in (0, 1)
+    # A point the models lack is refused before anything is indexed or written.
+    refused = tmp_path / "refused"
+    with pytest.raises(ValueError, match="operating_point 'no_such_point' for the '.*' model: Unknown operating point"):
+        score_archive(ScoreConfig(input=str(mura_root), models=untrained_index, output=str(refused),
+                                  operating_point="no_such_point"), log=lambda *_: None)
+    assert not refused.exists()
 
 
 def test_s3_archive_to_s3_output(ray_local, untrained_index, s3_bucket, tmp_path):

@@ -17,8 +17,10 @@ from typing import Any
 from .. import storage
 from ..storage import StorageOptions
 from .bundle import META_FILE as BUNDLE_META_FILE, read_bundle_meta
+from .describe import parse_threshold, resolve_threshold
 
-__all__ = ["ModelIndex", "read_model_index", "write_model_index", "check_model_index", "resolve_bundle_path",
+__all__ = ["ModelIndex", "read_model_index", "write_model_index", "check_model_index", "check_operating_point",
+           "resolve_bundle_path",
            "model_index_file", "MissingBundle", "MODEL_INDEX_FORMAT", "MODEL_INDEX_FILE"]
 
 MODEL_INDEX_FORMAT = "fracray-model-index/1"
@@ -159,3 +161,17 @@ def check_model_index(uri: str, options: StorageOptions | None = None) -> ModelI
                                 f"run folder (model_index.json with its models/), or fix the path in the index"
                                 ) from None
     return index
+
+
+def check_operating_point(uri: str, operating_point: str | float | None, options: StorageOptions | None = None) -> None:
+    """An operating point every fracture model of the index has: serving, scoring and evaluation
+    call this where they start, so an unknown name fails once with what the models offer, not in
+    every request or actor. The models' own threshold (None, "", "default") and numbers need no
+    model to check (a number outside [0, 1] is refused here too)."""
+    if operating_point in (None, "", "default") or parse_threshold(str(operating_point)) is not None:
+        return
+    for part, bundle in read_model_index(uri, options).classifiers.items():
+        try:
+            resolve_threshold(read_bundle_meta(bundle, options), operating_point)
+        except ValueError as exc:
+            raise ValueError(f"operating_point {operating_point!r} for the {part!r} model: {exc}") from None

@@ -9,9 +9,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from .. import storage
-from ..artifacts.bundle import read_bundle_meta
-from ..artifacts.describe import resolve_threshold
-from ..artifacts.index import check_model_index
+from ..artifacts.index import check_model_index, check_operating_point
 from ..data import adapters
 from ..data.manifest import filter_rows, write_table
 from ..evaluation.graph import evaluate_graph
@@ -55,16 +53,14 @@ class EvaluationResult:
 
 def run_evaluate(config: EvaluateConfig, *, log: Callable[[str], None] = print) -> EvaluationResult:
     options = config.storage
-    index = check_model_index(config.models, options)  # every bundle, before Ray starts or anything is written
+    check_model_index(config.models, options)  # every bundle, before Ray starts or anything is written
     manifest = adapters.index_dataset(config.dataset, config.data, options).manifest
     split = config.split
     if split and split != "all":
         manifest = filter_rows(manifest, split=split)
     if manifest.num_rows == 0:
         raise ValueError(f"No images in split {split!r} of {config.data}")
-    if config.operating_point not in (None, "", "default"):  # refuse an unknown point before any work starts
-        for uri in index.classifiers.values():
-            resolve_threshold(read_bundle_meta(uri, options), config.operating_point)
+    check_operating_point(config.models, config.operating_point, options)  # before any work starts
     from ..inference.predictor import check_precision  # torch: only once the job runs
 
     check_precision(config.models, options, engine=config.engine, precision=config.precision)

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import storage
-from ..artifacts.index import check_model_index
+from ..artifacts.index import check_model_index, check_operating_point
 from ..data import adapters
 from ..data.manifest import read_table, write_table
 from ..imaging.regions import FINDINGS_TYPE
@@ -313,7 +313,8 @@ def score_archive(config: ScoreConfig, *, log: Callable[[str], None] = print,
     started = time.time()
     options = config.storage.resolved()
     output = storage.normalize(config.output)
-    check_model_index(config.models, options)  # fail before any work if the index or a bundle is not there
+    check_model_index(config.models, options)  # fail before any work if the index or a bundle is not there,
+    check_operating_point(config.models, config.operating_point, options)  # or a model lacks the operating point
     # ... or if the engine or precision asked for cannot run them (fast: a bundle without a passed validation).
     check_precision(config.models, options, engine=config.engine, precision=config.precision,
                     device="cuda" if (config.gpus_per_actor or 0) > 0 else "cpu")

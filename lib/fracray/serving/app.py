@@ -34,7 +34,7 @@ from starlette.requests import Request
 from .. import storage
 from ..artifacts.bundle import read_bundle_meta
 from ..artifacts.describe import describe_bundle, parse_threshold, resolve_threshold
-from ..artifacts.index import read_model_index
+from ..artifacts.index import check_operating_point, read_model_index
 from ..metrics.study import STUDY_RULE, study_decision
 from ..storage import StorageOptions
 
@@ -904,19 +904,6 @@ class Ingress:
 
 
 # ----------------------------------------------------------------------------- builder
-
-def check_operating_point(index_uri: str, operating_point: str, options: StorageOptions | None = None) -> None:
-    """The service's default operating point must exist in every fracture model: refused before
-    deploying, not by each request. "default" and numbers need no model to check."""
-    if operating_point in ("", "default") or parse_threshold(str(operating_point)) is not None:
-        return
-    index = read_model_index(index_uri, options)
-    for part, uri in index.classifiers.items():
-        try:
-            resolve_threshold(read_bundle_meta(uri, options), operating_point)
-        except ValueError as exc:
-            raise ValueError(f"operating_point {operating_point!r} for the {part!r} model: {exc}") from None
-
 
 def build_app(args: ServeArgs | dict[str, Any] | None = None):
     """The typed application builder: ``serve run fracray.serving.app:build_app models=...``
