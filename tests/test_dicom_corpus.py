@@ -149,3 +149,13 @@ def test_score_archive_on_the_corpus_survives_and_accounts_for_every_file(ray_lo
         if row["status"] == "ok":
             header = pydicom.dcmread(row["image_uri"], stop_before_pixels=True, force=True)
             assert row["sop_instance_uid"] == (str(header.get("SOPInstanceUID", "")).strip() or None), row["image_uri"]
+
+
+@pytest.mark.parametrize("name", ["meta_missing_tsyntax.dcm", "nested_priv_SQ.dcm"])
+def test_pixel_data_without_rows_and_columns_is_named_for_what_it_is(name):
+    """pydicom's two files with 2 bytes of pixel data and no Image Pixel module used to be refused
+    as "0x0 is smaller than 8 px": the image is not small, its Rows and Columns are missing."""
+    with pytest.raises(ImageRejected) as caught:
+        _decode(corpus_dir() / name)
+    assert caught.value.reason == RejectReason.CORRUPT
+    assert "no Rows and Columns" in caught.value.detail and "smaller than" not in caught.value.detail

@@ -338,7 +338,12 @@ def _decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImag
         if not hasattr(ds, "SOPClassUID") and not hasattr(ds, "Modality"):
             raise ImageRejected(RejectReason.NOT_AN_IMAGE, "neither an image nor a DICOM object")
         raise ImageRejected(RejectReason.UNSUPPORTED_DICOM, "the DICOM object has no pixel data (e.g. a report or structured document)")
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if not rows or not cols:  # pixel data without the Image Pixel module: not a small image, a broken object
+        missing = " and ".join(k for k, v in (("Rows", rows), ("Columns", cols)) if not v)
+        raise ImageRejected(RejectReason.CORRUPT,
+                            f"the DICOM object has pixel data ({len(ds.PixelData):,} bytes) but no {missing} (its "
+                            f"Image Pixel module is missing), so its pixels cannot be laid out as an image")
     _check_size(cols, rows, max_pixels, min_side)
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
