@@ -53,6 +53,60 @@ def radiographs(n: int, *, start: int = 0, body_part: str = "hand", size: tuple[
                               fracture=i % fractured_every == 0).pixels for i in range(n)]
 
 
+def wrapped_study(n: int, *, start: int = 0, patient: tuple[str, str] = ("T2-0001", "Bare^Pat"),
+                  accession: str = "T2ACC", syntaxes=("explicit",), body_part: str = "HAND",
+                  omit=(), laterality: str | None = None) -> tuple[str, list[bytes]]:
+    """A study of ``n`` radiographs (``radiographs``: real FracAtlas ones where the shared data
+    is) wrapped as a modality writes them: DX and CR in turn, MONOCHROME1 for the second, each in
+    the next of ``syntaxes``. ``omit``: Type 2 attributes left out (``fracray.pacs.results.
+    TYPE2_PATIENT_STUDY``: none of PatientBirthDate, StudyID, ReferringPhysicianName, ...).
+    Returns (StudyInstanceUID, Part 10 files)."""
+    from pydicom.uid import generate_uid
+
+    from fracray.pacs.wrap import StudyIdentity, wrap_radiograph
+
+    study = StudyIdentity(patient_id=patient[0], patient_name=patient[1], study_uid=generate_uid(),
+                          accession=accession)
+    series = generate_uid()
+    files = [wrap_radiograph(pixels, study, series_uid=series, instance_number=i + 1, modality=("DX", "CR")[i % 2],
+                             body_part=body_part, monochrome1=(i == 1), transfer_syntax=syntaxes[i % len(syntaxes)],
+                             omit=omit, laterality=laterality)
+             for i, pixels in enumerate(radiographs(n, start=start, body_part=body_part.lower()))]
+    return study.study_uid, files
+
+
+def dicom_check(path, *, sr: bool | None = None) -> str:
+    """Every check a result object must pass, or an AssertionError saying which failed:
+    David Clunie's dciodvfy (dicom3tools) with no "Error" line, highdicom reads it back, and for
+    a Structured Report dcmtk's dsrdump reads it without an error. Returns dciodvfy's output.
+    Tests that call it skip where the tools are not installed (scripts/install_pacs_tools.sh)."""
+    import shutil as _shutil
+
+    import highdicom as hd
+    import pydicom
+
+    missing = [tool for tool in ("dciodvfy", "dsrdump") if _shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed: bash scripts/install_pacs_tools.sh "
+                    f"(apt-get install dicom3tools dcmtk)")
+    path = str(path)
+    verify = subprocess.run(["dciodvfy", path], capture_output=True, text=True, timeout=120)
+    report = verify.stdout + verify.stderr
+    errors = [line for line in report.splitlines() if line.startswith("Error")]
+    assert not errors, f"dciodvfy found {len(errors)} error(s) in {path}:\n" + "\n".join(errors)
+    ds = pydicom.dcmread(path)
+    if sr is None:
+        sr = ds.Modality == "SR"
+    if sr:
+        hd.sr.srread(path)
+        dump = subprocess.run(["dsrdump", path], capture_output=True, text=True, timeout=120)
+        assert dump.returncode == 0 and "error" not in dump.stderr.lower(), dump.stderr
+    else:
+        image = hd.imread(path)
+        assert image.pixel_array.size > 0
+    return report
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -203,6 +257,48 @@ def write_localizing_bundle(uri: str, *, image_size: int = 128, seed: int = 0) -
                                                                  "max_findings": 3}},
                       intended_use="Untrained weights for tests only. Outputs are meaningless.")
     return save_bundle(uri, net.eval(), meta)
+
+
+def write_detector_bundle(uri: str, *, image_size: int = 128, seed: int = 0) -> str:
+    """An untrained EfficientNet-Lite0 with the box detector (models.detection), no Ray Train: the
+    detector's class bias is raised from its "nothing anywhere" prior to 0, so every image gets
+    boxes (where depends on the random weights); a fusion and a box calibration as a trained
+    detector's bundle carries them, so both are exercised wherever the bundle is used."""
+    import torch
+
+    from fracray.models.registry import create_model, resolve_preprocess
+    from fracray.artifacts.bundle import BundleMeta, save_bundle
+
+    torch.manual_seed(seed)
+    net = create_model("efficientnet_lite0", pretrained=False, localization=True, localization_head="detector")
+    with torch.no_grad():
+        net.detector.cls.bias.fill_(0.0)
+    config = resolve_preprocess("efficientnet_lite0", image_size=image_size)
+    meta = BundleMeta(task="fracture", model={}, preprocess=config.to_dict(), classes=["normal", "abnormal"],
+                      threshold=0.5, threshold_rule="fixed (untrained)",
+                      metrics={"valid": {"auroc": 0.5, "n": 10}, "valid_localization": LOCALIZING_VALIDATION},
+                      data={"dataset": "synthetic", "train_images": 8, "valid_images": 10,
+                            "localization": LOCALIZING_DATA},
+                      training=LOCALIZING_TRAINING,
+                      inference={"tta_flip": True, "findings": {"min_score": 0.3, "region_level": 0.5,
+                                                                "max_findings": 3},
+                                 "fusion": {"features": ["classifier_logit", "top_box_logit"], "weights": [1.0, 0.5],
+                                            "bias": -0.2},
+                                 "box_calibration": {"a": 1.2, "b": -0.1}},
+                      intended_use="Untrained weights for tests only. Outputs are meaningless.")
+    return save_bundle(uri, net.eval(), meta)
+
+
+@pytest.fixture(scope="session")
+def detector_single_index(tmp_path_factory) -> str:
+    """An untrained box-detector bundle as a single-model index (no router)."""
+    from fracray.artifacts.index import ModelIndex, write_model_index
+
+    root = tmp_path_factory.mktemp("detector")
+    bundle = write_detector_bundle(str(root / "fracture_all"))
+    index_uri = str(root / "model_index.json")
+    write_model_index(index_uri, ModelIndex(router=None, classifiers={"all": bundle}, dataset="untrained"))
+    return index_uri
 
 
 @pytest.fixture(scope="session")

@@ -24,8 +24,7 @@ from fracray.data.manifest import split_by_study
 from fracray.data.pipeline import _row_rng, preprocess_batch
 from fracray.data.synthetic import generate_fracatlas, render_radiograph
 from fracray.imaging.preprocess import AugmentConfig, PreprocessConfig, augment_params, finalize
-from fracray.imaging.regions import (Finding, finding_hits, findings_from_heatmap, froc, lesion_sensitivity_at,
-                                     rasterize_regions)
+from fracray.imaging.regions import findings_from_heatmap, rasterize_regions
 from fracray.metrics.calibration import operating_points
 from fracray.metrics.classification import binary_metrics
 from fracray.models.registry import create_model, list_models
@@ -186,6 +185,8 @@ def test_the_recipes_parse_and_set_what_they_say():
     cpu = parse_config(["--config", str(recipes / "fracatlas_cpu.yaml")])
     assert cpu.training.single_model and cpu.training.fracture.localization and cpu.training.fracture.tta_flip
     assert cpu.training.fracture.preprocess().image_size == (384, 384) and cpu.training.fracture.pretrained is True
+    assert cpu.training.fracture.localization_head == "detector" and cpu.training.fracture.robust_augment
+    assert cpu.training.fracture.precision == "auto" and cpu.training.fracture.epochs == 12
     gpu = parse_config(["--config", str(recipes / "fracatlas_gpu.yaml")])
     assert gpu.training.use_gpu and gpu.training.fracture.model == "efficientnetv2_b2"
     assert gpu.training.fracture.preprocess().image_size == (640, 640)
@@ -400,31 +401,7 @@ def test_findings_from_heatmap_finds_two_blobs_best_first_scaled():
         findings_from_heatmap(np.zeros(8))
 
 
-def test_finding_hits_by_peak_inside_or_overlap():
-    truth = (10, 10, 20, 20)
-    assert finding_hits(Finding((0, 0, 5, 5), 0.9, (15, 15)), truth)            # peak inside, no overlap
-    assert not finding_hits(Finding((0, 0, 5, 5), 0.9, (20, 15)), truth)        # x1 is exclusive
-    assert finding_hits(Finding((12, 12, 30, 30), 0.9, (25, 25)), truth)        # IoU 64/388 >= 0.1
-    assert not finding_hits(Finding((18, 18, 40, 40), 0.9, (30, 30)), truth)    # IoU 4/580 < 0.1
-    assert finding_hits(Finding((18, 18, 40, 40), 0.9, (30, 30)), truth, min_iou=0.005)
-
-
-def test_froc_on_a_hand_made_case():
-    t1, t2 = (0, 0, 10, 10), (50, 50, 60, 60)
-    image_a = ([Finding((0, 0, 10, 10), 0.9, (5, 5)),       # finds t1
-                Finding((25, 25, 35, 35), 0.6, (30, 30)),   # a false positive
-                Finding((50, 50, 60, 60), 0.4, (55, 55)),   # finds t2
-                Finding((2, 2, 8, 8), 0.3, (6, 6))],        # t1 again: neither a second lesion nor a FP
-               [t1, t2])
-    image_b = ([Finding((0, 0, 9, 9), 0.7, (4, 4))], [])    # no fracture: a false positive
-    curve = froc([image_a, image_b])
-    assert curve["lesions"] == 2 and curve["images"] == 2
-    assert curve["thresholds"] == [0.9, 0.7, 0.6, 0.4]
-    assert curve["sensitivity"] == [0.5, 0.5, 0.5, 1.0]
-    assert curve["fp_per_image"] == [0.0, 0.5, 1.0, 1.0]
-    assert lesion_sensitivity_at(curve, 0.0) == 0.5 and lesion_sensitivity_at(curve, 0.5) == 0.5
-    assert lesion_sensitivity_at(curve, 1.0) == 1.0
-    assert lesion_sensitivity_at(froc([([], [])]), 1.0) is None
+# The rule for a hit (IoU, one match per fracture), FROC and AP: tests/test_detection.py.
 
 
 # ----------------------------------------------------------------------------- 6. the map head on every backbone

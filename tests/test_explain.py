@@ -157,10 +157,14 @@ def test_overlay_draws_pixel_boxes_and_findings_in_the_original_frame():
     assert np.abs(image[5, 5].astype(int) - 60).max() <= 1
 
 
-def test_evaluate_writes_froc_overlays_and_the_predictors_findings(ray_local, localizing_single_index, tmp_path):
-    """evaluate.py on a FracAtlas-layout set with a fracture-map model: the pointing game on
-    the map, lesion sensitivity at 0.5 / 1 FP per image, froc.png and example overlays; its
-    predictions carry the findings the predictor gives for the same image."""
+@pytest.mark.parametrize("index_fixture", ["localizing_single_index", "detector_single_index"])
+def test_evaluate_writes_froc_overlays_and_the_predictors_findings(ray_local, index_fixture, request, tmp_path):
+    """evaluate.py on a FracAtlas-layout set with a fracture-map model and with a box detector:
+    the pointing game on the map, AP30/AP50 and lesion sensitivity at 0.5 / 1 FP per image,
+    froc.png and example overlays; its predictions carry the findings the predictor gives for
+    the same image, and bulk scoring gives the same findings and probabilities."""
+    localizing_single_index = request.getfixturevalue(index_fixture)
+    detector = index_fixture == "detector_single_index"
     import json
     from pathlib import Path
 
@@ -197,7 +201,10 @@ def test_evaluate_writes_froc_overlays_and_the_predictors_findings(ray_local, lo
     lesions = loc["lesions"]
     assert lesions["lesions"] > 0 and lesions["images"] >= lesions["lesions"] // 3
     assert 0 <= lesions["lesion_sensitivity_at_0.5_fp"] <= lesions["lesion_sensitivity_at_1_fp"] <= 1
-    assert lesions["min_score"] == 0.5 and len(lesions["froc"]["fp_per_image"]) == len(lesions["froc"]["sensitivity"])
+    assert lesions["min_score"] == (0.3 if detector else 0.5)
+    assert len(lesions["froc"]["fp_per_image"]) == len(lesions["froc"]["sensitivity"])
+    assert 0 <= lesions["ap50"] <= lesions["ap30"] <= 1 and "AP at IoU 0.3 and 0.5" in lesions["method"]
+    assert {"ap30", "ap50", "median_area_ratio"} <= set(lesions)
     with Image.open(out / "froc.png") as img:
         assert img.format == "PNG" and img.size[0] > 300
     assert summary["plots"]["froc"].endswith("froc.png")

@@ -119,7 +119,8 @@ def load_bundle(uri: str, options: StorageOptions | None = None, *, device: str 
     meta = read_bundle_meta(uri, options)
     spec = meta.model
     model = create_model(spec["name"], pretrained=False, num_classes=spec["num_classes"], head=spec["head"],
-                         bam=spec["bam"], strategy=spec["strategy"], localization=spec.get("localization", False))
+                         bam=spec["bam"], strategy=spec["strategy"], localization=spec.get("localization", False),
+                         localization_head=spec.get("localization_head") or "map")
     state = load_safetensors(storage.read_bytes(storage.join(uri, WEIGHTS_FILE), options))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), meta

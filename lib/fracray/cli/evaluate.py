@@ -7,6 +7,7 @@ import json
 import sys
 
 from .. import storage
+from ..artifacts.shipped import default_models
 from ..data import adapters
 from ..jobs.evaluate import EvaluateConfig, run_evaluate
 from .common import add_engine_arguments, add_storage_arguments, add_verbose_argument, storage_options_from_args
@@ -29,7 +30,9 @@ def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
         epilog="Example: evaluate.py --models runs/latest/model_index.json --dataset mura "
                "--data runs/latest/synthetic-mura --split valid",
     )
-    parser.add_argument("--models", required=True, help="model index URI (model_index.json or its folder)")
+    parser.add_argument("--models", default=None,
+                        help="model index URI (model_index.json or its folder; default: $FRACRAY_MODELS, else the "
+                             "shipped FracAtlas model in models/fracatlas)")
     parser.add_argument("--dataset", required=True, choices=sorted(adapters.ADAPTERS))
     parser.add_argument("--data", required=True, help="URI of the labelled collection")
     parser.add_argument("--split", default="valid", help="split to score, or 'all' (default: %(default)s)")
@@ -48,7 +51,7 @@ def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
-    return EvaluateConfig(models=args.models, dataset=args.dataset, data=args.data, split=args.split,
+    return EvaluateConfig(models=args.models or default_models(), dataset=args.dataset, data=args.data, split=args.split,
                           output=args.output, storage=storage_options_from_args(args),
                           pointing_tolerance=args.pointing_tolerance, operating_point=args.operating_point,
                           engine=args.engine, precision=args.precision)

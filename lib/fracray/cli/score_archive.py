@@ -12,6 +12,7 @@ import json
 import sys
 
 from .. import storage
+from ..artifacts.shipped import default_models
 from ..data import adapters
 from ..jobs.score import ScoreConfig, format_scoring_summary, run_score
 from .common import add_engine_arguments, add_storage_arguments, add_verbose_argument, storage_options_from_args
@@ -34,7 +35,9 @@ def build_parser(prog: str = "score_archive.py") -> argparse.ArgumentParser:
     )
     parser.add_argument("--input", required=True, help="archive URI: a folder tree of JPEG/PNG/DICOM, a MURA or "
                                                        "FracAtlas release, or a CSV/Parquet manifest")
-    parser.add_argument("--models", required=True, help="model index URI (model_index.json or its folder)")
+    parser.add_argument("--models", default=None,
+                        help="model index URI (model_index.json or its folder; default: $FRACRAY_MODELS, else the "
+                             "shipped FracAtlas model in models/fracatlas)")
     parser.add_argument("--output", required=True, help="output folder URI (reuse it to resume)")
     parser.add_argument("--layout", default="auto", choices=["auto", *sorted(adapters.ADAPTERS)],
                         help="archive layout (default: detected: MURA, FracAtlas, manifest file, else a plain tree)")
@@ -56,7 +59,7 @@ def build_parser(prog: str = "score_archive.py") -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ScoreConfig:
-    return ScoreConfig(input=args.input, models=args.models, output=args.output, layout=args.layout,
+    return ScoreConfig(input=args.input, models=args.models or default_models(), output=args.output, layout=args.layout,
                        chunk_size=args.chunk_size, batch_size=args.batch_size, concurrency=args.concurrency,
                        gpus_per_actor=args.gpus_per_actor, body_part_from_layout=args.body_part_from_layout,
                        operating_point=args.operating_point, engine=args.engine, precision=args.precision,

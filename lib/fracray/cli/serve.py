@@ -30,8 +30,8 @@ def build_parser(prog: str = "serve.py") -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--models", default=None,
-                        help=f"model index URI (default: {DEFAULT_MODELS}; trained with the embedded default first "
-                             f"if missing)")
+                        help=f"model index URI (default: {DEFAULT_MODELS}, trained with the embedded default "
+                             f"first if that is missing)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="dynamic batch size; 1 disables batching")

@@ -103,6 +103,12 @@ def build_parser(prog: str = "train_all.py") -> argparse.ArgumentParser:
     train.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per model (DDP)")
     train.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=False, help="one GPU per training worker (AMP, channels_last)")
     train.add_argument("--no-augment", dest="augment", action="store_false", help="no flip + affine augmentation")
+    train.add_argument("--robust-augment", action=argparse.BooleanOptionalAction, default=False,
+                       help="also train on what archives hold: quarter turns, upside-down and inverted films, gamma "
+                            "and contrast, JPEG re-compression, downscaled copies, a canvas with burnt-in text")
+    train.add_argument("--precision", choices=["auto", "bf16", "float16", "float32"], default="auto",
+                       help="training precision: auto = float16 autocast on CUDA, bfloat16 autocast on CPUs with "
+                            "native bf16 (avx512_bf16/AMX), float32 elsewhere; weights stay float32 (default: auto)")
     train.add_argument("--seed", type=int, default=0,
                        help="model initialisation, per-epoch sampling, calibration slice and the synthetic data")
     train.add_argument("--single-model", action=argparse.BooleanOptionalAction, default=False,
@@ -120,7 +126,11 @@ def build_parser(prog: str = "train_all.py") -> argparse.ArgumentParser:
     loc.add_argument("--localization", action=argparse.BooleanOptionalAction, default=False,
                      help="add a fracture-map branch trained from the dataset's fracture outlines/boxes (FracAtlas); "
                           "models then return findings (boxes with scores) and heatmaps")
-    loc.add_argument("--map-loss-weight", type=float, default=1.0, help="weight of the fracture-map loss")
+    loc.add_argument("--localization-head", choices=["map", "detector"], default="map",
+                     help="with --localization: map (a fracture map at stride 16; boxes by region growing) or detector "
+                          "(FCOS-style boxes at stride 8 trained from the release's boxes, fused with the classifier; "
+                          "default: %(default)s)")
+    loc.add_argument("--map-loss-weight", type=float, default=1.0, help="weight of the fracture-map or detector loss")
     loc.add_argument("--map-pos-weight", type=float, default=10.0,
                      help="weight of fracture cells against background cells in the map loss")
     loc.add_argument("--negatives-per-positive", type=float, default=None,

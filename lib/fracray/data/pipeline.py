@@ -24,13 +24,14 @@ from .. import storage
 from ..imaging.decode import ImageRejected, RejectReason
 from ..imaging.preprocess import (AugmentConfig, PreprocessConfig, augment_params, decode_for, finalize, geometry,
                                   preprocess_base)
-from ..imaging.regions import has_regions, rasterize_regions
+from ..imaging.regions import has_regions, input_boxes, rasterize_regions
 from ..storage import StorageOptions
 
 __all__ = ["StreamConfig", "preprocess_batch", "build_image_dataset", "iter_model_batches", "StreamTally",
            "balance_positives", "OK", "PASSTHROUGH_COLUMNS"]
 
 OK = "ok"
+MAX_BOXES = 8  # fracture boxes per image the stream ships for the detector (FracAtlas: at most 5 here)
 PASSTHROUGH_COLUMNS = ("image_uri", "dataset", "split", "body_part", "patient_id", "study_id", "image_label",
                        "study_label", "hardware")
 
@@ -56,6 +57,9 @@ class StreamConfig:
         the image through the same resize/flip/affine) and ``mask_known``: True for a
         non-fractured image (its mask is known empty) or a fractured one with boxes or
         outlines; False where the fracture's place is unknown (MURA: image labels only).
+    boxes: also ship each image's fracture boxes in model-input pixels after the same
+        letterbox, flips, turns and affine (``boxes_px``, N x MAX_BOXES x 4, x0 y0 x1 y1; unused
+        rows are zeros), and ``mask_known`` as above: the detector's targets.
     """
 
     batch_size: int = 256
@@ -66,6 +70,7 @@ class StreamConfig:
     concurrency: int | None = None
     output_dtype: str = "float16"
     masks: bool = False
+    boxes: bool = False
 
     def __post_init__(self):
         if self.output_dtype not in ("float16", "float32"):
@@ -84,7 +89,7 @@ def _row_rng(uri: str, seed: int | None, copy: int) -> np.random.Generator:
 def preprocess_batch(batch: pa.Table | dict[str, Any], *, preprocess: PreprocessConfig,
                      storage_options: StorageOptions | None = None, augment: AugmentConfig | None = None,
                      seed: int | None = 0, output_dtype: str = "float32",
-                     masks: bool = False) -> dict[str, np.ndarray]:
+                     masks: bool = False, boxes: bool = False) -> dict[str, np.ndarray]:
     """One batch of manifest rows -> single-channel preprocessed images (N x 1 x H x W,
     before :func:`finalize`) plus per-row status. Never raises for bad images."""
     if isinstance(batch, pa.Table):
@@ -104,8 +109,9 @@ def preprocess_batch(batch: pa.Table | dict[str, Any], *, preprocess: Preprocess
     src_fmt = np.empty(n, dtype=object)
     dicom_part = np.empty(n, dtype=object)
     copies = columns.get("augment_copy") or [0] * n
-    if masks:
-        masks_t = torch.zeros((n, 1, height, width), dtype=getattr(torch, output_dtype))
+    if masks or boxes:
+        masks_t = torch.zeros((n, 1, height, width), dtype=getattr(torch, output_dtype)) if masks else None
+        boxes_out = np.zeros((n, MAX_BOXES, 4), np.float32) if boxes else None
         mask_known = np.zeros(n, dtype=bool)
         boxes_col, outlines_col = columns.get("boxes") or [None] * n, columns.get("outlines") or [None] * n
         labels_col = columns.get("image_label") or [None] * n
@@ -124,10 +130,15 @@ def preprocess_batch(batch: pa.Table | dict[str, Any], *, preprocess: Preprocess
         try:
             decoded = decode_for(data, preprocess, name=uri)
             images_t[i, 0].copy_(torch.from_numpy(preprocess_base(decoded, preprocess, params)))
-            if masks:
-                if has_regions(boxes_col[i], outlines_col[i]):
-                    plane = rasterize_regions(decoded.pixels.shape[:2], boxes=boxes_col[i], outlines=outlines_col[i])
-                    masks_t[i, 0].copy_(torch.from_numpy(geometry(plane, preprocess, params)))
+            if masks or boxes:
+                if has_regions(boxes_col[i], outlines_col[i]) and (masks or boxes_col[i]):
+                    if masks:
+                        plane = rasterize_regions(decoded.pixels.shape[:2], boxes=boxes_col[i],
+                                                  outlines=outlines_col[i])
+                        masks_t[i, 0].copy_(torch.from_numpy(geometry(plane, preprocess, params)))
+                    if boxes:
+                        found = input_boxes(boxes_col[i], decoded.pixels.shape[:2], preprocess, params)[:MAX_BOXES]
+                        boxes_out[i, :len(found)] = found
                     mask_known[i] = True
                 else:
                     mask_known[i] = labels_col[i] == 0
@@ -147,7 +158,11 @@ def preprocess_batch(batch: pa.Table | dict[str, Any], *, preprocess: Preprocess
         "augment_copy": np.asarray(copies, dtype=np.int16),
     }
     if masks:
-        out["mask"], out["mask_known"] = masks_t.numpy(), mask_known
+        out["mask"] = masks_t.numpy()
+    if boxes:
+        out["boxes_px"] = boxes_out
+    if masks or boxes:
+        out["mask_known"] = mask_known
     for name in PASSTHROUGH_COLUMNS:
         if name in columns and name != "image":
             values = columns[name]
@@ -182,7 +197,8 @@ def build_image_dataset(manifest: pa.Table, preprocess: PreprocessConfig, *,
     ds = ds.map_batches(
         preprocess_batch,
         fn_kwargs={"preprocess": preprocess, "storage_options": options, "augment": stream.augment,
-                   "seed": stream.seed, "output_dtype": stream.output_dtype, "masks": stream.masks},
+                   "seed": stream.seed, "output_dtype": stream.output_dtype, "masks": stream.masks,
+                   "boxes": stream.boxes},
         batch_size=stream.batch_size,
         batch_format="pyarrow",
         num_cpus=stream.num_cpus,

@@ -14,9 +14,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from .preprocess import PreprocessConfig, letterbox_box
-from .regions import Finding, findings_from_heatmap, froc, lesion_sensitivity_at, yolo_to_pixels
+from .regions import (Finding, area_ratio, average_precision, findings_from_heatmap, froc, lesion_sensitivity_at,
+                      yolo_to_pixels)
 
-__all__ = ["FindingsConfig", "map_to_image", "image_findings", "localization_metrics", "HEATMAP_MAX_SIDE"]
+__all__ = ["FindingsConfig", "map_to_image", "image_findings", "detection_findings", "localization_metrics",
+           "calibrate_box_score", "HEATMAP_MAX_SIDE"]
 
 # Heatmaps are computed at most this large on a side (findings are scaled back to full
 # resolution): a 2304 x 2880 map would cost 26 MB per image and find the same boxes.
@@ -77,26 +79,74 @@ def image_findings(map_probs: np.ndarray, image_hw: tuple[int, int], config: Pre
     return found, heat
 
 
-def localization_metrics(preds: dict[str, list], manifest, config: PreprocessConfig, *,
-                         findings: FindingsConfig = FindingsConfig()) -> dict[str, Any]:
-    """Pointing game and FROC on the images of ``preds`` (from ``predict_manifest``: ``maps``,
-    ``source_size`` and ``image_uri`` per image) against the manifest's fracture boxes.
+def calibrate_box_score(score: float, calibration: dict[str, float] | None) -> float:
+    """A detector's raw box score -> P(this box is a fracture at IoU >= 0.3), by the Platt fit
+    stored in the bundle (``inference.box_calibration``: a, b on the score's logit); as is
+    without one."""
+    if not calibration:
+        return float(score)
+    s = min(max(float(score), 1e-6), 1 - 1e-6)
+    z = calibration["a"] * float(np.log(s / (1 - s))) + calibration["b"]
+    return float(1.0 / (1.0 + np.exp(-z)))
 
-    Pointing game: over fractured images with boxes, does the heatmap's peak fall inside a
-    box (against the image-centre baseline). FROC: every image counts (non-fractured ones
-    add only false positives); candidate findings down to score 0.01 trace the curve."""
+
+def detection_findings(boxes: np.ndarray, scores: np.ndarray, image_hw: tuple[int, int], config: PreprocessConfig,
+                       findings: FindingsConfig = FindingsConfig(), *, min_score: float | None = None,
+                       box_calibration: dict[str, float] | None = None) -> list[Finding]:
+    """A detector's boxes in model-input pixels (K x 4, best first) -> findings in the image's
+    own pixels (the letterbox undone), scores calibrated, at most ``max_findings`` at or above
+    ``min_score``. A finding's peak is its box's centre."""
+    top, left, h, w = letterbox_box(image_hw, config)
+    img_h, img_w = int(image_hw[0]), int(image_hw[1])
+    sx, sy = img_w / w, img_h / h
+    floor = findings.min_score if min_score is None else min_score
+    out: list[Finding] = []
+    for box, raw in zip(np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(scores, np.float64).reshape(-1)):
+        score = calibrate_box_score(raw, box_calibration)
+        if score < floor:
+            continue
+        x0 = int(np.clip(np.floor((box[0] - left) * sx), 0, img_w))
+        y0 = int(np.clip(np.floor((box[1] - top) * sy), 0, img_h))
+        x1 = int(np.clip(np.ceil((box[2] - left) * sx), 0, img_w))
+        y1 = int(np.clip(np.ceil((box[3] - top) * sy), 0, img_h))
+        if x1 <= x0 or y1 <= y0:
+            continue
+        out.append(Finding((x0, y0, x1, y1), score, ((x0 + x1) // 2, (y0 + y1) // 2)))
+        if len(out) >= findings.max_findings:
+            break
+    return out
+
+
+def localization_metrics(preds: dict[str, list], manifest, config: PreprocessConfig, *,
+                         findings: FindingsConfig = FindingsConfig(),
+                         box_calibration: dict[str, float] | None = None) -> dict[str, Any]:
+    """What the detection literature reports, on the images of ``preds`` (from
+    ``predict_manifest``: ``maps``, a detector's ``detections``, ``source_size`` and
+    ``image_uri`` per image) against the manifest's fracture boxes.
+
+    AP30 / AP50: COCO-style AP at IoU 0.3 / 0.5 (greedy by score, one match per fracture),
+    FROC with an IoU >= 0.3 hit, the median area ratio of the top finding to its fracture
+    (every image counts; non-fractured ones add only false positives; candidate findings
+    down to score 0.01). Secondary: the pointing game (is the heatmap's peak inside a box,
+    against the image-centre baseline)."""
     if not preds.get("maps"):
         return {}
+    detections = preds.get("detections")
     boxes_of = dict(zip(manifest["image_uri"].to_pylist(), manifest["boxes"].to_pylist()))
     hits = centre = pointed = 0
     per_image: list[tuple[Sequence[Finding], list]] = []
-    for uri, label, heat_map, (h, w) in zip(preds["image_uri"], preds["image_label"], preds["maps"],
-                                            preds["source_size"]):
+    for k, (uri, label, heat_map, (h, w)) in enumerate(zip(preds["image_uri"], preds["image_label"], preds["maps"],
+                                                           preds["source_size"])):
         boxes = boxes_of.get(uri) or []
         if label == 1 and not boxes:
             continue  # a fracture whose place is unknown: neither a lesion to find nor a source of false positives
         truths = [yolo_to_pixels(b, w, h) for b in boxes] if label == 1 else []
-        found, heat = image_findings(heat_map, (h, w), config, findings, min_score=0.01)
+        if detections is not None:
+            found = detection_findings(*detections[k], (h, w), config, findings, min_score=0.01,
+                                       box_calibration=box_calibration)
+            heat, _ = map_to_image(heat_map, (h, w), config)
+        else:
+            found, heat = image_findings(heat_map, (h, w), config, findings, min_score=0.01)
         per_image.append((found, truths))
         if label == 1 and truths:
             pointed += 1
@@ -105,8 +155,10 @@ def localization_metrics(preds: dict[str, list], manifest, config: PreprocessCon
             x, y = (px + 0.5) * sx, (py + 0.5) * sy
             hits += any(t[0] <= x < t[2] and t[1] <= y < t[3] for t in truths)
             centre += any(t[0] <= w / 2 < t[2] and t[1] <= h / 2 < t[3] for t in truths)
-    curve = froc(per_image)
-    return {"pointing_game": hits / pointed if pointed else None,
+    curve = froc(per_image, min_iou=0.3)
+    return {"ap30": average_precision(per_image, min_iou=0.3), "ap50": average_precision(per_image, min_iou=0.5),
+            "median_area_ratio": area_ratio(per_image), "froc_min_iou": 0.3,
+            "pointing_game": hits / pointed if pointed else None,
             "pointing_centre_baseline": centre / pointed if pointed else None, "pointing_images": pointed,
             "lesion_sensitivity_at_0.5_fp": lesion_sensitivity_at(curve, 0.5),
             "lesion_sensitivity_at_1_fp": lesion_sensitivity_at(curve, 1.0),

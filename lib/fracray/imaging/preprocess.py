@@ -22,7 +22,7 @@ from .decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image
 
 __all__ = ["PreprocessConfig", "AugmentConfig", "preprocess_base", "geometry", "finalize", "preprocess_pixels", "preprocess_bytes",
            "decode_for", "augment_params", "to_tensor", "ModelInput", "prepare_input",
-           "shared_decode_config", "letterbox_box"]
+           "shared_decode_config", "letterbox_box", "augment_geometry"]
 
 Normalization = Literal["imagenet", "per_image", "none"]
 Enhancement = Literal["none", "sobel", "prewitt", "roberts", "canny", "laplacian_sharpen"]
@@ -39,13 +39,38 @@ class AugmentConfig:
     max_rotation_deg: float = 15.0
     scale_range: tuple[float, float] = (0.9, 1.1)
     max_translate_frac: float = 0.05
+    # What archives hold (the "robust" preset, :meth:`robust`): quarter turns and upside-down
+    # films, inverted grey scale (MONOCHROME1 shown raw), gamma and contrast, JPEG re-compression,
+    # downscaled copies, and a smaller image on a canvas with burnt-in text. Off by default.
+    rot90_prob: float = 0.0          # a quarter, half or three-quarter turn (equally likely)
+    vflip_prob: float = 0.0
+    invert_prob: float = 0.0
+    gamma_range: tuple[float, float] = (1.0, 1.0)
+    contrast_range: tuple[float, float] = (1.0, 1.0)
+    jpeg_prob: float = 0.0
+    jpeg_quality: tuple[int, int] = (25, 90)
+    downscale_prob: float = 0.0
+    downscale_range: tuple[float, float] = (0.3, 0.8)
+    canvas_prob: float = 0.0         # shrink into a larger canvas (scale 0.55-0.85) with text burnt in
 
     def __post_init__(self):
-        if not 0.0 <= self.hflip_prob <= 1.0:
-            raise ValueError(f"hflip_prob must be in [0, 1]. Got {self.hflip_prob}")
-        lo, hi = self.scale_range
-        if not 0 < lo <= hi:
-            raise ValueError(f"scale_range must satisfy 0 < low <= high. Got {self.scale_range}")
+        for name in ("hflip_prob", "rot90_prob", "vflip_prob", "invert_prob", "jpeg_prob", "downscale_prob",
+                     "canvas_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]. Got {getattr(self, name)}")
+        for name in ("scale_range", "gamma_range", "contrast_range", "downscale_range"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must satisfy 0 < low <= high. Got {getattr(self, name)}")
+        lo, hi = self.jpeg_quality
+        if not 1 <= lo <= hi <= 100:
+            raise ValueError(f"jpeg_quality must satisfy 1 <= low <= high <= 100. Got {self.jpeg_quality}")
+
+    @classmethod
+    def robust(cls) -> "AugmentConfig":
+        """Flip + affine and everything archives hold (train_all --robust-augment)."""
+        return cls(rot90_prob=0.5, vflip_prob=0.2, invert_prob=0.25, gamma_range=(0.6, 1.6),
+                   contrast_range=(0.6, 1.3), jpeg_prob=0.3, downscale_prob=0.25, canvas_prob=0.2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +153,32 @@ def letterbox_box(image_hw: tuple[int, int], config: PreprocessConfig) -> tuple[
 
 def augment_params(rng: np.random.Generator, config: AugmentConfig) -> dict[str, Any]:
     """Draw one image's augmentation parameters."""
-    return {
+    params = {
         "flip": bool(rng.random() < config.hflip_prob),
         "angle_deg": float(rng.uniform(-config.max_rotation_deg, config.max_rotation_deg)),
         "scale": float(rng.uniform(*config.scale_range)),
         "translate_frac": (float(rng.uniform(-1, 1) * config.max_translate_frac),
                            float(rng.uniform(-1, 1) * config.max_translate_frac)),
     }
+    if config == AugmentConfig(hflip_prob=config.hflip_prob, max_rotation_deg=config.max_rotation_deg,
+                               scale_range=config.scale_range, max_translate_frac=config.max_translate_frac):
+        return params  # the plain flip + affine: the same draws as before the robust options existed
+    canvas = bool(rng.random() < config.canvas_prob)
+    params.update(
+        rot90=int(rng.integers(1, 4)) if rng.random() < config.rot90_prob else 0,
+        vflip=bool(rng.random() < config.vflip_prob),
+        canvas=canvas,
+        invert=bool(rng.random() < config.invert_prob),
+        gamma=float(np.exp(rng.uniform(*np.log(config.gamma_range)))),
+        contrast=float(rng.uniform(*config.contrast_range)),
+        jpeg_quality=int(rng.integers(config.jpeg_quality[0], config.jpeg_quality[1] + 1))
+        if rng.random() < config.jpeg_prob else None,
+        downscale=float(rng.uniform(*config.downscale_range)) if rng.random() < config.downscale_prob else None,
+        text_seed=int(rng.integers(0, 2 ** 31)),
+    )
+    if canvas:  # the image shrinks into the canvas; the text goes around it
+        params["scale"] *= float(rng.uniform(0.55, 0.85))
+    return params
 
 
 def preprocess_base(decoded: DecodedImage, config: PreprocessConfig,
@@ -149,9 +193,11 @@ def preprocess_base(decoded: DecodedImage, config: PreprocessConfig,
     if image.dtype == np.uint8:
         image = ops.resize(image, config.image_size, keep_aspect=config.keep_aspect)
         image = image.astype(np.float32) * np.float32(1.0 / 255.0)
-        image = _augment_geometry(image, augment)
+        image = augment_geometry(image, augment)
     else:
         image = geometry(image.astype(np.float32, copy=False), config, augment)
+    if augment is not None and "invert" in augment:
+        image = _augment_appearance(image, augment)
 
     if config.enhancement == "laplacian_sharpen":
         image = ops.laplacian_sharpen(image, config.sharpen_factor)
@@ -193,17 +239,64 @@ def geometry(plane: np.ndarray, config: PreprocessConfig, augment: dict[str, Any
     """The spatial part of preprocessing (resize/letterbox, then flip + affine), for any
     plane in the decoded image's pixel grid: the image itself, or its fracture mask, so
     the mask stays aligned with what the model sees."""
-    return _augment_geometry(ops.resize(plane, config.image_size, keep_aspect=config.keep_aspect), augment)
+    return augment_geometry(ops.resize(plane, config.image_size, keep_aspect=config.keep_aspect), augment)
 
 
-def _augment_geometry(image: np.ndarray, augment: dict[str, Any] | None) -> np.ndarray:
+def augment_geometry(image: np.ndarray, augment: dict[str, Any] | None) -> np.ndarray:
+    """Flip, quarter turns and the affine: applied alike to the image and to any plane
+    aligned with it (fracture masks, box planes), so labels follow the pixels."""
     if augment is None:
         return image
     if augment["flip"]:
         image = ops.hflip(image)
+    if augment.get("vflip"):
+        image = np.ascontiguousarray(image[::-1])
+    if augment.get("rot90"):
+        rotated = np.rot90(image, k=augment["rot90"])
+        # A non-square input keeps its shape: the turned image is letterboxed back into it.
+        image = np.ascontiguousarray(rotated) if rotated.shape == image.shape else \
+            ops.resize(np.ascontiguousarray(rotated), image.shape, keep_aspect=True)
     h, w = image.shape
     dx, dy = augment["translate_frac"]
     return ops.affine(image, angle_deg=augment["angle_deg"], scale=augment["scale"], translate=(dx * w, dy * h))
+
+
+_CANVAS_WORDS = ("L", "R", "AP", "LAT", "PORTABLE", "SUPINE", "WEIGHT BEARING", "ER 2024", "DX", "CR", "ID 0457",
+                 "OBL", "STANDING", "HOSP")
+
+
+def _augment_appearance(image: np.ndarray, augment: dict[str, Any]) -> np.ndarray:
+    """Grey-level changes of the image only (after geometry): burnt-in text, contrast and
+    gamma, downscaled copies, JPEG re-compression, inverted grey scale. [0, 1] in and out."""
+    import cv2
+
+    image = np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
+    h, w = image.shape
+    if augment.get("canvas"):
+        rng = np.random.default_rng(augment["text_seed"])
+        for _ in range(int(rng.integers(2, 6))):
+            text = str(rng.choice(_CANVAS_WORDS))
+            size = float(rng.uniform(0.4, 1.2)) * h / 384
+            org = (int(rng.uniform(0, 0.8) * w), int(rng.uniform(0.08, 1.0) * h))
+            cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, size, float(rng.uniform(0.7, 1.0)),
+                        max(1, round(2 * size)), cv2.LINE_AA)
+    if augment.get("contrast", 1.0) != 1.0:
+        mean = float(image.mean())
+        image = np.clip((image - mean) * augment["contrast"] + mean, 0.0, 1.0)
+    if augment.get("gamma", 1.0) != 1.0:
+        image = np.power(image, np.float32(augment["gamma"]))
+    if augment.get("downscale"):
+        f = augment["downscale"]
+        small = cv2.resize(image, (max(8, round(w * f)), max(8, round(h * f))), interpolation=cv2.INTER_AREA)
+        image = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    if augment.get("jpeg_quality"):
+        ok, data = cv2.imencode(".jpg", np.round(image * 255).astype(np.uint8),
+                                [cv2.IMWRITE_JPEG_QUALITY, int(augment["jpeg_quality"])])
+        if ok:
+            image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE).astype(np.float32) * np.float32(1.0 / 255.0)
+    if augment.get("invert"):
+        image = 1.0 - image
+    return np.ascontiguousarray(image, dtype=np.float32)
 
 
 def finalize(base, config: PreprocessConfig):

@@ -15,8 +15,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["Finding", "rasterize_regions", "findings_from_heatmap", "yolo_to_pixels", "box_iou", "finding_hits",
-           "froc", "lesion_sensitivity_at", "has_regions", "FINDINGS_TYPE", "findings_to_rows",
+__all__ = ["Finding", "input_boxes", "rasterize_regions", "findings_from_heatmap", "yolo_to_pixels", "box_iou", "finding_hits",
+           "match_findings", "average_precision", "area_ratio", "froc", "lesion_sensitivity_at", "has_regions", "FINDINGS_TYPE", "findings_to_rows",
            "findings_from_rows"]
 
 
@@ -66,6 +66,38 @@ def rasterize_regions(shape: tuple[int, int], *, boxes: Iterable[dict] | None = 
             x0, y0, x1, y1 = yolo_to_pixels(b, w, h)
             mask[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)] = 1
     return mask.astype(np.float32)
+
+
+def input_boxes(boxes: Iterable[dict] | None, pixels_hw: tuple[int, int], config, augment: dict | None = None
+                ) -> np.ndarray:
+    """YOLO boxes of an image whose decoded grid is ``pixels_hw`` -> K x 4 boxes (x0, y0, x1, y1)
+    in model-input pixels, after the letterbox and any flips, turns and affine of ``augment``
+    (each box is drawn as a plane and moved with the image, then boxed again, so every
+    geometric step applies exactly as it does to the pixels). Boxes moved out of view drop."""
+    from .preprocess import augment_geometry, letterbox_box
+
+    top, left, h, w = letterbox_box(pixels_hw, config)
+    out_h, out_w = config.image_size
+    found = []
+    for b in boxes or []:
+        x0 = left + (b["x_center"] - b["width"] / 2) * w
+        x1 = left + (b["x_center"] + b["width"] / 2) * w
+        y0 = top + (b["y_center"] - b["height"] / 2) * h
+        y1 = top + (b["y_center"] + b["height"] / 2) * h
+        if augment is None:
+            box = (max(0.0, x0), max(0.0, y0), min(float(out_w), x1), min(float(out_h), y1))
+        else:
+            plane = np.zeros((out_h, out_w), np.float32)
+            plane[int(np.floor(max(y0, 0))):int(np.ceil(min(y1, out_h))),
+                  int(np.floor(max(x0, 0))):int(np.ceil(min(x1, out_w)))] = 1.0
+            moved = augment_geometry(plane, augment) >= 0.5
+            if not moved.any():
+                continue
+            ys, xs = np.flatnonzero(moved.any(axis=1)), np.flatnonzero(moved.any(axis=0))
+            box = (float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1))
+        if box[2] > box[0] and box[3] > box[1]:
+            found.append(box)
+    return np.asarray(found, np.float32).reshape(-1, 4)
 
 
 def yolo_to_pixels(box: dict, width: int, height: int) -> tuple[int, int, int, int]:
@@ -124,49 +156,100 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def finding_hits(finding: Finding, truth_box: Sequence[float], *, min_iou: float = 0.1) -> bool:
-    """One rule for "this finding found that fracture": its peak lies inside the
-    fracture's box, or the boxes overlap with IoU >= ``min_iou``."""
-    px, py = finding.peak
-    inside = truth_box[0] <= px < truth_box[2] and truth_box[1] <= py < truth_box[3]
-    return inside or box_iou(finding.box, truth_box) >= min_iou
+def finding_hits(finding: Finding, truth_box: Sequence[float], *, min_iou: float = 0.3) -> bool:
+    """The detection literature's rule for "this finding found that fracture": the boxes
+    overlap with IoU >= ``min_iou`` (0.3 here, 0.5 for AP50). A peak inside a box the size of
+    a third of the tibia does not count."""
+    return box_iou(finding.box, truth_box) >= min_iou
+
+
+def match_findings(findings: Sequence[Finding], truths: Sequence[Sequence[float]], *, min_iou: float = 0.3
+                   ) -> list[tuple[float, bool]]:
+    """COCO-style greedy matching on one image: findings by score, best first, each taking the
+    unmatched fracture it overlaps most with IoU >= ``min_iou``; one match per fracture.
+    Returns (score, true positive) per finding."""
+    free = list(range(len(truths)))
+    out = []
+    for f in sorted(findings, key=lambda f: -f.score):
+        best, best_iou = None, min_iou
+        for j in free:
+            iou = box_iou(f.box, truths[j])
+            if iou >= best_iou:
+                best, best_iou = j, iou
+        if best is not None:
+            free.remove(best)
+        out.append((float(f.score), best is not None))
+    return out
+
+
+def _pooled(per_image, min_iou: float) -> tuple[list[tuple[float, bool]], int]:
+    events, lesions = [], 0
+    for findings, truths in per_image:
+        lesions += len(truths)
+        events += match_findings(findings, truths, min_iou=min_iou)
+    events.sort(key=lambda e: -e[0])
+    return events, lesions
+
+
+def average_precision(per_image: Sequence[tuple[Sequence[Finding], Sequence[Sequence[float]]]], *,
+                      min_iou: float = 0.5) -> float | None:
+    """AP at IoU ``min_iou`` as COCO computes it (101-point interpolated precision over
+    recall), pooled over images; non-fractured images add only false positives."""
+    events, lesions = _pooled(per_image, min_iou)
+    if not lesions:
+        return None
+    tp = np.cumsum([e[1] for e in events], dtype=np.float64)
+    fp = np.cumsum([not e[1] for e in events], dtype=np.float64)
+    if not len(events):
+        return 0.0
+    recall = tp / lesions
+    precision = tp / np.maximum(tp + fp, 1e-12)
+    precision = np.maximum.accumulate(precision[::-1])[::-1]   # the interpolated envelope
+    points = np.linspace(0.0, 1.0, 101)
+    idx = np.searchsorted(recall, points, side="left")
+    return float(np.mean([precision[i] if i < len(precision) else 0.0 for i in idx]))
 
 
 def froc(per_image: Sequence[tuple[Sequence[Finding], Sequence[Sequence[float]]]], *,
-         min_iou: float = 0.1) -> dict[str, Any]:
+         min_iou: float = 0.3) -> dict[str, Any]:
     """Free-response ROC over images: for each score threshold, lesion sensitivity
     (fractures found / fractures) against false-positive findings per image.
 
     ``per_image``: (findings, true boxes in pixels) for every evaluated image,
     fractured or not (non-fractured images have no true boxes and add only
-    false positives). A fracture counts once, by the best-scoring finding that hits it;
-    a finding that hits no fracture is a false positive.
+    false positives). A hit is IoU >= ``min_iou`` under greedy one-to-one matching
+    (:func:`match_findings`); every other finding is a false positive.
     """
-    events: list[tuple[float, int, int]] = []   # (score, +1 lesion found, +1 false positive)
-    lesions = 0
-    for findings, truths in per_image:
-        lesions += len(truths)
-        best = [-1.0] * len(truths)
-        for f in findings:
-            hit = [j for j, t in enumerate(truths) if finding_hits(f, t, min_iou=min_iou)]
-            if not hit:
-                events.append((f.score, 0, 1))
-            for j in hit:
-                best[j] = max(best[j], f.score)
-        events += [(s, 1, 0) for s in best if s >= 0]
+    events, lesions = _pooled(per_image, min_iou)
     images = len(per_image)
-    events.sort(key=lambda e: -e[0])
     thresholds, sens, fppi = [], [], []
     found = fps = 0
-    for i, (score, tp, fp) in enumerate(events):
+    for i, (score, tp) in enumerate(events):
         found += tp
-        fps += fp
+        fps += not tp
         if i + 1 == len(events) or events[i + 1][0] != score:
             thresholds.append(score)
             sens.append(found / lesions if lesions else 0.0)
             fppi.append(fps / images if images else 0.0)
     return {"lesions": lesions, "images": images, "thresholds": thresholds, "sensitivity": sens,
-            "fp_per_image": fppi}
+            "fp_per_image": fppi, "min_iou": min_iou}
+
+
+def area_ratio(per_image: Sequence[tuple[Sequence[Finding], Sequence[Sequence[float]]]]) -> float | None:
+    """Median, over fractured images, of the top finding's area / the area of the fracture box
+    it overlaps most (images whose top finding overlaps none are left out): 1 is a box the
+    fracture's size, 12 a box twelve times too large."""
+    ratios = []
+    for findings, truths in per_image:
+        if not findings or not truths:
+            continue
+        top = max(findings, key=lambda f: f.score)
+        j = max(range(len(truths)), key=lambda k: box_iou(top.box, truths[k]))
+        t = truths[j]
+        if box_iou(top.box, t) > 0:
+            area_t = max((t[2] - t[0]) * (t[3] - t[1]), 1)
+            ratios.append((top.box[2] - top.box[0]) * (top.box[3] - top.box[1]) / area_t)
+    return float(np.median(ratios)) if ratios else None
 
 
 def lesion_sensitivity_at(curve: dict[str, Any], fp_per_image: float) -> float | None:

@@ -67,6 +67,7 @@ from torch import nn
 # Where a bundle records its fast-mode validation (bundle.json's inference[FAST_MODE_KEY]) and the
 # gate it must have passed: the bundle format's rules (artifacts.bundle).
 from ..artifacts.bundle import FAST_MODE_KEY
+from ..models.detection import flip_dense_back
 from ..artifacts.bundle import FAST_MODE_MAX_DELTA_AUROC as MAX_DELTA_AUROC
 from ..artifacts.bundle import FAST_MODE_MAX_DELTA_SENSITIVITY as MAX_DELTA_SENSITIVITY
 from ..artifacts.bundle import FAST_MODE_NOT_FOR_VALIDATION as NOT_FOR_VALIDATION
@@ -540,7 +541,7 @@ def _flip_averaged(run: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor 
     if tta_flip:
         logits_f, maps_f = run(np.ascontiguousarray(array[..., ::-1]))
         logits = (logits + logits_f) / 2
-        maps = None if maps is None else (maps + torch.flip(maps_f, dims=[-1])) / 2
+        maps = None if maps is None else (maps + flip_dense_back(maps_f)) / 2
     return logits, maps
 
 

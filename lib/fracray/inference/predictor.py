@@ -19,17 +19,19 @@ from ..artifacts.bundle import BundleMeta, load_bundle, read_bundle_meta
 from ..artifacts.describe import bundle_name, describe_bundle, resolve_threshold
 from ..artifacts.index import read_model_index
 from ..imaging.decode import ImageRejected, RejectReason
-from ..imaging.findings import FindingsConfig, image_findings, map_to_image
+from ..imaging.findings import FindingsConfig, detection_findings, image_findings, map_to_image
 from ..imaging.preprocess import ModelInput, decode_for, finalize, prepare_input, preprocess_base, shared_decode_config
 from ..imaging.regions import FINDINGS_TYPE, findings_to_rows
 from ..imaging.scope import OUT_OF_SCOPE, assess_scope
+from ..metrics.fusion import fused_probability
+from ..models.detection import decode_dense, dense_scores
 from ..storage import StorageOptions
 from .engine import (DEFAULT_PRECISION, FAST_GRAPH_FILE, FAST_MODE_KEY, FastModeRefused, InferenceEngine,
                      check_fast_mode, engine_label, fast_mode_command, local_graph, make_engine, requested_engine,
                      requested_precision, resolve_precision, weights_digest)
 from .gradcam import gradcam_for_image
 
-__all__ = ["FracturePredictor", "BundleModel", "image_result", "route_decoded", "UnknownBodyPart", "check_precision"]
+__all__ = ["FracturePredictor", "BundleModel", "Detections", "image_result", "route_decoded", "UnknownBodyPart", "check_precision"]
 
 CPU_MICRO_BATCH = 1
 # Which engine runs predict() when BundleModel is not told (see inference.engine): "auto" is
@@ -38,6 +40,20 @@ DEFAULT_ENGINE = "auto"
 # At which precision, when not told: DEFAULT_PRECISION (from inference.engine), "exact" (float32);
 # "fast" is OpenVINO (INT8 or bf16) on CPU, for a bundle whose bundle.json records a passed validation
 # (fracray validate-fast-mode). $FRACRAY_PRECISION overrides both.
+
+
+class Detections:
+    """A detector's answer for one image: boxes in model-input pixels (K x 4) with raw scores,
+    best first, and the score map (h x w, for heatmaps)."""
+
+    __slots__ = ("boxes", "scores", "score_map")
+
+    def __init__(self, boxes: np.ndarray, scores: np.ndarray, score_map: np.ndarray):
+        self.boxes, self.scores, self.score_map = boxes, scores, score_map
+
+    @property
+    def top(self) -> float:
+        return float(self.scores.max()) if len(self.scores) else 0.0
 
 
 class BundleModel:
@@ -58,6 +74,10 @@ class BundleModel:
         self.name = bundle_name(uri, self.meta)
         self.tta_flip = bool(self.meta.inference.get("tta_flip", False))
         self.findings_config = FindingsConfig.from_dict(self.meta.inference.get("findings"))
+        # A detector's bundle: P(fracture) fuses the classifier with the top box (metrics.fusion),
+        # and box scores are calibrated (imaging.findings.calibrate_box_score).
+        self.fusion = self.meta.inference.get("fusion")
+        self.box_calibration = self.meta.inference.get("box_calibration")
         # What runs predict() ("auto" | "torch" | "onnxruntime"; $FRACRAY_ENGINE overrides) and at
         # which precision ("exact" | "fast"; $FRACRAY_PRECISION overrides): engine_label(self.engine)
         # says which did. Grad-CAM always runs self.model (it needs gradients). for_validation: the
@@ -128,10 +148,15 @@ class BundleModel:
     def localizes(self) -> bool:
         return bool(getattr(self.model, "localizes", False))
 
+    @property
+    def detects(self) -> bool:
+        return bool(getattr(self.model, "detects", False))
+
     @torch.no_grad()
     def predict(self, decoded: list) -> tuple[np.ndarray, list[np.ndarray] | None]:
-        """(N x classes calibrated probabilities (softmax(logits / temperature)), per-image
-        fracture-map probabilities over the model input, or None for a model without a map).
+        """(N x classes calibrated probabilities (softmax(logits / temperature), or for a detector
+        the fusion of classifier and top box), per-image fracture-map probabilities over the model
+        input or a detector's :class:`Detections`, or None for a model without either).
         Test-time flip averaging when the bundle says so. Runs on ``self.engine`` (ONNX
         Runtime on CPU, eager PyTorch on CUDA: see inference.engine)."""
         if not decoded:
@@ -143,18 +168,31 @@ class BundleModel:
         out, maps = [], []
         for start in range(0, len(decoded), step):
             logits, map_logits = self.engine.infer(self.inputs(decoded[start:start + step]), tta_flip=self.tta_flip)
-            out.append((logits.float() / float(self.meta.temperature)).softmax(-1).cpu().numpy().astype(np.float64))
-            if map_logits is not None:
+            probs = (logits.float() / float(self.meta.temperature)).softmax(-1).cpu().numpy().astype(np.float64)
+            if map_logits is not None and self.detects:
+                found = [Detections(*(t.numpy() for t in decode_dense(d.cpu(), min_score=0.01)),
+                                    dense_scores(d.cpu()).numpy()) for d in map_logits]
+                maps += found
+                if self.fusion:
+                    p = fused_probability(self.fusion, logits.float().cpu().numpy(), np.asarray([f.top for f in found]))
+                    probs = np.stack([1 - p, p], axis=1)
+            elif map_logits is not None:
                 maps += list(torch.sigmoid(map_logits.float()).cpu().numpy())
+            out.append(probs)
         return np.concatenate(out), (maps if self.localizes else None)
 
     def probabilities(self, decoded: list) -> np.ndarray:
         """N x classes calibrated probabilities."""
         return self.predict(decoded)[0]
 
-    def findings(self, map_probs: np.ndarray, decoded) -> list[dict[str, Any]]:
-        """The fracture map of one image -> findings ({box, score, peak}) in the image's own pixels."""
-        found, _ = image_findings(map_probs, (decoded.height, decoded.width), self.config, self.findings_config)
+    def findings(self, map_probs, decoded) -> list[dict[str, Any]]:
+        """The fracture map (or a detector's :class:`Detections`) of one image -> findings
+        ({box, score, peak}) in the image's own pixels."""
+        if isinstance(map_probs, Detections):
+            found = detection_findings(map_probs.boxes, map_probs.scores, (decoded.height, decoded.width), self.config,
+                                       self.findings_config, box_calibration=self.box_calibration)
+        else:
+            found, _ = image_findings(map_probs, (decoded.height, decoded.width), self.config, self.findings_config)
         return [f.to_dict() for f in found]
 
     def heatmap(self, decoded, max_side: int | None = None) -> np.ndarray:
@@ -166,7 +204,8 @@ class BundleModel:
         import cv2
 
         _, maps = self.predict([decoded])
-        heat, _ = map_to_image(maps[0], decoded.shape, self.config, max_side=max_side)
+        grid = maps[0].score_map if isinstance(maps[0], Detections) else maps[0]
+        heat, _ = map_to_image(grid, decoded.shape, self.config, max_side=max_side)
         h, w = decoded.shape
         if max_side is not None:
             return heat

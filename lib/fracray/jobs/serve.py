@@ -9,18 +9,27 @@ from typing import Callable
 
 from .. import storage
 from ..artifacts.index import check_model_index
+from ..artifacts.shipped import MODELS_ENV, shipped_model_index
 from ..raycluster import connect
 from ..serving.proxy_guard import configure_environment
 from ..storage import StorageOptions
 
-__all__ = ["ServeJobConfig", "ServeHandle", "DEFAULT_MODELS", "serve_args", "start_service"]
+__all__ = ["ServeJobConfig", "ServeHandle", "DEFAULT_MODELS", "default_service_models", "serve_args", "start_service"]
 
-DEFAULT_MODELS = "runs/latest/model_index.json"
+# Without --models: $FRACRAY_MODELS, else the shipped FracAtlas model (artifacts.shipped), else (an
+# installation without models/) the embedded default's index, trained first if it is missing.
+TRAINED_DEFAULT = "runs/latest/model_index.json"
+DEFAULT_MODELS = "$FRACRAY_MODELS, else the shipped models/fracatlas, else " + TRAINED_DEFAULT
+
+
+def default_service_models() -> str:
+    """What a service without --models serves (see DEFAULT_MODELS)."""
+    return os.environ.get(MODELS_ENV) or shipped_model_index() or TRAINED_DEFAULT
 
 
 @dataclasses.dataclass(frozen=True)
 class ServeJobConfig:
-    models: str | None = None               # None: DEFAULT_MODELS, trained with the embedded default if missing
+    models: str | None = None               # None: DEFAULT_MODELS (the shipped model where it is installed)
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_size: int = 16
@@ -50,7 +59,7 @@ def serve_args(config: ServeJobConfig, models: str | None = None):
     from ..serving.app import ServeArgs
 
     options = config.storage
-    return ServeArgs(models=models or config.models or DEFAULT_MODELS, max_batch_size=config.max_batch_size,
+    return ServeArgs(models=models or config.models or default_service_models(), max_batch_size=config.max_batch_size,
                      max_upload_mb=config.max_upload_mb, num_gpus=config.num_gpus, auth_token_env=config.token_env,
                      engine=config.engine, precision=config.precision, layout=config.layout,
                      operating_point=config.operating_point, endpoint_url=options.endpoint_url,
@@ -66,8 +75,8 @@ def start_service(config: ServeJobConfig, *, log: Callable[[str], None] = print,
 
     from ..serving.app import build_app  # Ray Serve and FastAPI: only where a service starts
 
-    models = config.models or DEFAULT_MODELS
-    if config.models is None and not storage.exists(storage.normalize(models)):
+    models = config.models or default_service_models()
+    if config.models is None and models == TRAINED_DEFAULT and not storage.exists(storage.normalize(models)):
         log(f"No model index at {models}: training the embedded default first (a few minutes) ...")
         from .train import TrainAllConfig, run_train_all  # torch, Ray Train: only when it trains
 

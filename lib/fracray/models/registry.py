@@ -20,6 +20,7 @@ from torch import nn
 from ..imaging.preprocess import PreprocessConfig
 from ..storage import StorageOptions
 from .bam import insert_bam
+from .detection import DetectionHead, flip_dense_back
 from .transfer import TransferStrategy, apply_strategy, is_batchnorm, resolve_strategy
 from .weights import WeightsError, efficientnet_pytorch_to_timm, lite0_package_state_dict, load_into, read_state_dict
 
@@ -141,13 +142,17 @@ class FractureMapHead(nn.Module):
         return self.out(self.smooth(self.lateral16(f16) + up))[:, 0]
 
 
-def _stride16_module(backbone: nn.Module) -> str:
-    """Name of the backbone module whose output is the last stride-16 feature map (timm's feature_info)."""
+def _stride_module(backbone: nn.Module, reduction: int = 16) -> str:
+    """Name of the backbone module whose output is the last feature map at ``reduction`` (timm's feature_info)."""
     info = getattr(backbone, "feature_info", None) or []
-    names = [f["module"] for f in info if f.get("reduction") == 16]
+    names = [f["module"] for f in info if f.get("reduction") == reduction]
     if not names:
-        raise ValueError(f"{type(backbone).__name__} reports no stride-16 features; it cannot take a fracture map")
+        raise ValueError(f"{type(backbone).__name__} reports no stride-{reduction} features; it cannot take a "
+                         f"fracture map or detector")
     return names[-1]
+
+
+LOCALIZATION_HEADS = ("map", "detector")
 
 
 def lse_pool(maps: torch.Tensor, r: float = 4.0) -> torch.Tensor:
@@ -165,7 +170,7 @@ class FractureClassifier(nn.Module):
 
     def __init__(self, spec: BackboneSpec, backbone: nn.Module, head: nn.Module, *, num_classes: int,
                  head_name: str, strategy: TransferStrategy, bam_modules: list[str], weights: str,
-                 localization: bool = False):
+                 localization: bool = False, localization_head: str = "map"):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -176,36 +181,57 @@ class FractureClassifier(nn.Module):
         self.bam_modules = bam_modules
         self.weights = weights
         self.map_head: FractureMapHead | None = None
-        self._captured: list[torch.Tensor] = []
+        self.detector: DetectionHead | None = None
+        self._captured: dict[int, torch.Tensor] = {}
         if localization:
             if num_classes != 2:
-                raise ValueError(f"A fracture map needs a binary model (2 classes). Got {num_classes}")
-            name = _stride16_module(backbone)
-            backbone.get_submodule(name).register_forward_hook(lambda _m, _i, out: self._captured.append(out))
+                raise ValueError(f"A fracture map or detector needs a binary model (2 classes). Got {num_classes}")
+            if localization_head not in LOCALIZATION_HEADS:
+                raise ValueError(f"localization_head must be one of {LOCALIZATION_HEADS}. Got {localization_head!r}")
+            strides = (16,) if localization_head == "map" else (8, 16)
+            for stride in strides:
+                name = _stride_module(backbone, stride)
+                backbone.get_submodule(name).register_forward_hook(self._capture_hook(stride))
             was_training = backbone.training
             with torch.no_grad():
                 f32 = backbone.eval().forward_features(torch.zeros(1, 3, 128, 128))
-            f16 = self._captured.pop()
-            self._captured.clear()
+            channels = {s_: self._captured.pop(s_).shape[1] for s_ in strides}
             backbone.train(was_training)
-            self.map_head = FractureMapHead(f16.shape[1], f32.shape[1])
-            # Fusion: the image's fracture logit gains w x the map's LSE-pooled logit; w starts at 0
-            # (the plain classifier) and is learned with the rest.
-            self.fusion_weight = nn.Parameter(torch.zeros(()))
-            self.map_module = name
-        head_modules = nn.ModuleList([head] + ([self.map_head] if self.map_head is not None else []))
+            if localization_head == "map":
+                self.map_head = FractureMapHead(channels[16], f32.shape[1])
+                # Fusion: the image's fracture logit gains w x the map's LSE-pooled logit; w starts at 0
+                # (the plain classifier) and is learned with the rest.
+                self.fusion_weight = nn.Parameter(torch.zeros(()))
+            else:
+                # The detector's boxes are fused with the classifier after training (a logistic fit
+                # on held-out images: artifacts' "fusion"), not inside the network.
+                self.detector = DetectionHead(channels[8], channels[16], f32.shape[1])
+            self.map_module = _stride_module(backbone, 16)
+        self.localization_head = localization_head if localization else None
+        extra = self.map_head if self.map_head is not None else self.detector
+        head_modules = nn.ModuleList([head] + ([extra] if extra is not None else []))
         self.trainable_layers = apply_strategy(backbone, head_modules, strategy)
         if self.map_head is not None:
             self.fusion_weight.requires_grad_(True)
 
+    def _capture_hook(self, stride: int):
+        def hook(_module, _inputs, output):
+            self._captured[stride] = output
+        return hook
+
     @property
     def localizes(self) -> bool:
-        return self.map_head is not None
+        return self.map_head is not None or self.detector is not None
+
+    @property
+    def detects(self) -> bool:
+        """A detector (dense boxes) rather than a fracture map."""
+        return self.detector is not None
 
     def forward(self, x: torch.Tensor, with_map: bool = False):
         """Logits; with ``with_map`` (a model with a fracture map) the tuple (logits, maps),
         so a DDP-wrapped model can train both through its own forward."""
-        if self.map_head is None:
+        if not self.localizes:
             return self.head(self.backbone(x))
         logits, maps = self.forward_with_map(x)
         return (logits, maps) if with_map else logits
@@ -218,19 +244,21 @@ class FractureClassifier(nn.Module):
         if tta_flip:
             logits_f, maps_f = self.forward_with_map(torch.flip(x, dims=[-1]))
             logits = (logits + logits_f) / 2
-            maps = None if maps is None else (maps + torch.flip(maps_f, dims=[-1])) / 2
+            maps = None if maps is None else (maps + flip_dense_back(maps_f)) / 2
         return logits, maps
 
     def forward_with_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N x classes logits, N x h x w fracture-map logits at stride 16, or None without a map head)."""
-        if self.map_head is None:
+        """(N x classes logits, N x h x w fracture-map logits at stride 16 or the detector's
+        N x 6 x h x w dense output at stride 8 (models.detection), or None without either)."""
+        if not self.localizes:
             return self.head(self.backbone(x)), None
         self._captured.clear()
         f32 = self.backbone.forward_features(x)
-        f16 = self._captured.pop()
-        self._captured.clear()
+        captured, self._captured = self._captured, {}
         logits = self.head(self.backbone.forward_head(f32))
-        maps = self.map_head(f16, f32)
+        if self.detector is not None:
+            return logits, self.detector(captured[8], captured[16], f32)
+        maps = self.map_head(captured[16], f32)
         fused = self.fusion_weight * lse_pool(maps)
         logits = logits + torch.stack([torch.zeros_like(fused), fused], dim=1).to(logits.dtype)
         return logits, maps
@@ -259,7 +287,8 @@ class FractureClassifier(nn.Module):
         """What a checkpoint bundle records to rebuild this model."""
         return {"name": self.spec.name, "timm_name": self.spec.timm_name, "num_classes": self.num_classes,
                 "head": self.head_name, "strategy": self.strategy.to_dict(), "bam": bool(self.bam_modules),
-                "bam_modules": self.bam_modules, "weights": self.weights, "localization": self.localizes}
+                "bam_modules": self.bam_modules, "weights": self.weights, "localization": self.localizes,
+                "localization_head": self.localization_head}
 
 
 def _imagenet_state(spec: BackboneSpec, backbone_with_classifier: nn.Module) -> dict[str, torch.Tensor]:
@@ -279,7 +308,7 @@ def _imagenet_state(spec: BackboneSpec, backbone_with_classifier: nn.Module) -> 
 def create_model(name: str, *, pretrained: bool | str = False, num_classes: int = 2,
                  strategy: str | TransferStrategy | dict = "full", head: str = "linear", bam: bool = False,
                  storage_options: StorageOptions | None = None, imagenet_classifier: bool = False,
-                 localization: bool = False) -> nn.Module:
+                 localization: bool = False, localization_head: str = "map") -> nn.Module:
     """Build a registered model.
 
     pretrained: False (random init), True (ImageNet weights: offline where they ship,
@@ -287,8 +316,9 @@ def create_model(name: str, *, pretrained: bool | str = False, num_classes: int 
     strategy: "full", "classifier_only", "last60", "last20_bn_frozen", "lastN" or a TransferStrategy.
     head: "linear" or "dense3" (three dense blocks).
     bam: insert BAM at the backbone's three bottlenecks (FracAtlas paper: InceptionV3 + BAM).
-    localization: add the fracture-map branch (:class:`FractureMapHead`), trained from
-        fracture masks/boxes where the data has them, fused into the image's logit.
+    localization: add a localisation branch, trained from fracture masks/boxes where the data
+        has them. localization_head "map": the fracture map (:class:`FractureMapHead`), fused into
+        the image's logit; "detector": the FCOS-style box detector (models.detection).
     imagenet_classifier: return the plain timm model with its 1000-class ImageNet head
         (to check weights on real photos); the other options are then ignored.
     """
@@ -316,4 +346,4 @@ def create_model(name: str, *, pretrained: bool | str = False, num_classes: int 
     head_module = HEADS[head](features, num_classes)
     return FractureClassifier(spec, full, head_module, num_classes=num_classes, head_name=head,
                               strategy=resolve_strategy(strategy), bam_modules=bam_modules, weights=weights,
-                              localization=localization)
+                              localization=localization, localization_head=localization_head)

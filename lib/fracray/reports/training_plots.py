@@ -125,13 +125,20 @@ def _reliability_evaluated(evaluation: dict[str, Any]) -> bytes:
     for ax, (name, block) in zip(axes, blocks):
         bins = block["reliability"]
         ax.plot([0, 1], [0, 1], ":", color="gray", linewidth=1)
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "s-", markersize=3,
-                color="tab:blue", label=f"ECE {block['ece']:.3f}")
-        for b in bins:
-            ax.annotate(str(b["n"]), (b["confidence"], b["accuracy"]), fontsize=6, xytext=(2, -8),
-                        textcoords="offset points")
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "s--", markersize=3,
+                color="tab:gray", label=f"top label: ECE {block['ece']:.3f}")
+        fracture = [b for b in block.get("fracture_reliability") or [] if b["n"]]
+        if fracture:
+            ax.plot([b["mean_probability"] for b in fracture], [b["fraction_fractured"] for b in fracture], "o-",
+                    markersize=3, color="tab:blue", label=f"P(fracture): ECE {block['fracture_ece']:.3f}")
+            for b in fracture:
+                ax.annotate(str(b["n"]), (b["mean_probability"], b["fraction_fractured"]), fontsize=6,
+                            xytext=(2, -8), textcoords="offset points")
         _reliability_axes(ax, f"{name} ({block['n']} images)")
-    fig.suptitle("Reliability of the evaluated probabilities (numbers: images per bin)", fontsize=10)
+        ax.set_xlabel("P(fracture) (blue) / top-label confidence (grey)", fontsize=8)
+        ax.set_ylabel("fraction fractured / fraction correct", fontsize=8)
+    fig.suptitle("Reliability of the evaluated probabilities, 10 equal-width bins (numbers: images per bin)",
+                 fontsize=10)
     fig.tight_layout()
     return _png(fig, plt)
 

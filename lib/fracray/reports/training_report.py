@@ -75,17 +75,20 @@ def _localization_lines(loc: dict[str, Any] | None, plots: dict[str, str]) -> li
     lines = []
     lesions = loc.get("lesions")
     if lesions:
-        lines += ["", f"Lesion level (models with a fracture map; {lesions['lesions']} fractures in {lesions['images']} "
-                      f"images, findings from score {lesions['min_score']} up): lesion sensitivity "
+        lines += ["", f"Detection (models that localise; {lesions['lesions']} fractures in {lesions['images']} "
+                      f"images, findings from score {lesions['min_score']} up, against the release's boxes): "
+                      f"AP30 {_fmt(lesions.get('ap30'))}, AP50 {_fmt(lesions.get('ap50'))}; lesion sensitivity "
                       f"{_fmt(lesions['lesion_sensitivity_at_0.5_fp'])} at 0.5 and "
-                      f"{_fmt(lesions['lesion_sensitivity_at_1_fp'])} at 1 false-positive finding per image"
+                      f"{_fmt(lesions['lesion_sensitivity_at_1_fp'])} at 1 false-positive finding per image "
+                      f"(FROC, hit = IoU >= 0.3); median top-finding / fracture area "
+                      f"{_fmt(lesions.get('median_area_ratio'), 2)}"
                       + (" (FROC: froc.png)" if "froc" in plots else "") + "."]
         if lesions.get("per_body_part"):
-            lines += ["", "| body part | fractures | images | sensitivity at 0.5 FP/image | at 1 FP/image |",
-                      "|---|---|---|---|---|"]
+            lines += ["", "| body part | fractures | images | AP30 | AP50 | sensitivity at 0.5 FP/image | at 1 FP/image |",
+                      "|---|---|---|---|---|---|---|"]
             for part, m in lesions["per_body_part"].items():
-                lines.append(f"| {part} | {m['lesions']} | {m['images']} | {_fmt(m['lesion_sensitivity_at_0.5_fp'])} | "
-                             f"{_fmt(m['lesion_sensitivity_at_1_fp'])} |")
+                lines.append(f"| {part} | {m['lesions']} | {m['images']} | {_fmt(m.get('ap30'))} | {_fmt(m.get('ap50'))} "
+                             f"| {_fmt(m['lesion_sensitivity_at_0.5_fp'])} | {_fmt(m['lesion_sensitivity_at_1_fp'])} |")
     elif loc.get("models_with_fracture_map"):
         lines += ["", "Lesion level: no evaluated image has fracture boxes to score the findings against."]
     if loc.get("examples"):
@@ -120,7 +123,8 @@ def format_report(report: TrainingReport) -> str:
                       f"(image-centre baseline {_fmt(game['overall']['center_baseline'])})."]
     if (ev.get("overall") or {}).get("ece") is not None:
         lines += ["", f"Calibration of the probabilities as served, on these {ev['overall']['n']} images (not the ones "
-                      f"the temperature was fitted on): ECE {_fmt(ev['overall']['ece'])}"
+                      f"the temperature was fitted on): ECE of P(fracture) {_fmt(ev['overall'].get('fracture_ece'))} "
+                      f"(10 equal-width bins), top-label ECE {_fmt(ev['overall']['ece'])}"
                       + (" (reliability diagram: reliability.png)" if "reliability" in report.plots else "") + "."]
     lines += _localization_lines(ev.get("localization"), report.plots)
     if "calibration" in report.plots:

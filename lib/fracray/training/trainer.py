@@ -33,11 +33,16 @@ from ..data.manifest import split_by_study
 from ..data.pipeline import OK, StreamConfig, StreamTally, build_image_dataset, iter_model_batches
 from ..imaging.findings import FindingsConfig, localization_metrics
 from ..imaging.preprocess import AugmentConfig, PreprocessConfig, finalize, to_tensor
+from ..imaging.regions import Finding, average_precision
 from ..metrics import classification as M
 from ..metrics.calibration import (calibrate, expected_calibration_error, operating_points, reliability_bins,
                                    softmax)
+from ..metrics.fusion import (fit_box_calibration, fit_fusion, fracture_ece, fused_probability, fusion_ablation,
+                              top_scores)
 from ..metrics.study import study_level
+from ..models.detection import decode_dense, dense_scores, detection_loss
 from ..storage import StorageOptions
+from .precision import PRECISIONS
 from .progress import post_progress
 from .step import TrainStep, model_input, place_model
 
@@ -78,7 +83,13 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     amp: bool = True
+    # Training precision (training.precision): auto = float16 on CUDA, bf16 on a CPU with native
+    # bf16 (avx512_bf16 / AMX), else float32; float32 forces full precision anywhere.
+    precision: str = "auto"
     augment: bool = True
+    # Also train on what archives hold: quarter turns, inverted grey scale, gamma/contrast, JPEG
+    # re-compression, downscaling, a canvas with burnt-in text (AugmentConfig.robust).
+    robust_augment: bool = False
     # Preprocessing overrides on the model's own data config (resolve_preprocess merges them).
     image_size: int | None = None
     normalization: str | None = None
@@ -86,7 +97,10 @@ class TrainConfig:
     sharpen_factor: float = 1.5
     # Localisation: a fracture-map branch trained from masks/boxes where the data has them.
     localization: bool = False
-    map_loss_weight: float = 1.0
+    # "map": the fracture map at stride 16 (region growing gives boxes); "detector": the FCOS-style
+    # box detector at stride 8 (models.detection), trained from the release's boxes.
+    localization_head: str = "map"
+    map_loss_weight: float = 1.0      # weight of the map's or the detector's loss
     map_pos_weight: float = 10.0
     # Per-epoch sampling: every positive and about this many negatives per positive, drawn
     # afresh each epoch (None: every image every epoch).
@@ -123,6 +137,10 @@ class TrainConfig:
         if self.batch_size < 2 and (self.head == "dense3" or self.localization):
             raise ValueError(f"head dense3 and the fracture map have BatchNorm layers, which need batches of at least "
                              f"2 images to train. Got batch_size {self.batch_size}")
+        if self.localization_head not in ("map", "detector"):
+            raise ValueError(f"localization_head must be map or detector. Got {self.localization_head!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}. Got {self.precision!r}")
         if self.localization and self.task != "fracture":
             raise ValueError("localization applies to fracture models, not the body-part router")
         object.__setattr__(self, "classes", tuple(self.classes))
@@ -194,7 +212,8 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from ..models.registry import create_model
 
     model = create_model(tc.model, pretrained=tc.pretrained, num_classes=len(tc.classes), strategy=tc.strategy,
-                         head=tc.head, bam=tc.bam, localization=tc.localization)
+                         head=tc.head, bam=tc.bam, localization=tc.localization,
+                         localization_head=tc.localization_head)
     model = place_model(model, device)
     start_epoch, best_score, stale, history = 0, -math.inf, 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -216,15 +235,17 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
         optimizer.load_state_dict(resume_state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(resume_state["scheduler"])
-    step = TrainStep(model, optimizer, device=device, amp=tc.amp, loss_fn=make_loss(tc, cfg["class_weights"], device))
+    step = TrainStep(model, optimizer, device=device, amp=tc.amp, precision=tc.precision,
+                     loss_fn=make_loss(tc, cfg["class_weights"], device))
     if resume_state and resume_state.get("scaler"):
         step.scaler.load_state_dict(resume_state["scaler"])
     _log_progress(tc.progress_file, rank=rank, pid=os.getpid(), event="start", epoch=start_epoch,
-                  threads=torch.get_num_threads())
+                  threads=torch.get_num_threads(), precision=step.precision)
 
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
     binary = tc.task == "fracture"
+    detector = tc.localization and tc.localization_head == "detector"
     input_shape = None
     for epoch in range(start_epoch, tc.epochs):
         model.train()
@@ -244,9 +265,10 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
             input_shape = input_shape or list(x.shape[1:])
             y = torch.from_numpy(labels[keep]).to(device)
             if tc.localization:
-                mask = to_tensor(batch["mask"][keep]).to(device).float()
                 known = torch.from_numpy(np.asarray(batch["mask_known"][keep], dtype=bool)).to(device)
-                loss = step(x, (y, mask, known), with_map=True)
+                regions = (torch.from_numpy(np.asarray(batch["boxes_px"][keep])).to(device) if detector
+                           else to_tensor(batch["mask"][keep]).to(device).float())
+                loss = step(x, (y, regions, known), with_map=True)
             else:
                 loss = step(x, y)
             seen += len(y)
@@ -256,7 +278,7 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
         train_seconds = time.time() - epoch_start
 
         model.eval()
-        probs, ys, studies = [], [], []
+        probs, ys, studies, boxed = [], [], [], []
         with torch.no_grad():
             for batch in valid_shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy"):
                 keep, labels = _usable(batch, tc)
@@ -264,20 +286,30 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     continue
                 x = model_input(batch["image"][keep], preprocess, device)
                 with step.autocast():
-                    probs.append(model(x).float().softmax(-1).cpu().numpy())
+                    if detector:
+                        logits, dense = model(x, with_map=True)
+                        boxed += _validation_detections(dense.float().cpu(), batch["boxes_px"][keep],
+                                                        batch["mask_known"][keep])
+                    else:
+                        logits = model(x)
+                    probs.append(logits.float().softmax(-1).cpu().numpy())
                 ys.append(labels[keep])
                 studies += [str(s) for s in batch["study_id"][keep]]
         local = (np.concatenate(probs) if probs else np.zeros((0, len(tc.classes))),
-                 np.concatenate(ys) if ys else np.zeros(0, np.int64), studies)
+                 np.concatenate(ys) if ys else np.zeros(0, np.int64), studies, boxed)
         if world > 1:
             gathered = [None] * world
             torch.distributed.all_gather_object(gathered, local)
             local = (np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]),
-                     sum((g[2] for g in gathered), []))
-        v_probs, v_labels, _ = local
+                     sum((g[2] for g in gathered), []), sum((g[3] for g in gathered), []))
+        v_probs, v_labels, _, v_boxed = local
         if binary:
             val = M.binary_metrics(v_labels, v_probs[:, 1] if len(v_probs) else [], 0.5)
             score = val["auroc"] if val["auroc"] is not None else (val["accuracy"] or 0.0)
+            if detector:
+                # Early stopping and the kept epoch follow boxes and ranking alike: (AP30 + AUROC) / 2.
+                val["ap30"] = average_precision(v_boxed, min_iou=0.3)
+                score = (score + (val["ap30"] or 0.0)) / 2
         else:
             val = M.multiclass_metrics(v_labels, v_probs, tc.classes) if len(v_probs) else {"accuracy": None}
             score = val["accuracy"] or 0.0
@@ -293,7 +325,7 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
                   "images_per_second": seen * world / max(train_seconds, 1e-9),
                   "lr": optimizer.param_groups[0]["lr"], "val_score": float(score), "val_loss": val_loss,
                   "val_selection": selection,
-                  "val_accuracy": val.get("accuracy"), "val_auroc": val.get("auroc"),
+                  "val_accuracy": val.get("accuracy"), "val_auroc": val.get("auroc"), "val_ap30": val.get("ap30"),
                   "val_sensitivity": val.get("sensitivity"), "val_specificity": val.get("specificity"),
                   "best_score": float(best_score), "input_shape": input_shape}
         history.append(record)
@@ -302,8 +334,9 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
             # (forwarded to the driver and the job log). Its patched print() would show it twice.
             # The same line goes to the driver's progress board (its console when Ray's logs are off).
             shown = ("AUROC", val.get("auroc")) if binary else ("accuracy", val.get("accuracy"))
+            ap = f", AP30 {val['ap30']:.3f}" if val.get("ap30") is not None else ""
             line = (f"[{cfg['name']}] epoch {epoch + 1}/{tc.epochs}: train loss {record['train_loss']:.4f}, "
-                    f"validation {shown[0]} {'n/a' if shown[1] is None else f'{shown[1]:.3f}'}, "
+                    f"validation {shown[0]} {'n/a' if shown[1] is None else f'{shown[1]:.3f}'}{ap}, "
                     f"{record['images_per_second']:.1f} images/s, {train_seconds:.0f} s")
             logging.getLogger("fracray.train").info(line)
             post_progress(line)
@@ -345,11 +378,32 @@ def make_loss(tc: TrainConfig, class_weights: list[float], device=None):
     if not tc.localization:
         return classify
 
+    if tc.localization_head == "detector":
+
+        def with_boxes(outputs, target):
+            (logits, dense), (y, boxes, known) = outputs, target
+            return classify(logits, y) + tc.map_loss_weight * detection_loss(dense, boxes, known)
+
+        return with_boxes
+
     def with_map(outputs, target):
         (logits, maps), (y, mask, known) = outputs, target
         return classify(logits, y) + tc.map_loss_weight * _map_loss(maps, mask, known, tc.map_pos_weight)
 
     return with_map
+
+
+def _validation_detections(dense, boxes_px, known) -> list:
+    """Per image whose fractures' places are known: (findings in input pixels, true boxes):
+    the in-training AP30 that early stopping follows."""
+
+    out = []
+    for i in np.flatnonzero(np.asarray(known, dtype=bool)):
+        boxes, scores = decode_dense(dense[i], min_score=0.01, max_boxes=5)
+        found = [Finding(tuple(float(v) for v in b), float(sc), (0, 0)) for b, sc in zip(boxes.tolist(), scores.tolist())]
+        truths = [tuple(float(v) for v in b) for b in np.asarray(boxes_px[i]) if b[2] > b[0] and b[3] > b[1]]
+        out.append((found, truths))
+    return out
 
 
 def _map_loss(maps, mask, known, pos_weight: float):
@@ -395,8 +449,9 @@ def _manifest_labels(manifest: pa.Table, config: TrainConfig) -> list[int]:
 def predict_manifest(model, manifest: pa.Table, preprocess: PreprocessConfig, *,
                      storage_options: StorageOptions | None = None, batch_size: int = 64,
                      tta_flip: bool = False) -> dict[str, list]:
-    """Logits (and fracture-map probabilities, for a model with a map) for every ok row of a
-    manifest: driver-side, for calibration, thresholds and reports."""
+    """Logits (and fracture-map probabilities, for a model with a map; a detector's boxes in
+    input pixels and scores, with its score map) for every ok row of a manifest: driver-side,
+    for calibration, thresholds and reports."""
     import torch
 
     out: dict[str, list] = {"image_uri": [], "study_id": [], "image_label": [], "body_part": [], "logits": [],
@@ -411,7 +466,13 @@ def predict_manifest(model, manifest: pa.Table, preprocess: PreprocessConfig, *,
             x = finalize(to_tensor(batch["image"]), preprocess)
             logits, maps = model.infer(x, tta_flip=tta_flip)
             out["logits"] += logits.float().numpy().tolist()
-            if maps is not None:
+            if maps is not None and getattr(model, "detects", False):
+                out.setdefault("detections", [])
+                for dense in maps:
+                    boxes, scores = decode_dense(dense, min_score=0.01)
+                    out["detections"].append((boxes.numpy(), scores.numpy()))
+                    out["maps"].append(dense_scores(dense).numpy())
+            elif maps is not None:
                 out["maps"] += list(torch.sigmoid(maps.float()).numpy())
             out["source_size"] += list(zip(batch["source_height"].tolist(), batch["source_width"].tolist()))
             for key in ("image_uri", "study_id", "image_label", "body_part"):
@@ -453,12 +514,14 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
         # Class weights follow the distribution the model actually sees per epoch.
         labels = [1] * counts[1] + [0] * max(1, round(counts[0] * negative_keep))
     weights = _class_weights(labels, len(config.classes))
-    stream_train = StreamConfig(batch_size=config.batch_size, augment=AugmentConfig() if config.augment else None,
-                                seed=None, masks=config.localization)
+    detector = config.localization and config.localization_head == "detector"
+    augment = (AugmentConfig.robust() if config.robust_augment else AugmentConfig()) if config.augment else None
+    stream_train = StreamConfig(batch_size=config.batch_size, augment=augment, seed=None,
+                                masks=config.localization and not detector, boxes=detector)
     datasets = {
         "train": build_image_dataset(train, preprocess, storage_options=storage_options, stream=stream_train),
         "valid": build_image_dataset(valid, preprocess, storage_options=storage_options,
-                                     stream=StreamConfig(batch_size=config.batch_size)),
+                                     stream=StreamConfig(batch_size=config.batch_size, boxes=detector)),
     }
     for ds in datasets.values():
         # Ray Train reports per-epoch metrics; per-epoch data progress bars from every run would drown them.
@@ -499,7 +562,8 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
     with latest.as_directory() as latest_dir, open(os.path.join(latest_dir, "history.json")) as f:
         history = json.load(f)["history"]
     model = create_model(config.model, pretrained=False, num_classes=len(config.classes), strategy=config.strategy,
-                         head=config.head, bam=config.bam, localization=config.localization)
+                         head=config.head, bam=config.bam, localization=config.localization,
+                         localization_head=config.localization_head)
     model.load_state_dict(state)
     model.weights = "imagenet" if config.pretrained is True else str(config.pretrained or "random")
     model.eval()
@@ -517,6 +581,18 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
     calibration = calibrate(cal_logits[cal_keep], cal_y[cal_keep])
     temperature = calibration["temperature"]
     probs, cal_probs = softmax(logits, temperature), softmax(cal_logits, temperature)
+    fusion = box_calibration = None
+    if detector:
+        # P(fracture) from the classifier and the top detection together (a logistic fit on the
+        # calibration slice), and each box's score as P(a fracture there, IoU >= 0.3).
+        fusion = fit_fusion(cal_logits[cal_keep], top_scores(cal_preds)[cal_keep], cal_y[cal_keep])
+        if fusion is not None:
+            calibration["classifier_alone"] = {"valid_auroc": M.binary_metrics(y, probs[:, 1], 0.5)["auroc"]}
+            p_valid = fused_probability(fusion, logits, top_scores(preds))
+            p_cal = fused_probability(fusion, cal_logits, top_scores(cal_preds))
+            probs, cal_probs = np.stack([1 - p_valid, p_valid], 1), np.stack([1 - p_cal, p_cal], 1)
+        box_calibration = fit_box_calibration(cal_preds, calibration_set if calibration_set is not None else valid,
+                                              preprocess)
     calibration["fitted_on"] = "calibration_slice" if calibration_set is not None else "valid"
     calibration["valid"] = {
         "n": int(keep.sum()),
@@ -533,7 +609,11 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
         rule = config.threshold_target + (f">={config.threshold_value}" if config.threshold_value else "")
         points = operating_points(cal_y, cal_p, evaluate=(y, p))
         if config.localization:
-            metrics["valid_localization"] = localization_metrics(preds, valid, preprocess)
+            metrics["valid_localization"] = localization_metrics(preds, valid, preprocess,
+                                                                 box_calibration=box_calibration)
+        if detector:
+            metrics["valid_ablation"] = fusion_ablation(y, logits, temperature, top_scores(preds), p)
+        metrics["valid_fracture_ece"] = fracture_ece(y[keep], p[keep])
     else:
         threshold, rule, points = 0.0, "argmax", {}
         metrics = {"valid": M.multiclass_metrics(y[keep], probs[keep], config.classes)}
@@ -549,7 +629,8 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
                                 "seconds": round(seconds, 1), "history": history,
                                 "negative_keep": negative_keep},
                       inference={"tta_flip": config.tta_flip,
-                                 "findings": dataclasses.asdict(FindingsConfig()) if config.localization else None})
+                                 "findings": dataclasses.asdict(FindingsConfig()) if config.localization else None,
+                                 "fusion": fusion, "box_calibration": box_calibration})
     bundle_uri = save_bundle(storage.join(output_uri, name), model, meta, storage_options)
     valid_predictions = {k: preds[k] for k in ("image_uri", "study_id", "image_label", "body_part")}
     valid_predictions["probs"] = probs.tolist()
