@@ -305,6 +305,64 @@ def test_a_trained_bundle_records_the_options_it_was_trained_with(ray_local, tin
     assert ablation_main([str(tmp_path / "nothing-here")]) == 2
 
 
+def test_a_trained_detector_records_fusion_box_calibration_and_detection_metrics(ray_local, tiny_fracatlas,
+                                                                                 tmp_path):
+    """The detector recipe through Ray Train (bf16 where the CPU has it, robust augmentation): the
+    bundle records the fusion and box calibration fitted on the calibration slice, AP30/AP50 and the
+    ablation (classifier alone, detector alone, fused), and the history the in-training AP30 that
+    early stopping follows; the predictor answers with boxes."""
+    from fracray.imaging.preprocess import decode_for
+    from fracray.inference.predictor import BundleModel, Detections
+    from fracray.training.precision import resolve_training_precision
+    from fracray.training.trainer import train_classifier
+
+    train, valid = tiny_fracatlas
+    job = parse_config(["--dataset", "fracatlas", "--image-size", "96", "--localization", "--localization-head",
+                        "detector", "--robust-augment", "--tta-flip", "--epochs", "2", "--train-batch-size", "8",
+                        "--single-model", "--calibration-fraction", "0.3", "--seed", "1"])
+    fracture = job.training.fracture
+    assert fracture.localization_head == "detector" and fracture.robust_augment and fracture.precision == "auto"
+    result = train_classifier(fracture, train, valid, output_uri=str(tmp_path / "models"), name="fracture_all",
+                              run_config=job.to_dict(), log=lambda *_: None)
+    raw = json.loads((Path(result.bundle_uri) / "bundle.json").read_text())
+    assert raw["model"]["localization_head"] == "detector"
+    assert [h["val_ap30"] is not None for h in raw["training"]["history"]] == [True, True]
+    loc = raw["metrics"]["valid_localization"]
+    assert {"ap30", "ap50", "median_area_ratio", "lesion_sensitivity_at_1_fp", "pointing_game"} <= set(loc)
+    assert 0.0 <= loc["ap50"] <= loc["ap30"] <= 1.0
+    assert set(raw["metrics"]["valid_ablation"]) == {"classifier", "detector", "fused"}
+    assert raw["metrics"]["valid_fracture_ece"]["bins"] == 10
+    fusion = raw["inference"]["fusion"]
+    assert fusion["features"] == ["classifier_logit", "top_box_logit"] and len(fusion["weights"]) == 2
+    assert raw["calibration"]["fitted_on"] in ("calibration_slice", "valid")
+
+    model = BundleModel(result.bundle_uri)
+    assert model.detects and model.fusion == fusion
+    decoded = [decode_for(Path(u).read_bytes(), model.config) for u in valid["image_uri"].to_pylist()[:3]]
+    probs, found = model.predict(decoded)
+    assert probs.shape == (3, 2) and all(isinstance(f, Detections) for f in found)
+    assert found[0].score_map.shape == (96 // 8, 96 // 8)
+    for f, d in zip(found, decoded):
+        for finding in model.findings(f, d):
+            x0, y0, x1, y1 = finding["box"]
+            assert 0 <= x0 < x1 <= d.width and 0 <= y0 < y1 <= d.height and 0 <= finding["score"] <= 1
+    assert model.heatmap(decoded[0]).shape == decoded[0].pixels.shape[:2]
+    # The precision the run trained at is what this CPU supports.
+    assert resolve_training_precision("auto", "cpu") in ("bf16", "float32")
+
+
+def test_localization_without_boxes_is_refused_before_training(tiny_fracatlas, tmp_path):
+    from fracray.training.trainer import TrainConfig, train_classifier
+
+    train, valid = tiny_fracatlas
+    bare = train.drop_columns([c for c in ("boxes", "outlines") if c in train.column_names])
+    for head in ("detector", "map"):
+        with pytest.raises(ValueError, match="none of the .* training images has any"):
+            train_classifier(TrainConfig(localization=True, localization_head=head), bare, valid,
+                             output_uri=str(tmp_path), name="fracture_all", log=lambda *_: None)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 # ----------------------------------------------------------------------------- 4. masks stay aligned
 
 def _bright_square_rows(tmp_path: Path) -> tuple[dict, tuple[int, int, int, int]]:

@@ -49,8 +49,8 @@ def test_train_step_trains_exactly_the_trainable_layers():
     model = place_model(create_model("efficientnet_lite0", pretrained=False, strategy="classifier_only"), device)
     model.train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    step = TrainStep(model, optimizer, device=device, amp=True)
-    assert step.amp is False  # float16 autocast is for GPUs; CPU trains in float32
+    step = TrainStep(model, optimizer, device=device, precision="float32")
+    assert step.amp is False and step.precision == "float32"  # bf16 on CPUs: tests/test_detection.py
     cfg = model.preprocess_config()
     images = np.random.default_rng(0).random((4, 1, *cfg.image_size), dtype=np.float32).astype(np.float16)
     x = model_input(images, cfg, device)
@@ -83,11 +83,16 @@ def test_training_benchmark_runs_both_sides_with_the_same_step(ray_local, tmp_pa
     uris = storage.list_files(str(tmp_path / "FracAtlas" / "images"))
     lines = []
     row = measure("efficientnet_lite0", uris, batch_size=2, steps=2, repeats=2, device=torch.device("cpu"),
-                  amp=True, log=lines.append)
-    assert len(lines) == 2 and row["amp"] is False and row["repeats"] == 2
-    assert row["synthetic_images_per_s"] > 0 and row["pipeline_images_per_s"] > 0
-    assert row["ratio"] == pytest.approx(row["pipeline_images_per_s"] / row["synthetic_images_per_s"])
-    assert row["ratio_min"] <= row["ratio_max"]
+                  image_size=96, head="detector", log=lines.append)
+    from fracray.training.precision import resolve_training_precision
+
+    assert len(lines) == 2 and row["precision"] == resolve_training_precision("auto", "cpu") and row["repeats"] == 2
+    assert row["float32_nchw_images_per_s"] > 0 and row["default_images_per_s"] > 0 and row["pipeline_images_per_s"] > 0
+    assert row["default_speedup"] == pytest.approx(row["default_images_per_s"] / row["float32_nchw_images_per_s"])
+    assert row["pipeline_speedup"] == pytest.approx(row["pipeline_images_per_s"] / row["float32_nchw_images_per_s"])
+    assert row["image_size"] == 96 and row["head"] == "detector"
+    lo, hi = row["pipeline_speedup_range"]
+    assert lo <= hi and row["ratio_min"] <= row["ratio_max"]
 
 
 @pytest.fixture(scope="module")

@@ -494,6 +494,17 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
     started = time.time()
     if train.num_rows == 0 or valid.num_rows == 0:
         raise ValueError(f"{name}: needs training and validation images (got {train.num_rows} and {valid.num_rows})")
+    if config.localization:
+        # A localisation head learns only where the data says where fractures are (MURA's layout gives
+        # image labels only): refuse rather than train a head that only ever learned "nothing here".
+        boxes = train["boxes"].to_pylist() if "boxes" in train.column_names else [None] * train.num_rows
+        outlines = (train["outlines"].to_pylist() if "outlines" in train.column_names and
+                    config.localization_head == "map" else [None] * train.num_rows)
+        if not any(b or o for b, o in zip(boxes, outlines)):
+            what = "boxes" if config.localization_head == "detector" else "boxes or outlines"
+            raise ValueError(f"{name}: --localization ({config.localization_head}) trains from fracture {what}, and none "
+                             f"of the {train.num_rows} training images has any (MURA's layout gives image labels "
+                             f"only): train without --localization, or index a dataset with boxes (FracAtlas)")
     preprocess = config.preprocess()
     calibration_set = None
     if config.calibration_fraction > 0:
