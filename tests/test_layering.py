@@ -183,12 +183,14 @@ def test_imports_inside_functions_only_defer_a_heavy_dependency():
     assert set(DEFERRED) - used == set(), "DEFERRED names modules nobody imports inside a function"
 
 
-def test_the_readme_layout_shows_the_layers():
-    readme = (REPO / "README.md").read_text()
-    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
-    shown = re.search(r"Layers, bottom to top: (.+?)\.\n", layout, re.DOTALL)
-    assert shown, "README's Layout section should say 'Layers, bottom to top: a, b < c < ...'"
-    assert " ".join(shown.group(1).split()) == " < ".join(", ".join(units) for units in fracray.LAYERS)
+def test_the_layout_page_shows_the_layers():
+    """docs/layout.md (linked from the README) states the layer order, exactly as fracray.LAYERS."""
+    assert "(docs/layout.md)" in (REPO / "README.md").read_text(), "the README should link docs/layout.md"
+    page = (REPO / "docs" / "layout.md").read_text()
+    assert page.startswith("# Layout\n"), "docs/layout.md should be the Layout page"
+    shown = re.findall(r"Layers, bottom to top: (.+?)\.\n", page, re.DOTALL)
+    assert len(shown) == 1, "docs/layout.md should say once 'Layers, bottom to top: a, b < c < ...'"
+    assert " ".join(shown[0].split()) == " < ".join(", ".join(units) for units in fracray.LAYERS)
 
 
 # ----------------------------------------------------------------------------- the checker itself
