@@ -2,7 +2,7 @@
 
 The package is built in layers (:data:`LAYERS`, bottom to top). A module may import its own
 subpackage and any lower layer, never a higher one nor another subpackage of its own layer;
-tests/test_layering.py checks every import, and that the README's Layout section shows the
+tests/test_layering.py checks every import, and that docs/layout.md shows the
 same order.
 """
 

@@ -44,7 +44,7 @@ def build_parser(prog: str = "serve.py") -> argparse.ArgumentParser:
                         help="graph (default): the router and the classifiers run as deployments of their own "
                              "that scale apart (clusters, GPUs); fused: both run inside each ingress replica, so a "
                              "request crosses one process instead of three (faster on a small CPU machine: see the "
-                             "README's Serving benchmark)")
+                             "docs/benchmarks.md, Serving)")
     parser.add_argument("--operating-point", default="default",
                         help="where a request that names no operating_point is labelled: default (each model's "
                              "own threshold), a named operating point of the models (high_sensitivity, "

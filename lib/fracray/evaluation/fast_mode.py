@@ -52,7 +52,7 @@ ALL_PARTS = "all"
 # Images decoded and scored at a time (bounded memory, whatever the split's size).
 CHUNK = 32
 # What validate-fast-mode measures unless told: INT8 (the faster kind on the CPUs measured, see
-# the README's engine table), calibrated on this many training images of the bundle's body part.
+# docs/inference-engine.md's table), calibrated on this many training images of the bundle's body part.
 DEFAULT_KIND = "int8"
 CALIBRATION_IMAGES = 128
 

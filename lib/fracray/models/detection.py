@@ -34,7 +34,7 @@ _MAX_LOG = math.log(4096 / STRIDE)
 class DetectionHead(nn.Module):
     """Feature pyramid over strides 8/16/32 and an FCOS head at stride 8."""
 
-    def __init__(self, c8: int, c16: int, c32: int, width: int = 96, tower: int = 2):
+    def __init__(self, c8: int, c16: int, c32: int, width: int = 64, tower: int = 1):
         super().__init__()
         self.lateral = nn.ModuleList([nn.Conv2d(c, width, 1) for c in (c8, c16, c32)])
         self.smooth = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.GroupNorm(16, width),

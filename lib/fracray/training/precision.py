@@ -6,7 +6,7 @@
           no gradient scaler is needed; master weights and the optimizer stay float32.
 
 Measured on a 2-core AMD EPYC with avx512_bf16, EfficientNet-Lite0 at 384 px, batch 16
-(``fracray bench training``): see docs/ and the README's training-speed table.
+(``fracray bench training``): see docs/benchmarks.md, "Training throughput".
 """
 
 from __future__ import annotations
