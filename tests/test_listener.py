@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import os
 import re
@@ -404,3 +405,322 @@ def test_the_command_line_runs_until_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0 and "DICOM listener NODE stopped" in out
+
+
+# ----------------------------------------------------------------------------- failure classes
+
+class _Stub:
+    """A stand-in for the Serve service's POST /v1/classify/study (every image scored 0.8 at
+    0.5, one box) and a DICOMweb STOW-RS endpoint that stores nothing: it answers 409 for a
+    study whose UID is in ``refuse``, 503 while ``down`` > 0 (counting down), else 200. It
+    counts what it is asked; it lets the failure paths be tested in seconds, without Ray."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        stub = self
+        self.classified = 0          # images the "service" scored
+        self.classify_requests = 0
+        self.stored: list[bytes] = []
+        self.stow_requests = 0
+        self.refuse: set[str] = set()
+        self.down = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path.startswith("/v1/classify/study"):
+                    stub.classify_requests += 1
+                    names = re.findall(rb'filename="(\d+\.dcm)"', body)
+                    stub.classified += len(names)
+                    return self._answer(200, {"images": [
+                        {"image": {"name": n.decode()}, "fracture_probability": 0.8, "threshold": 0.5,
+                         "body_part": "hand", "classifier": "fracture_hand:stub@v1",
+                         "findings": [{"box": [10, 10, 60, 60], "score": 0.9}]} for n in names]})
+                if self.path.endswith("/studies"):
+                    stub.stow_requests += 1
+                    if stub.down > 0:
+                        stub.down -= 1
+                        return self._answer(503, {})
+                    if any(uid.encode() in body for uid in stub.refuse):
+                        return self._answer(409, {"00081198": {"vr": "SQ", "Value": [
+                            {"00081197": {"vr": "US", "Value": [0xC000]}}]}})
+                    stub.stored.append(body)
+                    return self._answer(200, {})
+                self._answer(404, {})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.pacs = f"dicomweb://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def stub():
+    s = _Stub()
+    yield s
+    s.server.shutdown()
+
+
+def _fast_config(tmp_path, destination: str, service_url: str, **changes):
+    from fracray.pacs.listener import ListenerConfig
+
+    return ListenerConfig(**{"spool": str(tmp_path / "spool"), "destination": destination, "port": 0,
+                             "service_url": service_url, "study_idle_s": 0.5, "retry_backoff_s": 0.2,
+                             "max_attempts": 20, "poll_s": 0.1, **changes})
+
+
+@needs_orthanc
+def test_studies_without_type2_attributes_get_their_results_in_orthanc(pacs, stub, tmp_path, caplog):
+    """Real radiographs without PatientBirthDate, StudyID, ReferringPhysicianName or any other
+    Type 2 patient/study attribute, C-STOREd to the listener; SR and overlays land in Orthanc
+    and pass dciodvfy. Before: ComprehensiveSR raised AttributeError, retried 20 times."""
+    import pydicom
+
+    from conftest import dicom_check, wrapped_study
+    from fracray import dicomweb
+    from fracray.pacs.listener import Listener
+    from fracray.pacs.results import TYPE2_PATIENT_STUDY
+
+    caplog.set_level(logging.INFO, logger="fracray")
+    study_uid, files = wrapped_study(2, start=40, syntaxes=("jpeg-ls", "explicit"), omit=TYPE2_PATIENT_STUDY)
+    sources = datasets(files)
+    with Listener(_fast_config(tmp_path, pacs["uri"], stub.url, max_attempts=3)) as listener:
+        assert c_store(listener.port, sources) == [0x0000, 0x0000]
+        wait_for(lambda: listener.stats.studies == 1 or listener.stats.failures, 60, "the study's results")
+        assert listener.stats.failures == 0, listener_log(caplog)
+    found = instances_in(pacs, study_uid)
+    assert sorted(_tag(i, "00080060") for i in found) == ["OT", "OT", "SR"]  # the sources were not stored there
+    loc = dicomweb.parse(pacs["uri"])
+    for item in found:
+        data = dicomweb.read_instance(dicomweb.instance_uri(loc, study_uid, _tag(item, "0020000E"),
+                                                            _tag(item, "00080018")))
+        path = tmp_path / f"{_tag(item, '00080018')}.dcm"
+        path.write_bytes(data)
+        dicom_check(path)
+        ds = pydicom.dcmread(path)
+        assert all(k in ds and not ds[k].value for k in TYPE2_PATIENT_STUDY)
+    assert_no_patient_data(listener_log(caplog), study_uid)
+
+
+def test_a_study_the_pacs_refuses_is_dead_lettered_once_and_the_others_go_through(stub, tmp_path, caplog):
+    """The PACS refuses one study's results (STOW-RS 409, Failed SOP Sequence): logged once with
+    the reason, moved to the dead letter at once, never retried; the other study is stored. Then
+    the command line lists it and replays it, and once the PACS takes it, it is stored.
+    Before: the refusal was retried max_attempts times, each time classifying the study again."""
+    from fracray.pacs.listener import Listener, list_failed, study_key
+
+    caplog.set_level(logging.INFO, logger="fracray")
+    bad_uid, bad = make_study(2, 0, syntaxes=("explicit",))
+    good_uid, good = make_study(1, 1, syntaxes=("explicit",))
+    stub.refuse.add(bad_uid)
+    spool = tmp_path / "spool"
+    config = _fast_config(tmp_path, stub.pacs, stub.url)
+    with Listener(config) as listener:
+        assert c_store(listener.port, datasets(bad) + datasets(good)) == [0x0000] * 3
+        wait_for(lambda: listener.stats.studies == 1 and listener.stats.permanent == 1, 60, "both studies")
+        time.sleep(1.0)  # time for a retry, were there one
+        assert listener.stats.failures == 1 and listener.pending() == []
+    assert stub.classified == 3 and len(stub.stored) == 1  # the bad study was classified once, not again
+    key = study_key(bad_uid)
+    log = listener_log(caplog)
+    assert log.count(f"study {key}: permanent failure, not retried: the PACS refused the results: STOW-RS "
+                     f"refused 1 instance(s) (failure reason 0xC000)") == 1
+    assert f"study {key}: attempt" not in log
+    record = json.loads((spool / ".failed" / key / "failure.json").read_text())
+    assert record["kind"] == "permanent" and record["attempts"] == 1 and "refused" in record["reason"]
+    assert len(list((spool / ".failed" / key).glob("*.dcm"))) == 2
+    assert [r["study"] for r in list_failed(spool)] == [key]
+    assert_no_patient_data(log, bad_uid, good_uid)
+
+    listed = subprocess.run([sys.executable, str(REPO / "pipelines" / "listen.py"), "--spool", str(spool),
+                             "--list-failed"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and key in listed.stdout and "2 image(s)" in listed.stdout, listed.stderr
+    stub.refuse.clear()  # the cause is fixed
+    replayed = subprocess.run([sys.executable, str(REPO / "pipelines" / "listen.py"), "--spool", str(spool),
+                               "--replay", key], capture_output=True, text=True, timeout=60)
+    assert replayed.returncode == 0 and key in replayed.stdout, replayed.stderr
+    assert list_failed(spool) == [] and (spool / ".failed" / f"{key}.replayed.json").exists()
+    with Listener(config) as listener:
+        wait_for(lambda: listener.stats.studies == 1 or listener.stats.failures, 60, "the replayed study")
+        assert listener.stats.failures == 0 and listener.pending() == []
+    assert len(stub.stored) == 2 and bad_uid.encode() in stub.stored[1]
+
+
+def test_a_pacs_that_is_down_is_retried_with_the_results_already_built(stub, tmp_path, caplog):
+    """A 503 from the PACS is transient: retried with back-off until it takes the results, and
+    the service is not asked again for each retry. Before: every retry classified the study again."""
+    from fracray import dicomweb
+    from fracray.pacs.listener import Listener, study_key
+
+    caplog.set_level(logging.INFO, logger="fracray")
+    study_uid, files = make_study(2, 2, syntaxes=("explicit",))
+    stub.down = 2 * dicomweb.RETRIES  # two attempts fail, each after its own retries; the third stores
+    with Listener(_fast_config(tmp_path, stub.pacs, stub.url)) as listener:
+        assert c_store(listener.port, datasets(files)) == [0x0000, 0x0000]
+        wait_for(lambda: listener.stats.studies == 1, 120, "the study's results")
+    assert listener.stats.failures == 2 and listener.stats.permanent == 0 and listener.stats.given_up == 0
+    assert stub.classify_requests == 1 and stub.classified == 2 and len(stub.stored) == 1
+    log = listener_log(caplog)
+    key = study_key(study_uid)
+    assert f"study {key}: attempt 1 of 20 failed: STOW-RS storage: the DICOMweb service at" in log
+    assert "retrying in" in log and f"study {key}: sending its results again" in log
+
+
+# ----------------------------------------------------------------------------- hostile peers
+
+def _echo(port: int, *, timeout: float = 10.0) -> bool:
+    from pynetdicom import AE
+
+    ae = AE(ae_title="ECHOER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.network_timeout = timeout
+    assoc = ae.associate("127.0.0.1", port, ae_title="FRACRAY")
+    try:
+        return assoc.is_established and assoc.send_c_echo().Status == 0x0000
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _reply(sock, timeout: float = 10.0) -> bytes:
+    """What the listener answers before it closes the connection (b"" when it just closes)."""
+    import socket
+
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except (ConnectionResetError, socket.timeout):
+        pass
+    return data
+
+
+def _server_log(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == "fracray.pacs.server")
+
+
+def test_twelve_idle_connections_do_not_lock_out_a_c_echo(tmp_path, caplog):
+    """Twelve TCP connections that never send a byte; a C-ECHO (pynetdicom, then dcmtk's echoscu)
+    is answered at once while they are open. Before: pynetdicom's 10 association slots were held
+    by them for the 30 s ACSE timeout, and every association was refused."""
+    import socket
+
+    from fracray.pacs.listener import Listener
+
+    caplog.set_level(logging.INFO, logger="fracray")
+    config = _fast_config(tmp_path, "dicomweb://127.0.0.1:9/dicom-web", "http://127.0.0.1:9", study_idle_s=600)
+    with Listener(config) as listener:
+        idle = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(12)]
+        try:
+            time.sleep(0.5)
+            started = time.monotonic()
+            assert _echo(listener.port)
+            assert time.monotonic() - started < 5
+            if shutil.which("echoscu"):
+                done = subprocess.run(["echoscu", "-aec", "FRACRAY", "-to", "10", "127.0.0.1", str(listener.port)],
+                                      capture_output=True, text=True, timeout=30)
+                assert done.returncode == 0, done.stdout + done.stderr
+            log = _server_log(caplog)
+            # The oldest idle ones were closed as new connections came over the per-peer cap.
+            assert "refused: closed an idle connection from 127.0.0.1" in log and "max_idle_per_peer 4" in log
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_an_idle_connection_is_closed_after_the_acse_timeout(tmp_path, caplog):
+    import socket
+
+    from fracray.pacs.listener import Listener, ServerLimits
+
+    caplog.set_level(logging.INFO, logger="fracray")
+    config = _fast_config(tmp_path, "dicomweb://127.0.0.1:9/dicom-web", "http://127.0.0.1:9", study_idle_s=600,
+                          limits=ServerLimits(acse_timeout_s=1.0, network_timeout_s=2.0))
+    with Listener(config) as listener:
+        with socket.create_connection(("127.0.0.1", listener.port)) as idle:
+            started = time.monotonic()
+            assert _reply(idle, timeout=10) == b""  # closed by the listener
+            assert 0.8 < time.monotonic() - started < 5
+        # A PDU that announces 100 bytes and sends 10: closed after the network timeout.
+        with socket.create_connection(("127.0.0.1", listener.port)) as stalled:
+            stalled.sendall(b"\x01\x00\x00\x00\x00\x64" + b"\x00" * 10)
+            started = time.monotonic()
+            _reply(stalled, timeout=10)
+            assert time.monotonic() - started < 6
+        assert _echo(listener.port)
+    log = _server_log(caplog)
+    assert "refused: 127.0.0.1 connected and sent no association request within 1 s (acse_timeout)" in log
+    assert "refused: 127.0.0.1 stopped sending in the middle of a A-ASSOCIATE-RQ PDU" in log
+
+
+def test_oversized_lengths_and_random_bytes_are_answered_with_an_abort(tmp_path, caplog):
+    """A PDU that announces 0xFFFFFFFF bytes, one over the largest accepted, and random bytes:
+    each gets an A-ABORT (or, for a short random PDU, a closed connection) at once, and a log
+    line. Before: the 0xFFFFFFFF request got no reply at all (pynetdicom waited for 4 GiB)."""
+    import socket
+
+    import numpy as np
+
+    from fracray.pacs.listener import Listener, ServerLimits
+
+    caplog.set_level(logging.INFO, logger="fracray")
+    limits = ServerLimits(max_pdu_bytes=64 * 1024, network_timeout_s=3.0)
+    config = _fast_config(tmp_path, "dicomweb://127.0.0.1:9/dicom-web", "http://127.0.0.1:9", study_idle_s=600,
+                          limits=limits)
+    rng = np.random.default_rng(23)
+    with Listener(config) as listener:
+        cases = [b"\x01\x00\xff\xff\xff\xff", b"\x04\x00" + (64 * 1024 + 1).to_bytes(4, "big") + b"\x00" * 64]
+        cases += [rng.integers(0, 256, size=int(n), dtype=np.uint8).tobytes() for n in rng.integers(1, 5000, 12)]
+        for data in cases:
+            with socket.create_connection(("127.0.0.1", listener.port)) as sock:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)  # nothing more comes
+                started = time.monotonic()
+                answer = _reply(sock)
+                assert time.monotonic() - started < 5, data[:6]
+                assert answer == b"" or answer[:1] in (b"\x07", b"\x03"), answer[:16]  # A-ABORT or A-ASSOCIATE-RJ
+                if data[:1] not in b"\x01\x02\x03\x04\x05\x06\x07" or int.from_bytes(data[2:6], "big") > 64 * 1024:
+                    assert answer[:1] == b"\x07" and len(answer) == 10  # refused with an A-ABORT PDU
+        assert _echo(listener.port)
+    log = _server_log(caplog)
+    assert "refused: A-ASSOCIATE-RQ PDU of 4,294,967,295 bytes, over the largest accepted (65,536 bytes" in log
+    assert "refused: P-DATA-TF PDU of 65,537 bytes" in log and "refused: not a DICOM PDU (first byte 0x" in log
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a test certificate")
+def test_a_tls_listener_is_not_stopped_by_connections_that_never_handshake(tmp_path, caplog):
+    """Before: the TLS handshake ran in the thread that accepts connections, so one connection
+    that sent nothing stopped every other (until the peer went away)."""
+    import socket
+
+    from fracray.pacs.dimse import DimseDestination, TlsFiles, send_instances
+    from fracray.pacs.listener import Listener, ListenerConfig
+
+    caplog.set_level(logging.INFO, logger="fracray")
+    cert, key = _self_signed(tmp_path)
+    _, files = make_study(1, 2, syntaxes=("explicit",))
+    config = ListenerConfig(spool=str(tmp_path / "spool"), destination="dicomweb://127.0.0.1:9/dicom-web", port=0,
+                            tls=TlsFiles(cert=cert, key=key, ca=cert), study_idle_s=600)
+    with Listener(config) as listener:
+        silent = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(2)]
+        try:
+            good = DimseDestination(host="127.0.0.1", port=listener.port, called_ae="FRACRAY", calling_ae="SENDER",
+                                    tls=True, tls_files=TlsFiles(cert=cert, key=key, ca=cert), timeout_s=15)
+            assert send_instances(good, datasets(files)) == 1
+        finally:
+            for s in silent:
+                s.close()

@@ -131,12 +131,88 @@ def test_publish_results_cli(orthanc, loaded_study, ray_local, localizing_single
     score_archive(ScoreConfig(input=f"{orthanc['uri']}/studies/{loaded_study.study_uid}",
                               models=localizing_single_index, output=output), log=lambda *_: None)
     done = subprocess.run([sys.executable, str(REPO / "pipelines" / "publish_results.py"), "--scores", output,
-                           "--no-overlays"], capture_output=True, text=True, timeout=300)
+                           "--no-overlays", "--force"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Published 1 report(s) and 0 overlay(s) for 1 study(ies)" in done.stdout
     bad = subprocess.run([sys.executable, str(REPO / "pipelines" / "publish_results.py"), "--scores", output,
                           "--pacs", "http://example"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "dicomweb://" in bad.stderr
+
+
+def test_publish_isolates_studies_without_type2_attributes_and_a_rerun_publishes_what_is_missing(
+        orthanc, ray_local, localizing_single_index, tmp_path, capsys):
+    """Two studies of real radiographs without the Type 2 patient/study attributes (only a
+    StudyDate to query them by). One image of the first is deleted from the PACS after scoring:
+    that study is reported with its reason and the other is published, with SR and overlays that
+    pass dciodvfy. With the image back, a rerun publishes the missing study and skips the other.
+    Before: publish_results died on the first study (AttributeError: no PatientBirthDate)."""
+    import json
+
+    import pydicom
+
+    from conftest import dicom_check, wrapped_study
+    from fracray import dicomweb
+    from fracray.cli.publish_results import main as publish_main
+    from fracray.pacs.listener import study_key
+    from fracray.pacs.publish import FAILURES_FILE, publish_scores
+    from fracray.pacs.results import TYPE2_PATIENT_STUDY
+    from fracray.scoring.archive import ScoreConfig, score_archive
+
+    omit = tuple(k for k in TYPE2_PATIENT_STUDY if k != "StudyDate")
+    studies = [wrapped_study(2, start=20 + 2 * k, patient=(f"T2-{k}", "Bare^Pat"), syntaxes=("jpeg-ls", "rle"),
+                             omit=omit) for k in range(2)]
+    for uid, files in studies:
+        dicomweb.store_instances(orthanc["uri"], [_with_study_date(f, "20250317") for f in files])
+    output = str(tmp_path / "scores")
+    summary = score_archive(ScoreConfig(input=f"{orthanc['uri']}?StudyDate=20250317", models=localizing_single_index,
+                                        output=output, chunk_size=2, batch_size=2), log=lambda *_: None)
+    assert summary.scored == 4, summary
+    (bad_uid, bad_files), (good_uid, _) = studies
+    gone = pydicom.dcmread(io.BytesIO(bad_files[1]))
+    orthanc_id = requests.post(f"{orthanc['rest']}/tools/lookup", data=str(gone.SOPInstanceUID),
+                               timeout=30).json()[0]["ID"]
+    requests.delete(f"{orthanc['rest']}/instances/{orthanc_id}", timeout=30).raise_for_status()
+
+    lines: list[str] = []
+    published = publish_scores(output, log=lines.append)
+    assert (published.studies, published.reports, published.overlays) == (1, 1, 2), lines
+    assert list(published.failed) == [study_key(bad_uid)]
+    assert "could not be read back from the PACS" in published.failed[study_key(bad_uid)]
+    assert f"study {study_key(bad_uid)}: not published: a scored image could not be read back" in "\n".join(lines)
+    failures = json.loads((tmp_path / "scores" / FAILURES_FILE).read_text())["failed"]
+    assert {v["study_instance_uid"] for v in failures.values()} == {bad_uid}
+    results = [i for i in _instances_in_study(orthanc, good_uid) if _tag(i, "00080060") in ("SR", "OT")]
+    assert sorted(_tag(i, "00080060") for i in results) == ["OT", "OT", "SR"]
+    loc = dicomweb.parse(orthanc["uri"])
+    for item in results:
+        path = tmp_path / f"{_tag(item, '00080018')}.dcm"
+        path.write_bytes(dicomweb.read_instance(dicomweb.instance_uri(loc, good_uid, _tag(item, "0020000E"),
+                                                                      _tag(item, "00080018"))))
+        dicom_check(path)
+
+    dicomweb.store_instances(orthanc["uri"], [_with_study_date(bad_files[1], "20250317")])  # the image is back
+    capsys.readouterr()
+    assert publish_main(["--scores", output]) == 0
+    out = capsys.readouterr().out
+    assert "Published 1 report(s) and 2 overlay(s) for 1 study(ies); 1 already in the PACS" in out and \
+        "0 failed" in out, out
+    assert json.loads((tmp_path / "scores" / FAILURES_FILE).read_text())["failed"] == {}
+    assert sorted(_tag(i, "00080060") for i in _instances_in_study(orthanc, bad_uid)) == ["CR", "DX", "OT", "OT",
+                                                                                         "SR"]
+
+
+def _with_study_date(data: bytes, date: str) -> bytes:
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.StudyDate = date
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _tag(item: dict, tag: str) -> str:
+    return str((item.get(tag) or {}).get("Value", [""])[0])
 
 
 def test_a_pacs_that_is_down_is_a_clear_error_after_retries(tmp_path):

@@ -3,6 +3,7 @@ back with highdicom and checked with dcmtk's dsrdump/dcmdump where installed."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import dicom_check, wrapped_study
 from fracray.data.synthetic import render_radiograph
-from fracray.pacs.results import StudyFinding, overlay_secondary_capture, structured_report
+from fracray.pacs.results import (TYPE2_PATIENT_STUDY, StudyFinding, overlay_secondary_capture, series_laterality,
+                                  structured_report)
 
 
 def dx_source(rows: int = 480, cols: int = 360, *, study_uid: str | None = None, seed: int = 0):
@@ -155,3 +158,60 @@ def test_dcmtk_reads_the_report_and_the_overlay(tmp_path):
     header = subprocess.run(["dcmdump", "+P", "BurnedInAnnotation", str(tmp_path / "sc.dcm")], capture_output=True,
                             text=True, timeout=60)
     assert header.returncode == 0 and "YES" in header.stdout
+
+
+def test_the_report_and_overlay_of_a_full_source_pass_dciodvfy(tmp_path):
+    """Before: the overlay failed dciodvfy (Type 2C Laterality missing for the paired WRIST)."""
+    source = dx_source()
+    structured_report([source], _finding(source)).save_as(tmp_path / "sr.dcm")
+    overlay_secondary_capture(source, source.pixel_array, _finding(source)).save_as(tmp_path / "sc.dcm")
+    dicom_check(tmp_path / "sr.dcm", sr=True)
+    dicom_check(tmp_path / "sc.dcm", sr=False)
+
+
+def test_sources_without_type2_attributes_get_a_report_and_overlays(tmp_path):
+    """Real radiographs as modality exports and anonymised archives write them: no
+    PatientBirthDate, StudyID, ReferringPhysicianName (nor any other Type 2 patient/study
+    attribute, nor PatientOrientation). Before: highdicom's ComprehensiveSR raised AttributeError.
+    The derived objects carry them empty, pass dciodvfy, and the sources stay as they were."""
+    import pydicom
+
+    study_uid, files = wrapped_study(2, start=3, syntaxes=("jpeg-ls", "rle"), omit=TYPE2_PATIENT_STUDY + (
+        "PatientOrientation",))
+    sources = [pydicom.dcmread(io.BytesIO(f)) for f in files]
+    assert not any(k in ds for ds in sources for k in TYPE2_PATIENT_STUDY)
+    finding = StudyFinding(0.7, 0.5, 1, "fracture_hand:efficientnet_lite0", "v1", regions={
+        str(sources[0].SOPInstanceUID): [{"box": [10, 10, 60, 80], "score": 0.9}]})
+    sr = structured_report(sources, finding)
+    sr.save_as(tmp_path / "sr.dcm")
+    dicom_check(tmp_path / "sr.dcm", sr=True)
+    back = pydicom.dcmread(tmp_path / "sr.dcm")
+    assert back.StudyInstanceUID == study_uid
+    assert all(k in back and not back[k].value for k in TYPE2_PATIENT_STUDY)  # present, empty
+    for k, ds in enumerate(sources):
+        sc = overlay_secondary_capture(ds, ds.pixel_array, finding)
+        sc.save_as(tmp_path / f"sc{k}.dcm")
+        dicom_check(tmp_path / f"sc{k}.dcm", sr=False)
+        sc = pydicom.dcmread(tmp_path / f"sc{k}.dcm")
+        assert all(key in sc and not sc[key].value for key in TYPE2_PATIENT_STUDY)
+        # HAND is paired and the source says nothing of the side: Laterality present, empty (unknown).
+        assert sc.Laterality == "" and sc.BodyPartExamined == "HAND" and not sc.PatientOrientation
+    assert not any(k in ds for ds in sources for k in TYPE2_PATIENT_STUDY)  # the sources untouched
+
+
+@pytest.mark.parametrize("body_part,laterality,expected", [("HAND", "R", "R"), ("WRIST", "L", "L"),
+                                                          ("HAND", None, ""), ("CHEST", None, None)])
+def test_overlay_laterality_follows_the_body_part_and_the_source(tmp_path, body_part, laterality, expected):
+    """General Series Laterality (Type 2C): the source's side for a paired part, empty when the
+    source does not say, absent for an unpaired part (dciodvfy errs on either mistake)."""
+    import pydicom
+
+    _, files = wrapped_study(1, start=5, body_part=body_part, laterality=laterality)
+    source = pydicom.dcmread(io.BytesIO(files[0]))
+    assert series_laterality(source) == expected
+    sc = overlay_secondary_capture(source, source.pixel_array, _finding(source, regions=False))
+    sc.save_as(tmp_path / "sc.dcm")
+    dicom_check(tmp_path / "sc.dcm", sr=False)
+    back = pydicom.dcmread(tmp_path / "sc.dcm")
+    assert (back.get("Laterality") if "Laterality" in back else None) == expected
+    assert list(back.PatientOrientation) == ["L", "F"]  # the source's, as it was written

@@ -22,7 +22,7 @@ import uuid
 from typing import Iterable
 from urllib.parse import parse_qsl, urlencode, urlparse
 
-__all__ = ["DicomWebError", "DicomWebUnavailable", "DicomWebLocation", "SCHEMES", "is_dicomweb", "parse", "list_instances", "read_instance",
+__all__ = ["DicomWebError", "DicomWebUnavailable", "DicomWebRefused", "DicomWebLocation", "SCHEMES", "is_dicomweb", "parse", "list_instances", "read_instance",
            "store_instances", "instance_uri"]
 
 SCHEMES = ("dicomweb", "dicomwebs")
@@ -38,6 +38,15 @@ class DicomWebError(OSError):
 
 class DicomWebUnavailable(DicomWebError):
     """The service did not answer, or answered 5xx, on every try: the PACS is down, not the data bad."""
+
+
+class DicomWebRefused(DicomWebError):
+    """The service refused what was asked or sent (a 4xx other than credentials, time-outs and rate
+    limits, or instances in STOW-RS's Failed SOP Sequence): asking again will not help."""
+
+
+# 4xx answers that say nothing against the request itself: credentials, time-outs, rate limits.
+_NOT_A_REFUSAL = (401, 403, 407, 408, 429)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +106,7 @@ def _session():
     return session
 
 
-def _request(method: str, url: str, *, what: str, **kwargs):
+def _request(method: str, url: str, *, what: str, answers: tuple[int, ...] = (), **kwargs):
     """One DICOMweb request with retries on connection errors and 5xx; 4xx is not retried."""
     import requests
 
@@ -110,8 +119,9 @@ def _request(method: str, url: str, *, what: str, **kwargs):
                 last = f"{type(exc).__name__}"  # not str(exc): it can carry the URL's query (patient data)
             else:
                 if response.status_code < 500:
-                    if response.status_code >= 400:
-                        raise DicomWebError(f"{what}: the DICOMweb service answered {response.status_code} "
+                    if response.status_code >= 400 and response.status_code not in answers:
+                        kind = DicomWebError if response.status_code in _NOT_A_REFUSAL else DicomWebRefused
+                        raise kind(f"{what}: the DICOMweb service answered {response.status_code} "
                                             f"{response.reason}" + (" (check FRACRAY_DICOMWEB_* credentials)"
                                                                     if response.status_code in (401, 403) else ""))
                     return response
@@ -193,11 +203,20 @@ def store_instances(uri: str, files: Iterable[bytes]) -> dict:
     boundary = f"fracray-{uuid.uuid4().hex}"
     body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + f + b"\r\n"
                     for f in files) + b"--" + boundary.encode() + b"--\r\n"
-    response = _request("POST", f"{loc.base}/studies", what="STOW-RS storage", data=body,
+    # 409: none stored, with the reasons in the answer's Failed SOP Sequence (PS3.18 10.5.3).
+    response = _request("POST", f"{loc.base}/studies", what="STOW-RS storage", data=body, answers=(409,),
                         headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
                                  "Accept": "application/dicom+json"})
-    answer = response.json() if response.content else {}
-    failed = (answer.get("00081198") or {}).get("Value") or []
+    try:
+        answer = response.json() if response.content else {}
+    except ValueError:
+        answer = {}
+    failed = (answer.get("00081198") or {}).get("Value") or [] if isinstance(answer, dict) else []
+    if response.status_code == 409 and not failed:
+        raise DicomWebRefused("STOW-RS storage: the DICOMweb service answered 409 Conflict (nothing stored)")
     if failed:
-        raise DicomWebError(f"STOW-RS refused {len(failed)} instance(s)")
+        reasons = sorted({f"0x{int(v):04X}" for item in failed
+                          for v in ((item.get("00081197") or {}).get("Value") or [])})  # FailureReason
+        raise DicomWebRefused(f"STOW-RS refused {len(failed)} instance(s)"
+                              + (f" (failure reason {', '.join(reasons)})" if reasons else ""))
     return answer

@@ -17,7 +17,7 @@ import sys
 import threading
 
 from ..pacs.dimse import TlsFiles
-from ..pacs.listener import Listener, ListenerConfig, parse_destination
+from ..pacs.listener import Listener, ListenerConfig, ServerLimits, list_failed, parse_destination, replay_failed
 
 __all__ = ["build_parser", "main"]
 
@@ -33,6 +33,12 @@ Results by C-STORE instead, to the PACS's AE (it must know ours, --ae-title or -
 With TLS towards the PACS (dimses://) and on the listener itself:
   %(prog)s ... --send-to dimses://PACS@pacs.hospital.org:2762 --send-tls-ca hospital-ca.pem \\
             --tls-cert node.pem --tls-key node.key [--tls-ca hospital-ca.pem: require client certificates]
+
+A study whose results cannot be built, or that the PACS refuses, is not retried: it is moved to the
+dead letter, SPOOL/.failed/<study key>/ (its images and failure.json with the reason). See it and
+send it through again once the cause is fixed (a running listener picks it up):
+  %(prog)s --spool /var/spool/fracray --list-failed
+  %(prog)s --spool /var/spool/fracray --replay <study key>      # or --replay all
 
 The service's bearer token is read from the variable --token-env names (FRACRAY_API_TOKEN);
 DICOMweb credentials from FRACRAY_DICOMWEB_TOKEN or FRACRAY_DICOMWEB_USER/FRACRAY_DICOMWEB_PASSWORD.
@@ -62,6 +68,22 @@ def build_parser(prog: str = "listen.py") -> argparse.ArgumentParser:
     node.add_argument("--tls-cert", default=None, help="the listener's TLS certificate (PEM); turns TLS on")
     node.add_argument("--tls-key", default=None, help="its private key (PEM)")
     node.add_argument("--tls-ca", default=None, help="CA bundle (PEM): require client certificates it signed")
+    node.add_argument("--acse-timeout", type=float, default=10.0, dest="acse_timeout_s",
+                      help="seconds a caller has to send its association request (and to answer ACSE messages) "
+                           "(default: %(default)s)")
+    node.add_argument("--network-timeout", type=float, default=60.0, dest="network_timeout_s",
+                      help="seconds of silence after which an association or a half-sent PDU is dropped "
+                           "(default: %(default)s)")
+    node.add_argument("--max-idle-per-peer", type=int, default=4,
+                      help="connections one address may hold open without sending anything; a new one over it "
+                           "closes its oldest (default: %(default)s)")
+    node.add_argument("--max-pdu-kb", type=int, default=1024,
+                      help="largest PDU accepted, in KiB; longer ones are aborted (default: %(default)s)")
+    dead = parser.add_argument_group("the dead letter (studies that failed for good)")
+    dead.add_argument("--list-failed", action="store_true", help="list the dead-lettered studies of --spool, then exit")
+    dead.add_argument("--replay", action="append", default=[], metavar="STUDY_KEY",
+                      help="move a dead-lettered study back into --spool to be classified again ('all': every one), "
+                           "then exit")
     service = parser.add_argument_group("the Serve service")
     service.add_argument("--service", default="http://127.0.0.1:8000", dest="service_url",
                          help="the service's address (default: %(default)s)")
@@ -75,7 +97,7 @@ def build_parser(prog: str = "listen.py") -> argparse.ArgumentParser:
     service.add_argument("--max-request-mb", type=float, default=60.0,
                          help="bytes per request, below the service's max_upload_mb (default: %(default)s)")
     results = parser.add_argument_group("the results")
-    results.add_argument("--send-to", required=True, dest="destination",
+    results.add_argument("--send-to", default=None, dest="destination",
                          help="dicomweb[s]://host:port/root (STOW-RS) or dimse[s]://CALLED_AE@host:port (C-STORE; "
                               "dimses: TLS)")
     results.add_argument("--send-ae", default=None,
@@ -94,17 +116,41 @@ def _config(args: argparse.Namespace) -> ListenerConfig:
         else None
     send_tls = TlsFiles(args.send_tls_cert, args.send_tls_key, args.send_tls_ca) \
         if (args.send_tls_cert or args.send_tls_key or args.send_tls_ca) else None
+    if not args.destination:
+        raise ValueError("--send-to is required: dicomweb[s]://host:port/root or dimse[s]://CALLED_AE@host:port")
     destination = parse_destination(args.destination, calling_ae=args.send_ae or args.ae_title, tls_files=send_tls)
+    limits = ServerLimits(acse_timeout_s=args.acse_timeout_s, network_timeout_s=args.network_timeout_s,
+                          max_idle_per_peer=args.max_idle_per_peer, max_pdu_bytes=args.max_pdu_kb * 1024,
+                          max_idle=max(ServerLimits.max_idle, args.max_idle_per_peer))
     return ListenerConfig(spool=args.spool, destination=destination, ae_title=args.ae_title, host=args.host,
                           port=args.port, allowed_calling_aes=tuple(args.allow_ae), tls=tls,
                           service_url=args.service_url, token_env=args.token_env,
                           operating_point=args.operating_point, overlays=args.overlays,
                           study_idle_s=args.study_idle_s, max_study_images=args.max_study_images,
-                          max_request_mb=args.max_request_mb)
+                          max_request_mb=args.max_request_mb, limits=limits)
+
+
+def _dead_letter(args: argparse.Namespace) -> int:
+    if args.list_failed:
+        failed = list_failed(args.spool)
+        for record in failed:
+            print(f"{record['study']}  {record.get('failed_at', '?')}  {record.get('kind', '?')}  "
+                  f"{record['images']} image(s)  {record.get('reason', '')}")
+        print(f"{len(failed)} study(ies) in {args.spool}/.failed")
+    if args.replay:
+        try:
+            moved = replay_failed(args.spool, None if "all" in args.replay else args.replay)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"Moved {len(moved)} study(ies) back into {args.spool}: {' '.join(moved) or '-'}")
+    return 0
 
 
 def main(argv: list[str] | None = None, *, prog: str = "listen.py") -> int:
     args = build_parser(prog).parse_args(argv)
+    if args.list_failed or args.replay:
+        return _dead_letter(args)
     try:
         config = _config(args)
     except ValueError as exc:

@@ -6,6 +6,11 @@
 
 Each study gets a Structured Report (TID 1500: finding, probability, threshold, model, regions)
 and an overlay Secondary Capture per scored image, in new series of the same study.
+
+One study that cannot be published (its images gone from the PACS, results the PACS refuses) is
+reported with its reason, listed in <scores>/publish_failures.json, and the others are published
+(exit status 1). Run the same command again once the cause is fixed: studies whose results the
+PACS holds already are skipped, the missing ones published (--force: publish every study again).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ def get_args_parser(prog: str = "publish_results.py") -> argparse.ArgumentParser
                              "the scored images came from)")
     parser.add_argument("--no-overlays", dest="overlays", action="store_false",
                         help="store the Structured Reports only, not the overlay images")
+    parser.add_argument("--force", action="store_true",
+                        help="publish every study again, also those whose results the PACS already holds")
     add_storage_arguments(parser)
     return parser
 
@@ -42,8 +49,9 @@ def main(argv: list[str] | None = None, *, prog: str = "publish_results.py") -> 
         print(f"error: --pacs must be a dicomweb:// or dicomwebs:// URI. Got {args.pacs!r}", file=sys.stderr)
         return 2
     try:
-        publish_scores(args.scores, args.pacs, options=storage_options_from_args(args), overlays=args.overlays)
+        summary = publish_scores(args.scores, args.pacs, options=storage_options_from_args(args),
+                                 overlays=args.overlays, force=args.force)
     except (ValueError, FileNotFoundError, OSError, storage.StorageError) as exc:  # DicomWebError is an OSError
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return 1 if summary.failed else 0

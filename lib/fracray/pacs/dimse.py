@@ -22,7 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
-__all__ = ["DimseError", "TlsFiles", "DimseDestination", "SCHEMES", "is_dimse", "check_ae_title", "server_context",
+__all__ = ["DimseError", "DimseUnavailable", "DimseRefused", "TlsFiles", "DimseDestination", "SCHEMES", "is_dimse", "check_ae_title", "server_context",
            "client_context", "send_instances"]
 
 SCHEMES = ("dimse", "dimses")
@@ -31,6 +31,16 @@ DEFAULT_CALLING_AE = "FRACRAY"
 
 class DimseError(OSError):
     """The DICOM peer could not be reached, refused the association, or refused an instance."""
+
+
+class DimseUnavailable(DimseError):
+    """The peer could not be reached, did not answer, ran out of resources (0xA7xx) or refused or
+    dropped the association: worth trying again later (also a configuration to fix: AE titles)."""
+
+
+class DimseRefused(DimseError):
+    """The peer answered instances with a failure status that sending them again will not change
+    (SOP class not supported, data set does not match it, cannot understand, not authorised)."""
 
 
 def check_ae_title(value: str, what: str = "AE title") -> str:
@@ -168,31 +178,38 @@ def send_instances(destination: DimseDestination, datasets: Sequence) -> int:
         assoc = ae.associate(destination.host, destination.port, contexts=contexts, ae_title=destination.called_ae,
                              tls_args=tls_args)
     except (OSError, ssl.SSLError) as exc:
-        raise DimseError(f"{where}: could not connect ({type(exc).__name__})") from exc
+        raise DimseUnavailable(f"{where}: could not connect ({type(exc).__name__})") from exc
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
-        raise DimseError(f"{where}: association {why}; check the PACS's AE title ({destination.called_ae}), that it "
+        raise DimseUnavailable(f"{where}: association {why}; check the PACS's AE title ({destination.called_ae}), that it "
                          f"knows ours ({destination.calling_ae}) at this host, the port"
                          + (" and the TLS certificates" if destination.tls else ""))
-    stored, failures = 0, []
+    stored, failures, transient = 0, [], False
     try:
         for ds in datasets:
             try:
                 status = assoc.send_c_store(ds)
-            except (ValueError, RuntimeError) as exc:  # no accepted context for it, or the association dropped
+            except ValueError:  # no presentation context accepted for its SOP class: the PACS takes none
+                failures.append("SOP class not accepted")
+                continue
+            except RuntimeError as exc:  # the association dropped
                 failures.append(type(exc).__name__)
+                transient = True
                 continue
             code = getattr(status, "Status", None) if status else None
             if code is None:
                 failures.append("no answer")
+                transient = True
             elif code == 0x0000 or 0xB000 <= code <= 0xBFFF:  # success, or a warning (stored with coercion)
                 stored += 1
             else:
                 failures.append(f"status 0x{code:04X}")
+                transient = transient or 0xA700 <= code <= 0xA7FF  # out of resources: later may do
     finally:
         if assoc.is_established:
             assoc.release()
     if failures:
-        raise DimseError(f"{where}: {len(failures)} of {len(datasets)} instance(s) not stored "
-                         f"({', '.join(sorted(set(failures)))})")
+        kind = DimseUnavailable if transient else DimseRefused
+        raise kind(f"{where}: {len(failures)} of {len(datasets)} instance(s) not stored "
+                   f"({', '.join(sorted(set(failures)))})")
     return stored

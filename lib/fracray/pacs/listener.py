@@ -17,9 +17,23 @@ complete study through the Ray Serve service and sends the result back to the PA
   verdict is the service's rule (``metrics.study.study_decision``) over all its scored images.
 - The results' UIDs are derived from the study and the model (``results.result_uid``), so a
   study classified again replaces its results instead of adding copies.
-- After the results are stored the study's spool is removed. A failure (service or PACS down)
-  keeps it and retries with back-off; after ``max_attempts`` it moves to ``spool/.failed/``.
-  A study the service refuses outright (no image in scope or readable) is logged and dropped.
+- After the results are stored the study's spool is removed. Failures are of two kinds:
+  *transient* (the service or the PACS unreachable, overloaded, 5xx, out of resources, our
+  credentials or AE title refused) keep the study and retry it with back-off (the results
+  already built are kept, so a retry only sends them again); after ``max_attempts`` the study
+  is dead-lettered. *Permanent* ones (the results cannot be built from these images, or the
+  PACS refuses them: STOW-RS 4xx or Failed SOP Sequence, a C-STORE failure status) are logged
+  once with the reason and the study dead-lettered at once, never retried.
+- The dead letter is ``spool/.failed/<study key>/``: the images as received and ``failure.json``
+  (kind, reason, attempts, time, and the traceback; it is patient data like the images, kept
+  private). ``listen.py --spool S --list-failed`` shows it; ``listen.py --spool S --replay KEY``
+  (or ``--replay all``) moves a study back into the spool, where a running listener, or the next
+  one started, classifies it again (``replay_failed``).
+- A study the service refuses outright (no image in scope or readable) is logged and dropped:
+  there is nothing to report, and nothing failed.
+- Hostile or broken peers (``fracray.pacs.server``): association, ACSE and network time-outs,
+  a cap on idle connections per peer and in all, the largest PDU accepted, TLS handshakes off
+  the accepting thread, and one log line per refusal.
 
 Logs name a study by a key (a hash of its StudyInstanceUID), never by the UID, and never hold
 patient names, IDs, accession numbers or other header values; pynetdicom's own logger (which
@@ -29,13 +43,17 @@ names UIDs at INFO) is set to WARNING when the listener starts.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import io
+import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -48,11 +66,14 @@ from pynetdicom import AE, AllStoragePresentationContexts, VerificationPresentat
 
 from .. import dicomweb, storage
 from ..metrics.study import study_decision
-from .dimse import DimseDestination, DimseError, TlsFiles, check_ae_title, is_dimse, send_instances, server_context
+from .dimse import (DimseDestination, DimseError, DimseRefused, TlsFiles, check_ae_title, is_dimse, send_instances,
+                    server_context)
 from .results import MANUFACTURER, StudyFinding, overlay_secondary_capture, structured_report
+from .server import ServerLimits, start_server
 
 __all__ = ["ListenerConfig", "DicomWebDestination", "Listener", "RADIOGRAPH_SOP_CLASSES", "DECODABLE_SYNTAXES",
-           "parse_destination", "study_key", "skip_reason"]
+           "ServerLimits", "parse_destination", "study_key", "skip_reason", "list_failed", "replay_failed",
+           "FAILURE_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +97,7 @@ DECODABLE_SYNTAXES = [
 _REFUSED_BY_SERVICE = (400, 415, 422)  # the images themselves (unreadable, out of scope): not worth a retry
 _FAILED = ".failed"
 _PART = ".part"
+FAILURE_FILE = "failure.json"
 
 
 def study_key(study_uid: str) -> str:
@@ -167,8 +189,9 @@ class ListenerConfig:
     service_timeout_s: float = 300.0
     retry_backoff_s: float = 5.0        # first retry after a failure; doubled each time
     max_backoff_s: float = 300.0
-    max_attempts: int = 20              # then the study's spool moves to spool/.failed/ (logged)
+    max_attempts: int = 20              # transient failures, then the study is dead-lettered (spool/.failed/)
     poll_s: float = 0.5
+    limits: ServerLimits = ServerLimits()  # time-outs, idle connections, largest PDU (fracray.pacs.server)
 
     def __post_init__(self):
         if not self.spool:
@@ -201,6 +224,8 @@ class ListenerConfig:
                              f"{self.max_attempts}")
         if not self.token_env:
             raise ValueError(f"token_env must name an environment variable. Got {self.token_env!r}")
+        if not isinstance(self.limits, ServerLimits):
+            raise ValueError(f"limits must be a ServerLimits. Got {self.limits!r}")
 
 
 class _Refused(Exception):
@@ -212,14 +237,41 @@ class _Retry(Exception):
     is written to be logged: hosts and statuses, no patient data."""
 
 
+class _Permanent(Exception):
+    """A failure that trying again cannot mend (the results cannot be built from these images,
+    or the PACS refuses them): the study is dead-lettered at once. The message is written to be
+    logged (no patient data)."""
+
+
+_UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+
+
+def _scrub(text: str, datasets) -> str:
+    """``text`` (an exception's message) with every UID and every header value of ``datasets``
+    that it quotes replaced, so that it can be logged."""
+    values = set()
+    for ds in datasets:
+        for elem in ds:
+            if elem.VR in ("PN", "LO", "SH", "LT", "ST", "UT", "DA", "DT", "TM", "AS", "UI", "CS", "IS", "DS") \
+                    and elem.value not in (None, ""):
+                for value in (elem.value if elem.VM > 1 else [elem.value]):
+                    if len(str(value).strip()) >= 3:
+                        values.add(str(value).strip())
+    for value in sorted(values, key=len, reverse=True):
+        text = text.replace(value, "<redacted>")
+    text = _UID.sub("<uid>", text)
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
 @dataclasses.dataclass
 class ListenerStats:
     received: int = 0        # instances spooled
     skipped: int = 0         # instances acknowledged and not classified
     studies: int = 0         # studies whose results were stored
     refused: int = 0         # studies the service refused (nothing to report)
-    failures: int = 0        # failed attempts (retried)
-    given_up: int = 0        # studies moved to spool/.failed
+    failures: int = 0        # failed attempts, transient (retried) or permanent
+    permanent: int = 0       # studies dead-lettered at once (results not buildable, or refused by the PACS)
+    given_up: int = 0        # studies dead-lettered after max_attempts transient failures
 
 
 class Listener:
@@ -237,6 +289,9 @@ class Listener:
         self._attempts: Counter[str] = Counter()
         self._next_try: dict[str, float] = {}
         self._receiving: set[str] = set()
+        # Per study: the results built from a snapshot of its spool, kept while a transient failure
+        # to store them is retried (so a retry does not classify the study again).
+        self._built: dict[str, tuple[dict[str, int], list, str]] = {}
 
     # ------------------------------------------------------------------ life cycle
 
@@ -249,7 +304,6 @@ class Listener:
         ae.require_called_aet = True
         if self.config.allowed_calling_aes:
             ae.require_calling_aet = list(self.config.allowed_calling_aes)
-        ae.maximum_pdu_size = 0  # no limit: radiographs are large
         for context in VerificationPresentationContexts:
             ae.add_supported_context(context.abstract_syntax)
         for context in AllStoragePresentationContexts:
@@ -258,8 +312,8 @@ class Listener:
             ae.add_supported_context(sop_class, DECODABLE_SYNTAXES if sop_class in RADIOGRAPH_SOP_CLASSES
                                      else list(dicom_uid.AllTransferSyntaxes))
         ssl_context = server_context(self.config.tls) if self.config.tls else None
-        self._server = ae.start_server((self.config.host, self.config.port), block=False, ssl_context=ssl_context,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self._server = start_server(ae, (self.config.host, self.config.port), limits=self.config.limits,
+                                    ssl_context=ssl_context, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         self._ae = ae
         self._stop.clear()
         self._worker = threading.Thread(target=self._run, name="fracray-listener", daemon=True)
@@ -281,6 +335,7 @@ class Listener:
         finish (up to ``timeout``); whatever is left stays in the spool for the next start."""
         self._stop.set()
         if self._ae is not None:
+            self._server.guard.close_all()
             self._ae.shutdown()
             self._ae, self._server = None, None
         if self._worker is not None:
@@ -378,45 +433,73 @@ class Listener:
         with self._lock:
             self._receiving.discard(key)
         try:
-            summary = self._classify_and_store(folder, sorted(snapshot))
+            summary = self._classify_and_store(folder, snapshot)
         except _Refused as exc:
             self.stats.refused += 1
             logger.warning("study %s: %s; no result written, study dropped from the spool", key, exc)
             self._clean_up(key, snapshot)
-        except Exception as exc:  # anything else: keep the spool, retry with back-off
+        except _Permanent as exc:
             self.stats.failures += 1
+            self.stats.permanent += 1
+            self._dead_letter(key, "permanent", str(exc), exc)
+        except Exception as exc:
+            self.stats.failures += 1
+            if not isinstance(exc, (_Retry, dicomweb.DicomWebError, DimseError, OSError)):
+                # A bug of ours, not the service's or the PACS's: trying again changes nothing.
+                self.stats.permanent += 1
+                self._dead_letter(key, "permanent", f"an internal error ({type(exc).__name__}: "
+                                  f"{_scrub(str(exc), [])})", exc)
+                return
             self._attempts[key] += 1
             attempt = self._attempts[key]
-            # Only our own messages are logged (hosts, statuses); another exception's text can
-            # hold UIDs or header values, so only its type is.
+            # Our own messages (hosts, statuses) are logged as they are; an OSError's text is not
+            # (a path in the spool names a study only by its key, but be safe): its type is.
             why = str(exc) if isinstance(exc, (_Retry, dicomweb.DicomWebError, DimseError)) else \
-                f"{type(exc).__name__} (an internal error)"
+                f"{type(exc).__name__} (a local I/O error)"
             if attempt >= self.config.max_attempts:
                 self.stats.given_up += 1
-                moved = self.spool / _FAILED / key
-                with self._lock:
-                    moved.parent.mkdir(exist_ok=True, mode=0o700)
-                    if moved.exists():
-                        shutil.rmtree(moved)
-                    os.replace(folder, moved)
-                self._attempts.pop(key, None)
-                self._next_try.pop(key, None)
-                logger.error("study %s: attempt %d failed: %s; gave up, its images are in %s (move the folder back "
-                             "into the spool to retry)", key, attempt, why, moved)
+                self._dead_letter(key, "transient", f"{attempt} attempts failed; the last: {why}", exc)
                 return
             delay = min(self.config.max_backoff_s, self.config.retry_backoff_s * 2 ** (attempt - 1))
             self._next_try[key] = time.monotonic() + delay
-            logger.warning("study %s: attempt %d of %d failed: %s; kept in the spool, retrying in %.0f s", key,
+            logger.warning("study %s: attempt %d of %d failed: %s; kept in the spool, retrying in %.3g s", key,
                            attempt, self.config.max_attempts, why, delay)
         else:
             self.stats.studies += 1
             logger.info("study %s: %s", key, summary)
             self._clean_up(key, snapshot)
 
+    def _dead_letter(self, key: str, kind: str, reason: str, exc: BaseException) -> None:
+        """Move the study's spool to spool/.failed/<key>/ with failure.json; log it once."""
+        folder = self.spool / key
+        moved = self.spool / _FAILED / key
+        attempts = self._attempts.pop(key, 0) or 1
+        self._next_try.pop(key, None)
+        self._built.pop(key, None)
+        record = {"study": key, "kind": kind, "reason": reason, "attempts": attempts,
+                  "failed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "replay": f"listen.py --spool {self.spool} --replay {key}",
+                  "traceback": "".join(traceback.format_exception(exc))}
+        with self._lock:
+            moved.parent.mkdir(exist_ok=True, mode=0o700)
+            if moved.exists():  # dead-lettered before: keep what it had, add what came since
+                for f in folder.glob("*.dcm"):
+                    os.replace(f, moved / f.name)
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                os.replace(folder, moved)
+            fd = os.open(moved / FAILURE_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f, indent=1)
+        what = "permanent failure, not retried" if kind == "permanent" else "gave up"
+        logger.error("study %s: %s: %s; dead-lettered to %s (replay: listen.py --spool %s --replay %s)", key, what,
+                     reason, moved, self.spool, key)
+
     def _clean_up(self, key: str, snapshot: dict[str, int]) -> None:
         folder = self.spool / key
         self._attempts.pop(key, None)
         self._next_try.pop(key, None)
+        self._built.pop(key, None)
         with self._lock:
             now = self._snapshot(folder) if folder.is_dir() else {}
             if now == snapshot:
@@ -427,11 +510,29 @@ class Listener:
         logger.info("study %s: %d more instance(s) arrived while it was classified; it will be classified again "
                     "with them", key, len(set(now) - set(snapshot)) or len(now))
 
-    def _classify_and_store(self, folder: Path, names: list[str]) -> str:
+    def _classify_and_store(self, folder: Path, snapshot: dict[str, int]) -> str:
+        key = folder.name
+        built = self._built.get(key)
+        if built is not None and built[0] == snapshot:  # a retry after a failed store: send the same results
+            instances, summary = built[1], built[2]
+            logger.info("study %s: sending its results again", key)
+        else:
+            instances, summary = self._classify_and_build(folder, sorted(snapshot))
+            self._built[key] = (snapshot, instances, summary)
+        try:
+            self._send(instances)
+        except (dicomweb.DicomWebRefused, DimseRefused) as exc:
+            raise _Permanent(f"the PACS refused the results: {exc}") from exc
+        return summary
+
+    def _classify_and_build(self, folder: Path, names: list[str]) -> tuple[list, str]:
         items = []
         for name in names:
             data = (folder / name).read_bytes()
-            items.append((data, pydicom.dcmread(io.BytesIO(data))))
+            try:
+                items.append((data, pydicom.dcmread(io.BytesIO(data))))
+            except Exception as exc:  # it was read when it arrived; a spool file damaged since
+                raise _Permanent(f"a spooled instance ({name}) is unreadable ({type(exc).__name__})") from exc
         items.sort(key=lambda item: (str(item[1].get("SeriesInstanceUID", "")), int(item[1].get("InstanceNumber") or 0),
                                      str(item[1].SOPInstanceUID)))
         logger.info("study %s: %d image(s), classifying", folder.name, len(items))
@@ -440,20 +541,23 @@ class Listener:
         if not scored:
             raise _Refused("the service scored none of its images (" + ", ".join(
                 f"{n} {code}" for code, n in sorted(errors.items())) + ")")
-        finding = self._finding(scored)
         sources = [ds for _, ds, _ in scored]
-        instances = [structured_report(sources, finding)]
-        if self.config.overlays:
-            from ..imaging.decode import decode_image  # Pillow and the DICOM decoders: only for overlays
+        try:
+            finding = self._finding(scored)
+            instances = [structured_report(sources, finding)]
+            if self.config.overlays:
+                from ..imaging.decode import decode_image  # Pillow and the DICOM decoders: only for overlays
 
-            instances += [overlay_secondary_capture(ds, decode_image(data).pixels, finding) for data, ds, _ in scored]
-        self._send(instances)
+                instances += [overlay_secondary_capture(ds, decode_image(data).pixels, finding)
+                              for data, ds, _ in scored]
+        except Exception as exc:  # these images and answers do not make valid results: so it stays
+            raise _Permanent(f"its results could not be built ({type(exc).__name__}: "
+                             f"{_scrub(str(exc), sources)})") from exc
         verdict = "fracture suspected" if finding.label else "no fracture found"
         skipped = f"; {sum(errors.values())} image(s) not scored (" + ", ".join(
             f"{n} {code}" for code, n in sorted(errors.items())) + ")" if errors else ""
-        return (f"{len(scored)} image(s) scored in {requests_made} request(s), {verdict}; stored 1 report and "
-                f"{len(instances) - 1} overlay(s) in "
-                f"{self.config.destination.describe()}{skipped}")
+        return instances, (f"{len(scored)} image(s) scored in {requests_made} request(s), {verdict}; stored 1 report "
+                           f"and {len(instances) - 1} overlay(s) in {self.config.destination.describe()}{skipped}")
 
     def _chunks(self, items: list, errors: Counter) -> list[list[int]]:
         """Indexes of the images per request: at most max_study_images and max_request_mb each."""
@@ -548,3 +652,47 @@ class Listener:
             dicomweb.store_instances(destination.uri, files)
         else:
             send_instances(destination, instances)
+
+
+def list_failed(spool: str | os.PathLike) -> list[dict]:
+    """The dead-lettered studies of a spool: each one's failure.json (study key, kind, reason,
+    attempts, time) without the traceback, plus how many images it holds; oldest first."""
+    folder = Path(spool) / _FAILED
+    found = []
+    for study in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not study.is_dir():
+            continue
+        try:
+            record = json.loads((study / FAILURE_FILE).read_text())
+        except (OSError, ValueError):
+            record = {"study": study.name, "kind": "unknown", "reason": f"no readable {FAILURE_FILE}"}
+        record.pop("traceback", None)
+        record["images"] = len(list(study.glob("*.dcm")))
+        found.append(record)
+    return sorted(found, key=lambda r: str(r.get("failed_at", "")))
+
+
+def replay_failed(spool: str | os.PathLike, keys: list[str] | None = None) -> list[str]:
+    """Move dead-lettered studies (``keys``, or all of them) back into the spool, where a running
+    listener, or the next one started, classifies them again; their failure.json is kept as
+    ``spool/.failed/<key>.replayed.json``. Returns the keys moved. Raises ValueError for a key
+    that is not in the dead letter."""
+    root = Path(spool)
+    failed = root / _FAILED
+    present = sorted(p.name for p in failed.iterdir() if p.is_dir()) if failed.is_dir() else []
+    wanted = present if keys is None else list(keys)
+    unknown = sorted(set(wanted) - set(present))
+    if unknown:
+        raise ValueError(f"Not in the dead letter ({failed}): {', '.join(unknown)}. There: "
+                         f"{', '.join(present) or 'nothing'}")
+    for key in wanted:
+        source, target = failed / key, root / key
+        record = source / FAILURE_FILE
+        if record.exists():
+            os.replace(record, failed / f"{key}.replayed.json")
+        target.mkdir(exist_ok=True, mode=0o700)
+        for f in source.glob("*.dcm"):
+            os.replace(f, target / f.name)
+        shutil.rmtree(source, ignore_errors=True)
+        logger.info("study %s: moved from the dead letter back into the spool", key)
+    return wanted

@@ -12,6 +12,12 @@ Both go into the source study (StudyInstanceUID and the patient/study modules co
 highdicom from the sources), each in a new series. Their UIDs are derived from the study, the
 model and what they are, so that scoring the same study with the same model again writes the
 same instances (a PACS replaces or ignores them) instead of piling up copies.
+
+Sources often lack Type 2 attributes (modality exports and anonymised archives leave out
+PatientBirthDate, StudyID, ReferringPhysicianName, ...). A derived object may leave those empty,
+so they are written empty (``with_type2``) rather than refused; Type 2C Laterality of the
+overlay's General Series is written where its condition holds (a paired or unknown body part):
+the source's Laterality or Image Laterality (R or L) when it has one, else empty ("unknown").
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["StudyFinding", "result_uid", "structured_report", "overlay_secondary_capture", "BANNER",
-           "FRACTURE", "NO_FRACTURE", "FRACTURE_PROBABILITY"]
+           "FRACTURE", "NO_FRACTURE", "FRACTURE_PROBABILITY", "TYPE2_PATIENT_STUDY", "UNPAIRED_BODY_PARTS",
+           "with_type2", "series_laterality"]
 
 BANNER = "AI RESULT - NOT FOR DIAGNOSIS ALONE"
 MANUFACTURER = "fracray"
@@ -76,6 +83,56 @@ def result_uid(study_uid: str, model_name: str, what: str) -> str:
     return generate_uid(prefix="2.25.", entropy_srcs=[study_uid, model_name, what])
 
 
+# Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1): a source
+# may lack them; a derived object in the same study must have them, empty when unknown.
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+# Body Part Examined terms of unpaired structures (PS3.16 Annex L, "Unpaired"): for these the
+# General Series' Laterality (Type 2C) must be absent; for every other term, and for an absent
+# BodyPartExamined, it must be present (with R or L, or empty when unknown). The list is the one
+# dciodvfy (dicom3tools) applies, checked term by term against it.
+UNPAIRED_BODY_PARTS = frozenset("""
+    ABDOMEN ABDOMENPELVIS AORTA BACK BLADDER BRAIN CEREBELLUM CERVIX CHEST CHESTABDOMEN CHESTABDPELVIS
+    CIRCLEOFWILLIS COCCYX COLON CSPINE CTSPINE DUODENUM ESOPHAGUS FACE GALLBLADDER HEAD HEADNECK HEART ILEUM
+    ILIUM JAW JEJUNUM LARYNX LIVER LSPINE LSSPINE MAXILLA MEDIASTINUM MOUTH NECK NECKCHEST NECKCHESTABDOMEN
+    NECKCHESTABDPELV NOSE PANCREAS PELVIS PENIS PHARYNX PROSTATE RECTUM SCALP SKULL SPINE SPLEEN SSPINE STERNUM
+    STOMACH THYMUS THYROID TLSPINE TONGUE TRACHEA TSPINE URETER URETHRA UTERUS VAGINA VULVA WHOLEBODY""".split())
+
+
+def with_type2(source):
+    """The source's header (no pixel data, the source itself untouched) with every Type 2
+    patient and study attribute present: copied where the source has it, empty where not."""
+    from pydicom.dataset import Dataset
+
+    header = Dataset({elem.tag: elem for elem in source if elem.keyword != "PixelData"})
+    for keyword in TYPE2_PATIENT_STUDY:
+        if keyword not in header or header[keyword].value is None:
+            setattr(header, keyword, "")
+    return header
+
+
+def series_laterality(source) -> str | None:
+    """The overlay's General Series Laterality (Type 2C): None (absent) for an unpaired body
+    part; otherwise the source's Laterality or Image Laterality when R or L, else "" (unknown)."""
+    part = str(source.get("BodyPartExamined") or "").strip().upper()
+    if part in UNPAIRED_BODY_PARTS:
+        return None
+    for keyword in ("Laterality", "ImageLaterality"):
+        value = str(source.get(keyword) or "").strip().upper()
+        if value in ("R", "L"):
+            return value
+    return ""
+
+
+def _patient_orientation(source) -> list[str] | str:
+    """The source's Patient Orientation (row, column directions) when it has two values, else
+    empty (Type 2C: unknown); the overlay keeps the source's directions."""
+    value = source.get("PatientOrientation")
+    values = [] if not value else [str(value)] if isinstance(value, str) else [str(v) for v in value]
+    return values if len(values) == 2 and all(values) else ""
+
+
 def _check_sources(sources: Sequence) -> str:
     if not sources:
         raise ValueError("A result needs at least one source image of the study")
@@ -92,6 +149,7 @@ def structured_report(sources: Sequence, finding: StudyFinding, *, series_number
     from pydicom.sr.codedict import codes
 
     study_uid = _check_sources(sources)
+    sources = [with_type2(ds) for ds in sources]
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=result_uid(study_uid, finding.model_name, "device"), name=MANUFACTURER,
         manufacturer_name=MANUFACTURER, model_name=finding.model_name[:64])
@@ -190,12 +248,20 @@ def overlay_secondary_capture(source, pixels: np.ndarray, finding: StudyFinding,
              f"({finding.operating_point}): {'FRACTURE SUSPECTED' if finding.label else 'no fracture found'}"]
     rgb = _burn_in(pixels, int(source.Columns), int(source.Rows), finding.regions.get(sop_uid, []), lines,
                    max_side)
+    header = with_type2(source)
     image = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=rgb, photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        ref_dataset=header, pixel_array=rgb, photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8, coordinate_system=hd.CoordinateSystemNames.PATIENT,
         series_instance_uid=result_uid(study_uid, finding.model_name, "sc-series"), series_number=series_number,
         sop_instance_uid=result_uid(study_uid, finding.model_name, f"sc:{sop_uid}"), instance_number=1,
         manufacturer=MANUFACTURER, patient_orientation=("L", "F"),
         series_description=f"fracray overlay - {BANNER.lower()}"[:64])
     image.BurnedInAnnotation = "YES"  # the banner and scores are in the pixels
+    # highdicom needs an orientation for the patient coordinate system; the source's is the truth.
+    image.PatientOrientation = _patient_orientation(source)
+    if source.get("BodyPartExamined"):
+        image.BodyPartExamined = source.BodyPartExamined
+    laterality = series_laterality(source)
+    if laterality is not None:
+        image.Laterality = laterality
     return image

@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["StudyIdentity", "wrap_radiograph", "TRANSFER_SYNTAXES"]
+__all__ = ["StudyIdentity", "wrap_radiograph", "TRANSFER_SYNTAXES", "OMITTABLE"]
+
+# What ``omit`` may leave out: the Type 2 patient and study attributes and the orientation.
+OMITTABLE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+             "ReferringPhysicianName", "StudyID", "AccessionNumber", "PatientOrientation")
 
 # Name -> transfer syntax UID (pydicom encodes each with the handlers that are dependencies).
 TRANSFER_SYNTAXES = {
@@ -35,8 +40,14 @@ class StudyIdentity:
 
 def wrap_radiograph(pixels: np.ndarray, study: StudyIdentity, *, series_uid: str, instance_number: int = 1,
                     modality: str = "DX", body_part: str | None = None, monochrome1: bool = False,
-                    transfer_syntax: str = "explicit", sop_uid: str | None = None) -> bytes:
-    """A Part 10 DICOM file (bytes) holding ``pixels`` (2-D uint8 or uint16) as a radiograph."""
+                    transfer_syntax: str = "explicit", sop_uid: str | None = None, laterality: str | None = None,
+                    omit: Sequence[str] = ()) -> bytes:
+    """A Part 10 DICOM file (bytes) holding ``pixels`` (2-D uint8 or uint16) as a radiograph.
+
+    laterality: "R" or "L": the series' Laterality and, for DX, the Image Laterality.
+    omit: Type 2 attributes to leave out, as many modality exports and anonymised archives do
+    (any of :data:`OMITTABLE`, e.g. ``TYPE2_PATIENT_STUDY``: no PatientBirthDate, StudyID,
+    ReferringPhysicianName, ...)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -47,6 +58,11 @@ def wrap_radiograph(pixels: np.ndarray, study: StudyIdentity, *, series_uid: str
     pixels = np.asarray(pixels)
     if pixels.ndim != 2 or pixels.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"pixels must be a 2-D uint8 or uint16 image. Got {pixels.dtype} {pixels.shape}")
+    unknown = sorted(set(omit) - set(OMITTABLE))
+    if unknown:
+        raise ValueError(f"omit takes Type 2 attributes ({', '.join(OMITTABLE)}). Got {unknown}")
+    if laterality not in (None, "R", "L"):
+        raise ValueError(f"laterality must be 'R', 'L' or None. Got {laterality!r}")
     bits = 8 if pixels.dtype == np.uint8 else 16
     stored = pixels if not monochrome1 else (np.iinfo(pixels.dtype).max - pixels).astype(pixels.dtype)
     meta = FileMetaDataset()
@@ -70,6 +86,13 @@ def wrap_radiograph(pixels: np.ndarray, study: StudyIdentity, *, series_uid: str
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    if laterality:
+        ds.Laterality = laterality
+        if modality == "DX":
+            ds.ImageLaterality = laterality
+    for keyword in omit:
+        if keyword in ds:
+            del ds[keyword]
     ds.PixelData = np.ascontiguousarray(stored).tobytes()
     if transfer_syntax != "explicit":
         # Lossless: the same instance, so its UID stays (pydicom would otherwise make a new one).
