@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from .. import storage
-from ..data.adapters import ADAPTERS
+from ..data.adapters import ADAPTERS, HARDWARE_LABELLED_LAYOUTS
 from ..jobs.train import DATASET_TRAINING_DEFAULTS, EMBEDDED_TRAINING_DEFAULTS, TrainAllConfig, run_train_all
 from ..storage import StorageOptions
 from ..training.orchestrate import TrainingSettings
@@ -63,9 +63,9 @@ def build_parser(prog: str = "train_all.py") -> argparse.ArgumentParser:
     parser.add_argument("--output", default="runs/latest", help="output URI (default: %(default)s)")
     parser.add_argument("--batch-size", dest="stream_batch_size", type=int, default=256,
                         help="images per Ray Data batch in the data-stage pass (default: %(default)s)")
-    parser.add_argument("--synthetic-patients-per-part", type=int, default=TrainAllConfig.synthetic_patients_per_part,
+    parser.add_argument("--synthetic-patients-per-part", type=int, default=None,
                         help="size of the embedded synthetic dataset (patients per body part; default: "
-                             "%(default)s, about 315 images)")
+                             f"{TrainAllConfig.synthetic_patients_per_part}, about 315 images); refused with --dataset")
     parser.add_argument("--body-parts", type=_csv, default=(),
                         help="comma-separated body parts to keep (default: all); also limits the synthetic set")
     parser.add_argument("--verify", action="store_true", help="decode every image while indexing")
@@ -114,7 +114,8 @@ def build_parser(prog: str = "train_all.py") -> argparse.ArgumentParser:
     train.add_argument("--single-model", action=argparse.BooleanOptionalAction, default=False,
                        help="one fracture model for all body parts instead of the router + per-bone models")
     train.add_argument("--exclude-hardware", action=argparse.BooleanOptionalAction, default=False,
-                       help="train and evaluate on the hardware-free subset (MURA humerus paper)")
+                       help="train and evaluate on the hardware-free subset (MURA humerus paper); needs hardware "
+                            "labels: --dataset fracatlas, or a manifest with a `hardware` column")
     train.add_argument("--compare-backbones", type=_csv, default=(),
                        help="comma-separated backbones to compare (FracAtlas paper), each with and without "
                             "ImageNet weights where weights exist")
@@ -136,6 +137,10 @@ def build_parser(prog: str = "train_all.py") -> argparse.ArgumentParser:
     loc.add_argument("--negatives-per-positive", type=float, default=None,
                      help="per epoch: every fractured image and about this many non-fractured ones per fractured "
                           "one, drawn afresh each epoch (default: all images every epoch)")
+    loc.add_argument("--balance-positives", action=argparse.BooleanOptionalAction, default=False,
+                     help="fracture models: add augmented copies of the fractured training images until they match "
+                          "the others (MURA humerus paper; the calibration slice and validation keep the real mix); "
+                          "refused with --negatives-per-positive")
     loc.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=False, help="average each image's prediction with its mirror image")
     loc.add_argument("--calibration-fraction", type=float, default=0.1,
                      help="share of training studies held out to fit temperature, threshold and operating points "
@@ -196,8 +201,28 @@ def parse_config(argv: list[str] | None, prog: str = "train_all.py") -> TrainAll
         parser.error(str(exc))
 
 
+def _refuse_options_without_effect(args: dict[str, Any]) -> None:
+    """Options that the rest of the job would accept and ignore. A value other than None
+    (the parser's default) for --synthetic-patients-per-part was given, on the command line or
+    in --config."""
+    dataset = args.get("dataset")
+    if dataset is not None and args.get("synthetic_patients_per_part") is not None:
+        raise ValueError(f"--synthetic-patients-per-part sizes the embedded synthetic dataset, which --dataset "
+                         f"{dataset} replaces: drop --synthetic-patients-per-part (or --dataset/--data to train on "
+                         f"the synthetic set)")
+    if args.get("exclude_hardware") and dataset not in HARDWARE_LABELLED_LAYOUTS:
+        what = ("the embedded synthetic default (MURA layout)" if dataset is None else f"--dataset {dataset}")
+        raise ValueError(f"--exclude-hardware trains on the images without metal hardware, and {what} has no "
+                         f"hardware labels (MURA's release does not label hardware; FracAtlas's does), so it would "
+                         f"keep every image: drop --exclude-hardware, use --dataset fracatlas, or index the "
+                         f"collection as --dataset manifest with a boolean `hardware` column")
+
+
 def config_from_args(args: dict[str, Any]) -> TrainAllConfig:
     """Route every parsed option to the config field of the same name."""
+    _refuse_options_without_effect(args)
+    if args.get("synthetic_patients_per_part") is None:  # not given: TrainAllConfig's default
+        args = {k: v for k, v in args.items() if k != "synthetic_patients_per_part"}
     defaults = EMBEDDED_TRAINING_DEFAULTS if args.get("dataset") is None else DATASET_TRAINING_DEFAULTS
     args = {**args, **{k: v for k, v in defaults.items() if args.get(k) is None}}
     fields = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731

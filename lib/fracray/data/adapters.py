@@ -23,7 +23,7 @@ from ..storage import StorageOptions
 from .manifest import MANIFEST_SCHEMA, IndexResult, LABEL_UNKNOWN, conform, make_manifest, make_rejects, read_table
 
 __all__ = ["index_mura", "index_fracatlas", "index_folder", "index_manifest_file", "index_tree", "detect_layout",
-           "ADAPTERS", "index_dataset",
+           "ADAPTERS", "HARDWARE_LABELLED_LAYOUTS", "index_dataset",
            "fracatlas_split_for_nonfractured", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
@@ -517,6 +517,10 @@ ADAPTERS: dict[str, Callable[..., IndexResult]] = {
     "manifest": index_manifest_file,
     "tree": index_tree,
 }
+# Layouts whose manifest can say which images show metal hardware (train_all --exclude-hardware):
+# FracAtlas's release labels it, a user's manifest may have a `hardware` column; MURA's release,
+# class folders and plain trees never do.
+HARDWARE_LABELLED_LAYOUTS = ("fracatlas", "manifest")
 
 
 def index_dataset(kind: str, data_uri: str, options: StorageOptions | None = None, **kwargs) -> IndexResult:

@@ -21,6 +21,7 @@ __all__ = [
     "MANIFEST_SCHEMA", "REJECT_SCHEMA", "BOX_TYPE", "LABEL_UNKNOWN",
     "MURA_BODY_PARTS", "FRACATLAS_BODY_PARTS",
     "IndexResult", "make_manifest", "make_rejects", "write_manifest", "read_manifest", "summarize", "split_by_study",
+    "require_hardware_labels",
 ]
 
 LABEL_UNKNOWN = -1
@@ -148,10 +149,26 @@ def summarize(manifest: pa.Table) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["split"], r["body_part"], r["image_label"]))
 
 
+def require_hardware_labels(manifest: pa.Table, dataset: str | None = None) -> None:
+    """Refuse the hardware-free subset where no image says whether it shows hardware: the
+    selection would keep every image and the option would do nothing. FracAtlas's release
+    labels hardware; MURA's does not, nor do class folders or plain trees."""
+    if manifest.num_rows == 0 or manifest["hardware"].null_count < manifest.num_rows:
+        return
+    names = dataset or ", ".join(sorted({str(d) for d in manifest["dataset"].to_pylist() if d})) or "this"
+    raise ValueError(f"--exclude-hardware (the hardware-free subset) needs hardware labels, and none of the "
+                     f"{manifest.num_rows} images ({names} layout) has one (only FracAtlas's release labels "
+                     f"metal hardware; MURA's does not): train without --exclude-hardware, or index the collection "
+                     f"as --dataset manifest with a boolean `hardware` column")
+
+
 def filter_rows(manifest: pa.Table, *, split: str | None = None, exclude_hardware: bool = False,
                 body_part: str | None = None) -> pa.Table:
     """Common selections: one split, one body part, or the hardware-free subset
-    (MURA humerus paper: images with metal implants removed)."""
+    (MURA humerus paper: images with metal implants removed; refused where no image has a
+    hardware label, see :func:`require_hardware_labels`)."""
+    if exclude_hardware:
+        require_hardware_labels(manifest)
     mask = None
     for condition in (
         pc.equal(manifest["split"], split) if split is not None else None,

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from .. import storage
-from ..data.manifest import MURA_BODY_PARTS, read_manifest
+from ..data.manifest import MURA_BODY_PARTS, read_manifest, require_hardware_labels
 from ..data.pipeline import StreamConfig, StreamTally, build_image_dataset, iter_model_batches
 from ..data.synthetic import generate_mura
 from ..evaluation.graph import evaluate_graph
@@ -132,6 +132,8 @@ def run_train_all(config: TrainAllConfig, *, log: Callable[[str], None] = print)
     if config.body_parts and config.dataset is not None:
         import pyarrow.compute as pc
         manifest = manifest.filter(pc.is_in(manifest["body_part"], pa.array(list(config.body_parts))))
+    if config.training.exclude_hardware:
+        require_hardware_labels(manifest, dataset)  # before the data stage, not after it
 
     preprocess = config.training.fracture.preprocess()
     connect()  # RAY_ADDRESS (set by `ray job submit`), a `ray start` cluster, or a new local Ray

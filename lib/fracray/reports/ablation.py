@@ -49,6 +49,8 @@ def _recipe(config: dict[str, Any], run: dict[str, Any]) -> str:
         parts.append("fracture map")
     if config.get("negatives_per_positive"):
         parts.append(f"{config['negatives_per_positive']:g} neg/pos per epoch")
+    if config.get("balance_positives"):
+        parts.append("positives balanced by augmented copies")
     if config.get("tta_flip"):
         parts.append("flip TTA")
     if (run.get("training") or {}).get("exclude_hardware"):

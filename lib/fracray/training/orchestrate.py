@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from .. import storage
 from ..artifacts.index import ModelIndex, write_model_index
-from ..data.manifest import filter_rows, split_by_study
+from ..data.manifest import filter_rows, require_hardware_labels, split_by_study
 from ..storage import StorageOptions
 from .progress import new_lines, open_board
 from .trainer import TrainConfig, train_classifier
@@ -65,7 +65,7 @@ class TrainingSettings:
         return dataclasses.replace(self.fracture, model=self.router_model, strategy=self.router_strategy,
                                    epochs=self.router_epochs or self.fracture.epochs, task="body_part",
                                    classes=tuple(classes), head="linear", bam=False, image_size=None,
-                                   localization=False, negatives_per_positive=None)
+                                   localization=False, negatives_per_positive=None, balance_positives=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -210,6 +210,7 @@ def train_models(manifest: pa.Table, settings: TrainingSettings, *, output_uri: 
     """The router and every body part's fracture model (and any backbone comparison), trained
     in parallel runs under ``output_uri/models``; writes ``output_uri/model_index.json``."""
     if settings.exclude_hardware:
+        require_hardware_labels(manifest, dataset)  # a manifest without hardware labels is refused, not kept whole
         manifest = filter_rows(manifest, exclude_hardware=True)
     train, valid = filter_rows(manifest, split="train"), filter_rows(manifest, split="valid")
     if valid.num_rows == 0:

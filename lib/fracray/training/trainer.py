@@ -30,7 +30,7 @@ import pyarrow as pa
 from .. import storage
 from ..artifacts.bundle import BundleMeta, save_bundle
 from ..data.manifest import split_by_study
-from ..data.pipeline import OK, StreamConfig, StreamTally, build_image_dataset, iter_model_batches
+from ..data.pipeline import OK, StreamConfig, StreamTally, balance_positives, build_image_dataset, iter_model_batches
 from ..imaging.findings import FindingsConfig, localization_metrics
 from ..imaging.preprocess import AugmentConfig, PreprocessConfig, finalize, to_tensor
 from ..imaging.regions import Finding, average_precision
@@ -105,6 +105,9 @@ class TrainConfig:
     # Per-epoch sampling: every positive and about this many negatives per positive, drawn
     # afresh each epoch (None: every image every epoch).
     negatives_per_positive: float | None = None
+    # Class balance by augmenting positives (MURA humerus paper): augmented copies of the fractured
+    # training images until they match the others (data.pipeline.balance_positives).
+    balance_positives: bool = False
     tta_flip: bool = False
     # Temperature, threshold and operating points are fitted on this share of the training
     # studies (held out of training), so validation figures are measured on images the
@@ -134,6 +137,12 @@ class TrainConfig:
             raise ValueError(f"calibration_fraction must be in [0, 0.5). Got {self.calibration_fraction}")
         if self.negatives_per_positive is not None and self.negatives_per_positive <= 0:
             raise ValueError(f"negatives_per_positive must be > 0 (or None for all). Got {self.negatives_per_positive}")
+        if self.balance_positives and self.negatives_per_positive is not None:
+            raise ValueError("balance_positives (--balance-positives: copies of positives up to the negatives' "
+                             "count) and negatives_per_positive (--negatives-per-positive: fewer negatives per epoch) "
+                             "are two ways to balance the classes that would undo each other: choose one")
+        if self.balance_positives and self.task != "fracture":
+            raise ValueError("balance_positives applies to fracture models, not the body-part router")
         if self.batch_size < 2 and (self.head == "dense3" or self.localization):
             raise ValueError(f"head dense3 and the fracture map have BatchNorm layers, which need batches of at least "
                              f"2 images to train. Got batch_size {self.batch_size}")
@@ -514,6 +523,10 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
             train = fit
         else:
             calibration_set = None
+    positive_copies = 0
+    if config.balance_positives:  # after the calibration slice is held out: it keeps the real class mix
+        balanced = balance_positives(train, seed=config.seed)
+        positive_copies, train = balanced.num_rows - train.num_rows, balanced
     # Train in a seeded random order: a manifest lists its images grouped (MURA: by body part, then
     # patient and study), and a stream in that order would feed the router one body part per batch.
     train = train.take(np.random.default_rng(config.seed).permutation(train.num_rows))
@@ -638,7 +651,7 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
                                 localization=_annotated(train) if config.localization else None),
                       training={"config": config.to_dict(), "run": run_config or {}, "epochs_run": len(history),
                                 "seconds": round(seconds, 1), "history": history,
-                                "negative_keep": negative_keep},
+                                "negative_keep": negative_keep, "positive_copies": positive_copies},
                       inference={"tta_flip": config.tta_flip,
                                  "findings": dataclasses.asdict(FindingsConfig()) if config.localization else None,
                                  "fusion": fusion, "box_calibration": box_calibration})
