@@ -4,7 +4,6 @@ scikit-image's sample photos, pydicom's test corpus, FracAtlas (when present).""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import types
 from pathlib import Path
@@ -311,5 +310,5 @@ def test_http_ingress_answers_422_out_of_scope(radiograph):
     assert (caught.value.status, caught.value.reason) == (422, "out_of_scope")
     assert caught.value.detail.startswith("colour_photo: ")
     assert decode(state, "wrist.jpg", _jpeg(radiograph)).width == radiograph.shape[1]
-    state.args = dataclasses.replace(state.args, check_scope=False)
+    state.args = state.args.model_copy(update={"check_scope": False})
     assert decode(state, "photo.png", _skimage("astronaut.png")).source_format == "PNG"

@@ -13,8 +13,10 @@ endpoint for S3-compatible stores (MinIO, Ceph, moto, ...).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import os
+import stat
 import uuid
 import posixpath
 from urllib.parse import urlparse
@@ -35,6 +37,9 @@ __all__ = [
     "write_bytes",
     "exists",
     "list_files",
+    "walk_files",
+    "Listing",
+    "printable_path",
     "ensure_dir",
     "is_dir",
     "relative_to",
@@ -242,24 +247,199 @@ def is_dir(uri: str, options: StorageOptions | None = None) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """What a walk of a folder found: ``files``, one URI per real file (sorted), and ``rejects``,
+    (URI, reason, detail) for every other entry that is not a folder (sorted by URI)."""
+
+    files: list[str]
+    rejects: list[tuple[str, str, str]]
+
+
 def list_files(uri: str, options: StorageOptions | None = None, *, recursive: bool = True) -> list[str]:
     """All files under a directory URI, as URIs, sorted (deterministic order). For a DICOMweb
-    URI (a query, a study, a series): every instance it names (QIDO-RS)."""
+    URI (a query, a study, a series): every instance it names (QIDO-RS). A local folder is walked
+    as :func:`walk_files` does (each real file once); what that refuses is left out here."""
+    return walk_files(uri, options, recursive=recursive).files
+
+
+def walk_files(uri: str, options: StorageOptions | None = None, *, recursive: bool = True) -> Listing:
+    """Every file under a directory URI once, and every entry that is not one with a reason.
+
+    A local folder is walked once: symbolic links are followed, at most once per real file or
+    folder (the same ``(st_dev, st_ino)`` reached again, through a link or a hard link, is a
+    ``duplicate_link``/``duplicate_file`` reject naming the path it is listed as; a file's own path
+    is preferred to a link's); a link back into a folder that contains it is a ``symlink_loop``,
+    as is a link that resolves to itself; a link to nothing is a ``dangling_symlink``; FIFOs,
+    sockets and devices are ``special_file`` (never opened: reading a FIFO blocks); a file whose
+    name is not UTF-8 is ``undecodable_name`` (URIs are UTF-8 strings everywhere after this: its
+    reject shows the bytes as ``\\xNN``); a folder that cannot be read is ``unreadable``.
+    Object stores and DICOMweb have no links or special files: their listing has no rejects."""
     if dicomweb.is_dicomweb(uri):
         try:
-            return dicomweb.list_instances(uri)
+            return Listing(dicomweb.list_instances(uri), [])
         except dicomweb.DicomWebUnavailable as exc:
             raise StorageUnavailable(str(exc)) from exc
         except (dicomweb.DicomWebError, ValueError) as exc:
             raise StorageError(f"Could not list {uri}: {exc}") from exc
     fs, path = resolve(uri, options)
+    if fs is _LOCAL:
+        return _walk_local(uri, path, recursive)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
     except FileNotFoundError as exc:
         raise StorageError(f"Not found: {uri}") from exc
     except OSError as exc:
         raise StorageError(f"Could not list {uri}: {exc}") from exc
-    return sorted(_to_uri(uri, info.path) for info in infos if info.type == pafs.FileType.File)
+    return Listing(sorted(_to_uri(uri, info.path) for info in infos if info.type == pafs.FileType.File), [])
+
+
+def printable_path(path: str) -> str:
+    """``path`` as valid UTF-8: the bytes of a name that is not UTF-8 (held by Python as lone
+    surrogates) written as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _special_kind(mode: int) -> str:
+    return next((name for test, name in _SPECIAL_KINDS if test(mode)), f"not a regular file (mode {mode:o})")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk_local(uri: str, root: str, recursive: bool) -> Listing:
+    """walk_files for a local folder (``root``: an absolute path)."""
+    try:
+        root_st = os.stat(root)
+    except FileNotFoundError as exc:
+        raise StorageError(f"Not found: {uri}") from exc
+    except OSError as exc:
+        raise StorageError(f"Could not list {uri}: {exc}") from exc
+    if not stat.S_ISDIR(root_st.st_mode):
+        raise StorageError(f"Could not list {uri}: not a directory")
+
+    folders: dict[tuple[int, int], str] = {(root_st.st_dev, root_st.st_ino): root}  # walked, by identity
+    found: dict[tuple[int, int], str] = {}  # real file -> the path it is listed as
+    rejects: list[tuple[str, str, str]] = []
+
+    def reject(path: str, reason: str, detail: str) -> None:
+        rejects.append((printable_path(path), reason, detail))
+
+    def scan(folder: str, files: list[tuple[str, tuple[int, int]]], links: list[str]) -> None:
+        """Entries below ``folder`` without following links: folders walked, files and links collected."""
+        pending = [folder]
+        while pending:
+            current = pending.pop()
+            try:
+                with os.scandir(current) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                if current == root:
+                    raise StorageError(f"Could not list {uri}: {exc}") from exc
+                reject(current, "unreadable", f"folder could not be read: {exc.strerror or exc}")
+                continue
+            for entry in entries:
+                try:
+                    if entry.is_symlink():
+                        links.append(entry.path)
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except OSError as exc:
+                    reject(entry.path, "unreadable", f"could not stat: {exc.strerror or exc}")
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if stat.S_ISDIR(st.st_mode):
+                    if not recursive:
+                        continue
+                    if key in folders:  # a bind mount of a folder already walked
+                        reject(entry.path, "duplicate_folder", f"the same folder as {printable_path(folders[key])}; "
+                                                               f"its files are listed from there")
+                        continue
+                    folders[key] = entry.path
+                    pending.append(entry.path)
+                elif stat.S_ISREG(st.st_mode):
+                    files.append((entry.path, key))
+                else:
+                    reject(entry.path, "special_file", f"{_special_kind(st.st_mode)}, not a regular file")
+
+    def accept(files: list[tuple[str, tuple[int, int]]], how: str) -> None:
+        for path, key in sorted(files):
+            if key in found:
+                reject(path, how, f"the same file as {printable_path(found[key])}, which is listed")
+            else:
+                found[key] = path
+
+    real: list[tuple[str, tuple[int, int]]] = []
+    links: list[str] = []
+    scan(root, real, links)
+    accept(real, "duplicate_file")  # hard links: the first path (in sorted order) is listed
+    # Links, in rounds (those found through the links of one round make the next), each round in
+    # sorted order: a file's own path wins over a link to it, and the listing does not depend on
+    # the order the file system returns entries in.
+    while links:
+        reached: list[tuple[str, tuple[int, int]]] = []
+        next_links: list[str] = []
+        for link in sorted(links):
+            try:
+                target = os.readlink(link)
+            except OSError:
+                target = "?"
+            try:
+                st = os.stat(link)
+            except FileNotFoundError:
+                reject(link, "dangling_symlink", f"symbolic link to {printable_path(target)!r}, which does not exist")
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    reject(link, "symlink_loop", f"symbolic link to {printable_path(target)!r}: the links "
+                                                 f"resolve to themselves (a loop)")
+                else:
+                    reject(link, "unreadable", f"symbolic link to {printable_path(target)!r} could not be "
+                                               f"followed: {exc.strerror or exc}")
+                continue
+            key = (st.st_dev, st.st_ino)
+            if stat.S_ISDIR(st.st_mode):
+                if not recursive:
+                    continue
+                if key in folders:
+                    real_target = os.path.realpath(link)
+                    if _inside(os.path.realpath(os.path.dirname(link)), real_target):
+                        reject(link, "symlink_loop", f"symbolic link to {printable_path(target)!r}, a folder that "
+                                                     f"contains the link (a loop); not followed")
+                    else:
+                        reject(link, "duplicate_link", f"symbolic link to a folder already listed as "
+                                                       f"{printable_path(folders[key])}; not followed")
+                    continue
+                folders[key] = link
+                scan(link, reached, next_links)
+            elif stat.S_ISREG(st.st_mode):
+                reached.append((link, key))
+            else:
+                reject(link, "special_file", f"symbolic link to {_special_kind(st.st_mode)}, not a regular file")
+        accept(reached, "duplicate_link")
+        links = next_links
+
+    files = []
+    for path in found.values():
+        if _is_utf8(path):
+            files.append(path)
+        else:
+            reject(path, "undecodable_name", "the file's name is not UTF-8 (its bytes are shown as \\xNN); "
+                                             "rename it to score it")
+    return Listing(sorted(files), sorted(rejects))
 
 
 def relative_to(uri: str, root: str) -> str:

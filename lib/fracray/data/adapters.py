@@ -130,10 +130,14 @@ def index_mura(data_uri: str, options: StorageOptions | None = None) -> IndexRes
     # Files on disk the CSVs do not list (resource forks, .DS_Store, extra images),
     # and listed files that are not on disk.
     existing: set[str] = set()
+    refused: set[str] = set()  # by the walk (a link seen before, a FIFO, ...): a row each already
     for split in ("train", "valid"):
         split_dir = storage.join(base, "MURA-v1.1", split)
         if storage.exists(split_dir, options):
-            existing.update(storage.list_files(split_dir, options))
+            listing = storage.walk_files(split_dir, options)
+            existing.update(listing.files)
+            rejects.extend(listing.rejects)
+            refused.update(r[0] for r in listing.rejects)
     for uri in sorted(existing - listed):
         reason = _is_stray(uri)
         rejects.append((uri, "stray_file" if reason else "unlisted_file",
@@ -142,7 +146,7 @@ def index_mura(data_uri: str, options: StorageOptions | None = None) -> IndexRes
     for row in rows:
         if row["image_uri"] in existing:
             kept.append(row)
-        else:
+        elif row["image_uri"] not in refused:
             rejects.append((row["image_uri"], "missing_file", "listed in image_paths.csv but not found"))
     if disagreements:
         notes.append(f"{disagreements} images: labeled_studies.csv and folder suffix disagree; the CSV label was used")
@@ -214,7 +218,9 @@ def index_fracatlas(data_uri: str, options: StorageOptions | None = None, *, spl
         if not storage.exists(folder_uri, options):
             notes.append(f"images/{folder} is missing")
             continue
-        for uri in storage.list_files(folder_uri, options):
+        listing = storage.walk_files(folder_uri, options)
+        rejects.extend(listing.rejects)
+        for uri in listing.files:
             name = posixpath.basename(uri)
             stray = _is_stray(name)
             if stray:
@@ -367,12 +373,16 @@ def _class_label(name: str, positive: set[str], negative: set[str]) -> int:
     )
 
 
-def _files_under(data_uri: str, options: StorageOptions | None) -> list[tuple[str, str]]:
-    """(URI, path relative to data_uri) of every file below it; an empty tree is an error."""
-    files = storage.list_files(data_uri, options)
-    if not files:
+def _files_under(data_uri: str, options: StorageOptions | None,
+                 rejects: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """(URI, path relative to data_uri) of every file below it, each real file once; what the walk
+    refuses (links seen before, loops, dangling links, FIFOs, names that are not UTF-8) is added to
+    ``rejects`` with its reason. A tree with nothing in it at all is an error."""
+    listing = storage.walk_files(data_uri, options)
+    if not listing.files and not listing.rejects:
         raise FileNotFoundError(f"No files under {data_uri}")
-    return [(uri, storage.relative_to(uri, data_uri)) for uri in files]
+    rejects.extend(listing.rejects)
+    return [(uri, storage.relative_to(uri, data_uri)) for uri in listing.files]
 
 
 def index_folder(data_uri: str, options: StorageOptions | None = None, *,
@@ -383,7 +393,7 @@ def index_folder(data_uri: str, options: StorageOptions | None = None, *,
     positive = POSITIVE_NAMES | {c.lower() for c in positive_classes}
     negative = NEGATIVE_NAMES | {c.lower() for c in negative_classes}
     rows, rejects = [], []
-    for uri, rel in _files_under(data_uri, options):
+    for uri, rel in _files_under(data_uri, options, rejects):
         parts = rel.split("/")
         stray = _is_stray(parts[-1])
         if stray:
@@ -479,7 +489,7 @@ def index_tree(data_uri: str, options: StorageOptions | None = None) -> IndexRes
     """
     data_uri = storage.normalize(data_uri)
     rows, rejects = [], []
-    for uri, rel in _files_under(data_uri, options):
+    for uri, rel in _files_under(data_uri, options, rejects):
         name = rel.rsplit("/", 1)[-1]
         stray = _is_stray(name)
         if stray:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import hmac
 import importlib
 import logging
@@ -27,6 +26,7 @@ import numpy as np
 from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -65,15 +65,26 @@ DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")  # op
 LAYOUTS = ("graph", "fused")
 
 
-@dataclasses.dataclass(frozen=True)
-class ServeArgs:
-    """The application's arguments (the ``args:`` of serving/config.yaml)."""
+# Optional arguments a command line can set to "none" (``serve run ... max_pixels=none``).
+_NONE_WORDS = ("", "none", "null")
+
+
+class ServeArgs(BaseModel):
+    """The application's arguments (the ``args:`` of serving/config.yaml, or ``key=value`` pairs
+    after ``serve run fracray.serving.app:build_app``).
+
+    A pydantic model, annotated on the builder: Serve validates the arguments it is given with it,
+    so a command line's strings become the fields' types (``max_upload_mb=2`` a float,
+    ``anonymous=false`` False, ``max_pixels=none`` None) and a value that is not one is refused at
+    start with a message that names the field."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False)
 
     models: str = "runs/latest/model_index.json"
-    max_upload_mb: float = 64.0          # per request; DICOM studies run large
+    max_upload_mb: float = Field(64.0, gt=0)    # per request; DICOM studies run large
     max_pixels: int | None = None        # default: the models' own decode limit (bomb guard)
-    max_study_images: int = 32
-    max_batch_size: int = 16             # dynamic batching; 1 turns it off
+    max_study_images: int = Field(32, ge=1)
+    max_batch_size: int = Field(16, ge=1)       # dynamic batching; 1 turns it off
     batch_wait_timeout_s: float = 0.01
     auth_token_env: str = "FRACRAY_API_TOKEN"  # bearer token required when this variable is set
     endpoint_url: str | None = None
@@ -86,7 +97,7 @@ class ServeArgs:
     replicas: int | None = None          # a fixed replica count per deployment instead of autoscaling (benchmarks)
     # Replicas each deployment keeps at least: 2, so that a killed replica never stops the service
     # (requests that hit it are retried on the other); 1 halves the memory on a small laptop.
-    min_replicas: int = 2
+    min_replicas: int = Field(2, ge=1)
     check_scope: bool = True             # refuse photos, CT/MR/US, chest films, blank images (422 out_of_scope)
     public_docs: bool = False            # with a token set: /docs and /openapi.json open too (else token only)
     # What runs the models in the replicas (inference.engine): auto = ONNX Runtime on CPU, PyTorch on
@@ -106,30 +117,60 @@ class ServeArgs:
     # "sensitivity>=0.95", ...) or a number in [0, 1]. A request's operating_point still wins.
     operating_point: str = "default"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_arguments(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(f"Unknown application arguments {unknown}; known: {sorted(cls.model_fields)}")
+        return data
+
+    @field_validator("max_pixels", "endpoint_url", "region", "max_ongoing_requests", "max_queued_requests",
+                     "num_gpus", "replicas", mode="before")
+    @classmethod
+    def _none_word(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in _NONE_WORDS:
+            return None
+        return value
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, value: str) -> str:
+        from ..inference.engine import ENGINES  # names only; the engines load in the replicas
+
+        if value not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}. Got {value!r}")
+        return value
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, value: str) -> str:
+        from ..inference.engine import PRECISIONS
+
+        if value not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}. Got {value!r}")
+        return value
+
+    @field_validator("layout")
+    @classmethod
+    def _layout(cls, value: str) -> str:
+        if value not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}. Got {value!r}")
+        return value
+
+    @field_validator("operating_point")
+    @classmethod
+    def _operating_point(cls, value: str) -> str:
+        parse_threshold(value)  # a number outside [0, 1] fails here; names at build_app (they need the models)
+        return value
+
     @classmethod
     def parse(cls, args: "ServeArgs | dict[str, Any] | None") -> "ServeArgs":
+        """``args`` as ServeArgs: a dict (strings or typed values) is validated, a ServeArgs kept."""
         if isinstance(args, cls):
             return args
-        args = dict(args or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ValueError(f"Unknown application arguments {unknown}; known: {sorted(known)}")
-        parsed = cls(**args)
-        from ..inference.engine import ENGINES, PRECISIONS  # names only; the engines load in the replicas
-
-        if parsed.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {', '.join(ENGINES)}. Got {parsed.engine!r}")
-        if parsed.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}. Got {parsed.precision!r}")
-        if parsed.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}. Got {parsed.layout!r}")
-        parse_threshold(str(parsed.operating_point))  # a number outside [0, 1] fails here; names at build_app
-        if (parsed.max_batch_size < 1 or parsed.max_upload_mb <= 0 or parsed.max_study_images < 1
-                or parsed.min_replicas < 1):
-            raise ValueError(f"max_batch_size, max_upload_mb, max_study_images and min_replicas must be positive. "
-                             f"Got {parsed}")
-        return parsed
+        return cls.model_validate(dict(args or {}))
 
     @property
     def storage_options(self) -> StorageOptions:
@@ -905,12 +946,13 @@ class Ingress:
 
 # ----------------------------------------------------------------------------- builder
 
-def build_app(args: ServeArgs | dict[str, Any] | None = None):
+def build_app(args: ServeArgs = None):
     """The typed application builder: ``serve run fracray.serving.app:build_app models=...``
-    or serving/config.yaml's ``import_path`` + ``args``."""
+    or serving/config.yaml's ``import_path`` + ``args``. Serve validates the arguments with the
+    annotated ServeArgs; a caller in Python may pass a dict (validated the same) or nothing."""
     args = ServeArgs.parse(args)
     if not storage.is_remote(args.models):
-        args = dataclasses.replace(args, models=storage.normalize(args.models))  # replicas have other cwds
+        args = args.model_copy(update={"models": storage.normalize(args.models)})  # replicas have other cwds
     from ..inference.predictor import check_precision
 
     # Fast precision for a bundle without a passed validation: refused here, not by every request
@@ -933,7 +975,7 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None):
         fixed = {"num_replicas": args.replicas, "autoscaling_config": None}
         for options in (router_options, classifier_options, ingress_options):
             options.update(fixed)
-    elif args.min_replicas != ServeArgs.min_replicas:
+    elif args.min_replicas != ServeArgs.model_fields["min_replicas"].default:
         for deployment, options in ((BodyPartRouter, router_options), (FractureClassifiers, classifier_options),
                                     (Ingress, ingress_options)):
             scaling = dict(AUTOSCALING[deployment.name], min_replicas=args.min_replicas,
@@ -949,5 +991,10 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None):
     classifiers = FractureClassifiers.options(**classifier_options).bind(args)
     return Ingress.options(**ingress_options).bind(router, classifiers, args)
 
+
+# Serve converts a builder's arguments only when its parameter's annotation is the pydantic class
+# itself (ray.serve._private.api.call_user_app_builder_with_args_if_necessary); this module's
+# `from __future__ import annotations` leaves the string "ServeArgs" there, so set the class.
+build_app.__annotations__["args"] = ServeArgs
 
 app_builder = build_app
