@@ -191,7 +191,7 @@ def test_the_recipes_parse_and_set_what_they_say():
     assert cpu.training.single_model and cpu.training.fracture.localization and cpu.training.fracture.tta_flip
     assert cpu.training.fracture.preprocess().image_size == (384, 384) and cpu.training.fracture.pretrained is True
     assert cpu.training.fracture.localization_head == "detector" and cpu.training.fracture.robust_augment
-    assert cpu.training.fracture.precision == "auto" and cpu.training.fracture.epochs == 12
+    assert cpu.training.fracture.precision == "auto" and cpu.training.fracture.epochs == 8
     gpu = parse_config(["--config", str(recipes / "fracatlas_gpu.yaml")])
     assert gpu.training.use_gpu and gpu.training.fracture.model == "efficientnetv2_b2"
     assert gpu.training.fracture.preprocess().image_size == (640, 640)

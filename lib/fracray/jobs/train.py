@@ -33,8 +33,8 @@ __all__ = ["TrainAllConfig", "DataStageSummary", "TrainAllResult", "run_train_al
 
 # Training defaults follow the data. The embedded synthetic default is sized to show the system
 # learning in minutes on a 2-core laptop (router accuracy near 1 and fracture AUROC above 0.85 on
-# its own validation split: README "Two commands"); with a dataset they stay the conservative
-# fine-tuning that the README's real-data results were measured with. Keys are TrainConfig
+# its own validation split: README "Two commands", docs/training.md); with a dataset they stay the
+# conservative fine-tuning that the real-data results in docs/results.md were measured with. Keys are TrainConfig
 # (epochs, batch_size, lr, strategy) and TrainingSettings (router_*) field names.
 EMBEDDED_TRAINING_DEFAULTS: dict[str, Any] = {"epochs": 10, "batch_size": 8, "lr": 1e-3, "strategy": "last60",
                                               "router_strategy": "last30", "router_epochs": 2}
