@@ -110,7 +110,7 @@ class ServeArgs(BaseModel):
     # How the models are laid out (LAYOUTS): "graph", the router and the classifiers as deployments of
     # their own that scale apart (clusters, GPUs); "fused", both inside each ingress replica, so a
     # request crosses one process instead of three (small CPU machines, where each hop costs more
-    # than it spreads: see the README's Serving benchmark).
+    # than it spreads: see docs/benchmarks.md, Serving).
     layout: str = "graph"
     # The operating point a request that names none is labelled at: "default" (each model's own
     # threshold), a named point of the models ("high_sensitivity", "high_specificity",
@@ -342,7 +342,7 @@ api = FastAPI(
     description="Fracture / abnormality detection on musculoskeletal radiographs: a body-part router and "
                 "bone-specific classifiers. Decision support for qualified readers; not a diagnosis.\n\n"
                 "Every error, whatever its status, is a JSON body {error, detail}: error is a stable name (see "
-                "the README's error table), detail says what to do. With a bearer token configured, every path "
+                "docs/serving.md's error table), detail says what to do. With a bearer token configured, every path "
                 "but /healthz needs 'Authorization: Bearer <token>' (and it is checked before anything else is "
                 "read). Raw bodies (and multipart file parts) must be " + ", ".join(ACCEPTED_CONTENT_TYPES)
                 + " or carry no Content-Type; the image format is read from the bytes.",
