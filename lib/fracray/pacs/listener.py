@@ -49,7 +49,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -68,6 +67,8 @@ from .. import dicomweb, storage
 from ..metrics.study import study_decision
 from .dimse import (DimseDestination, DimseError, DimseRefused, TlsFiles, check_ae_title, is_dimse, send_instances,
                     server_context)
+from .privacy import scrub as _scrub
+from .privacy import study_key
 from .results import MANUFACTURER, StudyFinding, overlay_secondary_capture, structured_report
 from .server import ServerLimits, start_server
 
@@ -98,11 +99,6 @@ _REFUSED_BY_SERVICE = (400, 415, 422)  # the images themselves (unreadable, out 
 _FAILED = ".failed"
 _PART = ".part"
 FAILURE_FILE = "failure.json"
-
-
-def study_key(study_uid: str) -> str:
-    """The name a study goes by in the spool and the logs: not its UID (which links to the patient)."""
-    return hashlib.sha256(study_uid.encode()).hexdigest()[:16]
 
 
 def _instance_file(sop_uid: str) -> str:
@@ -243,24 +239,6 @@ class _Permanent(Exception):
     logged (no patient data)."""
 
 
-_UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
-
-
-def _scrub(text: str, datasets) -> str:
-    """``text`` (an exception's message) with every UID and every header value of ``datasets``
-    that it quotes replaced, so that it can be logged."""
-    values = set()
-    for ds in datasets:
-        for elem in ds:
-            if elem.VR in ("PN", "LO", "SH", "LT", "ST", "UT", "DA", "DT", "TM", "AS", "UI", "CS", "IS", "DS") \
-                    and elem.value not in (None, ""):
-                for value in (elem.value if elem.VM > 1 else [elem.value]):
-                    if len(str(value).strip()) >= 3:
-                        values.add(str(value).strip())
-    for value in sorted(values, key=len, reverse=True):
-        text = text.replace(value, "<redacted>")
-    text = _UID.sub("<uid>", text)
-    return text if len(text) <= 300 else text[:300] + "..."
 
 
 @dataclasses.dataclass

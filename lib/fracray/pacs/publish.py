@@ -28,6 +28,7 @@ from ..data.manifest import read_table
 from ..imaging.regions import findings_from_rows
 from ..scoring.archive import read_image_results
 from ..storage import StorageOptions
+from .privacy import scrub, study_key
 from .results import StudyFinding, overlay_secondary_capture, result_uid, structured_report
 
 __all__ = ["PublishSummary", "publish_scores", "FAILURES_FILE"]
@@ -52,8 +53,6 @@ def _to_bytes(ds) -> bytes:
 
 
 def _key(study_uid: str) -> str:
-    from .listener import study_key
-
     return study_key(study_uid)
 
 
@@ -111,9 +110,7 @@ def _publish_study(study: str, scored: list[dict], verdict: dict, target: str, o
             instances += [_to_bytes(overlay_secondary_capture(ds, pixels[str(ds.SOPInstanceUID)], finding))
                           for ds in sources]
     except Exception as exc:  # these images and this verdict do not make valid results
-        from .listener import _scrub
-
-        raise _StudyFailed(f"its results could not be built ({type(exc).__name__}: {_scrub(str(exc), sources)})") \
+        raise _StudyFailed(f"its results could not be built ({type(exc).__name__}: {scrub(str(exc), sources)})") \
             from exc
     try:
         dicomweb.store_instances(target, instances)
