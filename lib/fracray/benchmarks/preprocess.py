@@ -160,8 +160,22 @@ def forced_engine(name: str | None):
             os.environ[variable] = before
 
 
+def _cpu_model() -> str:
+    """The CPU's model name and whether it has native bf16 (avx512_bf16 / AMX), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.system()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.system())
+    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
+    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model} ({'native bf16: ' + ', '.join(native) if native else 'no native bf16'})"
+
+
 def machine_description() -> str:
-    desc = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor() or platform.system()}"
+    desc = f"{platform.machine()}, {os.cpu_count()} CPU cores, {_cpu_model()}"
     try:
         import torch
         if torch.cuda.is_available():

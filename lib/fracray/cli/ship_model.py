@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from typing import Any
 
 from .. import storage
 from ..artifacts.bundle import read_bundle_meta
 from ..artifacts.shipped import ship_bundle
+from ..benchmarks.preprocess import machine_description
 from ..evaluation.shift import ShiftResult
 
 __all__ = ["get_args_parser", "main", "model_card"]
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None, *, prog: str = "ship_model.py") -> int:
         written = ship_bundle(args.bundle, args.output)
         card = model_card(meta, evaluation=_read_json(args.evaluation, "evaluation.json"),
                           shift=_read_json(args.shift, "shift.json"), command=args.command,
-                          machine=args.machine or f"{platform.machine()}, {platform.processor() or 'CPU'}")
+                          machine=args.machine or machine_description())
         storage.write_bytes(storage.join(args.output, "MODEL_CARD.md"), card.encode())
     except (FileNotFoundError, ValueError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
