@@ -109,3 +109,60 @@ def test_local_only_settings_are_refused_when_joining(tmp_path, kwargs):
     env = dict(os.environ, RAY_ADDRESS=_dead_address())
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 3 and "RAY_ADDRESS=local" in out.stdout and "num_cpus" in out.stdout
+
+
+_DRIVER = """
+import os, sys, time
+from fracray.raycluster import connect
+import ray
+connect(num_cpus=1, include_dashboard=False)
+@ray.remote
+class Holder:
+    def pid(self):
+        return os.getpid()
+holder = Holder.remote()
+ray.get(holder.pid.remote())
+print("SESSION", os.path.realpath(ray._private.worker._global_node.get_session_dir_path()), flush=True)
+time.sleep(600)
+"""
+
+
+def _holding(session: str) -> list[str]:
+    """Processes (pid:name) that hold a file of the Ray session ``session`` open."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            name = open(f"/proc/{pid}/comm").read().strip()
+        except OSError:
+            continue
+        if any(link.startswith(session + "/") for link in links):
+            out.append(f"{pid}:{name}")
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_sigkilled_driver_takes_its_local_ray_with_it(tmp_path):
+    """A command's own local Ray (connect) dies with it, even by SIGKILL: no agent, worker or
+    actor of that session is left (Ray's agents alone stay ~60 s, reporting to the dead GCS)."""
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER)
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO / "lib")}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    try:
+        line = ""
+        deadline = time.time() + 180
+        while not line.startswith("SESSION") and time.time() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "the driver exited before its Ray started"
+        session = line.split(None, 1)[1].strip()
+        before = _holding(session)
+        assert any("raylet" in p for p in before) and any("DashboardA" in p or "RuntimeEnv" in p for p in before), before
+    finally:
+        proc.kill()  # SIGKILL: no atexit, no ray.shutdown
+        proc.wait(30)
+    deadline = time.time() + 20
+    while _holding(session) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _holding(session) == [], f"left of the driver's Ray after 20 s: {_holding(session)}"

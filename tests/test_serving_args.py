@@ -193,3 +193,26 @@ def test_serve_run_with_command_line_arguments(tmp_path, localizing_single_index
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def _deployment_names(app) -> set[str]:
+    """The deployments an application graph would start (walking the bound arguments)."""
+    bound = app._bound_deployment
+    names = {bound.name}
+    for arg in (*bound.init_args, *bound.init_kwargs.values()):
+        if hasattr(arg, "_bound_deployment"):
+            names |= _deployment_names(arg)
+    return names
+
+
+def test_an_index_without_a_router_deploys_no_router(localizing_index, localizing_single_index):
+    """No router in the model index: no BodyPartRouter replicas (each held a process and ~820 MB
+    for nothing); the ingress names the one classifier itself. With a router: all three."""
+    assert _deployment_names(build_app({"models": localizing_index})) == {"Ingress", "BodyPartRouter",
+                                                                          "FractureClassifiers"}
+    single = build_app({"models": localizing_single_index})
+    assert _deployment_names(single) == {"Ingress", "FractureClassifiers"}
+    assert single._bound_deployment.init_args[0] is None
+    assert _deployment_names(build_app({"models": localizing_single_index, "layout": "fused"})) == {"Ingress"}
+    # An index that cannot be read when the graph is declared (serve build, no model yet): the full graph.
+    assert "BodyPartRouter" in _deployment_names(build_app({"models": "/nonexistent/model_index.json"}))

@@ -345,6 +345,78 @@ def test_a_killed_replica_under_load_costs_no_500_and_heals(hardened, deployment
     assert _post(url, data=images[0]).status_code == 200
 
 
+def _raw_request(url: str, head: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(head)
+    response = _read_response(sock)
+    sock.close()
+    return response
+
+
+def _json_error_of(response: bytes, status: int, reason: str) -> dict:
+    import json
+
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n", 1)[0].split(b" ")[1] == str(status).encode(), response[:300]
+    assert b"content-type: application/json" in head.lower(), head
+    answer = json.loads(body)
+    assert set(answer) == {"error", "detail"} and answer["error"] == reason and answer["detail"], answer
+    return answer
+
+
+def test_long_urls_and_bad_header_bytes_get_the_json_error_body(hardened):
+    """A URL over the guard's limit (8 KB): 414 from the guard. What uvicorn's parser refuses before
+    any app code (a URL of 64 KB or more, a control byte in a header, a bad header name): the same
+    400 it always sent, now in the JSON error body (proxy_guard.json_parser_errors)."""
+    auth = f"Authorization: Bearer {SERVE_TEST_TOKEN}\r\n".encode()
+    for size in (20_000, 60_000):
+        response = _raw_request(hardened, b"GET /v1/models?q=" + b"a" * size + b" HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
+        assert "FRACRAY_MAX_URL_KB" in _json_error_of(response, 414, "url_too_long")["detail"]
+    for head in (b"GET /v1/" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n",
+                 b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + auth + b"X-Odd: a\x01b\r\n\r\n",
+                 b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + auth + b"X-Odd: a\x7fb\r\n\r\n",
+                 b"GET /v1/models HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n\r\n"):
+        answer = _json_error_of(_raw_request(hardened, head), 400, "bad_request")
+        assert "not valid HTTP/1.1" in answer["detail"], answer
+    assert requests.get(f"{hardened}/v1/models", headers=AUTH, timeout=60).status_code == 200
+
+
+def test_a_killed_ingress_replica_under_load_answers_json_and_no_500(hardened):
+    """8 clients while an Ingress replica is SIGKILLed: Serve's proxy writes nothing for the
+    requests that replica held (uvicorn then sent a bare 500 text); the guard sends them once more
+    (it holds the body) and answers JSON whatever happens."""
+    url = hardened
+    victim = _replica_pids()["Ingress"][0]
+    images = [_image("wrist", 500, 400, seed=300 + i) for i in range(4)]
+    stop = threading.Event()
+    answers: list[tuple[int, str]] = []
+
+    def client(k: int):
+        while not stop.is_set():
+            r = _post(url, data=images[k % 4], params={"body_part": "wrist"})
+            answers.append((r.status_code, r.headers.get("content-type", "")))
+            if r.status_code != 200:
+                assert set(r.json()) == {"error", "detail"}, r.text[:300]
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(client, k) for k in range(8)]
+        time.sleep(4)
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(10)
+        stop.set()
+        for f in futures:
+            f.result()
+    assert answers and all(ct.startswith("application/json") for _, ct in answers), answers
+    codes = [c for c, _ in answers]
+    assert 500 not in codes, codes
+    assert codes.count(200) >= 0.8 * len(codes), codes
+    deadline = time.time() + 120
+    while time.time() < deadline and (_running_replicas("Ingress") < 2 or victim in _replica_pids()["Ingress"]):
+        time.sleep(2)
+    assert _post(url, data=images[0], params={"body_part": "wrist"}).status_code == 200
+
+
 # ----------------------------------------------------------------------------- pydicom's corpus over HTTP
 
 def test_every_pydicom_test_file_gets_an_answer_over_http(hardened):

@@ -85,3 +85,13 @@ def test_a_service_operating_point_the_models_lack_is_refused_before_deploying(l
     with pytest.raises(ValueError, match=r"A threshold must be a number in \[0, 1\]. Got '1.5'"):
         ServeArgs.parse({"models": localizing_single_index, "operating_point": "1.5"})
     assert build_app({"models": localizing_single_index, "operating_point": "0.25"}) is not None
+
+
+def test_an_index_without_a_router_starts_no_router_replicas(ray_local, localizing_single_index):
+    """A single-model index: Serve runs the Ingress and the classifiers only, and still answers."""
+    from ray import serve
+
+    with served({"models": localizing_single_index, "min_replicas": 1}, "single") as url:
+        assert set(serve.status().applications["single"].deployments) == {"Ingress", "FractureClassifiers"}
+        r = requests.post(f"{url}/v1/classify", data=_image(seed=3), timeout=120)
+        assert r.status_code == 200 and r.json()["body_part"] == "all" and r.json()["router"] is None, r.text

@@ -5,6 +5,13 @@ last ``ray start`` (``/tmp/ray/ray_current_cluster``) names. When that cluster h
 retries the dead GCS for many minutes, printing time-outs. :func:`connect` makes the same
 choice as Ray, prints it, and refuses in a few seconds, with what to do, when nothing
 listens at the address. Ray is imported only when a command connects.
+
+A local Ray that :func:`connect` starts dies with the command, however the command ends. Ray
+ties its GCS, raylet and dashboard to the driver (the kernel kills them when it dies), but not
+the raylet's own children: after a SIGKILLed driver its dashboard and runtime-env agents stay
+for about a minute (each tries to report the raylet's death to the dead GCS first) and its
+workers until they notice. A small watchdog process (:func:`_start_watchdog`) waits for the
+driver to end and then stops every process that still holds a file of that Ray session.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import dataclasses
 import logging
 import os
 import socket
+import subprocess
 import sys
 import time
 import warnings
@@ -168,6 +176,7 @@ def connect(address: str | None = None, *, timeout_s: float = 5.0, log: Callable
         else:
             log(f"Ray: starting a local Ray instance ({_local_cpus(init_kwargs)} CPUs; {choice.source})")
         ray.init(address=choice.init_address, **init_kwargs)
+        _start_watchdog()
         _after_init(log)
         return choice
     local_only = [k for k in LOCAL_ONLY if init_kwargs.get(k) is not None]
@@ -199,6 +208,78 @@ def connect(address: str | None = None, *, timeout_s: float = 5.0, log: Callable
             os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
     _after_init(log)
     return choice
+
+
+# The watchdog (run as `python -c`, so it needs nothing but Python): reads its stdin, the read end
+# of a pipe whose write end only the driver holds, until EOF (the driver is gone, however it
+# ended); then, after a moment for a clean ray.shutdown to finish, stops (SIGTERM, then SIGKILL)
+# every process that still has a file open in the session's folder: the session's folder
+# name is unique (time and driver pid), and every Ray process keeps its logs open there.
+_WATCHDOG = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+session = os.path.realpath(sys.argv[1]) + "/"
+if not os.path.basename(session[:-1]).startswith("session_"):
+    sys.exit(f"not a Ray session folder: {session!r}")
+while sys.stdin.buffer.read(4096):
+    pass
+time.sleep(1.0)
+def left():
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(session):
+                    out.append(int(pid))
+                    break
+            except OSError:
+                continue
+    return out
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    for pid in left():
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    deadline = time.monotonic() + 5
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+"""
+_watchdog_pipe: int | None = None  # the write end, held open for the driver's whole life
+
+
+def _start_watchdog() -> None:
+    """After ``ray.init`` started a local Ray in this process: a watchdog that stops what is left
+    of it when this process ends (see the module's docstring). Linux only (it reads /proc);
+    nothing when this process joined a Ray it did not start."""
+    global _watchdog_pipe
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # private: which processes this driver started
+    if node is None or not getattr(node, "all_processes", None) or not os.path.isdir("/proc/self/fd"):
+        return
+    session = os.path.realpath(node.get_session_dir_path())
+    if not os.path.basename(session).startswith("session_") or not os.path.isdir(session):
+        return  # the watchdog stops only what holds a file in one Ray session's own folder
+    read_end, write_end = os.pipe()  # not inheritable: no process started later holds the write end
+    try:
+        subprocess.Popen([sys.executable, "-c", _WATCHDOG, session], stdin=read_end, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    except OSError:
+        os.close(write_end)
+        return
+    finally:
+        os.close(read_end)
+    if _watchdog_pipe is not None:  # a second local Ray in this process: the first one's watchdog ends now
+        os.close(_watchdog_pipe)
+    _watchdog_pipe = write_end
 
 
 def verbose() -> bool:

@@ -64,12 +64,13 @@ from pydicom import uid as dicom_uid
 from pynetdicom import AE, AllStoragePresentationContexts, VerificationPresentationContexts, evt
 
 from .. import dicomweb, storage
+from ..imaging.instances import RADIOGRAPH_SOP_CLASSES, refusal
 from ..metrics.study import study_decision
 from .dimse import (DimseDestination, DimseError, DimseRefused, TlsFiles, check_ae_title, is_dimse, send_instances,
                     server_context)
 from .privacy import scrub as _scrub
 from .privacy import study_key
-from .results import MANUFACTURER, StudyFinding, overlay_secondary_capture, structured_report
+from .results import StudyFinding, overlay_secondary_capture, structured_report
 from .server import ServerLimits, start_server
 
 __all__ = ["ListenerConfig", "DicomWebDestination", "Listener", "RADIOGRAPH_SOP_CLASSES", "DECODABLE_SYNTAXES",
@@ -78,13 +79,8 @@ __all__ = ["ListenerConfig", "DicomWebDestination", "Listener", "RADIOGRAPH_SOP_
 
 logger = logging.getLogger(__name__)
 
-# What is classified: the projection radiograph storage classes (and digitised films as SC).
-RADIOGRAPH_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1": "CR",                   # Computed Radiography Image Storage
-    "1.2.840.10008.5.1.4.1.1.1.1": "DX for presentation",  # Digital X-Ray Image Storage - For Presentation
-    "1.2.840.10008.5.1.4.1.1.1.1.1": "DX for processing",  # Digital X-Ray Image Storage - For Processing
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",    # Secondary Capture Image Storage (digitised films)
-}
+# What is classified (RADIOGRAPH_SOP_CLASSES) and which instances: imaging.instances, the rule
+# the service's STOW-RS endpoint applies too.
 # Transfer syntaxes that the service decodes (pydicom with pylibjpeg, openjpeg and rle); only
 # these are accepted for the classes above, so a sender that could also send another syntax
 # sends one of these.
@@ -111,23 +107,11 @@ def _sop_class_name(sop_class: str) -> str:
 
 
 def skip_reason(sop_class: str, ds) -> str | None:
-    """Why an instance is acknowledged but not classified, or None to classify it. Says the
-    SOP class and the reason, never anything from the header that identifies someone."""
-    if sop_class not in RADIOGRAPH_SOP_CLASSES:
-        return f"{_sop_class_name(sop_class)} is not a radiograph"
-    if str(ds.get("Manufacturer", "")).strip().lower() == MANUFACTURER:
-        return f"a {MANUFACTURER} result ({_sop_class_name(sop_class)}), not classified again"
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        return f"{_sop_class_name(sop_class)} with an invalid NumberOfFrames"
-    if frames > 1:
-        return f"multi-frame {_sop_class_name(sop_class)} ({frames} frames)"
-    if "PixelData" not in ds:
-        return f"{_sop_class_name(sop_class)} without pixel data"
-    if not ds.get("StudyInstanceUID") or not ds.get("SOPInstanceUID"):
-        return f"{_sop_class_name(sop_class)} without a StudyInstanceUID or SOPInstanceUID"
-    return None
+    """Why an instance is acknowledged but not classified, or None to classify it: the one rule
+    (``imaging.instances.refusal``, which STOW-RS applies too). Says the SOP class and the reason,
+    never anything from the header that identifies someone."""
+    refused = refusal(ds, sop_class)
+    return refused.detail if refused else None
 
 
 @dataclasses.dataclass(frozen=True)

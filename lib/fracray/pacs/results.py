@@ -28,12 +28,14 @@ from typing import Any
 
 import numpy as np
 
+from ..imaging.instances import OWN_MANUFACTURER
+
 __all__ = ["StudyFinding", "result_uid", "structured_report", "overlay_secondary_capture", "BANNER",
            "FRACTURE", "NO_FRACTURE", "FRACTURE_PROBABILITY", "TYPE2_PATIENT_STUDY", "UNPAIRED_BODY_PARTS",
            "with_type2", "series_laterality"]
 
 BANNER = "AI RESULT - NOT FOR DIAGNOSIS ALONE"
-MANUFACTURER = "fracray"
+MANUFACTURER = OWN_MANUFACTURER  # what the listener and STOW-RS recognise and do not classify again
 
 # Coded concepts. SNOMED CT for the finding; the probability, threshold and operating point have
 # no standard code, so they are in a private coding scheme that says whose they are.

@@ -35,6 +35,7 @@ from .. import storage
 from ..artifacts.bundle import read_bundle_meta
 from ..artifacts.describe import describe_bundle, parse_threshold, resolve_threshold
 from ..artifacts.index import check_operating_point, read_model_index
+from ..imaging.instances import UNREADABLE_REASONS, refusal
 from ..metrics.study import STUDY_RULE, study_decision
 from ..storage import StorageOptions
 
@@ -460,6 +461,27 @@ api.add_middleware(_Gate)
 _ACTIVE_INGRESS: "Ingress | None" = None
 
 
+# Errors that are about the service, not a study (overload, a model replica dead twice): a STOW-RS
+# request that meets one is answered 503 + Retry-After as a whole (nothing is stored: a retry is safe).
+_SERVICE_BUSY = ("overloaded", "replica_unavailable")
+# The error names whose STOW-RS FailureReason is 0x0110 Processing failure (the service failed on
+# the instance); every other refused image is 0xC000 Cannot understand (unreadable, out of scope).
+_PROCESSING_FAILURES = ("model_error", "processing_failed")
+
+
+def _stow_failure_reason(error: str) -> int:
+    return 0x0110 if error in _PROCESSING_FAILURES else 0xC000
+
+
+def _uid(ds, keyword: str) -> str | None:
+    """A UID of a STOW-RS instance for its report, or None where absent or unreadable."""
+    try:
+        value = str(ds.get(keyword, "") or "").strip()
+    except Exception:
+        return None
+    return value or None
+
+
 def _stow_response(referenced: list[dict], failed: list[dict]) -> dict[str, Any]:
     """The STOW-RS response data set (PS3.18 10.5.3), in DICOM JSON."""
     def item(h: dict, reason: int | None = None) -> dict[str, Any]:
@@ -513,6 +535,8 @@ class Ingress:
         if args.layout == "fused":  # the models run here, in this replica's process
             router = _InProcess(BodyPartRouter.func_or_class(args))
             classifiers = _InProcess(_FusedClassifiers(args))
+        elif router is None:  # an index without a router (build_app deploys none): the one classifier's name
+            router = _InProcess(BodyPartRouter.func_or_class(args))
         self.router = router
         self.classifiers = classifiers
         self.args = args
@@ -818,10 +842,14 @@ class Ingress:
     @api.post("/dicomweb/studies", summary="STOW-RS: classify the DICOM instances of one or more studies",
               description="DICOMweb STOW-RS (PS3.18): a multipart/related body with type=application/dicom, one "
                           "DICOM instance per part (at most max_study_images). Instances are grouped by "
-                          "StudyInstanceUID and each study is classified as by /v1/classify/study. Objects that are "
-                          "not single-frame images (SR, RT, ECG, presentation states, multi-frame) are refused with "
-                          "FailureReason 0x0122 (SOP class not supported), unreadable ones with 0xC000; the rest "
-                          "are still classified. With Accept: application/dicom+json the answer is the standard "
+                          "StudyInstanceUID and each study is classified as by /v1/classify/study. Which instances "
+                          "are classified is the DICOM node's rule: single-frame CR, DX and Secondary Capture "
+                          "images with pixel data, not fracray's own results; the others (SR, RT, ECG, CT, MR, "
+                          "presentation states, multi-frame) are refused with FailureReason 0x0122 (SOP class not "
+                          "supported), unreadable ones or ones without UIDs with 0xC000. Each study stands alone: one "
+                          "whose images cannot be read is refused with 0xC000, one the service fails on with 0x0110 "
+                          "(processing failure), and the other studies are still classified (only an overloaded "
+                          "service answers the whole request 503). With Accept: application/dicom+json the answer is the standard "
                           "STOW-RS response (ReferencedSOPSequence, FailedSOPSequence; 200 all, 202 some, 409 none "
                           "accepted); otherwise JSON: {studies: [{study_instance_uid, study, images}], failed}. "
                           "Nothing is stored: results go back to the PACS through the DICOM node (fracray listen) "
@@ -835,19 +863,27 @@ class Ingress:
             for data, header in instances:
                 by_study.setdefault(header["study"], []).append((f"{header['sop']}.dcm", data, header))
             studies, referenced = [], []
-            for study_uid, items in by_study.items():
+            for study_uid, items in by_study.items():  # one study's failure is its own: the rest go on
                 try:
                     answer = await self._score_study([(n, d) for n, d, _ in items], None, operating_point, False,
                                                      False, request_id)
                 except _Rejected as exc:
-                    if not exc.per_image and exc.status in (429, 503):  # the service, not the study
+                    if exc.reason in _SERVICE_BUSY:  # the service, not the study: the client retries it all
                         raise
-                    failed += [{**h, "reason": 0xC000, "error": exc.reason, "detail": exc.detail} for _, _, h in items]
+                    failed += [{**h, "reason": _stow_failure_reason(exc.reason), "error": exc.reason,
+                                "detail": exc.detail} for _, _, h in items]
+                    continue
+                except Exception as exc:  # a bug on this study's images: reported, logged with the id
+                    logger.exception("request %s: STOW-RS study failed with %s", request_id, type(exc).__name__)
+                    failed += [{**h, "reason": 0x0110, "error": "processing_failed",
+                                "detail": f"The service failed on this study ({type(exc).__name__}); request id "
+                                          f"{request_id} is in the service's log"} for _, _, h in items]
                     continue
                 for (_, _, header), image in zip(items, answer["images"]):
                     image["image"]["sop_instance_uid"] = header["sop"]
                     if "error" in image:
-                        failed.append({**header, "reason": 0xC000, "error": image["error"], "detail": image["detail"]})
+                        failed.append({**header, "reason": _stow_failure_reason(image["error"]),
+                                       "error": image["error"], "detail": image["detail"]})
                     else:
                         referenced.append(header)
                 studies.append({"study_instance_uid": study_uid, **answer})
@@ -863,7 +899,8 @@ class Ingress:
 
     async def _stow_parts(self, request) -> tuple[list[tuple[bytes, dict]], list[dict]]:
         """The instances of a STOW-RS body that can be classified, with their header facts, and
-        the ones refused (not a single-frame image, unreadable), each with its reason."""
+        the ones refused, each with its reason: the rule is the DICOM node's
+        (``imaging.instances.refusal``), so both ways in classify the same instances."""
         import email.parser
         import io
 
@@ -890,21 +927,19 @@ class Ingress:
             data = part.get_payload(decode=True) or b""
             try:
                 ds = pydicom.dcmread(io.BytesIO(data), defer_size=1024, force=True)  # pixels left unread
-                header = {"study": str(ds.StudyInstanceUID), "sop": str(ds.SOPInstanceUID),
-                          "sop_class": str(ds.SOPClassUID)}
-            except Exception as exc:  # not DICOM, or no UIDs: refused, the others go on
+            except Exception as exc:  # not DICOM: refused, the others go on
                 failed.append({"sop": None, "sop_class": None, "reason": 0xC000, "error": "not_dicom",
-                               "detail": f"{type(exc).__name__}: not a DICOM instance with study and SOP UIDs"})
+                               "detail": f"{type(exc).__name__}: not a DICOM instance"})
                 continue
-            try:
-                frames = int(ds.get("NumberOfFrames") or 1)
-            except (TypeError, ValueError):  # a malformed IS value: let the decoder judge the pixels
-                frames = 1
-            has_pixels = "PixelData" in ds
-            if not has_pixels or frames > 1:
-                why = "multi-frame objects are not classified" if frames > 1 else "not an image (no pixel data)"
-                failed.append({**header, "reason": 0x0122, "error": "unsupported_sop_class", "detail": why})
-                logger.info("STOW-RS: skipped one instance of SOP class %s: %s", header["sop_class"], why)
+            header = {"study": _uid(ds, "StudyInstanceUID"), "sop": _uid(ds, "SOPInstanceUID"),
+                      "sop_class": _uid(ds, "SOPClassUID")}
+            refused = refusal(ds)  # the DICOM node's rule (imaging.instances), the same for both ways in
+            if refused is not None:
+                unreadable = refused.reason in UNREADABLE_REASONS
+                failed.append({**header, "reason": 0xC000 if unreadable else 0x0122,
+                               "error": "not_dicom" if unreadable else "unsupported_sop_class",
+                               "detail": refused.detail})
+                logger.info("STOW-RS: skipped one instance: %s", refused.detail)
                 continue
             instances.append((data, header))
         return instances, failed
@@ -987,9 +1022,22 @@ def build_app(args: ServeArgs = None):
         # replica would (a whole CPU: the engine runs one thread per reserved CPU), and a GPU if asked.
         ingress_options["ray_actor_options"] = {"num_cpus": 1, **({"num_gpus": args.num_gpus} if args.num_gpus else {})}
         return Ingress.options(**ingress_options).bind(None, None, args)
-    router = BodyPartRouter.options(**router_options).bind(args)
     classifiers = FractureClassifiers.options(**classifier_options).bind(args)
+    if not _has_router(args):
+        # Nothing to route with: the ingress names the one classifier itself (Ingress.__init__),
+        # instead of replicas that would each load the index and hold a process for no model.
+        return Ingress.options(**ingress_options).bind(None, classifiers, args)
+    router = BodyPartRouter.options(**router_options).bind(args)
     return Ingress.options(**ingress_options).bind(router, classifiers, args)
+
+
+def _has_router(args: ServeArgs) -> bool:
+    """Whether the model index names a router. An index that cannot be read yet (``serve build
+    serving.graph:app`` with no model trained) keeps the full graph: its replicas then say why."""
+    try:
+        return read_model_index(args.models, args.storage_options).router is not None
+    except (storage.StorageError, OSError):
+        return True
 
 
 # Serve converts a builder's arguments only when its parameter's annotation is the pydantic class

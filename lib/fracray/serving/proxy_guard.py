@@ -7,13 +7,20 @@ ingress) already hold the whole upload. This ASGI middleware runs inside the pro
 the environment of every Ray node before Ray starts: ``configure_environment`` does that for
 a local Ray; the cluster files set it) and:
 
-- refuses header blocks over ``FRACRAY_MAX_HEADER_KB`` (431) and declared or streamed bodies
-  over ``FRACRAY_MAX_BODY_MB`` (413) while reading, never buffering past the limit;
+- refuses header blocks over ``FRACRAY_MAX_HEADER_KB`` (431), URLs over ``FRACRAY_MAX_URL_KB``
+  (414) and declared or streamed bodies over ``FRACRAY_MAX_BODY_MB`` (413) while reading, never
+  buffering past the limit;
 - answers 408 when the body stops arriving for ``FRACRAY_BODY_TIMEOUT_S`` (a Content-Length
   longer than the body sent would otherwise hold a connection for minutes);
 - rewrites every error the proxy itself writes as plain text (Serve's backpressure 503,
-  an unknown route's 404, a dead replica's 500) into the service's one JSON error body
-  ``{"error": ..., "detail": ...}``.
+  an unknown route's 404) into the service's one JSON error body ``{"error": ..., "detail": ...}``;
+- sends a request once more when the proxy gave it no answer at all (an ingress replica that died
+  under it: Serve then writes nothing and uvicorn a bare ``500 Internal Server Error``), since
+  the guard holds its whole body and every endpoint of the service is free of side effects; a
+  second failure is answered 503 ``replica_unavailable`` with Retry-After, in the JSON body;
+- makes uvicorn's own answer to a request its HTTP parser refuses (a control byte in a header,
+  a URL over 64 KB, a malformed request line: ``400 Invalid HTTP request received.``, written
+  before any ASGI code runs) the JSON body too (:func:`json_parser_errors`).
 
 The ingress keeps its own (application-level) upload limit: the proxy's is the outer bound.
 """
@@ -22,17 +29,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from typing import Any
 
-__all__ = ["GuardLimits", "ProxyGuard", "proxy_middlewares", "configure_environment", "CALLBACK", "GUARD_HEADER"]
+__all__ = ["GuardLimits", "ProxyGuard", "proxy_middlewares", "configure_environment", "json_parser_errors",
+           "CALLBACK", "GUARD_HEADER", "PARSER_ERROR_DETAIL"]
+
+logger = logging.getLogger("ray.serve")
 
 CALLBACK = "fracray.serving.proxy_guard:proxy_middlewares"
 GUARD_HEADER = b"x-fracray-proxy-guard"  # set on requests that passed the guard; the ingress checks it
 
 # Status -> the error name for proxy-written errors (and anything else that arrives as plain text).
 _REASON = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-           408: "body_timeout", 413: "upload_too_large", 431: "headers_too_large", 500: "internal_error",
+           408: "body_timeout", 413: "upload_too_large", 414: "url_too_long", 431: "headers_too_large",
+           500: "internal_error",
            502: "bad_gateway", 503: "unavailable", 504: "timeout"}
 
 
@@ -40,7 +52,7 @@ class GuardLimits:
     """The proxy's limits, from the environment (the proxy runs in Ray's processes, not ours)."""
 
     def __init__(self, max_body_mb: float | None = None, max_header_kb: float | None = None,
-                 body_timeout_s: float | None = None):
+                 body_timeout_s: float | None = None, max_url_kb: float | None = None):
         env = os.environ
         self.max_body = int(float(max_body_mb if max_body_mb is not None else env.get("FRACRAY_MAX_BODY_MB", 64))
                             * 1024 * 1024)
@@ -48,18 +60,20 @@ class GuardLimits:
                                     else env.get("FRACRAY_MAX_HEADER_KB", 16)) * 1024)
         self.body_timeout = float(body_timeout_s if body_timeout_s is not None
                                   else env.get("FRACRAY_BODY_TIMEOUT_S", 30))
-        if self.max_body <= 0 or self.max_header <= 0 or self.body_timeout <= 0:
+        # Path and query string; uvicorn's parser (httptools) refuses 64 KB and more itself.
+        self.max_url = int(float(max_url_kb if max_url_kb is not None else env.get("FRACRAY_MAX_URL_KB", 8)) * 1024)
+        if self.max_body <= 0 or self.max_header <= 0 or self.body_timeout <= 0 or self.max_url <= 0:
             raise ValueError(f"Proxy limits must be positive. Got body {self.max_body} B, headers "
-                             f"{self.max_header} B, body timeout {self.body_timeout} s")
+                             f"{self.max_header} B, URL {self.max_url} B, body timeout {self.body_timeout} s")
 
 
 def configure_environment(*, max_body_mb: float | None = None, max_header_kb: float | None = None,
-                          body_timeout_s: float | None = None) -> None:
+                          body_timeout_s: float | None = None, max_url_kb: float | None = None) -> None:
     """Set the variables that install the guard in Serve's proxy; call before Ray starts
     (a running Ray's proxy keeps the environment it was started with)."""
     os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = CALLBACK
     for name, value in (("FRACRAY_MAX_BODY_MB", max_body_mb), ("FRACRAY_MAX_HEADER_KB", max_header_kb),
-                        ("FRACRAY_BODY_TIMEOUT_S", body_timeout_s)):
+                        ("FRACRAY_BODY_TIMEOUT_S", body_timeout_s), ("FRACRAY_MAX_URL_KB", max_url_kb)):
         if value is not None:
             os.environ[name] = str(value)
     GuardLimits()  # loud now, not in the proxy's log
@@ -69,7 +83,55 @@ def proxy_middlewares() -> list:
     """The callback Serve's proxy calls (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``)."""
     from starlette.middleware import Middleware
 
+    json_parser_errors()  # Serve calls this in the proxy process before its uvicorn serves anything
     return [Middleware(ProxyGuard, limits=GuardLimits())]
+
+
+PARSER_ERROR_DETAIL = ("The request is not valid HTTP/1.1 and was refused before it was read ({message}): a control "
+                       "character in a header name or value, a URL or header block over the parser's own limit "
+                       "(64 KB for a URL), or a malformed request line or header. The connection is closed")
+
+
+def json_parser_errors() -> list[str]:
+    """Make uvicorn's answer to a request its HTTP parser refuses the service's JSON error body.
+
+    uvicorn writes that ``400`` (``Invalid HTTP request received.``, text/plain) itself, from its
+    protocol class's ``send_400_response``, before the request exists for any ASGI code; this
+    replaces that method of each protocol class uvicorn has (httptools, h11, ...) with one that
+    writes the same status with ``{"error": "bad_request", "detail": ...}`` and closes the
+    connection, as uvicorn's does. Returns the classes it changed (none where uvicorn has no
+    such method: its plain text then stays, and the tests say so)."""
+    import importlib
+
+    changed = []
+    for module, name in (("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol"),
+                         ("uvicorn.protocols.http.h11_impl", "H11Protocol"),
+                         ("uvicorn.protocols.http.zttp_impl", "ZttpProtocol")):
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except Exception:  # that parser is not installed, or this uvicorn has no such class
+            continue
+        current = getattr(cls, "send_400_response", None)
+        if current is None:
+            continue
+        if not getattr(current, "_fracray", False):
+            cls.send_400_response = _send_json_400
+        changed.append(name)
+    return changed
+
+
+def _send_json_400(self, msg: str) -> None:
+    """uvicorn's ``send_400_response(msg)`` with the JSON body (``self.transport``: the connection)."""
+    body = json.dumps({"error": "bad_request", "detail": PARSER_ERROR_DETAIL.format(message=msg.rstrip("."))}).encode()
+    head = [b"HTTP/1.1 400 Bad Request\r\n"]
+    for key, value in getattr(getattr(self, "server_state", None), "default_headers", ()):  # server, date
+        head.append(key + b": " + value + b"\r\n")
+    head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+    self.transport.write(b"".join(head) + body)
+    self.transport.close()
+
+
+_send_json_400._fracray = True  # type: ignore[attr-defined]
 
 
 def _json_response(status: int, reason: str, detail: str, headers: list[tuple[bytes, bytes]] = (), *,
@@ -101,6 +163,7 @@ class ProxyGuard:
             return await self.app(scope, receive, send)
         try:
             self._check_headers(scope)
+            self._check_url(scope)
             body = await self._read_body(scope, receive)
         except _Refused as exc:
             for message in _json_response(exc.status, exc.reason, exc.detail):
@@ -108,22 +171,51 @@ class ProxyGuard:
             return
         scope = dict(scope)
         scope["headers"] = [*scope["headers"], (GUARD_HEADER, b"1")]
-        delivered = False
+        disconnected = False
 
-        async def replay():
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # then the real stream: it says when the client disconnects
+        for attempt in (1, 2):
+            delivered = False
 
-        await self.app(scope, replay, _JsonErrors(send))
+            async def replay():
+                nonlocal delivered, disconnected
+                if not delivered:
+                    delivered = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                message = await receive()  # then the real stream: it says when the client disconnects
+                disconnected = disconnected or message["type"] == "http.disconnect"
+                return message
+
+            answer = _JsonErrors(send)
+            failure: Exception | None = None
+            try:
+                await self.app(scope, replay, answer)
+            except Exception as exc:  # uvicorn would write a bare 500 for it
+                failure = exc
+            if answer.started:
+                if failure is not None:
+                    raise failure  # mid-answer: nothing can be rewritten; uvicorn closes the connection
+                return
+            if disconnected:
+                return  # nobody left to answer
+            # No answer at all: Serve's proxy writes none for a replica that died under the request
+            # (it logs "Request failed"), and uvicorn would send a bare 500 text.
+            logger.warning("fracray proxy guard: %s %s got no answer (%s), attempt %d", scope.get("method"),
+                           scope.get("path"), type(failure).__name__ if failure else "no response", attempt)
+        for message in _json_response(503, "replica_unavailable", "The service's ingress gave no answer twice (a replica "
+                                      "that died or is restarting); retry shortly", [(b"retry-after", b"2")]):
+            await send(message)
 
     def _check_headers(self, scope) -> None:
         size = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
         if size > self.limits.max_header:
             raise _Refused(431, "headers_too_large", f"The request's headers are {size} bytes; the limit is "
                                                      f"{self.limits.max_header} bytes (FRACRAY_MAX_HEADER_KB)")
+
+    def _check_url(self, scope) -> None:
+        size = len(scope.get("raw_path") or scope.get("path", "").encode()) + len(scope.get("query_string", b""))
+        if size > self.limits.max_url:
+            raise _Refused(414, "url_too_long", f"The request's URL is {size} bytes; the limit is "
+                                                f"{self.limits.max_url} bytes (FRACRAY_MAX_URL_KB)")
 
     async def _read_body(self, scope, receive) -> bytes:
         limit = self.limits.max_body
@@ -164,9 +256,11 @@ class _JsonErrors:
         self.send = send
         self.held: dict[str, Any] | None = None
         self.body: list[bytes] = []
+        self.started = False  # an answer began (sent, or held to be rewritten)
 
     async def __call__(self, message):
         if message["type"] == "http.response.start":
+            self.started = True
             headers = {k.lower(): v for k, v in message.get("headers", ())}
             if message["status"] >= 400 and not headers.get(b"content-type", b"").startswith(b"application/json"):
                 self.held = message  # rewrite once the body is complete
