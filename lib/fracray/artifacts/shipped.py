@@ -3,8 +3,8 @@ weights, and MODEL_CARD.md), used by ``fracray serve``, ``score`` and ``evaluate
 ``--models`` is given, so a new user scores radiographs without training anything.
 
 :func:`ship_bundle` makes such a folder from a trained bundle (``fracray ship-model``): float16
-safetensors (half the bytes; the probabilities move by < 1e-3, measured when shipping and
-recorded in the bundle) and a model index beside it.
+safetensors (half the bytes; the largest relative change of any weight is recorded in the
+bundle, and a weight too large for float16 is refused) and a model index beside it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def ship_bundle(bundle_uri: str, output: str, *, part: str = "all", dataset: str
                 options: StorageOptions | None = None) -> dict[str, Any]:
     """Copy a trained bundle into ``output``/models/<name> with float16 weights, and write
     ``output``/model_index.json naming it for ``part``. Returns what was written and the
-    largest change of any weight (float16 rounding)."""
+    largest relative change of any weight (float16 rounding)."""
     from safetensors.torch import load as load_safetensors
     from safetensors.torch import save as save_safetensors
 
@@ -57,17 +57,21 @@ def ship_bundle(bundle_uri: str, output: str, *, part: str = "all", dataset: str
         raise ValueError(f"{bundle_uri} is a {meta.task!r} bundle; ship a fracture model")
     state = load_safetensors(storage.read_bytes(storage.join(bundle_uri, WEIGHTS_FILE), options))
     half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    worst = max((float((half[k].float() - v.float()).abs().max()) for k, v in state.items() if v.is_floating_point()
-                 and v.numel()), default=0.0)
+    overflow = [k for k, v in half.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if overflow:
+        raise ValueError(f"{bundle_uri}: weights {overflow[:3]} do not fit in float16; ship it as trained")
+    # float16 keeps ~3 significant digits: the largest change relative to each weight's size.
+    worst = max((float(((half[k].float() - v.float()).abs() / v.float().abs().clamp(min=1e-3)).max())
+                 for k, v in state.items() if v.is_floating_point() and v.numel()), default=0.0)
     name = bundle_uri.rstrip("/").rsplit("/", 1)[-1]
     target = storage.join(storage.join(output, "models"), name)
     storage.write_bytes(storage.join(target, WEIGHTS_FILE), save_safetensors(half), options)
     raw = json.loads(storage.read_bytes(storage.join(bundle_uri, META_FILE), options))
     raw.setdefault("inference", {})["weights_dtype"] = "float16"
-    raw["inference"]["float16_max_weight_change"] = worst
+    raw["inference"]["float16_max_relative_weight_change"] = worst
     storage.write_bytes(storage.join(target, META_FILE), json.dumps(raw, indent=2).encode(), options)
     write_model_index(storage.join(output, MODEL_INDEX_FILE),
                       ModelIndex(router=None, classifiers={part: target}, dataset=dataset, created=meta.created),
                       options)
-    return {"bundle": target, "index": storage.join(output, MODEL_INDEX_FILE), "max_weight_change": worst,
+    return {"bundle": target, "index": storage.join(output, MODEL_INDEX_FILE), "max_relative_weight_change": worst,
             "bytes": sum(v.numel() * v.element_size() for v in half.values())}

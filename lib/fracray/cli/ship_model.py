@@ -52,7 +52,7 @@ def _read_json(folder: str | None, name: str) -> dict[str, Any] | None:
 def model_card(meta, *, evaluation: dict | None, shift: dict | None, command: str | None, machine: str) -> str:
     m = meta.metrics or {}
     valid, loc = m.get("valid") or {}, m.get("valid_localization") or {}
-    points = {p["specificity"]: p for p in m.get("valid_operating_points") or [] if isinstance(p, dict)}
+    points = {p.get("specificity_target"): p for p in m.get("valid_operating_points") or [] if isinstance(p, dict)}
     training = meta.training or {}
     config = training.get("config") or {}
     lines = ["# Model card: fracray FracAtlas fracture detector", "",
@@ -84,8 +84,10 @@ def model_card(meta, *, evaluation: dict | None, shift: dict | None, command: st
              f"| AUROC (fused P(fracture)) | {_f(valid.get('auroc'))} |",
              f"| sensitivity at specificity 0.90 | {_f((points.get(0.9) or {}).get('sensitivity'))} |",
              f"| sensitivity at specificity 0.95 | {_f((points.get(0.95) or {}).get('sensitivity'))} |",
-             f"| AP30 / AP50 (boxes vs the release's, COCO-style) | {_f(loc.get('ap30'))} / {_f(loc.get('ap50'))} |",
-             f"| lesion sensitivity at 0.5 / 1 FP per image (IoU >= 0.3) | {_f(loc.get('lesion_sensitivity_at_0.5_fp'))}"
+             f"| AP30 / AP50 (every candidate box down to score 0.01, vs the release's boxes, COCO-style) | "
+             f"{_f(loc.get('ap30'))} / {_f(loc.get('ap50'))} |",
+             f"| lesion sensitivity at 0.5 / 1 FP per image (IoU >= 0.3, same candidates) | "
+             f"{_f(loc.get('lesion_sensitivity_at_0.5_fp'))}"
              f" / {_f(loc.get('lesion_sensitivity_at_1_fp'))} |",
              f"| median top-finding / fracture area | {_f(loc.get('median_area_ratio'), 2)} |",
              f"| ECE of P(fracture), 10 bins | {_f((m.get('valid_fracture_ece') or {}).get('ece'))} |",
@@ -102,7 +104,9 @@ def model_card(meta, *, evaluation: dict | None, shift: dict | None, command: st
         lines += ["Through the product's own predictor (`fracray evaluate`, float16 weights as shipped): "
                   f"AUROC {_f(o.get('auroc'))}, sensitivity {_f(o.get('sensitivity'))} / specificity "
                   f"{_f(o.get('specificity'))} at the bundle's threshold, P(fracture) ECE {_f(o.get('fracture_ece'))}, "
-                  f"AP30 {_f(les.get('ap30'))}, AP50 {_f(les.get('ap50'))}.", ""]
+                  f"AP30 {_f(les.get('ap30'))}, AP50 {_f(les.get('ap50'))} on the findings it reports (calibrated "
+                  f"score >= {les.get('min_score', '-')}), median top-finding / fracture area "
+                  f"{_f(les.get('median_area_ratio'), 2)}.", ""]
     if shift:
         lines += ["## Robustness (the same validation images, changed as archives change them)", "",
                   ShiftResult(shift["images"], shift["per_variant"]).table(), ""]
