@@ -95,3 +95,23 @@ def test_an_index_without_a_router_starts_no_router_replicas(ray_local, localizi
         assert set(serve.status().applications["single"].deployments) == {"Ingress", "FractureClassifiers"}
         r = requests.post(f"{url}/v1/classify", data=_image(seed=3), timeout=120)
         assert r.status_code == 200 and r.json()["body_part"] == "all" and r.json()["router"] is None, r.text
+
+
+def test_detector_boxes_over_http_are_the_predictors(ray_local, detector_single_index):
+    """A box-detector bundle served over HTTP (graph layout, one replica each): the same findings,
+    box for box, and the same fused P(fracture) as the batch predictor that scoring and evaluation
+    use (tests/test_explain.py holds evaluation and scoring to the predictor)."""
+    from fracray.inference.predictor import FracturePredictor
+
+    images = [_image(seed=11), _image("humerus", 1000, 700, fmt="PNG", seed=12)]
+    local = FracturePredictor(detector_single_index).predict_bytes(images)
+    assert any(r["findings"] for r in local), "the untrained detector's raised class bias should give boxes"
+    with served({"models": detector_single_index, "min_replicas": 1}, "detector") as url:
+        for data, expected in zip(images, local):
+            r = requests.post(f"{url}/v1/classify", data=data, timeout=120)
+            assert r.status_code == 200, r.text
+            got = r.json()
+            assert got["fracture_probability"] == pytest.approx(expected["fracture_probability"], abs=1e-5)
+            assert [f["box"] for f in got["findings"]] == [f["box"] for f in expected["findings"]]
+            assert [f["score"] for f in got["findings"]] == pytest.approx(
+                [f["score"] for f in expected["findings"]], abs=1e-4)
