@@ -313,35 +313,47 @@ def _running_replicas(deployment: str) -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
+def _kill_under_load(deployment: str, clients: int, client) -> int:
+    """``clients`` threads run ``client(k)``, which loops until ``client.stop`` is set; after 4 s
+    one ``deployment`` replica is SIGKILLed, 10 s later the clients stop. Returns the victim's pid."""
+    victim = _replica_pids()[deployment][0]
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(client, k) for k in range(clients)]
+        time.sleep(4)
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(10)
+        client.stop.set()
+        for f in futures:
+            f.result()
+    return victim
+
+
+def _healed(deployment: str, victim: int) -> bool:
+    """Wait (up to 120 s) until ``deployment`` runs two replicas again, none of them the victim."""
+    deadline = time.time() + 120
+    while time.time() < deadline and (_running_replicas(deployment) < 2 or victim in _replica_pids()[deployment]):
+        time.sleep(2)
+    return _running_replicas(deployment) == 2 and victim not in _replica_pids()[deployment]
+
+
 @pytest.mark.parametrize("deployment", ["FractureClassifiers", "BodyPartRouter"])
 def test_a_killed_replica_under_load_costs_no_500_and_heals(hardened, deployment):
     url = hardened
-    victim = _replica_pids()[deployment][0]
     images = [_image("wrist", 500, 400, seed=200 + i) for i in range(4)]
-    stop = threading.Event()
     codes: list[int] = []
 
     def client(k: int):
-        while not stop.is_set():
+        while not client.stop.is_set():
             r = _post(url, data=images[k % 4], params={"body_part": "wrist"} if deployment != "BodyPartRouter" else {})
             codes.append(r.status_code)
             if r.status_code == 503:
                 assert r.headers.get("Retry-After") and r.json()["error"] in ("replica_unavailable", "overloaded")
 
-    with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(client, k) for k in range(6)]
-        time.sleep(4)
-        os.kill(victim, signal.SIGKILL)
-        time.sleep(10)
-        stop.set()
-        for f in futures:
-            f.result()
+    client.stop = threading.Event()
+    victim = _kill_under_load(deployment, 6, client)
     assert codes and 500 not in codes, codes
     assert codes.count(200) >= 0.8 * len(codes), codes  # retried on the other replica, not refused
-    deadline = time.time() + 120
-    while time.time() < deadline and (_running_replicas(deployment) < 2 or victim in _replica_pids()[deployment]):
-        time.sleep(2)
-    assert _running_replicas(deployment) == 2 and victim not in _replica_pids()[deployment]
+    assert _healed(deployment, victim)
     assert _post(url, data=images[0]).status_code == 200
 
 
@@ -387,33 +399,23 @@ def test_a_killed_ingress_replica_under_load_answers_json_and_no_500(hardened):
     requests that replica held (uvicorn then sent a bare 500 text); the guard sends them once more
     (it holds the body) and answers JSON whatever happens."""
     url = hardened
-    victim = _replica_pids()["Ingress"][0]
     images = [_image("wrist", 500, 400, seed=300 + i) for i in range(4)]
-    stop = threading.Event()
     answers: list[tuple[int, str]] = []
 
     def client(k: int):
-        while not stop.is_set():
+        while not client.stop.is_set():
             r = _post(url, data=images[k % 4], params={"body_part": "wrist"})
             answers.append((r.status_code, r.headers.get("content-type", "")))
             if r.status_code != 200:
                 assert set(r.json()) == {"error", "detail"}, r.text[:300]
 
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(client, k) for k in range(8)]
-        time.sleep(4)
-        os.kill(victim, signal.SIGKILL)
-        time.sleep(10)
-        stop.set()
-        for f in futures:
-            f.result()
+    client.stop = threading.Event()
+    victim = _kill_under_load("Ingress", 8, client)
     assert answers and all(ct.startswith("application/json") for _, ct in answers), answers
     codes = [c for c, _ in answers]
     assert 500 not in codes, codes
     assert codes.count(200) >= 0.8 * len(codes), codes
-    deadline = time.time() + 120
-    while time.time() < deadline and (_running_replicas("Ingress") < 2 or victim in _replica_pids()["Ingress"]):
-        time.sleep(2)
+    assert _healed("Ingress", victim)
     assert _post(url, data=images[0], params={"body_part": "wrist"}).status_code == 200
 
 

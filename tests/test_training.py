@@ -233,6 +233,8 @@ def test_checkpoints_and_bundle_in_s3(ray_local, small_mura, s3_bucket):
 def test_training_benchmark_refuses_empty_measurements(capsys):
     from fracray.benchmarks.training import main
 
-    with pytest.raises(SystemExit) as exc:
-        main(["--repeats", "0"])
-    assert exc.value.code == 2 and "--repeats must be >= 1" in capsys.readouterr().err
+    for bad in (["--repeats", "0"], ["--image-size", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main(bad)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "--repeats and --image-size must be >= 1" in err and " 0" in err

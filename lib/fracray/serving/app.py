@@ -135,29 +135,14 @@ class ServeArgs(BaseModel):
             return None
         return value
 
-    @field_validator("engine")
+    @field_validator("engine", "precision", "layout")
     @classmethod
-    def _engine(cls, value: str) -> str:
-        from ..inference.engine import ENGINES  # names only; the engines load in the replicas
+    def _one_of(cls, value: str, info) -> str:
+        from ..inference.engine import ENGINES, PRECISIONS  # names only; the engines load in the replicas
 
-        if value not in ENGINES:
-            raise ValueError(f"engine must be one of {', '.join(ENGINES)}. Got {value!r}")
-        return value
-
-    @field_validator("precision")
-    @classmethod
-    def _precision(cls, value: str) -> str:
-        from ..inference.engine import PRECISIONS
-
-        if value not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}. Got {value!r}")
-        return value
-
-    @field_validator("layout")
-    @classmethod
-    def _layout(cls, value: str) -> str:
-        if value not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}. Got {value!r}")
+        allowed = {"engine": ENGINES, "precision": PRECISIONS, "layout": LAYOUTS}[info.field_name]
+        if value not in allowed:
+            raise ValueError(f"{info.field_name} must be one of {', '.join(allowed)}. Got {value!r}")
         return value
 
     @field_validator("operating_point")
