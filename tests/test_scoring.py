@@ -242,3 +242,21 @@ def test_cli_help_and_bad_input(tmp_path):
                           "--models", str(tmp_path / "nope"), "--output", str(tmp_path / "out")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "error:" in bad.stderr and "model_index.json" in bad.stderr
+
+
+def test_chunk_size_is_used_as_given_and_only_the_default_adapts(ray_local, untrained_index, tmp_path):
+    """--chunk-size 20 on 22 inputs: parts of 20 (it used to be cut to 8 below ~4,096 images);
+    without it, small archives still get small parts (8 here) so that every actor has work."""
+    import json
+
+    archive = tmp_path / "archive"
+    _make_archive(archive)                                    # 22 inputs, 18 of them images
+    for size, expected in ((20, 20), (None, 8)):
+        output = tmp_path / f"scores-{size}"
+        score_archive(ScoreConfig(input=str(archive), models=untrained_index, output=str(output), chunk_size=size,
+                                  batch_size=4), log=lambda *_: None)
+        run = json.loads((output / "_work" / "run.json").read_text())
+        assert run["effective_chunk_size"] == expected and run["chunks"] == -(-run["images"] // expected)
+        _check_exactly_once(str(output), archive)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ScoreConfig(input="x", models="y", output="z", chunk_size=0)

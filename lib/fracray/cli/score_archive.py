@@ -41,7 +41,9 @@ def build_parser(prog: str = "score_archive.py") -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="output folder URI (reuse it to resume)")
     parser.add_argument("--layout", default="auto", choices=["auto", *sorted(adapters.ADAPTERS)],
                         help="archive layout (default: detected: MURA, FracAtlas, manifest file, else a plain tree)")
-    parser.add_argument("--chunk-size", type=int, default=256, help="images per resumable output part (default: %(default)s)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="images per resumable output part, used exactly (default: 256, fewer for archives "
+                             "under 4,096 images so that there are at least 16 parts to spread over the actors)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="predictor actors (default: one per GPU, or one per CPU without GPUs)")

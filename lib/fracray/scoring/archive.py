@@ -83,6 +83,9 @@ STUDY_RESULT_SCHEMA = pa.schema([
 ])
 
 
+DEFAULT_CHUNK_SIZE = 256  # images per part when no chunk size is given (small archives get fewer)
+
+
 @dataclasses.dataclass(frozen=True)
 class ScoreConfig:
     """score_archive's options (one object, from flags or code)."""
@@ -91,7 +94,9 @@ class ScoreConfig:
     models: str
     output: str
     layout: str = "auto"                 # auto, mura, fracatlas, folder, manifest, tree
-    chunk_size: int = 256                # images per resumable part file
+    # Images per resumable part file, exactly as given; None: 256, smaller for small archives (at
+    # least 16 chunks when there are 128+ images, so every actor has work).
+    chunk_size: int | None = None
     batch_size: int = 32                 # images per predictor call
     concurrency: int | None = None       # predictor actors; default: one per GPU, else one per 2 CPUs
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs
@@ -102,7 +107,7 @@ class ScoreConfig:
     storage: StorageOptions = StorageOptions()
 
     def __post_init__(self):
-        if self.chunk_size < 1 or self.batch_size < 1:
+        if (self.chunk_size is not None and self.chunk_size < 1) or self.batch_size < 1:
             raise ValueError(f"chunk_size and batch_size must be >= 1. Got {self.chunk_size}, {self.batch_size}")
         if self.layout != "auto" and self.layout not in adapters.ADAPTERS:
             raise ValueError(f"layout must be auto or one of {sorted(adapters.ADAPTERS)}. Got {self.layout!r}")
@@ -146,9 +151,10 @@ def _prepare(config: ScoreConfig, output: str, log: Callable) -> tuple[pa.Table,
             first.setdefault(u, i)
         manifest = manifest.take(sorted(first.values()))
     manifest = manifest.sort_by("image_uri")
-    # Small archives get smaller chunks (at least 16 when there are 128+ images), so every
-    # actor has work; fixed here and stored, so a resume on another cluster cuts the same.
-    chunk_size = max(1, min(config.chunk_size, max(8, math.ceil(manifest.num_rows / 16))))
+    # A chunk size given is used as given; without one, small archives get smaller chunks (at
+    # least 16 when there are 128+ images) so every actor has work. Fixed here and stored, so a
+    # resume on another cluster cuts the same.
+    chunk_size = config.chunk_size or max(1, min(DEFAULT_CHUNK_SIZE, max(8, math.ceil(manifest.num_rows / 16))))
     chunk_ids = np.arange(manifest.num_rows, dtype=np.int64) // chunk_size
     work = pa.table({
         "image_uri": manifest["image_uri"], "study_id": manifest["study_id"], "body_part": manifest["body_part"],
