@@ -91,7 +91,10 @@ class ServeArgs(BaseModel):
     endpoint_url: str | None = None
     region: str | None = None
     anonymous: bool = False
-    # Overrides of the deployments' options (serving/config.yaml sets them for clusters).
+    # The front door's admission limits: requests in flight and queued per Ingress replica (503 +
+    # Retry-After beyond them). They apply to the Ingress only, by design: the model deployments are
+    # reached only through it, and their own limits are set per deployment in serving/config.yaml's
+    # `deployments:` section (Serve's config), which these arguments do not touch.
     max_ongoing_requests: int | None = None
     max_queued_requests: int | None = None
     num_gpus: float | None = None        # per model replica; default 0 (config.yaml: 1 on GPU workers)
