@@ -18,7 +18,7 @@ from .regions import (Finding, area_ratio, average_precision, findings_from_heat
                       yolo_to_pixels)
 
 __all__ = ["FindingsConfig", "map_to_image", "image_findings", "detection_findings", "localization_metrics",
-           "calibrate_box_score", "HEATMAP_MAX_SIDE"]
+           "calibrate_box_score", "truths_per_image", "HEATMAP_MAX_SIDE"]
 
 # Heatmaps are computed at most this large on a side (findings are scaled back to full
 # resolution): a 2304 x 2880 map would cost 26 MB per image and find the same boxes.
@@ -117,6 +117,19 @@ def detection_findings(boxes: np.ndarray, scores: np.ndarray, image_hw: tuple[in
     return out
 
 
+def truths_per_image(preds: dict[str, list], manifest):
+    """(index into ``preds``, true boxes in the image's own pixels) for every image that counts in
+    lesion-level scoring: fractured images with boxes, and non-fractured ones (no boxes: they add
+    only false positives). A fractured image whose fracture's place is unknown is left out."""
+    boxes_of = (dict(zip(manifest["image_uri"].to_pylist(), manifest["boxes"].to_pylist()))
+                if "boxes" in manifest.column_names else {})
+    for k, (uri, label, (h, w)) in enumerate(zip(preds["image_uri"], preds["image_label"], preds["source_size"])):
+        boxes = boxes_of.get(uri) or []
+        if label == 1 and not boxes:
+            continue
+        yield k, ([yolo_to_pixels(b, w, h) for b in boxes] if label == 1 else [])
+
+
 def localization_metrics(preds: dict[str, list], manifest, config: PreprocessConfig, *,
                          findings: FindingsConfig = FindingsConfig(),
                          box_calibration: dict[str, float] | None = None) -> dict[str, Any]:
@@ -132,15 +145,10 @@ def localization_metrics(preds: dict[str, list], manifest, config: PreprocessCon
     if not preds.get("maps"):
         return {}
     detections = preds.get("detections")
-    boxes_of = dict(zip(manifest["image_uri"].to_pylist(), manifest["boxes"].to_pylist()))
     hits = centre = pointed = 0
     per_image: list[tuple[Sequence[Finding], list]] = []
-    for k, (uri, label, heat_map, (h, w)) in enumerate(zip(preds["image_uri"], preds["image_label"], preds["maps"],
-                                                           preds["source_size"])):
-        boxes = boxes_of.get(uri) or []
-        if label == 1 and not boxes:
-            continue  # a fracture whose place is unknown: neither a lesion to find nor a source of false positives
-        truths = [yolo_to_pixels(b, w, h) for b in boxes] if label == 1 else []
+    for k, truths in truths_per_image(preds, manifest):
+        label, heat_map, (h, w) = preds["image_label"][k], preds["maps"][k], preds["source_size"][k]
         if detections is not None:
             found = detection_findings(*detections[k], (h, w), config, findings, min_score=0.01,
                                        box_calibration=box_calibration)

@@ -24,7 +24,7 @@ from ..imaging.preprocess import ModelInput, decode_for, finalize, prepare_input
 from ..imaging.regions import FINDINGS_TYPE, findings_to_rows
 from ..imaging.scope import OUT_OF_SCOPE, assess_scope
 from ..metrics.fusion import fused_probability
-from ..models.detection import decode_dense, dense_scores
+from ..models.detection import dense_detections
 from ..storage import StorageOptions
 from .engine import (DEFAULT_PRECISION, FAST_GRAPH_FILE, FAST_MODE_KEY, FastModeRefused, InferenceEngine,
                      check_fast_mode, engine_label, fast_mode_command, local_graph, make_engine, requested_engine,
@@ -170,8 +170,7 @@ class BundleModel:
             logits, map_logits = self.engine.infer(self.inputs(decoded[start:start + step]), tta_flip=self.tta_flip)
             probs = (logits.float() / float(self.meta.temperature)).softmax(-1).cpu().numpy().astype(np.float64)
             if map_logits is not None and self.detects:
-                found = [Detections(*(t.numpy() for t in decode_dense(d.cpu(), min_score=0.01)),
-                                    dense_scores(d.cpu()).numpy()) for d in map_logits]
+                found = [Detections(*dense_detections(d)) for d in map_logits]
                 maps += found
                 if self.fusion:
                     p = fused_probability(self.fusion, logits.float().cpu().numpy(), np.asarray([f.top for f in found]))

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..imaging.regions import match_findings, yolo_to_pixels
+from ..imaging.regions import match_findings
 from .classification import binary_metrics
 
 __all__ = ["top_scores", "fit_fusion", "fused_probability", "fit_box_calibration", "fracture_ece",
@@ -64,19 +64,13 @@ def fit_box_calibration(preds: dict[str, list], manifest, preprocess, *, min_iou
     """Platt scaling of the detector's box scores on held-out images: whether each candidate
     box (score >= 0.01) matches a fracture at IoU >= ``min_iou`` (greedy, one match per
     fracture), against the logit of its raw score. None when there is nothing to fit."""
-    from ..imaging.findings import detection_findings
+    from ..imaging.findings import detection_findings, truths_per_image
 
     if not preds.get("detections"):
         return None
-    boxes_of = dict(zip(manifest["image_uri"].to_pylist(), manifest["boxes"].to_pylist())) \
-        if "boxes" in manifest.column_names else {}
     scores, hits = [], []
-    for k, (uri, label, (h, w)) in enumerate(zip(preds["image_uri"], preds["image_label"], preds["source_size"])):
-        boxes = boxes_of.get(uri) or []
-        if label == 1 and not boxes:
-            continue
-        truths = [yolo_to_pixels(b, w, h) for b in boxes] if label == 1 else []
-        found = detection_findings(*preds["detections"][k], (h, w), preprocess, min_score=0.01)
+    for k, truths in truths_per_image(preds, manifest):
+        found = detection_findings(*preds["detections"][k], preds["source_size"][k], preprocess, min_score=0.01)
         for score, tp in match_findings(found, truths, min_iou=min_iou):
             scores.append(score)
             hits.append(int(tp))

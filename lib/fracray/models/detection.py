@@ -23,7 +23,7 @@ from torch import nn
 from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
 
 __all__ = ["DetectionHead", "DENSE_CHANNELS", "STRIDE", "flip_dense_back", "detection_targets", "detection_loss",
-           "decode_dense", "dense_scores", "MAX_BOXES"]
+           "decode_dense", "dense_scores", "dense_detections", "MAX_BOXES"]
 
 STRIDE = 8
 DENSE_CHANNELS = 6          # cls, l, t, r, b (log of distance / stride), centre-ness
@@ -169,3 +169,10 @@ def decode_dense(dense: torch.Tensor, *, min_score: float = 0.05, nms_iou: float
     s = scores[keep]
     kept = batched_nms(boxes, s, torch.zeros_like(s, dtype=torch.int64), nms_iou)[:max_boxes]
     return boxes[kept], s[kept]
+
+
+def dense_detections(dense: torch.Tensor, min_score: float = 0.01):
+    """One image's dense output -> (boxes K x 4 in input pixels, raw scores K, score map h x w), as
+    NumPy: what the predictor and the trainer's validation predictions keep of it."""
+    boxes, scores = decode_dense(dense.cpu(), min_score=min_score)
+    return boxes.numpy(), scores.numpy(), dense_scores(dense.cpu()).numpy()

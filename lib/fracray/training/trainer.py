@@ -40,7 +40,7 @@ from ..metrics.calibration import (calibrate, expected_calibration_error, operat
 from ..metrics.fusion import (fit_box_calibration, fit_fusion, fracture_ece, fused_probability, fusion_ablation,
                               top_scores)
 from ..metrics.study import study_level
-from ..models.detection import decode_dense, dense_scores, detection_loss
+from ..models.detection import decode_dense, dense_detections, detection_loss
 from ..storage import StorageOptions
 from .precision import PRECISIONS
 from .progress import post_progress
@@ -478,9 +478,9 @@ def predict_manifest(model, manifest: pa.Table, preprocess: PreprocessConfig, *,
             if maps is not None and getattr(model, "detects", False):
                 out.setdefault("detections", [])
                 for dense in maps:
-                    boxes, scores = decode_dense(dense, min_score=0.01)
-                    out["detections"].append((boxes.numpy(), scores.numpy()))
-                    out["maps"].append(dense_scores(dense).numpy())
+                    boxes, scores, score_map = dense_detections(dense)
+                    out["detections"].append((boxes, scores))
+                    out["maps"].append(score_map)
             elif maps is not None:
                 out["maps"] += list(torch.sigmoid(maps.float()).numpy())
             out["source_size"] += list(zip(batch["source_height"].tolist(), batch["source_width"].tolist()))
@@ -609,11 +609,11 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
     if detector:
         # P(fracture) from the classifier and the top detection together (a logistic fit on the
         # calibration slice), and each box's score as P(a fracture there, IoU >= 0.3).
-        fusion = fit_fusion(cal_logits[cal_keep], top_scores(cal_preds)[cal_keep], cal_y[cal_keep])
+        top, cal_top = top_scores(preds), top_scores(cal_preds)
+        fusion = fit_fusion(cal_logits[cal_keep], cal_top[cal_keep], cal_y[cal_keep])
         if fusion is not None:
-            calibration["classifier_alone"] = {"valid_auroc": M.binary_metrics(y, probs[:, 1], 0.5)["auroc"]}
-            p_valid = fused_probability(fusion, logits, top_scores(preds))
-            p_cal = fused_probability(fusion, cal_logits, top_scores(cal_preds))
+            p_valid = fused_probability(fusion, logits, top)
+            p_cal = fused_probability(fusion, cal_logits, cal_top)
             probs, cal_probs = np.stack([1 - p_valid, p_valid], 1), np.stack([1 - p_cal, p_cal], 1)
         box_calibration = fit_box_calibration(cal_preds, calibration_set if calibration_set is not None else valid,
                                               preprocess)
@@ -636,7 +636,7 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
             metrics["valid_localization"] = localization_metrics(preds, valid, preprocess,
                                                                  box_calibration=box_calibration)
         if detector:
-            metrics["valid_ablation"] = fusion_ablation(y, logits, temperature, top_scores(preds), p)
+            metrics["valid_ablation"] = fusion_ablation(y, logits, temperature, top, p)
         metrics["valid_fracture_ece"] = fracture_ece(y[keep], p[keep])
     else:
         threshold, rule, points = 0.0, "argmax", {}
