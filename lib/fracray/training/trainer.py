@@ -336,7 +336,8 @@ def _train_loop_per_worker(cfg: dict[str, Any]) -> None:
                   "val_selection": selection,
                   "val_accuracy": val.get("accuracy"), "val_auroc": val.get("auroc"), "val_ap30": val.get("ap30"),
                   "val_sensitivity": val.get("sensitivity"), "val_specificity": val.get("specificity"),
-                  "best_score": float(best_score), "input_shape": input_shape}
+                  "best_score": float(best_score), "input_shape": input_shape,
+                  "precision": step.precision}  # what the step really ran at (training.precision)
         history.append(record)
         if rank == 0:
             # One progress line per epoch, through the logging that Ray Train sets up in its workers
