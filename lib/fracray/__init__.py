@@ -18,6 +18,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("evaluation",),                     # the predictor's graph on labelled data
     ("scoring", "serving", "reports"),   # bulk scoring, the HTTP service, report files
     ("pacs",),                           # results as DICOM objects, published to a PACS
+    ("review",),                         # a scoring run in the browser: worklist, feedback, monitoring
     ("jobs", "benchmarks"),              # the jobs (typed config -> typed result); the benchmarks
     ("cli",),                            # arguments -> jobs: the `fracray` command and pipelines/*.py
 )

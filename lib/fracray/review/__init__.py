@@ -1,0 +1,9 @@
+"""The review application: a scoring run's worklist, study view and reviewers' feedback in a
+browser (``fracray review RUN``), and its monitoring (``fracray monitor RUN``).
+
+worklist.py   queries over a ``score_archive`` output where it lies (DuckDB / pyarrow datasets)
+feedback.py   FeedbackRecord and the feedback stores (SQLite by default, PostgreSQL given a URL)
+export.py     feedback -> a labelled manifest that ``train_all`` reads
+app.py        the ASGI application (FastAPI) and its Ray Serve builder
+monitoring.py the monitoring report (plots by day, body part, equipment; drift; concordance)
+"""
