@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import re
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Sequence
 
-__all__ = ["VERDICTS", "FeedbackRecord"]
+from .. import storage
+
+__all__ = ["VERDICTS", "FeedbackRecord", "FeedbackStore", "open_store", "default_store_path"]
 
 VERDICTS: tuple[str, ...] = ("agree", "disagree", "missed")
 
@@ -19,8 +26,8 @@ VERDICTS: tuple[str, ...] = ("agree", "disagree", "missed")
 class FeedbackRecord:
     """One reviewer's verdict.
 
-    study_id:   the scoring run's ``study`` of the image rows
-    image_id:   the image row's ``uri`` (None for a verdict on the whole study)
+    study_id:   the scoring run's ``study_id``
+    image_id:   the image row's ``image_uri`` (None for a verdict on the whole study)
     finding:    index into that image's ``findings`` (None for a study or image verdict, and for "missed")
     verdict:    "agree" | "disagree" | "missed"
     box:        (x0, y0, x1, y1) in the image's pixels for "missed", else None
@@ -69,3 +76,113 @@ class FeedbackRecord:
         d["box"] = list(self.box) if self.box is not None else None
         d["created_at"] = self.created_at.isoformat()
         return d
+
+
+# ----------------------------------------------------------------------------- stores
+
+_COLUMNS = ("run", "study_id", "image_id", "finding", "verdict", "box_x0", "box_y0", "box_x1", "box_y1",
+            "reviewer", "created_at")
+
+
+def default_store_path(run: str) -> str:
+    """Where feedback goes without --feedback: beside a local run (RUN/review/feedback.sqlite); for an
+    s3:// run, ./fracray-review-feedback.sqlite in the working folder."""
+    if storage.is_remote(run):
+        return "fracray-review-feedback.sqlite"
+    return str(Path(storage.normalize(run)) / "review" / "feedback.sqlite")
+
+
+class FeedbackStore:
+    """Feedback of one scoring run in SQL: an embedded SQLite file, or PostgreSQL given a
+    ``postgresql://`` URL. Many runs may share one database (rows carry the run's URI).
+    Thread-safe: one connection behind a lock."""
+
+    def __init__(self, target: str, run: str):
+        self.run = run
+        self.target = target
+        self.kind = "postgresql" if target.startswith(("postgresql://", "postgres://")) else "sqlite"
+        self._lock = threading.Lock()
+        if self.kind == "postgresql":
+            try:
+                import psycopg
+            except ImportError as exc:  # pragma: no cover - psycopg is a dependency
+                raise RuntimeError("PostgreSQL feedback needs psycopg (pip install 'psycopg[binary]')") from exc
+            try:
+                self._con = psycopg.connect(target, autocommit=True, connect_timeout=10)
+            except psycopg.Error as exc:
+                raise ConnectionError(f"Cannot connect to the feedback database: {_redact(str(exc))}") from None
+            self._mark = "%s"
+            key = "BIGSERIAL PRIMARY KEY"
+        else:
+            path = Path(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._con = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+                self._con.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.Error as exc:
+                raise ConnectionError(f"Cannot open the feedback file {path}: {exc}") from None
+            self._mark = "?"
+            key = "INTEGER PRIMARY KEY AUTOINCREMENT"
+        with self._lock:
+            self._con.execute(f"""CREATE TABLE IF NOT EXISTS fracray_feedback (
+                id {key}, run TEXT NOT NULL, study_id TEXT NOT NULL, image_id TEXT, finding INTEGER,
+                verdict TEXT NOT NULL, box_x0 DOUBLE PRECISION, box_y0 DOUBLE PRECISION, box_x1 DOUBLE PRECISION,
+                box_y1 DOUBLE PRECISION, reviewer TEXT NOT NULL, created_at TEXT NOT NULL)""")
+            self._con.execute("CREATE INDEX IF NOT EXISTS fracray_feedback_study ON fracray_feedback (run, study_id)")
+
+    def describe(self) -> str:
+        return "PostgreSQL" if self.kind == "postgresql" else f"SQLite ({self.target})"
+
+    def _execute(self, sql: str, params: Sequence = ()):
+        sql = sql.replace("?", self._mark)
+        with self._lock:
+            cursor = self._con.execute(sql, tuple(params))
+            return cursor.fetchall() if cursor.description else None
+
+    def add(self, record: FeedbackRecord) -> int:
+        box = list(record.box) if record.box is not None else [None] * 4
+        values = [self.run, record.study_id, record.image_id, record.finding, record.verdict, *box,
+                  record.reviewer.strip(), record.created_at.astimezone(_dt.timezone.utc).isoformat()]
+        sql = (f"INSERT INTO fracray_feedback ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+               " RETURNING id")
+        return int(self._execute(sql, values)[0][0])
+
+    def delete(self, feedback_id: int) -> bool:
+        rows = self._execute("DELETE FROM fracray_feedback WHERE id = ? AND run = ? RETURNING id",
+                             [feedback_id, self.run])
+        return bool(rows)
+
+    def records(self, study_id: str | None = None) -> list[tuple[int, FeedbackRecord]]:
+        """(id, record) of this run, oldest first; one study's when ``study_id`` is given."""
+        where, params = "run = ?", [self.run]
+        if study_id is not None:
+            where += " AND study_id = ?"
+            params.append(study_id)
+        rows = self._execute(f"SELECT id, {', '.join(_COLUMNS[1:])} FROM fracray_feedback WHERE {where} "
+                             f"ORDER BY id", params)
+        out = []
+        for r in rows:
+            box = tuple(r[5:9]) if r[5] is not None else None
+            out.append((int(r[0]), FeedbackRecord(study_id=r[1], image_id=r[2], finding=r[3], verdict=r[4], box=box,
+                                                  reviewer=r[9], created_at=_dt.datetime.fromisoformat(r[10]))))
+        return out
+
+    def all(self) -> list[FeedbackRecord]:
+        return [r for _, r in self.records()]
+
+    def reviewed_study_ids(self) -> set[str]:
+        return {r[0] for r in self._execute("SELECT DISTINCT study_id FROM fracray_feedback WHERE run = ?", [self.run])}
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+
+def _redact(text: str) -> str:
+    """A database error without the password a URL may carry."""
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+
+
+def open_store(target: str | None, run: str) -> FeedbackStore:
+    """The feedback store: ``target`` a postgresql:// URL, a SQLite file path, or None (the default path)."""
+    return FeedbackStore(target or default_store_path(run), run)

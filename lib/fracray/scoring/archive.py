@@ -60,6 +60,11 @@ IMAGE_RESULT_SCHEMA = pa.schema([
     ("width", pa.int32()),                   # the image's own size in pixels: the frame of the findings
     ("height", pa.int32()),
     ("sop_instance_uid", pa.string()),       # DICOM inputs: the SOP Instance UID (joins back to the PACS)
+    # DICOM inputs' headers, null elsewhere (and in runs scored before they were recorded): the
+    # review worklist's date filter and the monitoring's plots by day and equipment.
+    ("study_date", pa.date32()),             # StudyDate, else AcquisitionDate, else ContentDate
+    ("manufacturer", pa.string()),           # Manufacturer
+    ("manufacturer_model", pa.string()),     # ManufacturerModelName
     # Suspected fracture regions, best first: box [x0, x1) x [y0, y1) and peak in the image's
     # pixels, score = the fracture map's peak probability. Empty: none found or a model without
     # a fracture map; null: not scored.
