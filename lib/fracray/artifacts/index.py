@@ -21,10 +21,15 @@ from .describe import parse_threshold, resolve_threshold
 
 __all__ = ["ModelIndex", "read_model_index", "write_model_index", "check_model_index", "check_operating_point",
            "resolve_bundle_path",
-           "model_index_file", "MissingBundle", "MODEL_INDEX_FORMAT", "MODEL_INDEX_FILE"]
+           "model_index_file", "MissingBundle", "MODEL_INDEX_FORMAT", "MODEL_INDEX_FILE",
+           "VALIDATION_DISTRIBUTION_FILE", "validation_distribution_file"]
 
 MODEL_INDEX_FORMAT = "fracray-model-index/1"
 MODEL_INDEX_FILE = "model_index.json"
+# Beside the index: the models' P(fracture) on their validation images (metrics.drift), the
+# reference of the monitoring's drift statistic. Written by `fracray evaluate --output` and
+# copied here by `fracray ship-model --evaluation`.
+VALIDATION_DISTRIBUTION_FILE = "validation_distribution.json"
 
 
 @dataclasses.dataclass
@@ -43,6 +48,12 @@ def model_index_file(uri: str) -> str:
     local paths made absolute: the base that relative bundle paths in it resolve against."""
     uri = storage.normalize(uri)
     return uri if uri.endswith(".json") else storage.join(uri, MODEL_INDEX_FILE)
+
+
+def validation_distribution_file(uri: str) -> str:
+    """Where the validation distribution of the models a ``--models`` value names lies: beside
+    its model_index.json."""
+    return storage.join(_folder(model_index_file(uri)), VALIDATION_DISTRIBUTION_FILE)
 
 
 def _folder(uri: str) -> str:

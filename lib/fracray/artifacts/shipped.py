@@ -17,7 +17,7 @@ from typing import Any
 from .. import storage
 from ..storage import StorageOptions
 from .bundle import META_FILE, WEIGHTS_FILE, read_bundle_meta
-from .index import MODEL_INDEX_FILE, ModelIndex, write_model_index
+from .index import MODEL_INDEX_FILE, VALIDATION_DISTRIBUTION_FILE, ModelIndex, write_model_index
 
 __all__ = ["SHIPPED_MODELS", "shipped_model_index", "default_models", "ship_bundle", "MODELS_ENV"]
 
@@ -45,10 +45,13 @@ def default_models() -> str:
 
 
 def ship_bundle(bundle_uri: str, output: str, *, part: str = "all", dataset: str = "fracatlas",
-                options: StorageOptions | None = None) -> dict[str, Any]:
+                options: StorageOptions | None = None,
+                validation_distribution: dict[str, Any] | None = None) -> dict[str, Any]:
     """Copy a trained bundle into ``output``/models/<name> with float16 weights, and write
     ``output``/model_index.json naming it for ``part``. Returns what was written and the
-    largest relative change of any weight (float16 rounding)."""
+    largest relative change of any weight (float16 rounding). ``validation_distribution``: the
+    shipped files' P(fracture) on the validation images (``fracray evaluate --output`` writes
+    it), written beside the index as the monitoring's drift reference."""
     from safetensors.torch import load as load_safetensors
     from safetensors.torch import save as save_safetensors
 
@@ -73,5 +76,10 @@ def ship_bundle(bundle_uri: str, output: str, *, part: str = "all", dataset: str
     write_model_index(storage.join(output, MODEL_INDEX_FILE),
                       ModelIndex(router=None, classifiers={part: target}, dataset=dataset, created=meta.created),
                       options)
-    return {"bundle": target, "index": storage.join(output, MODEL_INDEX_FILE), "max_relative_weight_change": worst,
-            "bytes": sum(v.numel() * v.element_size() for v in half.values())}
+    written = {"bundle": target, "index": storage.join(output, MODEL_INDEX_FILE), "max_relative_weight_change": worst,
+               "bytes": sum(v.numel() * v.element_size() for v in half.values())}
+    if validation_distribution is not None:
+        written["validation_distribution"] = storage.join(output, VALIDATION_DISTRIBUTION_FILE)
+        storage.write_bytes(written["validation_distribution"], json.dumps(validation_distribution, indent=2).encode(),
+                            options)
+    return written

@@ -11,6 +11,7 @@ from typing import Any
 
 from .. import storage
 from ..artifacts.bundle import read_bundle_meta
+from ..artifacts.index import VALIDATION_DISTRIBUTION_FILE
 from ..artifacts.shipped import ship_bundle
 from ..benchmarks.preprocess import machine_description
 from ..evaluation.shift import ShiftResult
@@ -31,7 +32,8 @@ def get_args_parser(prog: str = "ship_model.py") -> argparse.ArgumentParser:
     parser.add_argument("--bundle", required=True, help="the trained fracture bundle (a folder with bundle.json)")
     parser.add_argument("--output", default="models/fracatlas", help="where to write (default: %(default)s)")
     parser.add_argument("--evaluation", default=None, help="folder with evaluation.json of this model (its table "
-                                                           "goes into the card)")
+                                                           "goes into the card; its validation_distribution.json, "
+                                                           "the drift reference, beside the index)")
     parser.add_argument("--shift", default=None, help="folder with shift.json of this model")
     parser.add_argument("--command", default=None, help="the exact training command, for the card")
     parser.add_argument("--machine", default=None, help="the machine it was trained on, for the card "
@@ -120,7 +122,12 @@ def main(argv: list[str] | None = None, *, prog: str = "ship_model.py") -> int:
     args = get_args_parser(prog).parse_args(argv)
     try:
         meta = read_bundle_meta(args.bundle)
-        written = ship_bundle(args.bundle, args.output)
+        # The evaluation's validation distribution of P(fracture), where it wrote one: the drift
+        # reference of `fracray monitor`, kept beside the shipped index.
+        distribution = None
+        if args.evaluation and storage.exists(storage.join(args.evaluation, VALIDATION_DISTRIBUTION_FILE)):
+            distribution = _read_json(args.evaluation, VALIDATION_DISTRIBUTION_FILE)
+        written = ship_bundle(args.bundle, args.output, validation_distribution=distribution)
         card = model_card(meta, evaluation=_read_json(args.evaluation, "evaluation.json"),
                           shift=_read_json(args.shift, "shift.json"), command=args.command,
                           machine=args.machine or machine_description())

@@ -11,9 +11,11 @@ import pyarrow as pa
 from .. import storage
 from ..artifacts.index import check_model_index, check_operating_point
 from ..data import adapters
+from ..artifacts.index import VALIDATION_DISTRIBUTION_FILE
 from ..data.manifest import filter_rows, write_table
 from ..evaluation.graph import evaluate_graph
 from ..imaging.regions import FINDINGS_TYPE
+from ..metrics.drift import validation_distribution
 from ..raycluster import connect
 from ..reports.training_plots import write_training_plots
 from ..storage import StorageOptions
@@ -51,6 +53,20 @@ class EvaluationResult:
     plots: dict[str, str]
 
 
+def evaluation_distribution(preds: dict[str, list], config: EvaluateConfig) -> dict[str, Any]:
+    """The validation distribution (metrics.drift) of the scored images' P(fracture), per the
+    dataset's own body part where it names one."""
+    n = len(preds.get("image_uri", []))
+    ok = [i for i in range(n) if preds["status"][i] == "ok" and preds["fracture_probability"][i] is not None]
+    parts = preds.get("true_body_part") or preds.get("body_part") or [None] * n
+    return validation_distribution([float(preds["fracture_probability"][i]) for i in ok], [parts[i] for i in ok],
+                                   source={"models": config.models, "dataset": config.dataset, "data": config.data,
+                                           "split": config.split or "all", "images": n, "scored": len(ok),
+                                           "engines": sorted({e for e in preds.get("engine", []) if e}),
+                                           "body_part": "the dataset's (true_body_part)"
+                                           if preds.get("true_body_part") else "the router's"})
+
+
 def run_evaluate(config: EvaluateConfig, *, log: Callable[[str], None] = print) -> EvaluationResult:
     options = config.storage
     check_model_index(config.models, options)  # every bundle, before Ray starts or anything is written
@@ -84,4 +100,8 @@ def run_evaluate(config: EvaluateConfig, *, log: Callable[[str], None] = print) 
         types = {"findings": FINDINGS_TYPE, "width": pa.int32(), "height": pa.int32()}  # typed even when all empty
         write_table(pa.table({k: pa.array(v, types.get(k)) for k, v in preds.items()}),
                     storage.join(config.output, "predictions.parquet"), options)
+        # The models' own P(fracture) on these images: the monitoring's drift reference once
+        # `fracray ship-model --evaluation` puts it beside the model index.
+        storage.write_bytes(storage.join(config.output, VALIDATION_DISTRIBUTION_FILE),
+                            json.dumps(evaluation_distribution(preds, config), indent=2).encode(), options)
     return EvaluationResult(summary, preds, plots)

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["binary_metrics", "choose_threshold", "multiclass_metrics", "sensitivity_at_specificity"]
+__all__ = ["binary_metrics", "choose_threshold", "multiclass_metrics", "sensitivity_at_specificity", "wilson_interval"]
 
 
 def _safe_div(a: float, b: float) -> float | None:
@@ -96,3 +96,22 @@ def sensitivity_at_specificity(labels: Sequence[int], probs: Sequence[float], sp
     m = binary_metrics(labels, probs, threshold)
     return {"specificity_target": specificity, "sensitivity": m["sensitivity"], "specificity": m["specificity"],
             "threshold": threshold}
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """Wilson score interval of a proportion ``successes / n`` (None when n is 0): unlike the
+    normal approximation it stays inside [0, 1] and is usable for small counts and 0 or n successes."""
+    if n <= 0:
+        return None
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, n]. Got {successes} of {n}")
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denominator
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends, not rounding residue
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
