@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "load-study": ("fracray.cli.load_study", "radiographs -> a demo DX/CR DICOM study in a test PACS (Orthanc)"),
     "check-scope": ("fracray.cli.check_scope", "measure the out-of-scope check on photos, CT/MR/US, blanks"),
     "shift-eval": ("fracray.cli.shift_eval", "AUROC on rotated, inverted, re-compressed, downscaled copies vs clean"),
+    "monitor": ("fracray.cli.monitor", "a scoring run's monitoring: rates by day, body part, equipment; drift alarm; "
+                                       "concordance with reviewers (PNGs + JSON)"),
     "ship-model": ("fracray.cli.ship_model", "a trained bundle -> the shipped model folder (float16) with its card"),
     "ablation-table": ("fracray.cli.ablation_table", "the ablation table from train runs' bundles"),
     "validate-fast-mode": ("fracray.cli.validate_fast_mode", "measure the fast CPU precision (OpenVINO bf16) against "
