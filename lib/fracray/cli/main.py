@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("fracray.cli.evaluate", "a labelled dataset through a model index: metrics, FROC, examples"),
     "score": ("fracray.cli.score_archive", "bulk-score an archive (folder, s3://, dicomweb://) into Parquet"),
     "serve": ("fracray.cli.serve", "the HTTP service on Ray Serve, until Ctrl-C"),
+    "review": ("fracray.cli.review", "a scoring run in the browser: worklist, study view, feedback, monitoring"),
     "publish": ("fracray.cli.publish_results", "a scoring run's results into the PACS as DICOM SR + overlays"),
     "listen": ("fracray.cli.listen", "a DICOM node: classify studies a PACS sends by C-STORE, SR + overlays back"),
     "load-study": ("fracray.cli.load_study", "radiographs -> a demo DX/CR DICOM study in a test PACS (Orthanc)"),

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from .. import storage
 
-__all__ = ["VERDICTS", "FeedbackRecord", "FeedbackStore", "open_store", "default_store_path"]
+__all__ = ["VERDICTS", "FeedbackRecord", "FeedbackStore", "open_store", "default_store_path", "read_feedback"]
 
 VERDICTS: tuple[str, ...] = ("agree", "disagree", "missed")
 
@@ -186,3 +186,12 @@ def _redact(text: str) -> str:
 def open_store(target: str | None, run: str) -> FeedbackStore:
     """The feedback store: ``target`` a postgresql:// URL, a SQLite file path, or None (the default path)."""
     return FeedbackStore(target or default_store_path(run), run)
+
+
+def read_feedback(target: str | None, run: str) -> list[FeedbackRecord]:
+    """Every feedback record of a run, oldest first (``target`` as :func:`open_store`)."""
+    store = open_store(target, run)
+    try:
+        return store.all()
+    finally:
+        store.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import io
 import json
 import math
 import re
@@ -30,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import storage
+from .. import dicomweb, storage
 from ..artifacts.index import check_model_index, check_operating_point
 from ..data import adapters
 from ..data.manifest import read_table, write_table
@@ -65,6 +66,7 @@ IMAGE_RESULT_SCHEMA = pa.schema([
     ("study_date", pa.date32()),             # StudyDate, else AcquisitionDate, else ContentDate
     ("manufacturer", pa.string()),           # Manufacturer
     ("manufacturer_model", pa.string()),     # ManufacturerModelName
+    ("scored_at", pa.timestamp("s", tz="UTC")),  # when the row's part file was written
     # Suspected fracture regions, best first: box [x0, x1) x [y0, y1) and peak in the image's
     # pixels, score = the fracture map's peak probability. Empty: none found or a model without
     # a fracture map; null: not scored.
@@ -107,8 +109,8 @@ class ScoreConfig:
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs
     body_part_from_layout: bool = False  # trust MURA-style body-part folders over the router
     operating_point: str | None = None   # None: each model's own threshold
-    engine: str = "auto"                 # what runs the models in the actors (inference.engine; $FRACRAY_ENGINE wins)
-    precision: str = "exact"             # exact | fast (validated bundles only; $FRACRAY_PRECISION wins)
+    engine: str = "auto"                 # what runs the models in the actors (inference.engines.choice: auto = $FRACRAY_ENGINE, else auto)
+    precision: str | None = None         # exact | fast (validated bundles only); None: $FRACRAY_PRECISION, else exact
     storage: StorageOptions = StorageOptions()
 
     def __post_init__(self):
@@ -181,6 +183,53 @@ def _prepare(config: ScoreConfig, output: str, log: Callable) -> tuple[pa.Table,
     }
     storage.write_bytes(run_uri, json.dumps(run, indent=2).encode(), options)  # written last: the set-up is done
     return work, run
+
+
+_HEADER_BYTES = 64 * 1024  # a DICOM header's prefix: read again for the study date and equipment
+
+
+def _dicom_date(ds) -> _dt.date | None:
+    for keyword in ("StudyDate", "AcquisitionDate", "ContentDate"):
+        text = str(ds.get(keyword, "") or "").strip()
+        if re.fullmatch(r"\d{8}", text):
+            try:
+                return _dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+            except ValueError:
+                continue
+    return None
+
+
+def _dicom_headers(batch: pa.Table, options: StorageOptions | None = None) -> pa.Table:
+    """study_date, manufacturer, manufacturer_model of the batch's DICOM rows (those with a SOP
+    Instance UID), from the first 64 KiB of each file; null for other rows, PACS (dicomweb://)
+    instances, and headers that do not parse. A Ray Data stage after the predictor."""
+    import pydicom
+
+    dates, makers, models = [], [], []
+    for uri, sop in zip(batch["image_uri"].to_pylist(), batch["sop_instance_uid"].to_pylist()):
+        date = maker = model = None
+        if sop and uri and not dicomweb.is_dicomweb(uri):
+            try:
+                data, _ = storage.read_prefix(uri, _HEADER_BYTES, options)
+                ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True,
+                                     specific_tags=["StudyDate", "AcquisitionDate", "ContentDate", "Manufacturer",
+                                                    "ManufacturerModelName"])
+                date = _dicom_date(ds)
+                maker = str(ds.get("Manufacturer", "") or "").strip() or None
+                model = str(ds.get("ManufacturerModelName", "") or "").strip() or None
+            except Exception:  # noqa: BLE001 - a header that does not parse in its prefix: nulls, the score stands
+                pass
+        dates.append(date)
+        makers.append(maker)
+        models.append(model)
+    for name, values, kind in (("study_date", dates, pa.date32()), ("manufacturer", makers, pa.string()),
+                               ("manufacturer_model", models, pa.string())):
+        column = pa.array(values, kind)
+        if name in batch.column_names:
+            batch = batch.set_column(batch.column_names.index(name), name, column)
+        else:
+            batch = batch.append_column(name, column)
+    return batch
 
 
 def _conform_results(table: pa.Table, chunk_id: int | None = None) -> pa.Table:
@@ -352,6 +401,9 @@ def score_archive(config: ScoreConfig, *, log: Callable[[str], None] = print,
                             "operating_point": config.operating_point, "engine": config.engine,
                             "precision": config.precision},
                            batch_size=config.batch_size, plan=plan)
+        # DICOM inputs' date and equipment, read from their headers beside the predictor (nulls elsewhere).
+        ds = ds.map_batches(_dicom_headers, batch_format="pyarrow", batch_size=None,
+                            fn_kwargs={"options": options})
         log(f"Scoring with {plan.actors} predictor actor(s)"
             + (f", {plan.gpus_per_actor:g} GPU each" if plan.gpus_per_actor else ""))
         buffers: dict[int, list[pa.Table]] = defaultdict(list)
@@ -366,6 +418,9 @@ def score_archive(config: ScoreConfig, *, log: Callable[[str], None] = print,
                 if counts[chunk] < expected[chunk]:
                     continue
                 table = _conform_results(pa.concat_tables(buffers.pop(chunk))).sort_by("image_uri")
+                table = table.set_column(table.column_names.index("scored_at"), "scored_at", pa.array(
+                    [_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)] * table.num_rows,
+                    pa.timestamp("s", tz="UTC")))
                 if table.num_rows != expected[chunk] or len(pc.unique(table["image_uri"])) != table.num_rows:
                     raise RuntimeError(f"chunk {chunk}: {table.num_rows} rows back for {expected[chunk]} images")
                 write_table(table, storage.join(output, "images", f"part-{chunk:06d}.parquet"), options)
