@@ -42,6 +42,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "scoring": ("fracray.benchmarks.scoring", "score_archive against a plain single-process loop"),
     "serving": ("fracray.benchmarks.serving", "the HTTP service's latency and throughput against in-process"),
     "engine": ("fracray.benchmarks.engine", "model only: eager PyTorch against ONNX Runtime, vs the CPU's peak"),
+    "review": ("fracray.benchmarks.review", "the review app's worklist pages and monitoring on 1M scoring rows vs pandas"),
 }
 
 
