@@ -4,6 +4,7 @@ serving/config.yaml was written from it (then pointed at the builder with ``args
 tests/test_serving.py rebuilds it and checks the two still agree. Binding only
 declares the graph: nothing loads until Serve starts the replicas.
 """
-from fracray.serving.app import ServeArgs, build_app
+from fracray.serving.app import build_app
+from fracray.serving.args import ServeArgs
 
 app = build_app(ServeArgs())

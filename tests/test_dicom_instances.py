@@ -127,7 +127,8 @@ def _stow_request(parts: list[bytes]):
 def _ingress_with(score_study):
     """The ingress's STOW-RS code on an instance without models: ``score_study`` stands in for
     scoring a study (the models' part, tested over HTTP elsewhere)."""
-    from fracray.serving.app import Ingress, ServeArgs
+    from fracray.serving.args import ServeArgs
+    from fracray.serving.ingress import Ingress
 
     ingress = object.__new__(Ingress.func_or_class)
     ingress.args = ServeArgs(max_study_images=16)
@@ -150,7 +151,7 @@ def test_one_study_that_fails_is_reported_and_the_others_are_answered(failure):
     """A study the service fails on (an exception, or every image's model failing: 503 model_error)
     is listed as failed with 0x0110 Processing failure; the other study is answered. Before: the
     whole request was a 500 or a 503."""
-    from fracray.serving.app import _Rejected
+    from fracray.serving.errors import Rejected as _Rejected
 
     (good_uid, good), (bad_uid, bad) = _study(0, 2), _study(2, 1)
 
@@ -191,7 +192,7 @@ async def _with_accept(ingress, parts):
 @NO_DEL_WARNING
 def test_an_overloaded_service_still_answers_the_whole_request_503():
     """Overload is about the service, not a study: the client retries the request (nothing is stored)."""
-    from fracray.serving.app import _Rejected
+    from fracray.serving.errors import Rejected as _Rejected
 
     async def score_study(self, *args):
         raise _Rejected(503, "overloaded", "The models are at capacity; retry shortly", {"Retry-After": "1"})

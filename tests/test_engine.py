@@ -1,4 +1,4 @@
-"""Inference engines (fracray.inference.engine): ONNX Runtime float32 gives eager PyTorch's
+"""Inference engines (fracray.inference.engines): ONNX Runtime float32 gives eager PyTorch's
 outputs, the export is made once per weights and reused, the engine choice and its override,
 one runtime thread per CPU that Ray reserved, and the fast precision (OpenVINO bf16): close to
 eager PyTorch, refused on a bundle without a passed validation, validated and recorded by
@@ -26,14 +26,15 @@ from fracray.artifacts.bundle import load_bundle, save_bundle  # noqa: E402
 from fracray.artifacts.index import ModelIndex, read_model_index, write_model_index  # noqa: E402
 from fracray.data.synthetic import render_radiograph  # noqa: E402
 from fracray.imaging.decode import decode_image  # noqa: E402
-from fracray.inference import engine as engines  # noqa: E402
+from fracray.inference.engines import (base, choice, export, factory, fast_gate, int8,  # noqa: E402
+                                       onnxruntime_engine, openvino_engine, torch_engine)
 from fracray.inference.predictor import BundleModel  # noqa: E402
 
 TOLERANCE = 1e-4
 # OpenVINO bf16 against eager PyTorch (float32): probabilities and fracture-map probabilities.
 FAST_TOLERANCE = 2e-2
 KINDS = ("router", "fracture", "localizing")
-needs_openvino = pytest.mark.skipif(not engines.openvino_available(),
+needs_openvino = pytest.mark.skipif(not choice.openvino_available(),
                                     reason="openvino is not importable (a dependency: pip install -e . installs it)")
 
 
@@ -52,9 +53,9 @@ def engine_cache(tmp_path_factory):
     """A fresh export cache for this module, through the environment as replicas would see it."""
     cache = tmp_path_factory.mktemp("engine-cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(engines.CACHE_ENV, str(cache))
-        mp.delenv(engines.ENGINE_ENV, raising=False)
-        mp.delenv(engines.PRECISION_ENV, raising=False)
+        mp.setenv(export.CACHE_ENV, str(cache))
+        mp.delenv(choice.ENGINE_ENV, raising=False)
+        mp.delenv(choice.PRECISION_ENV, raising=False)
         yield cache
 
 
@@ -131,7 +132,7 @@ def test_gradcam_still_runs_on_torch(model_pairs, synthetic_images):
 # ----------------------------------------------------------------------------- the export cache
 
 def _onnx_files(cache: Path) -> list[Path]:
-    return sorted(cache.glob(f"*/{engines.MODEL_FILE}"))
+    return sorted(cache.glob(f"*/{export.MODEL_FILE}"))
 
 
 def test_a_second_model_for_the_same_bundle_reuses_the_export(bundles, model_pairs, engine_cache):
@@ -168,7 +169,7 @@ def test_processes_starting_together_export_once(tmp_path):
 
     def build():
         try:
-            built.append(engines.OnnxRuntimeEngine(net, (3, 32, 32), cache_dir=tmp_path, threads=1))
+            built.append(onnxruntime_engine.OnnxRuntimeEngine(net, (3, 32, 32), cache_dir=tmp_path, threads=1))
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -189,28 +190,34 @@ def test_processes_starting_together_export_once(tmp_path):
 # ----------------------------------------------------------------------------- choosing the engine
 
 def test_auto_is_onnxruntime_on_cpu_and_torch_on_cuda(monkeypatch):
-    monkeypatch.delenv(engines.ENGINE_ENV, raising=False)
-    assert engines.resolve_engine("auto", "cpu") == "onnxruntime"
-    assert engines.resolve_engine(None, "cpu") == "onnxruntime"
-    assert engines.resolve_engine("auto", "cuda") == "torch"
+    monkeypatch.delenv(choice.ENGINE_ENV, raising=False)
+    assert choice.resolve_engine("auto", "cpu") == "onnxruntime"
+    assert choice.resolve_engine(None, "cpu") == "onnxruntime"
+    assert choice.resolve_engine("auto", "cuda") == "torch"
     with pytest.raises(ValueError, match="CPU only"):
-        engines.resolve_engine("onnxruntime", "cuda")
+        choice.resolve_engine("onnxruntime", "cuda")
 
 
-def test_the_environment_forces_torch(bundles, engine_cache, monkeypatch):
-    monkeypatch.setenv(engines.ENGINE_ENV, "torch")
-    model = BundleModel(bundles["fracture"], engine="onnxruntime")
-    assert model.engine.name == "torch" and isinstance(model.engine, engines.TorchEngine)
-    assert engines.engine_label(model.engine) == "torch-float32"  # what answers and scoring rows say
-    monkeypatch.delenv(engines.ENGINE_ENV)
-    assert engines.engine_label(BundleModel(bundles["fracture"]).engine) == "onnxruntime-float32"
+def test_the_environment_decides_only_where_no_engine_is_given(bundles, engine_cache, monkeypatch):
+    monkeypatch.setenv(choice.ENGINE_ENV, "torch")
+    model = BundleModel(bundles["fracture"])  # none given (or auto): the variable decides
+    assert model.engine.name == "torch" and isinstance(model.engine, torch_engine.TorchEngine)
+    assert base.engine_label(model.engine) == "torch-float32"  # what answers and scoring rows say
+    assert BundleModel(bundles["fracture"], engine="auto").engine.name == "torch"
+    # Given explicitly, the engine beats the variable.
+    assert base.engine_label(BundleModel(bundles["fracture"], engine="onnxruntime").engine) == "onnxruntime-float32"
+    monkeypatch.setenv(choice.ENGINE_ENV, "onnxruntime")
+    assert base.engine_label(BundleModel(bundles["fracture"], engine="torch").engine) == "torch-float32"
+    assert base.engine_label(BundleModel(bundles["fracture"]).engine) == "onnxruntime-float32"
+    monkeypatch.delenv(choice.ENGINE_ENV)
+    assert base.engine_label(BundleModel(bundles["fracture"]).engine) == "onnxruntime-float32"
 
 
 def test_an_unknown_engine_names_the_choices(bundles, engine_cache, monkeypatch):
-    monkeypatch.delenv(engines.ENGINE_ENV, raising=False)
+    monkeypatch.delenv(choice.ENGINE_ENV, raising=False)
     with pytest.raises(ValueError, match="choose one of auto, torch, onnxruntime"):
         BundleModel(bundles["fracture"], engine="tensorrt")
-    monkeypatch.setenv(engines.ENGINE_ENV, "openvino")  # not an engine to choose: it is the fast precision
+    monkeypatch.setenv(choice.ENGINE_ENV, "openvino")  # not an engine to choose: it is the fast precision
     with pytest.raises(ValueError, match=r"'openvino' \(\$FRACRAY_ENGINE\); choose one of auto, torch, onnxruntime "
                                          r"\(OpenVINO is the fast precision: FRACRAY_PRECISION=fast\)"):
         BundleModel(bundles["fracture"])
@@ -224,12 +231,13 @@ def test_one_runtime_thread_per_reserved_cpu_in_a_ray_actor(ray_local, tmp_path)
     @ray.remote(num_cpus=1)
     class Probe:
         def threads(self, cache: str) -> tuple[int, int]:
-            from fracray.inference import engine as eng
+            from fracray.inference.engines.base import default_threads
+            from fracray.inference.engines.onnxruntime_engine import OnnxRuntimeEngine
 
             torch.manual_seed(0)
             net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                       torch.nn.Linear(4, 2)).eval()
-            return eng.default_threads(), eng.OnnxRuntimeEngine(net, (3, 16, 16), cache_dir=cache).threads
+            return default_threads(), OnnxRuntimeEngine(net, (3, 16, 16), cache_dir=cache).threads
 
     probe = Probe.remote()
     try:
@@ -237,21 +245,21 @@ def test_one_runtime_thread_per_reserved_cpu_in_a_ray_actor(ray_local, tmp_path)
     finally:
         ray.kill(probe)
     # Outside Ray's workers (this driver): torch's own thread count.
-    assert engines.default_threads() == max(1, torch.get_num_threads())
+    assert base.default_threads() == max(1, torch.get_num_threads())
 
 
 def test_an_export_that_does_not_match_eager_is_never_used(tmp_path, monkeypatch):
     """auto falls back to torch with a warning; onnxruntime by name raises; no file is published."""
-    monkeypatch.delenv(engines.ENGINE_ENV, raising=False)
-    monkeypatch.setattr(engines, "EXPORT_TOLERANCE", -1.0)  # no export can pass
+    monkeypatch.delenv(choice.ENGINE_ENV, raising=False)
+    monkeypatch.setattr(export, "EXPORT_TOLERANCE", -1.0)  # no export can pass
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                               torch.nn.Linear(4, 2)).eval()
     with pytest.warns(RuntimeWarning, match="ExportMismatch"):
-        engine = engines.make_engine(net, (3, 16, 16), engine="auto", cache_dir=tmp_path)
+        engine = factory.make_engine(net, (3, 16, 16), engine="auto", cache_dir=tmp_path)
     assert engine.name == "torch"
-    with pytest.raises(engines.ExportMismatch):
-        engines.make_engine(net, (3, 16, 16), engine="onnxruntime", cache_dir=tmp_path)
+    with pytest.raises(export.ExportMismatch):
+        factory.make_engine(net, (3, 16, 16), engine="onnxruntime", cache_dir=tmp_path)
     assert _onnx_files(tmp_path) == [] and not list(tmp_path.glob("*/*.tmp"))
 
 
@@ -266,12 +274,12 @@ def _cpu_has_bf16() -> bool:
 @pytest.fixture(scope="module")
 def openvino_models(bundles, engine_cache) -> dict[str, BundleModel]:
     """Per kind, the bundle with its engine replaced by OpenVINO bf16 (the engine itself, no gate)."""
-    if not engines.openvino_available():
+    if not choice.openvino_available():
         pytest.skip("openvino is not importable (a dependency: pip install -e . installs it)")
     out = {}
     for kind, uri in bundles.items():
         model = BundleModel(uri, engine="torch")
-        model.engine = engines.OpenVinoEngine(model.model, (model.config.channels, *model.config.image_size),
+        model.engine = openvino_engine.OpenVinoEngine(model.model, (model.config.channels, *model.config.image_size),
                                               model_spec=model.meta.model)
         out[kind] = model
     return out
@@ -302,41 +310,42 @@ def test_openvino_compiles_the_same_cached_export_and_says_what_it_runs(model_pa
     assert [s.split("-")[1] for s in stamps] == ["onnxruntime", "openvino"], stamps  # each read checked once
     assert json.loads((ov.folder / f"verified-openvino-{ov.version}.json").read_text())["max_difference"]
     precision = "bf16" if _cpu_has_bf16() else "f32"
-    assert engines.engine_label(ov) == f"openvino-{precision}"
+    assert base.engine_label(ov) == f"openvino-{precision}"
     assert ov.describe() == {"engine": "openvino", "precision": precision, "device": "cpu", "threads": 1,
-                             "onnx": str(ort.path), "cache_key": ort.key, "openvino": engines.openvino_version()}
+                             "onnx": str(ort.path), "cache_key": ort.key, "openvino": choice.openvino_version()}
     assert ov.threads == torch.get_num_threads() == 1  # the module's one thread, as in a one-CPU actor
 
 
 @needs_openvino
 def test_fast_is_refused_on_a_bundle_without_a_validation(bundles, engine_cache, monkeypatch):
     uri = bundles["fracture"]
-    with pytest.raises(engines.FastModeRefused) as refused:
+    with pytest.raises(fast_gate.FastModeRefused) as refused:
         BundleModel(uri, precision="fast")
     message = str(refused.value)
     assert isinstance(refused.value, ValueError) and uri in message and "records no fast-mode validation" in message
     assert f"fracray validate-fast-mode --bundle {uri} --dataset fracatlas --data" in message
-    monkeypatch.setenv(engines.PRECISION_ENV, "fast")  # the environment asks for it: the same refusal
-    with pytest.raises(engines.FastModeRefused, match="records no fast-mode validation"):
+    monkeypatch.setenv(choice.PRECISION_ENV, "fast")  # the environment asks for it: the same refusal
+    with pytest.raises(fast_gate.FastModeRefused, match="records no fast-mode validation"):
         BundleModel(uri)
     # A router has no gate of its own: in fast mode it runs exact.
-    assert engines.engine_label(BundleModel(bundles["router"]).engine) == "onnxruntime-float32"
+    assert base.engine_label(BundleModel(bundles["router"]).engine) == "onnxruntime-float32"
 
 
 def test_precision_choices_and_where_fast_is_not_offered(monkeypatch):
-    monkeypatch.delenv(engines.PRECISION_ENV, raising=False)
-    monkeypatch.delenv(engines.ENGINE_ENV, raising=False)
-    assert engines.requested_precision() == "exact" and engines.requested_precision("FAST") == "fast"
+    monkeypatch.delenv(choice.PRECISION_ENV, raising=False)
+    monkeypatch.delenv(choice.ENGINE_ENV, raising=False)
+    assert choice.requested("precision") == "exact" and choice.requested("precision", "FAST") == "fast"
     with pytest.raises(ValueError, match="'int4' \\(precision\\); choose one of exact, fast"):
-        engines.requested_precision("int4")
+        choice.requested("precision", "int4")
     with pytest.raises(ValueError, match="runs on CPU only"):
-        engines.resolve_precision("fast", "cuda")
+        choice.resolve_precision("fast", "cuda")
     with pytest.raises(ValueError, match="runs on the openvino engine, but engine 'torch' was asked for"):
-        engines.resolve_precision("fast", "cpu", "torch")
-    monkeypatch.setenv(engines.PRECISION_ENV, "half")
+        choice.resolve_precision("fast", "cpu", "torch")
+    monkeypatch.setenv(choice.PRECISION_ENV, "half")
     with pytest.raises(ValueError, match="'half' \\(\\$FRACRAY_PRECISION\\); choose one of exact, fast"):
-        engines.requested_precision("exact")
-    assert engines.requested_precision("fast", environment=False) == "fast"
+        choice.requested("precision")
+    assert choice.requested("precision", "exact") == "exact"  # given: the variable is not read
+    assert choice.requested("precision", "fast", environment=False) == "fast"
 
 
 # ----------------------------------------------------------------------------- validating the fast mode
@@ -368,7 +377,7 @@ def _validate(*args) -> tuple[int, str, str]:
 
 
 def _record(bundle: Path) -> dict:
-    return json.loads((bundle / "bundle.json").read_text())["inference"].get(engines.FAST_MODE_KEY)
+    return json.loads((bundle / "bundle.json").read_text())["inference"].get(fast_gate.FAST_MODE_KEY)
 
 
 # The gate the validation test runs under. An untrained network's probabilities lie within about
@@ -383,7 +392,7 @@ def test_gate(monkeypatch):
     """The engine accepts records made against TEST_GATE (it refuses any gate looser than the
     product's: test_a_record_against_a_looser_gate_or_on_training_images_is_refused)."""
     for name, value in TEST_GATE.items():
-        monkeypatch.setattr(engines, name, value)
+        monkeypatch.setattr(fast_gate, name, value)
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +406,7 @@ def _validated_copy(bundles, data, tmp_path_factory, name: str, *flags) -> tuple
     (at the test gate); the copy's folder and the command's exit code and output."""
     from fracray.evaluation import fast_mode
 
-    if not engines.openvino_available():
+    if not choice.openvino_available():
         pytest.skip("openvino is not importable (a dependency: pip install -e . installs it)")
     index = _single_index(bundles["localizing"], tmp_path_factory.mktemp(name))
     with pytest.MonkeyPatch.context() as mp:
@@ -424,7 +433,7 @@ def test_the_validation_records_a_passed_fast_mode_in_the_bundle(validated, bund
     record = _record(bundle)
     original = json.loads((Path(bundles["localizing"]) / "bundle.json").read_text())
     now = json.loads((bundle / "bundle.json").read_text())
-    now["inference"].pop(engines.FAST_MODE_KEY)
+    now["inference"].pop(fast_gate.FAST_MODE_KEY)
     assert now == original  # everything else in bundle.json as it was
     assert record["passed"] is True and record["engine"] == "openvino"
     assert record["precision"] == ("bf16" if _cpu_has_bf16() else "f32")
@@ -434,7 +443,7 @@ def test_the_validation_records_a_passed_fast_mode_in_the_bundle(validated, bund
     assert record["delta_sensitivity"] == pytest.approx(record["sensitivity_fast"] - record["sensitivity_exact"])
     assert (record["dataset"], record["split"], record["body_part"]) == ("fracatlas", "valid", "all")
     assert record["images"] >= 4 and 0 < record["positives"] < record["images"]
-    assert record["openvino"] == engines.openvino_version() and record["exact_engine"] == "onnxruntime-float32"
+    assert record["openvino"] == choice.openvino_version() and record["exact_engine"] == "onnxruntime-float32"
     assert record["validated_at"] and record["cpu"] and len(record["weights_sha256"]) == 64
     assert "AUROC" in out and "sensitivity" in out and "PASSED" in out and str(bundle / "bundle.json") in out
 
@@ -444,35 +453,36 @@ def test_a_validated_bundle_runs_fast_and_the_environment_decides(validated, syn
                                                                    test_gate):
     bundle = str(validated[0])
     fast = BundleModel(bundle, precision="fast")
-    assert engines.engine_label(fast.engine) == f"openvino-{'bf16' if _cpu_has_bf16() else 'f32'}"
-    assert engines.engine_label(BundleModel(bundle).engine) == "onnxruntime-float32"  # exact by default
-    monkeypatch.setenv(engines.PRECISION_ENV, "fast")
+    assert base.engine_label(fast.engine) == f"openvino-{'bf16' if _cpu_has_bf16() else 'f32'}"
+    assert base.engine_label(BundleModel(bundle).engine) == "onnxruntime-float32"  # exact by default
+    monkeypatch.setenv(choice.PRECISION_ENV, "fast")
     assert BundleModel(bundle).engine.name == "openvino"
-    monkeypatch.setenv(engines.PRECISION_ENV, "exact")  # the environment wins over the code
-    assert engines.engine_label(BundleModel(bundle, precision="fast").engine) == "onnxruntime-float32"
+    assert base.engine_label(BundleModel(bundle, precision="exact").engine) == "onnxruntime-float32"  # given wins
+    monkeypatch.setenv(choice.PRECISION_ENV, "exact")  # the code's precision="fast" beats the environment
+    assert BundleModel(bundle, precision="fast").engine.name == "openvino"
     # The whole predictor follows it, and every answer names the engine.
     from fracray.inference.predictor import FracturePredictor
 
-    monkeypatch.setenv(engines.PRECISION_ENV, "fast")
+    monkeypatch.setenv(choice.PRECISION_ENV, "fast")
     predictor = FracturePredictor(str(Path(bundle).parent / "model_index.json"), device="cpu", check_scope=False)
     answers = predictor.predict_decoded(synthetic_images[:1])
-    assert answers[0]["engine"] == engines.engine_label(fast.engine)
+    assert answers[0]["engine"] == base.engine_label(fast.engine)
 
 
 @needs_openvino
 def test_a_record_for_other_weights_or_another_openvino_is_refused(validated, tmp_path, engine_cache, test_gate):
     model, meta = load_bundle(str(validated[0]))
-    assert meta.inference[engines.FAST_MODE_KEY]["passed"] is True  # the record travels with the metadata ...
+    assert meta.inference[fast_gate.FAST_MODE_KEY]["passed"] is True  # the record travels with the metadata ...
     with torch.no_grad():
         model.head[-1].bias.add_(0.5)
     changed = save_bundle(str(tmp_path / "changed"), model, dataclasses.replace(meta))
-    with pytest.raises(engines.FastModeRefused, match="weights are not the ones validated"):
+    with pytest.raises(fast_gate.FastModeRefused, match="weights are not the ones validated"):
         BundleModel(changed, precision="fast")  # ... but not to other weights
     other = shutil.copytree(validated[0], tmp_path / "other-openvino")
     raw = json.loads((other / "bundle.json").read_text())
-    raw["inference"][engines.FAST_MODE_KEY]["openvino"] = "2020.1.0"
+    raw["inference"][fast_gate.FAST_MODE_KEY]["openvino"] = "2020.1.0"
     (other / "bundle.json").write_text(json.dumps(raw))
-    with pytest.raises(engines.FastModeRefused, match="validated with OpenVINO 2020.1.0"):
+    with pytest.raises(fast_gate.FastModeRefused, match="validated with OpenVINO 2020.1.0"):
         BundleModel(str(other), precision="fast")
 
 
@@ -480,18 +490,18 @@ def test_a_record_for_other_weights_or_another_openvino_is_refused(validated, tm
 def test_a_record_against_a_looser_gate_or_on_training_images_is_refused(validated, tmp_path, engine_cache):
     from fracray.evaluation import fast_mode
 
-    assert (engines.MAX_DELTA_AUROC, engines.MAX_DELTA_SENSITIVITY) == (fast_mode.MAX_DELTA_AUROC,
+    assert (fast_gate.MAX_DELTA_AUROC, fast_gate.MAX_DELTA_SENSITIVITY) == (fast_mode.MAX_DELTA_AUROC,
                                                                          fast_mode.MAX_DELTA_SENSITIVITY)
     # The fixture's record passed against TEST_GATE (0.5): the product's gate (0.005 / 0.01) does not take it.
-    with pytest.raises(engines.FastModeRefused, match="validated against the gate .*0.5.* not this version's 0.005"):
+    with pytest.raises(fast_gate.FastModeRefused, match="validated against the gate .*0.5.* not this version's 0.005"):
         BundleModel(str(validated[0]), precision="fast")
     strict = shutil.copytree(validated[0], tmp_path / "on-train")
     raw = json.loads((strict / "bundle.json").read_text())
-    raw["inference"][engines.FAST_MODE_KEY].update(max_delta_auroc=0.005, max_delta_sensitivity=0.01, split="train")
+    raw["inference"][fast_gate.FAST_MODE_KEY].update(max_delta_auroc=0.005, max_delta_sensitivity=0.01, split="train")
     (strict / "bundle.json").write_text(json.dumps(raw))
-    with pytest.raises(engines.FastModeRefused, match="split 'train', which holds images the model was trained on"):
+    with pytest.raises(fast_gate.FastModeRefused, match="split 'train', which holds images the model was trained on"):
         BundleModel(str(strict), precision="fast")
-    raw["inference"][engines.FAST_MODE_KEY]["split"] = "valid"  # the same record on valid runs
+    raw["inference"][fast_gate.FAST_MODE_KEY]["split"] = "valid"  # the same record on valid runs
     (strict / "bundle.json").write_text(json.dumps(raw))
     assert BundleModel(str(strict), precision="fast").engine.name == "openvino"
 
@@ -519,7 +529,7 @@ def test_a_failed_validation_is_recorded_and_refused(bundles, tiny_fracatlas, tm
     assert code == 1 and "fast mode failed its gate" in err and "fracture_all" in err, out + err
     record = _record(bundle)
     assert record["passed"] is False and record["max_delta_auroc"] == -1.0
-    with pytest.raises(engines.FastModeRefused, match="fast-mode validation failed \\(ΔAUROC"):
+    with pytest.raises(fast_gate.FastModeRefused, match="fast-mode validation failed \\(ΔAUROC"):
         BundleModel(str(bundle), precision="fast")
 
 
@@ -536,13 +546,12 @@ def test_the_validation_refuses_what_it_cannot_measure(bundles, tiny_fracatlas, 
 def test_the_commands_offer_the_engines_and_precisions_and_pass_them_on():
     """serve, score and evaluate: --engine and --precision land in each job's config (serve's in
     the application's arguments too); the choices are the engine module's."""
-    from fracray.cli import common, evaluate, score_archive, serve
+    from fracray.cli import evaluate, score_archive, serve
     from fracray.jobs.serve import serve_args
 
-    assert common.ENGINE_CHOICES == engines.ENGINES and common.PRECISION_CHOICES == engines.PRECISIONS
     flags = ["--engine", "torch", "--precision", "fast"]
     config = serve.config_from_args(serve.build_parser().parse_args(["--models", "m.json", *flags]))
-    assert (config.engine, config.precision) == ("torch", "fast")
+    assert (config.args.engine, config.args.precision) == ("torch", "fast")
     app_args = serve_args(config)
     assert (app_args.models, app_args.engine, app_args.precision) == ("m.json", "torch", "fast")
     config = score_archive.config_from_args(score_archive.build_parser().parse_args(
@@ -553,7 +562,7 @@ def test_the_commands_offer_the_engines_and_precisions_and_pass_them_on():
     assert (config.engine, config.precision) == ("torch", "fast")
     defaults = evaluate.config_from_args(evaluate.build_parser().parse_args(
         ["--models", "m.json", "--dataset", "fracatlas", "--data", "d"]))
-    assert (defaults.engine, defaults.precision) == ("auto", "exact")
+    assert (defaults.engine, defaults.precision) == ("auto", None)  # None: $FRACRAY_PRECISION, else exact
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         score_archive.build_parser().parse_args(["--input", "a", "--models", "m", "--output", "o", "--precision", "int8"])
 
@@ -572,7 +581,7 @@ def strict_index(validated_int8, tmp_path_factory) -> str:
     index = _single_index(str(bundle), folder)
     meta = folder / "fracture_all" / "bundle.json"
     raw = json.loads(meta.read_text())
-    raw["inference"][engines.FAST_MODE_KEY].update(max_delta_auroc=fast_mode.MAX_DELTA_AUROC,
+    raw["inference"][fast_gate.FAST_MODE_KEY].update(max_delta_auroc=fast_mode.MAX_DELTA_AUROC,
                                                    max_delta_sensitivity=fast_mode.MAX_DELTA_SENSITIVITY)
     meta.write_text(json.dumps(raw))
     return index
@@ -636,7 +645,7 @@ def test_serve_runs_the_precision_asked_and_refuses_fast_where_unvalidated(ray_l
 
     # Refused by the builder, before a replica starts (they load classifiers on demand).
     unvalidated = _single_index(bundles["localizing"], tmp_path)
-    with pytest.raises(engines.FastModeRefused, match="records no fast-mode validation"):
+    with pytest.raises(fast_gate.FastModeRefused, match="records no fast-mode validation"):
         build_app({"models": unvalidated, "precision": "fast"})
     with pytest.raises(ValueError, match="precision must be one of exact, fast. Got 'half'"):
         build_app({"models": strict_index, "precision": "half"})
@@ -667,7 +676,7 @@ def test_int8_validation_quantises_on_training_images_and_stores_the_graph(valid
     record = _record(bundle)
     assert (record["engine"], record["precision"], record["passed"]) == ("openvino", "int8", True)
     graph = bundle / record["graph"]
-    assert record["graph"] == engines.FAST_GRAPH_FILE and graph.exists()
+    assert record["graph"] == choice.FAST_GRAPH_FILE and graph.exists()
     assert record["graph_sha256"] == hashlib.sha256(graph.read_bytes()).hexdigest()
     quantization = record["quantization"]
     assert (quantization["split"], quantization["method"], quantization["format"]) == ("train", "minmax", "QDQ")
@@ -684,7 +693,7 @@ def test_int8_validation_quantises_on_training_images_and_stores_the_graph(valid
     assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in nodes}  # not the float graph
     # The full-resolution front stays float: the image itself is never quantised, and the record says so.
     assert not [node.name for node in nodes if node.op_type == "QuantizeLinear" and node.input[0] == "image"]
-    assert quantization["float_front_stride"] == engines.FLOAT_FRONT_STRIDE and quantization["float_nodes"] > 0
+    assert quantization["float_front_stride"] == int8.FLOAT_FRONT_STRIDE and quantization["float_nodes"] > 0
 
 
 @needs_openvino
@@ -692,20 +701,20 @@ def test_an_int8_bundle_runs_its_own_graph_and_refuses_another(validated_int8, s
                                                                test_gate):
     bundle = validated_int8[0]
     fast, exact = BundleModel(str(bundle), precision="fast"), BundleModel(str(bundle))
-    assert engines.engine_label(fast.engine) == "openvino-int8"
+    assert base.engine_label(fast.engine) == "openvino-int8"
     assert fast.engine.describe()["graph_sha256"] == _record(bundle)["graph_sha256"]
     p_fast, p_exact = fast.probabilities(synthetic_images), exact.probabilities(synthetic_images)
     assert np.abs(p_fast - p_exact).max() < 0.1  # close, not equal: the gate, not a tolerance, decides
     # Another graph than the one validated: refused, as is a bundle whose graph is gone.
     changed = shutil.copytree(bundle, tmp_path / "changed")
     raw = json.loads((changed / "bundle.json").read_text())
-    raw["inference"][engines.FAST_MODE_KEY]["graph_sha256"] = "0" * 64
+    raw["inference"][fast_gate.FAST_MODE_KEY]["graph_sha256"] = "0" * 64
     (changed / "bundle.json").write_text(json.dumps(raw))
-    with pytest.raises(engines.FastModeRefused, match="INT8 graph \\(fast_int8.onnx\\) is not the one validated"):
+    with pytest.raises(fast_gate.FastModeRefused, match="INT8 graph \\(fast_int8.onnx\\) is not the one validated"):
         BundleModel(str(changed), precision="fast")
     missing = shutil.copytree(bundle, tmp_path / "missing")
-    (missing / engines.FAST_GRAPH_FILE).unlink()
-    with pytest.raises(engines.FastModeRefused, match="validated INT8 graph .* cannot be read"):
+    (missing / choice.FAST_GRAPH_FILE).unlink()
+    with pytest.raises(fast_gate.FastModeRefused, match="validated INT8 graph .* cannot be read"):
         BundleModel(str(missing), precision="fast")
 
 
@@ -717,7 +726,7 @@ def test_int8_calibrates_on_another_split_than_it_measures(bundles, tiny_fracatl
     code, _, err = _validate("--models", index, "--dataset", "fracatlas", "--data", tiny_fracatlas,
                              "--calibration-split", "nosuch", "--dry-run")
     assert code == 2 and "No labelled all images in split nosuch" in err, err
-    assert not (tmp_path / "fracture_all" / engines.FAST_GRAPH_FILE).exists()
+    assert not (tmp_path / "fracture_all" / choice.FAST_GRAPH_FILE).exists()
 
 
 @needs_openvino
@@ -732,7 +741,7 @@ def test_an_int8_dry_run_writes_no_graph(bundles, tiny_fracatlas, tmp_path, engi
                                "--calibration-images", 4, "--dry-run")
     assert code == 0 and "openvino-int8" in out and "not recorded" in out, out + err
     assert (tmp_path / "fracture_all" / "bundle.json").read_bytes() == before
-    assert not (tmp_path / "fracture_all" / engines.FAST_GRAPH_FILE).exists()
+    assert not (tmp_path / "fracture_all" / choice.FAST_GRAPH_FILE).exists()
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
@@ -745,14 +754,14 @@ def test_quantize_int8_keeps_the_front_float_and_calibrates_in_strides(bundles, 
 
     model = BundleModel(str(bundles["localizing"]), engine="onnxruntime")
     size = (model.config.channels, *model.config.image_size)
-    export = engines.cached_export(model.model, size, runtime=f"onnxruntime-{onnxruntime.__version__}",
-                                   run=engines._onnxruntime_outputs, model_spec=model.meta.model)
+    export = export.cached_export(model.model, size, runtime=f"onnxruntime-{onnxruntime.__version__}",
+                                   run=onnxruntime_engine.onnxruntime_outputs, model_spec=model.meta.model)
     rng = np.random.default_rng(0)
     inputs = rng.normal(0, 1, (7, *size)).astype(np.float32)
-    info = engines.quantize_int8(export.path, lambda: (inputs[i:i + 2] for i in range(0, 7, 2)),
+    info = int8.quantize_int8(export.path, lambda: (inputs[i:i + 2] for i in range(0, 7, 2)),
                                  tmp_path / "q.onnx", method=method)
     assert info["calibration_inputs"] == 7 and info["method"] == method
-    front = engines.float_front(export.path, inputs[:1])
+    front = int8.float_front(export.path, inputs[:1])
     assert info["float_nodes"] == len(front) > 0
     graph = onnx.load(str(tmp_path / "q.onnx")).graph
     producer = {out: n.op_type for n in graph.node for out in n.output}
@@ -769,9 +778,9 @@ def test_quantize_int8_refuses_an_empty_calibration(bundles, engine_cache, tmp_p
     import onnxruntime
 
     model = BundleModel(str(bundles["localizing"]), engine="onnxruntime")
-    export = engines.cached_export(model.model, (model.config.channels, *model.config.image_size),
+    export = export.cached_export(model.model, (model.config.channels, *model.config.image_size),
                                    runtime=f"onnxruntime-{onnxruntime.__version__}",
-                                   run=engines._onnxruntime_outputs, model_spec=model.meta.model)
+                                   run=onnxruntime_engine.onnxruntime_outputs, model_spec=model.meta.model)
     with pytest.raises(ValueError, match="No calibration images"):
-        engines.quantize_int8(export.path, lambda: iter(()), tmp_path / "q.onnx")
+        int8.quantize_int8(export.path, lambda: iter(()), tmp_path / "q.onnx")
     assert not (tmp_path / "q.onnx").exists()

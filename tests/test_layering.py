@@ -24,7 +24,9 @@ PACKAGE = REPO / "lib" / "fracray"
 # brings in at import (torch, timm, Ray Serve, OpenCV, Pillow): what the deferral saves.
 DEFERRED = {
     "fracray.inference.predictor": "torch",   # evaluation, scoring, serving: the model runs in Ray actors
-    "fracray.inference.engine": "torch",      # the engine names for options; the engines load where models run
+    "fracray.inference.engines.base": "torch",            # serving and the benchmarks name the engine that ran
+    "fracray.inference.engines.export": "torch",          # the fast-mode validation quantises the cached export
+    "fracray.inference.engines.onnxruntime_engine": "torch",  # ... checking it with ONNX Runtime's reading
     "fracray.inference.gradcam": "torch",     # evaluation and serving draw heatmaps
     "fracray.models.registry": "timm",        # a model is built only where a bundle is made or loaded
     "fracray.jobs.train": "torch",            # serve trains the default only when no model exists

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fracray.cli.check_scope import _dicom
+from fracray.evaluation.scope_check import _dicom
 from fracray.data.synthetic import render_radiograph
 from fracray.imaging.decode import decode_image
 from fracray.imaging.scope import ScopeConfig, ScopeVerdict, assess_scope, scope_features
@@ -300,7 +300,10 @@ def test_ray_data_rows_carry_out_of_scope_as_a_reject(predictor, radiograph, tmp
 def test_http_ingress_answers_422_out_of_scope(radiograph):
     """The ingress's decode step (the same method the HTTP endpoints call), without a cluster."""
     from fracray.imaging.preprocess import PreprocessConfig
-    from fracray.serving.app import HTTP_STATUS_FOR_REJECT, Ingress, ServeArgs, _Rejected
+    from fracray.serving.args import ServeArgs
+    from fracray.serving.errors import HTTP_STATUS_FOR_REJECT
+    from fracray.serving.errors import Rejected as _Rejected
+    from fracray.serving.ingress import Ingress
 
     assert HTTP_STATUS_FOR_REJECT["out_of_scope"] == 422
     decode = Ingress.func_or_class._decode  # the method, on the two attributes it reads

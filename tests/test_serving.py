@@ -302,7 +302,7 @@ def test_config_yaml_matches_serve_build_of_the_code(tmp_path):
     ServeDeploySchema.model_validate(ours)
     app = ours["applications"][0]
     assert app["import_path"] == "fracray.serving.app:build_app"
-    from fracray.serving.app import ServeArgs
+    from fracray.serving.args import ServeArgs
     ServeArgs.parse(app["args"])  # every arg is one the builder knows
     built_d, ours_d = _deployments(built), _deployments(ours)
     assert set(built_d) == set(ours_d) == {"Ingress", "BodyPartRouter", "FractureClassifiers"}

@@ -17,7 +17,8 @@ import pytest
 import requests
 from pydantic import ValidationError
 
-from fracray.serving.app import ServeArgs, build_app
+from fracray.serving.app import build_app
+from fracray.serving.args import ServeArgs
 
 # One command-line string per field, and what it must become.
 AS_STRINGS = {
@@ -62,7 +63,8 @@ def test_booleans_from_strings(text, expected):
     assert args.storage_options.anonymous is expected
 
 
-OPTIONAL = ["max_pixels", "endpoint_url", "region", "max_ongoing_requests", "max_queued_requests", "num_gpus", "replicas"]
+OPTIONAL = ["max_pixels", "endpoint_url", "region", "max_ongoing_requests", "max_queued_requests", "num_gpus", "replicas",
+            "precision"]
 
 
 @pytest.mark.parametrize("text", ["none", "None", "null", ""])

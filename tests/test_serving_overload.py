@@ -59,7 +59,7 @@ def test_the_fused_layout_runs_the_models_in_the_ingress_with_the_same_answers(r
     from ray import serve
 
     from fracray.inference.predictor import FracturePredictor
-    from fracray.serving.app import ServeArgs
+    from fracray.serving.args import ServeArgs
 
     with pytest.raises(ValueError, match="layout must be one of graph, fused. Got 'star'"):
         ServeArgs.parse({"models": untrained_index, "layout": "star"})
@@ -78,7 +78,8 @@ def test_the_fused_layout_runs_the_models_in_the_ingress_with_the_same_answers(r
 
 
 def test_a_service_operating_point_the_models_lack_is_refused_before_deploying(localizing_single_index):
-    from fracray.serving.app import ServeArgs, build_app
+    from fracray.serving.app import build_app
+    from fracray.serving.args import ServeArgs
 
     with pytest.raises(ValueError, match="operating_point 'high_specificity' for the 'all' model: Unknown operating"):
         build_app({"models": localizing_single_index, "operating_point": "high_specificity"})

@@ -8,10 +8,10 @@ the model's FLOPs (counted once with torch's FlopCounterMode, multiply-add = 2 F
 GFLOP/s each engine achieves, against the CPU's float32 peak measured by a matmul
 microbenchmark in the same run on the same threads. Ratios are against eager PyTorch.
 
-The ONNX Runtime and OpenVINO numbers go through :class:`fracray.inference.engine.OnnxRuntimeEngine`
-and :class:`~fracray.inference.engine.OpenVinoEngine`, the classes BundleModel uses (their
+The ONNX Runtime and OpenVINO numbers go through :class:`fracray.inference.engines.onnxruntime_engine.OnnxRuntimeEngine`
+and :class:`~fracray.inference.engines.openvino_engine.OpenVinoEngine`, the classes BundleModel uses (their
 export cache in a temporary folder unless told otherwise). The INT8 graph is quantised by
-:func:`~fracray.inference.engine.quantize_int8`, as validate-fast-mode does, calibrated here on
+:func:`~fracray.inference.engines.int8.quantize_int8`, as validate-fast-mode does, calibrated here on
 smooth random images (the timing does not depend on the ranges). The fast rows' GFLOP/s is set
 against the float32 matmul peak too: bf16 and INT8 units can exceed it, which is the point.
 """
@@ -29,8 +29,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..inference.engine import (OnnxRuntimeEngine, OpenVinoEngine, onnxruntime_available, openvino_available,
-                                quantize_int8)
+from ..inference.engines.choice import onnxruntime_available, openvino_available
+from ..inference.engines.int8 import quantize_int8
+from ..inference.engines.onnxruntime_engine import OnnxRuntimeEngine
+from ..inference.engines.openvino_engine import OpenVinoEngine
 from ..models.registry import create_model, list_models
 from .preprocess import machine_description
 

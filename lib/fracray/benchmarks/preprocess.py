@@ -34,6 +34,7 @@ from ..data.pipeline import StreamConfig, StreamTally, build_image_dataset, iter
 from ..data.synthetic import generate_fracatlas
 from ..imaging.decode import ImageRejected
 from ..imaging.preprocess import PreprocessConfig, preprocess_bytes
+from ..inference.engines.choice import ENGINE_ENV
 from ..raycluster import connect
 
 
@@ -146,9 +147,10 @@ def _gpu_rate(payloads: list[bytes], config: PreprocessConfig, min_seconds: floa
 
 @contextlib.contextmanager
 def forced_engine(name: str | None):
-    """FRACRAY_ENGINE (inference.engine) for this process only while a measurement runs;
-    None: unset, what the product does by default. Ray workers keep their own environment."""
-    variable = "FRACRAY_ENGINE"  # inference.engine.ENGINE_ENV, without importing torch here
+    """FRACRAY_ENGINE (inference.engines.choice) for this process only while a measurement runs
+    (what a predictor given no engine follows); None: unset, what the product does by default. Ray
+    workers keep their own environment."""
+    variable = ENGINE_ENV
     before = os.environ.pop(variable, None)
     if name is not None:
         os.environ[variable] = name

@@ -53,7 +53,7 @@ def _write_archive(root: str, n: int, size: tuple[int, int], seed: int = 0) -> l
 
 def plain_loop(index_uri: str, paths: list[str], batch: int, engine: str | None = None) -> tuple[float, str]:
     """images/s of read-predict-next over ``paths`` and the engine label that did it."""
-    from ..inference.engine import engine_label
+    from ..inference.engines.base import engine_label
     from ..inference.predictor import FracturePredictor  # torch: imported by the run that measures it
 
     with forced_engine(engine):

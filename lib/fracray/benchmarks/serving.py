@@ -67,7 +67,7 @@ def in_process(index_uri: str, images: list[bytes], requests_: int, threads: int
     ``engine`` (None: the product's default) with ``threads`` threads (a replica's)."""
     import torch
 
-    from ..inference.engine import engine_label
+    from ..inference.engines.base import engine_label
     from ..inference.predictor import FracturePredictor
 
     previous = torch.get_num_threads()

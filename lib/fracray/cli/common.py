@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..inference.engines.choice import ENGINE_ENV, ENGINES, PRECISION_ENV, PRECISIONS
 from ..raycluster import VERBOSE_ENV
 from ..storage import StorageOptions
 
@@ -42,22 +43,17 @@ def storage_options_from_args(args: argparse.Namespace) -> StorageOptions:
     return StorageOptions.from_env(args.endpoint_url, args.region, args.anonymous)
 
 
-# inference.engine's ENGINES and PRECISIONS (not imported: --help need not load torch);
-# tests/test_engine.py checks that they agree.
-ENGINE_CHOICES = ("auto", "torch", "onnxruntime")
-PRECISION_CHOICES = ("exact", "fast")
-
-
 def add_engine_arguments(parser: argparse.ArgumentParser, *, where: str = "the predictor actors") -> None:
     group = parser.add_argument_group(
         "inference engine",
-        f"What runs the models in {where} (fracray.inference.engine). FRACRAY_ENGINE and FRACRAY_PRECISION in "
-        f"their environment, when set, win over these flags. Every answer's \"engine\" names what ran "
-        f"(onnxruntime-float32, torch-float32, openvino-int8, openvino-bf16).")
-    group.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
-                       help="auto (ONNX Runtime on CPU, PyTorch on CUDA; default), torch (eager PyTorch) or "
-                            "onnxruntime")
-    group.add_argument("--precision", choices=PRECISION_CHOICES, default="exact",
-                       help="exact (float32, equal to eager PyTorch within 1e-4; default) or fast (OpenVINO INT8 or "
+        f"What runs the models in {where} (fracray.inference.engines). A flag given wins; without it, "
+        f"{ENGINE_ENV} and {PRECISION_ENV} in their environment decide where set. Every answer's \"engine\" "
+        f"names what ran (onnxruntime-float32, torch-float32, openvino-int8, openvino-bf16).")
+    group.add_argument("--engine", choices=ENGINES, default="auto",
+                       help=f"auto (${ENGINE_ENV} where set, else ONNX Runtime on CPU, PyTorch on CUDA; default), "
+                            f"torch (eager PyTorch) or onnxruntime")
+    group.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help=f"exact (float32, equal to eager PyTorch within 1e-4; the default where ${PRECISION_ENV} "
+                            f"is unset) or fast (OpenVINO INT8 or "
                             "bf16 on CPU, the kind the bundle validated: only for fracture models whose bundle records a passed `fracray validate-fast-mode`; "
                             "refused before anything starts otherwise)")

@@ -14,9 +14,12 @@ import threading
 
 from .. import storage
 from ..jobs.serve import DEFAULT_MODELS, ServeJobConfig, start_service
+from ..serving.args import LAYOUTS, ServeArgs
 from .common import add_engine_arguments, add_storage_arguments, add_verbose_argument, storage_options_from_args
 
 __all__ = ["main", "build_parser", "config_from_args"]
+
+_DEFAULTS = {name: field.default for name, field in ServeArgs.model_fields.items()}
 
 
 def build_parser(prog: str = "serve.py") -> argparse.ArgumentParser:
@@ -34,18 +37,21 @@ def build_parser(prog: str = "serve.py") -> argparse.ArgumentParser:
                              f"first if that is missing)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="dynamic batch size; 1 disables batching")
-    parser.add_argument("--max-upload-mb", type=float, default=64.0, help="request size limit (default: %(default)s)")
+    # Defaults are ServeArgs's (the application's arguments, which these flags fill).
+    parser.add_argument("--max-batch-size", type=int, default=_DEFAULTS["max_batch_size"],
+                        help="dynamic batch size; 1 disables batching (default: %(default)s)")
+    parser.add_argument("--max-upload-mb", type=float, default=_DEFAULTS["max_upload_mb"],
+                        help="request size limit (default: %(default)s)")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per model replica (default: 0)")
-    parser.add_argument("--token-env", default="FRACRAY_API_TOKEN",
+    parser.add_argument("--auth-token-env", "--token-env", dest="auth_token_env", default=_DEFAULTS["auth_token_env"],
                         help="environment variable holding a bearer token to require (default: %(default)s; "
                              "unset = open)")
-    parser.add_argument("--layout", choices=("graph", "fused"), default="graph",
+    parser.add_argument("--layout", choices=LAYOUTS, default=_DEFAULTS["layout"],
                         help="graph (default): the router and the classifiers run as deployments of their own "
                              "that scale apart (clusters, GPUs); fused: both run inside each ingress replica, so a "
                              "request crosses one process instead of three (faster on a small CPU machine: see the "
                              "docs/benchmarks.md, Serving)")
-    parser.add_argument("--operating-point", default="default",
+    parser.add_argument("--operating-point", default=_DEFAULTS["operating_point"],
                         help="where a request that names no operating_point is labelled: default (each model's "
                              "own threshold), a named operating point of the models (high_sensitivity, "
                              "high_specificity, 'sensitivity>=0.95', ...; /v1/models lists them) or a number in "
@@ -57,10 +63,14 @@ def build_parser(prog: str = "serve.py") -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ServeJobConfig:
-    return ServeJobConfig(models=args.models, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-                          max_upload_mb=args.max_upload_mb, num_gpus=args.num_gpus, token_env=args.token_env,
-                          engine=args.engine, precision=args.precision, layout=args.layout,
-                          operating_point=args.operating_point, storage=storage_options_from_args(args))
+    options = storage_options_from_args(args)
+    fields = {"models": args.models, "max_batch_size": args.max_batch_size, "max_upload_mb": args.max_upload_mb,
+              "num_gpus": args.num_gpus, "auth_token_env": args.auth_token_env, "engine": args.engine,
+              "precision": args.precision, "layout": args.layout, "operating_point": args.operating_point,
+              "endpoint_url": options.endpoint_url, "region": options.region, "anonymous": options.anonymous}
+    # Only what was given is set: models left unset means the job's DEFAULT_MODELS.
+    app_args = ServeArgs.parse({name: value for name, value in fields.items() if value is not None})
+    return ServeJobConfig(args=app_args, host=args.host, port=args.port)
 
 
 def main(argv: list[str] | None = None, *, prog: str = "serve.py") -> int:

@@ -1,6 +1,6 @@
 """The fast precision's gate: a bundle's fracture probabilities, exact against fast, on labelled data.
 
-The fast precision (OpenVINO, INT8 or bf16: :mod:`fracray.inference.engine`) does not give eager
+The fast precision (OpenVINO, INT8 or bf16: :mod:`fracray.inference.engines`) does not give eager
 PyTorch's numbers, so a bundle may run it only after this check. For INT8 the check first makes
 the quantised graph: ONNX Runtime's static quantisation, its activation ranges calibrated on a
 slice of the bundle's *training* split (never the images it is then measured on); the graph is
@@ -35,6 +35,8 @@ from ..artifacts.bundle import (FAST_MODE_KEY, FAST_MODE_MAX_DELTA_AUROC, FAST_M
 from ..artifacts.index import check_model_index
 from ..data import adapters
 from ..data.manifest import filter_rows
+from ..inference.engines.choice import FAST_GRAPH_FILE, FAST_KINDS
+from ..inference.engines.int8 import quantize_int8
 from ..metrics.classification import binary_metrics
 from ..storage import StorageOptions
 
@@ -42,7 +44,7 @@ __all__ = ["MAX_DELTA_AUROC", "MAX_DELTA_SENSITIVITY", "ALL_PARTS", "DEFAULT_KIN
            "FastModeCheck", "passes_gate", "calibration_rows",
            "validate_fast_mode", "validate_bundle", "bundle_images", "write_record", "cpu_description", "format_check"]
 
-# The gate (artifacts.bundle, where the record's rules live; inference.engine enforces it):
+# The gate (artifacts.bundle, where the record's rules live; inference.engines.fast_gate enforces it):
 # |AUROC(fast) - AUROC(exact)| and |sensitivity(fast) - sensitivity(exact)| at the bundle's own
 # threshold, at most these.
 MAX_DELTA_AUROC = FAST_MODE_MAX_DELTA_AUROC
@@ -168,8 +170,8 @@ def _quantize(exact, calibration: pa.Table, folder: str, options: StorageOptions
     images where the bundle averages flips): (its local path, what the record keeps)."""
     import onnxruntime
 
-    from ..inference.engine import _onnxruntime_outputs as onnxruntime_reading
-    from ..inference.engine import cached_export, quantize_int8
+    from ..inference.engines.export import cached_export
+    from ..inference.engines.onnxruntime_engine import onnxruntime_outputs as onnxruntime_reading
 
     export = cached_export(exact.model, (exact.config.channels, *exact.config.image_size),
                            runtime=f"onnxruntime-{onnxruntime.__version__}", run=onnxruntime_reading,
@@ -203,7 +205,6 @@ def validate_bundle(bundle: str, images: pa.Table, *, body_part: str, dataset: s
     import hashlib
     import tempfile
 
-    from ..inference.engine import FAST_GRAPH_FILE, FAST_KINDS
     from ..inference.predictor import BundleModel, engine_label
 
     if kind not in FAST_KINDS:
@@ -290,8 +291,6 @@ def validate_fast_mode(*, dataset: str, data: str, models: str | None = None, bu
     ``kind``: int8 (each classifier quantised first, calibrated on up to ``calibration_images``
     of its body part's labelled images in ``calibration_split``, another split than ``split``)
     or bf16."""
-    from ..inference.engine import FAST_KINDS  # names only
-
     options = storage_options or StorageOptions()
     if (models is None) == (bundle is None):
         raise ValueError("give either a model index (models) or one bundle (bundle)")

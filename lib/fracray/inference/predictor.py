@@ -26,20 +26,20 @@ from ..imaging.scope import OUT_OF_SCOPE, assess_scope
 from ..metrics.fusion import fused_probability
 from ..models.detection import dense_detections
 from ..storage import StorageOptions
-from .engine import (DEFAULT_PRECISION, FAST_GRAPH_FILE, FAST_MODE_KEY, FastModeRefused, InferenceEngine,
-                     check_fast_mode, engine_label, fast_mode_command, local_graph, make_engine, requested_engine,
-                     requested_precision, resolve_precision, weights_digest)
+from .engines.base import InferenceEngine, engine_label
+from .engines.choice import FAST_GRAPH_FILE, requested, resolve_precision
+from .engines.export import local_graph, weights_digest
+from .engines.factory import make_engine
+from .engines.fast_gate import FAST_MODE_KEY, FastModeRefused, check_fast_mode, fast_mode_command
 from .gradcam import gradcam_for_image
 
 __all__ = ["FracturePredictor", "BundleModel", "Detections", "image_result", "route_decoded", "UnknownBodyPart", "check_precision"]
 
 CPU_MICRO_BATCH = 1
-# Which engine runs predict() when BundleModel is not told (see inference.engine): "auto" is
-# ONNX Runtime on CPU where it is installed, PyTorch on CUDA; $FRACRAY_ENGINE overrides both.
-DEFAULT_ENGINE = "auto"
-# At which precision, when not told: DEFAULT_PRECISION (from inference.engine), "exact" (float32);
-# "fast" is OpenVINO (INT8 or bf16) on CPU, for a bundle whose bundle.json records a passed validation
-# (fracray validate-fast-mode). $FRACRAY_PRECISION overrides both.
+# Which engine runs predict() and at which precision, when BundleModel is not told: the one rule of
+# inference.engines.choice ($FRACRAY_ENGINE / $FRACRAY_PRECISION where set, else auto and exact).
+# "fast" is OpenVINO (INT8 or bf16) on CPU, for a bundle whose bundle.json records a passed
+# validation (fracray validate-fast-mode).
 
 
 class Detections:
@@ -78,14 +78,14 @@ class BundleModel:
         # and box scores are calibrated (imaging.findings.calibrate_box_score).
         self.fusion = self.meta.inference.get("fusion")
         self.box_calibration = self.meta.inference.get("box_calibration")
-        # What runs predict() ("auto" | "torch" | "onnxruntime"; $FRACRAY_ENGINE overrides) and at
-        # which precision ("exact" | "fast"; $FRACRAY_PRECISION overrides): engine_label(self.engine)
+        # What runs predict() ("auto" | "torch" | "onnxruntime") and at which precision ("exact" |
+        # "fast"), as given, else as $FRACRAY_ENGINE / $FRACRAY_PRECISION say: engine_label(self.engine)
         # says which did. Grad-CAM always runs self.model (it needs gradients). for_validation: the
         # fast-mode validation's own use (fracray.evaluation.fast_mode): what is asked here, whatever
         # the environment says, and "fast" without a validation record: at bf16, or on the INT8
         # graph ``fast_graph`` it has just made (elsewhere fast runs the kind the record validated).
         environment = not for_validation
-        self.precision = resolve_precision(precision or DEFAULT_PRECISION, self.device, engine or DEFAULT_ENGINE,
+        self.precision = resolve_precision(precision, self.device, engine,
                                            environment=environment)
         if self.precision == "fast" and self.meta.task != "fracture":
             self.precision = "exact"  # a router: the fast-mode gate is defined on fracture classifiers only
@@ -94,7 +94,7 @@ class BundleModel:
             self._check_fast_mode()
             fast_graph = self._validated_graph()
         input_shape = (self.config.channels, *self.config.image_size)
-        self.engine: InferenceEngine = make_engine(self.model, input_shape, engine=engine or DEFAULT_ENGINE,
+        self.engine: InferenceEngine = make_engine(self.model, input_shape, engine=engine,
                                                    device=self.device, model_spec=self.meta.model,
                                                    precision=self.precision, environment=environment,
                                                    fast_graph=fast_graph if self.precision == "fast" else None)
@@ -103,7 +103,7 @@ class BundleModel:
 
     @functools.cached_property
     def weights_sha256(self) -> str:
-        """The digest of the weights (:func:`~fracray.inference.engine.weights_digest`) that a
+        """The digest of the weights (:func:`~fracray.inference.engines.export.weights_digest`) that a
         fast-mode validation is tied to."""
         return weights_digest(self.model)
 
@@ -158,7 +158,7 @@ class BundleModel:
         the fusion of classifier and top box), per-image fracture-map probabilities over the model
         input or a detector's :class:`Detections`, or None for a model without either).
         Test-time flip averaging when the bundle says so. Runs on ``self.engine`` (ONNX
-        Runtime on CPU, eager PyTorch on CUDA: see inference.engine)."""
+        Runtime on CPU, eager PyTorch on CUDA: see inference.engines)."""
         if not decoded:
             return np.zeros((0, len(self.meta.classes)), dtype=np.float64), ([] if self.localizes else None)
         # On CPU these CNNs are compute-bound at batch 1 and bigger batches only fall out of
@@ -245,7 +245,7 @@ def image_result(part: str, part_probability: float | None, fracture_probability
     """The per-image answer, identical for batch scoring and the HTTP API. ``findings``:
     suspected fracture regions ({box: [x0, y0, x1, y1] in the image's pixels, score, peak}),
     best first; empty for a model without a fracture map. ``engine``: what computed the
-    fracture probability (``onnxruntime-float32``, ``torch-float32``; see inference.engine)."""
+    fracture probability (``onnxruntime-float32``, ``torch-float32``; see inference.engines)."""
     return {"body_part": part, "body_part_probability": part_probability,
             "fracture_probability": float(fracture_probability), "label": int(fracture_probability >= threshold),
             "threshold": float(threshold), "classifier": classifier,
@@ -273,16 +273,16 @@ def _check_bundle_fast_mode(uri: str, meta: BundleMeta, **given) -> None:
 def check_precision(index_uri: str, storage_options: StorageOptions | None = None, *, engine: str | None = None,
                     precision: str | None = None, device: str | torch.device = "cpu") -> str:
     """The precision a model index's classifiers will run at ("exact" | "fast";
-    ``$FRACRAY_PRECISION`` wins, as in BundleModel), checked where a job starts, before any
-    actor or replica loads a model: fast is refused (:class:`~fracray.inference.engine.FastModeRefused`,
+    as given, else as ``$FRACRAY_PRECISION`` says, as in BundleModel), checked where a job starts, before
+    any actor or replica loads a model: fast is refused (:class:`~fracray.inference.engines.fast_gate.FastModeRefused`,
     a ValueError with the command that validates) for a fracture bundle whose bundle.json records
     no passed validation, and (ValueError) where it cannot run (CUDA, an engine asked for by name,
     no openvino). Each BundleModel checks again against the weights and the OpenVINO it loads."""
-    requested_engine(engine or DEFAULT_ENGINE)  # an unknown name: refused here, not in every actor
-    name = requested_precision(precision)
+    requested("engine", engine)  # an unknown name: refused here, not in every actor
+    name = requested("precision", precision)
     if name != "fast":
         return name
-    resolve_precision(name, device, engine or DEFAULT_ENGINE)
+    resolve_precision(name, device, engine)
     for uri in read_model_index(index_uri, storage_options).classifiers.values():
         meta = read_bundle_meta(uri, storage_options)
         if meta.task == "fracture":  # a router runs exact (BundleModel)

@@ -15,6 +15,7 @@ from ..artifacts.index import VALIDATION_DISTRIBUTION_FILE
 from ..data.manifest import filter_rows, write_table
 from ..evaluation.graph import evaluate_graph
 from ..imaging.regions import FINDINGS_TYPE
+from ..inference.engines.choice import requested
 from ..metrics.drift import validation_distribution
 from ..raycluster import connect
 from ..reports.training_plots import write_training_plots
@@ -33,8 +34,8 @@ class EvaluateConfig:
     storage: StorageOptions = StorageOptions()
     pointing_tolerance: float = 0.0
     operating_point: str | float | None = None
-    engine: str = "auto"                     # what runs the models (inference.engine; $FRACRAY_ENGINE wins)
-    precision: str = "exact"                 # exact | fast (a validated bundle only; $FRACRAY_PRECISION wins)
+    engine: str = "auto"                     # what runs the models (inference.engines.choice: auto = $FRACRAY_ENGINE, else auto)
+    precision: str | None = None             # exact | fast (a validated bundle only); None: $FRACRAY_PRECISION, else exact
 
     def __post_init__(self):
         if self.dataset not in adapters.ADAPTERS:
@@ -89,7 +90,7 @@ def run_evaluate(config: EvaluateConfig, *, log: Callable[[str], None] = print) 
     summary.update(models=config.models, dataset=config.dataset, data=config.data, split=split or "all",
                    operating_point=config.operating_point or "default",
                    # What was asked, and what computed the probabilities (each prediction's "engine").
-                   engine=config.engine, precision=config.precision,
+                   engine=requested("engine", config.engine), precision=requested("precision", config.precision),
                    engines=sorted({e for e in preds.get("engine", []) if e}))
     plots: dict[str, str] = {}
     if config.output:

@@ -11,8 +11,8 @@ from .. import storage
 from ..artifacts.index import check_model_index
 from ..artifacts.shipped import MODELS_ENV, shipped_model_index
 from ..raycluster import connect
+from ..serving.args import ServeArgs
 from ..serving.proxy_guard import configure_environment
-from ..storage import StorageOptions
 
 __all__ = ["ServeJobConfig", "ServeHandle", "DEFAULT_MODELS", "default_service_models", "serve_args", "start_service"]
 
@@ -29,18 +29,13 @@ def default_service_models() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ServeJobConfig:
-    models: str | None = None               # None: DEFAULT_MODELS (the shipped model where it is installed)
+    """The service as ``fracray serve`` starts it: the application's own arguments (ServeArgs, the
+    names serving/config.yaml and ``serve run`` use) and where it listens. ``args.models`` not
+    given (not in ``args.model_fields_set``): DEFAULT_MODELS, the shipped model where it is installed."""
+
+    args: ServeArgs = ServeArgs()
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch_size: int = 16
-    max_upload_mb: float = 64.0
-    num_gpus: float | None = None
-    token_env: str = "FRACRAY_API_TOKEN"
-    engine: str = "auto"                    # what runs the models in the replicas (ServeArgs.engine)
-    precision: str = "exact"                # and at which precision (ServeArgs.precision)
-    layout: str = "graph"                   # graph: three deployments; fused: the models in the ingress (ServeArgs.layout)
-    operating_point: str = "default"        # for requests that name none (ServeArgs.operating_point)
-    storage: StorageOptions = StorageOptions()
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -54,16 +49,11 @@ class ServeHandle:
     protected: bool                          # a bearer token is required
 
 
-def serve_args(config: ServeJobConfig, models: str | None = None):
-    """The application's arguments (:class:`~fracray.serving.app.ServeArgs`) for this job."""
-    from ..serving.app import ServeArgs
-
-    options = config.storage
-    return ServeArgs(models=models or config.models or default_service_models(), max_batch_size=config.max_batch_size,
-                     max_upload_mb=config.max_upload_mb, num_gpus=config.num_gpus, auth_token_env=config.token_env,
-                     engine=config.engine, precision=config.precision, layout=config.layout,
-                     operating_point=config.operating_point, endpoint_url=options.endpoint_url,
-                     region=options.region, anonymous=options.anonymous)
+def serve_args(config: ServeJobConfig) -> ServeArgs:
+    """The application's arguments for this job: ``config.args`` with its models resolved."""
+    if "models" in config.args.model_fields_set:
+        return config.args
+    return config.args.model_copy(update={"models": default_service_models()})
 
 
 def start_service(config: ServeJobConfig, *, log: Callable[[str], None] = print,
@@ -75,21 +65,22 @@ def start_service(config: ServeJobConfig, *, log: Callable[[str], None] = print,
 
     from ..serving.app import build_app  # Ray Serve and FastAPI: only where a service starts
 
-    models = config.models or default_service_models()
-    if config.models is None and models == TRAINED_DEFAULT and not storage.exists(storage.normalize(models)):
+    args = serve_args(config)
+    models = args.models
+    if "models" not in config.args.model_fields_set and models == TRAINED_DEFAULT and not storage.exists(storage.normalize(models)):
         log(f"No model index at {models}: training the embedded default first (a few minutes) ...")
         from .train import TrainAllConfig, run_train_all  # torch, Ray Train: only when it trains
 
         run_train_all(TrainAllConfig(), log=log)
-    check_model_index(models, config.storage)
-    application = build_app(serve_args(config, models))
+    check_model_index(models, args.storage_options)
+    application = build_app(args)
     # Serve's proxy runs the request limits only if Ray starts with them in its environment
     # (a Ray that is joined keeps its own: cluster nodes set it, see cluster/Dockerfile).
-    configure_environment(max_body_mb=max(config.max_upload_mb, float(os.environ.get("FRACRAY_MAX_BODY_MB", 0))))
+    configure_environment(max_body_mb=max(args.max_upload_mb, float(os.environ.get("FRACRAY_MAX_BODY_MB", 0))))
     connect()
     if on_connected is not None:
         on_connected()
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(application, name="fracray", route_prefix="/", blocking=False)
     return ServeHandle(models=models, url=f"http://{config.host}:{config.port}",
-                       protected=bool(os.environ.get(config.token_env)))
+                       protected=bool(os.environ.get(args.auth_token_env)))
