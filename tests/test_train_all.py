@@ -47,9 +47,12 @@ def test_train_all_trains_router_and_per_bone_models_and_reports(trained):
     for part in parts:
         config = json.loads((run / index["classifiers"][part] / "bundle.json").read_text())["training"]["config"]
         assert (config["strategy"], config["epochs"], config["batch_size"], config["lr"]) == ("last60", 10, 8, 1e-3)
+        # Two runs at once share the 2 CPUs (training.orchestrate.worker_cpu_share): what each worker reserved.
+        assert (config["cpus_per_worker"], config["cpu_threads"]) == (0.5, 1), config
     # The console shows the product's progress (one line per epoch of each model, from the
     # workers through the progress board), not Ray's own logs (they stay in the session's files).
     console = stdout + stderr
+    assert "Training 8 models, 2 at a time on this cluster (2 CPUs, 0 GPUs)" in console, console[-3000:]
     assert "[router] epoch 2/2: train loss" in console, console[-3000:]
     for part in parts:
         assert f"[fracture_{part}] epoch 1/10: train loss" in console, console[-3000:]

@@ -119,6 +119,24 @@ def test_cpu_threads_share_the_cluster_among_concurrent_workers(ray_local):
         TrainingSettings(cpu_threads=0)
 
 
+def test_a_small_cpu_cluster_trains_two_runs_at_once_sharing_its_cpus(ray_local):
+    """On 2 CPUs a run's whole-CPU needs (a worker + one for its data stream) fit once; two runs
+    share them instead, each worker reserving half a CPU so one stays free for the data streams;
+    --max-concurrent 1 (TrainingSettings.max_concurrent) restores one at a time."""
+    from fracray.training.orchestrate import TrainingSettings, max_concurrent_runs, worker_cpu_share
+
+    settings = TrainingSettings()
+    assert max_concurrent_runs(settings, requested=8) == 2
+    assert max_concurrent_runs(settings, requested=1) == 1
+    assert worker_cpu_share(settings, 2) == 0.5 and worker_cpu_share(settings, 1) is None
+    ddp = TrainingSettings(fracture=TrainConfig(num_workers=2))
+    assert max_concurrent_runs(ddp, requested=8) == 2 and worker_cpu_share(ddp, 2) == 0.25
+    one = TrainingSettings(max_concurrent=1)
+    assert max_concurrent_runs(one, requested=8) == 1 and worker_cpu_share(one, 1) is None
+    gpu = TrainingSettings(fracture=TrainConfig(use_gpu=True))
+    assert worker_cpu_share(gpu, 2) is None
+
+
 def test_train_classifier_writes_a_usable_bundle(ray_local, small_mura, tmp_path):
     train, valid = small_mura
     progress = tmp_path / "progress.jsonl"

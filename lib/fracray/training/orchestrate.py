@@ -4,7 +4,7 @@ optional backbone comparison, and the model index that names them.
 Each model is one Ray Train run (TorchTrainer). The runs are launched from Ray
 tasks so several share the cluster at once; how many run together follows the
 cluster's free CPUs/GPUs, leaving CPUs for the Ray Data preprocessing that feeds
-them (on a 2-CPU laptop that means one at a time).
+them (on a 2-CPU laptop: two runs sharing the CPUs, one thread each).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from .. import storage
 from ..artifacts.index import ModelIndex, write_model_index
 from ..data.manifest import filter_rows, require_hardware_labels, split_by_study
 from ..storage import StorageOptions
+from .defaults import DATASET_TRAINING_DEFAULTS
 from .progress import new_lines, open_board
 from .trainer import TrainConfig, train_classifier
 
 __all__ = ["TrainingSettings", "ModelRun", "TrainedModels", "train_models", "max_concurrent_runs",
-           "cpu_threads_per_worker"]
+           "cpu_threads_per_worker", "worker_cpu_share"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +35,12 @@ class TrainingSettings:
     derived from it (its own backbone, strategy and epochs, linear head, the backbone's own input size,
     no fracture map). The rest says which runs there are and how they share the cluster."""
 
-    fracture: TrainConfig = TrainConfig(epochs=3, batch_size=16, max_failures=1)
+    # Epochs, batch size, lr, strategies: training.defaults (a job picks its case: jobs.train.training_defaults).
+    fracture: TrainConfig = TrainConfig(max_failures=1)
     router_model: str = "efficientnet_lite0"
-    router_strategy: str = "full"
-    router_epochs: int | None = None  # None: the fracture models' epochs (telling body parts apart takes fewer)
+    router_strategy: str = DATASET_TRAINING_DEFAULTS["router_strategy"]
+    # None: the fracture models' epochs (telling body parts apart takes fewer)
+    router_epochs: int | None = DATASET_TRAINING_DEFAULTS["router_epochs"]
     exclude_hardware: bool = False
     min_images_per_part: int = 4
     single_model: bool = False      # one fracture model for all body parts, no router
@@ -72,6 +75,9 @@ class TrainingSettings:
 
 
 def max_concurrent_runs(settings: TrainingSettings, requested: int) -> int:
+    """How many runs train at once: as many as the cluster's whole CPUs (or GPUs) hold, each
+    worker plus one CPU for its data stream; on a CPU cluster too small for two such runs, two
+    that share it (:func:`worker_cpu_share`). ``settings.max_concurrent`` caps either."""
     import ray
 
     resources = ray.cluster_resources()
@@ -80,9 +86,31 @@ def max_concurrent_runs(settings: TrainingSettings, requested: int) -> int:
     limit = max(1, int(cpus // per_run_cpu))
     if settings.use_gpu:
         limit = min(limit, max(1, int(resources.get("GPU", 0) // settings.num_workers)))
+    elif limit == 1 and cpus >= 2:
+        # A run is not busy all the time: Ray Train's start, each epoch's data stream and the
+        # calibration pass leave its CPUs idle, for most of a small run's time (the embedded
+        # default: ~25 s of ~35 s per model). Two runs that share the CPUs fill that time;
+        # compute-bound runs lose nothing (the same work, one thread each instead of two).
+        limit = 2
     if settings.max_concurrent:
         limit = min(limit, settings.max_concurrent)
     return max(1, min(limit, requested))
+
+
+def worker_cpu_share(settings: TrainingSettings, concurrent_runs: int) -> float | None:
+    """The CPUs each training worker reserves when ``concurrent_runs`` runs share a CPU cluster
+    that cannot give each worker a whole CPU beside one for the data streams (None: the
+    TrainConfig's own ``cpus_per_worker``). One CPU always stays free for the data streams, so
+    no run's preprocessing waits on the other's training."""
+    import ray
+
+    if settings.use_gpu:
+        return None
+    cpus = ray.cluster_resources().get("CPU", 1)
+    workers = concurrent_runs * settings.num_workers
+    if workers * settings.fracture.cpus_per_worker + 1 <= cpus:
+        return None
+    return max(0.01, (cpus - 1) / workers)
 
 
 def cpu_threads_per_worker(settings: TrainingSettings, concurrent_runs: int) -> int | None:
@@ -153,15 +181,19 @@ def _run_all(jobs: list[dict[str, Any]], settings: TrainingSettings, log: Callab
     remote = ray.remote(num_cpus=0)(_train_remote)
     limit = max_concurrent_runs(settings, len(jobs))
     threads = cpu_threads_per_worker(settings, limit)
+    share = worker_cpu_share(settings, limit)
     log(f"Training {len(jobs)} models, {limit} at a time on this cluster "
         f"({ray.cluster_resources().get('CPU', 0):.0f} CPUs, {ray.cluster_resources().get('GPU', 0):.0f} GPUs)"
-        + (f", {threads} CPU threads per training worker" if threads else ""))
+        + (f", {threads} CPU threads per training worker" if threads else "")
+        + (f", sharing the CPUs ({share:g} reserved per worker, one for the data streams)" if share else ""))
     pending, results, queue = {}, {}, list(jobs)
     board, shown = open_board(), 0
     while queue or pending:
         while queue and len(pending) < limit:
             job = queue.pop(0)
             config = job["config"] if threads is None else dataclasses.replace(job["config"], cpu_threads=threads)
+            if share is not None:
+                config = dataclasses.replace(config, cpus_per_worker=share)
             ref = remote.remote(config, job["train"], job["valid"], job["output"], job["name"],
                                 job["options"], job["data_info"], job["run_config"])
             pending[ref] = job["name"]
