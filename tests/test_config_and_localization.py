@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fracray.cli.train_all import (DATASET_TRAINING_DEFAULTS, EMBEDDED_TRAINING_DEFAULTS, build_parser,
-                                   config_from_args, parse_config)
+from fracray.cli.train_all import build_parser, config_from_args, parse_config
 from fracray.jobs.train import TrainAllConfig
+from fracray.training.defaults import DATASET_TRAINING_DEFAULTS, EMBEDDED_TRAINING_DEFAULTS
 from fracray.data import adapters
 from fracray.data.manifest import split_by_study
 from fracray.data.pipeline import _row_rng, preprocess_batch

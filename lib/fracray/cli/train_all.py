@@ -14,8 +14,9 @@ from typing import Any
 
 from .. import storage
 from ..data.adapters import ADAPTERS, HARDWARE_LABELLED_LAYOUTS
-from ..jobs.train import DATASET_TRAINING_DEFAULTS, EMBEDDED_TRAINING_DEFAULTS, TrainAllConfig, run_train_all
+from ..jobs.train import TrainAllConfig, run_train_all
 from ..storage import StorageOptions
+from ..training.defaults import DATASET_TRAINING_DEFAULTS, EMBEDDED_TRAINING_DEFAULTS
 from ..training.orchestrate import TrainingSettings
 from ..training.trainer import TrainConfig
 from .common import add_storage_arguments, add_verbose_argument
@@ -28,7 +29,7 @@ def _csv(value: str) -> tuple[str, ...]:
 
 
 # An option left unset (None) on the command line and in --config takes the training default
-# for its case: the embedded default's or, with --dataset, the real-data one (jobs.train).
+# for its case: the embedded default's or, with --dataset, the real-data one (training.defaults).
 def _default_note(dest: str) -> str:
     data = DATASET_TRAINING_DEFAULTS[dest]
     return (f" (default: {EMBEDDED_TRAINING_DEFAULTS[dest]} on the embedded synthetic default, "

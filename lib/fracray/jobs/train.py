@@ -25,26 +25,17 @@ from ..evaluation.graph import evaluate_graph
 from ..raycluster import connect
 from ..reports.training_report import TrainingReport, format_report, write_training_report
 from ..storage import StorageOptions
+from ..training.defaults import DATASET_TRAINING_DEFAULTS, EMBEDDED_TRAINING_DEFAULTS
 from ..training.orchestrate import TrainingSettings, train_models
 from .index import IndexConfig, run_index
 
 __all__ = ["TrainAllConfig", "DataStageSummary", "TrainAllResult", "run_train_all", "run_training_stage",
-           "EMBEDDED_TRAINING_DEFAULTS", "DATASET_TRAINING_DEFAULTS", "training_defaults"]
-
-# Training defaults follow the data. The embedded synthetic default is sized to show the system
-# learning in minutes on a 2-core laptop (router accuracy near 1 and fracture AUROC above 0.85 on
-# its own validation split: README "Two commands", docs/training.md); with a dataset they stay the
-# conservative fine-tuning that the real-data results in docs/results.md were measured with. Keys are TrainConfig
-# (epochs, batch_size, lr, strategy) and TrainingSettings (router_*) field names.
-EMBEDDED_TRAINING_DEFAULTS: dict[str, Any] = {"epochs": 10, "batch_size": 8, "lr": 1e-3, "strategy": "last60",
-                                              "router_strategy": "last30", "router_epochs": 2}
-DATASET_TRAINING_DEFAULTS: dict[str, Any] = {"epochs": 2, "batch_size": 16, "lr": 1e-4, "strategy": "full",
-                                             "router_strategy": "full", "router_epochs": None}
+           "training_defaults"]
 
 
 def training_defaults(dataset: str | None) -> TrainingSettings:
-    """The training a job gets when it says nothing: the embedded default's (``dataset`` None)
-    or the real-data fine-tuning."""
+    """The training a job gets when it says nothing (training.defaults): the embedded default's
+    (``dataset`` None) or the real-data fine-tuning."""
     values = EMBEDDED_TRAINING_DEFAULTS if dataset is None else DATASET_TRAINING_DEFAULTS
     base = TrainingSettings()
     fracture = dataclasses.replace(base.fracture, **{k: v for k, v in values.items() if not k.startswith("router_")})

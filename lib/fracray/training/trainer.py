@@ -42,6 +42,7 @@ from ..metrics.fusion import (fit_box_calibration, fit_fusion, fracture_ece, fus
 from ..metrics.study import study_level
 from ..models.detection import decode_dense, dense_detections, detection_loss
 from ..storage import StorageOptions
+from .defaults import DATASET_TRAINING_DEFAULTS
 from .precision import PRECISIONS
 from .progress import post_progress
 from .step import TrainStep, model_input, place_model
@@ -66,14 +67,15 @@ class TrainConfig:
 
     model: str = "efficientnet_lite0"
     pretrained: bool | str = True
-    strategy: str = "full"
+    # epochs, batch_size, lr, strategy: the real-data defaults (training.defaults), the one place they live.
+    strategy: str = DATASET_TRAINING_DEFAULTS["strategy"]
     head: str = "linear"
     bam: bool = False
     task: str = "fracture"
     classes: tuple[str, ...] = ("normal", "abnormal")
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 1e-4
+    epochs: int = DATASET_TRAINING_DEFAULTS["epochs"]
+    batch_size: int = DATASET_TRAINING_DEFAULTS["batch_size"]
+    lr: float = DATASET_TRAINING_DEFAULTS["lr"]
     weight_decay: float = 0.0
     loss: str = "weighted_ce"
     focal_gamma: float = 2.0
