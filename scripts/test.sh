@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 bash scripts/install_pacs_tools.sh || true  # dcmtk + Orthanc for the DICOM tests (they skip without)
+bash scripts/install_review_tools.sh || true  # Chromium + PostgreSQL for the review app's tests (skip without)
 exec .venv/bin/python -m pytest "$@"

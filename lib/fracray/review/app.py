@@ -26,15 +26,31 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import storage
+from ..imaging.decode import ImageRejected, decode_image
 from ..storage import StorageOptions
 from .export import feedback_manifest
 from .feedback import FeedbackRecord, FeedbackStore, open_store
 from .worklist import RunError, ScoringRun, WorklistQuery
+
+# The monitoring (another part of this package): optional at run time, so a broken or missing module
+# makes the Monitoring page say "monitoring unavailable" and nothing else.
+try:
+    from . import monitoring as _monitoring_module
+    _monitoring_missing = None
+except Exception as _exc:  # noqa: BLE001
+    _monitoring_module, _monitoring_missing = None, f"{type(_exc).__name__}: {_exc}"
+try:
+    from . import monitoring_plots as _plots_module
+except Exception:  # noqa: BLE001
+    _plots_module = None
 
 __all__ = ["ReviewArgs", "ReviewState", "create_app", "build_review_app", "LOGGER_NAME"]
 
@@ -119,19 +135,21 @@ def _query(params) -> WorklistQuery:
 
 
 def _monitoring():
-    try:
-        from . import monitoring  # the monitoring engineer's module: optional at run time
-    except Exception as exc:  # noqa: BLE001 - absent or broken: the page says so, the app stays up
-        return None, f"{type(exc).__name__}: {exc}"
-    if not hasattr(monitoring, "monitoring_report"):
-        return None, "fracray.review.monitoring has no monitoring_report() yet"
-    return monitoring, None
+    if _monitoring_module is None:
+        return None, _monitoring_missing
+    if not hasattr(_monitoring_module, "monitoring_report"):
+        return None, "fracray.review.monitoring has no monitoring_report()"
+    return _monitoring_module, None
+
+
+def _renderer(monitoring):
+    """monitoring_plots.render_plots (or monitoring.render_plots): report -> {name: PNG bytes}; None if absent."""
+    if _plots_module is not None and hasattr(_plots_module, "render_plots"):
+        return _plots_module.render_plots
+    return getattr(monitoring, "render_plots", None)
 
 
 def _png(pixels, max_side: int) -> bytes:
-    import numpy as np
-    from PIL import Image
-
     arr = pixels
     if arr.dtype != np.uint8:
         arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
@@ -295,8 +313,6 @@ def create_app(args: ReviewArgs | dict, state: ReviewState | None = None) -> Fas
         row = state.run.image_row(study_id, uri)  # only files the run scored are ever read
         if row is None:
             raise ApiError(404, "This image is not in this study of the run")
-        from ..imaging.decode import ImageRejected, decode_image  # Pillow, pydicom: only for images
-
         try:
             data = storage.read_bytes(uri, state.run.options)
         except storage.StorageError as exc:
@@ -348,47 +364,55 @@ def create_app(args: ReviewArgs | dict, state: ReviewState | None = None) -> Fas
     @app.get("/api/export")
     def api_export():
         table = feedback_manifest(state.run, state.store.all())
-        import pyarrow.parquet as pq
-
         out = io.BytesIO()
         pq.write_table(table, out)
         return Response(out.getvalue(), media_type="application/vnd.apache.parquet",
                         headers={"Content-Disposition": 'attachment; filename="review-manifest.parquet"'})
 
-    @app.get("/api/monitoring")
-    def api_monitoring():
+    cache: dict[str, Any] = {}
+    cache_lock = threading.Lock()
+
+    def monitoring_now() -> dict[str, Any]:
+        """The report and its plots, computed once and reused for 2 minutes while the feedback is unchanged."""
         monitoring, why = _monitoring()
         if monitoring is None:
-            return JSONResponse({"available": False, "error": f"Monitoring unavailable: {why}"}, status_code=503)
-        try:
-            report = _report(monitoring)
-            raw = report.to_json()
-            body = json.loads(raw) if isinstance(raw, str) else raw
-            plots = sorted(_plots(monitoring, report)) if hasattr(monitoring, "render_plots") else []
-        except Exception as exc:  # noqa: BLE001 - the monitoring's failure stays on its page
-            log.error("monitoring failed: %s", type(exc).__name__)
-            return JSONResponse({"available": False, "error": f"Monitoring unavailable: {type(exc).__name__}: "
-                                                             f"{str(exc)[:300]}"}, status_code=503)
-        return {"available": True, "report": body, "plots": plots}
+            raise ApiError(503, f"Monitoring unavailable: {why}")
+        feedback = state.store.all()
+        with cache_lock:
+            if cache and cache["feedback"] == len(feedback) and time.time() - cache["at"] < 120:
+                return cache
+            try:
+                kwargs: dict[str, Any] = {"feedback": feedback}
+                parameters = inspect.signature(monitoring.monitoring_report).parameters
+                for name in ("storage_options", "options"):
+                    if name in parameters:
+                        kwargs[name] = state.run.options
+                        break
+                report = monitoring.monitoring_report(state.run.uri, **kwargs)
+                raw = report.to_json()
+                body = json.loads(raw) if isinstance(raw, str) else raw
+                render = _renderer(monitoring)
+                plots = {str(k).removesuffix(".png"): v for k, v in render(report).items()} if render else {}
+            except ApiError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the monitoring's failure stays on its page
+                log.error("monitoring failed: %s", type(exc).__name__)
+                raise ApiError(503, f"Monitoring unavailable: {type(exc).__name__}: {str(exc)[:300]}") from None
+            cache.clear()
+            cache.update(at=time.time(), feedback=len(feedback), body=body, plots=plots)
+            return cache
+
+    @app.get("/api/monitoring")
+    def api_monitoring():
+        got = monitoring_now()
+        return {"available": True, "report": got["body"], "plots": sorted(got["plots"])}
 
     @app.get("/api/monitoring/plot/{name}")
     def api_monitoring_plot(name: str):
-        monitoring, why = _monitoring()
-        if monitoring is None or not hasattr(monitoring, "render_plots"):
-            raise ApiError(503, f"Monitoring unavailable: {why or 'no render_plots()'}")
-        plots = _plots(monitoring, _report(monitoring))
+        plots = monitoring_now()["plots"]
         if name not in plots:
             raise ApiError(404, f"No plot {name!r}")
         return Response(plots[name], media_type="image/png")
-
-    def _report(monitoring):
-        kwargs: dict[str, Any] = {"feedback": state.store.all()}
-        if "options" in inspect.signature(monitoring.monitoring_report).parameters:
-            kwargs["options"] = state.run.options
-        return monitoring.monitoring_report(state.run.uri, **kwargs)
-
-    def _plots(monitoring, report) -> dict[str, bytes]:
-        return {str(k).removesuffix(".png"): v for k, v in monitoring.render_plots(report).items()}
 
     return app
 
