@@ -5,9 +5,9 @@ with reviewers' feedback (:mod:`.concordance`).
 
 The report is computed where the Parquet lies (local or s3://): one pass of
 ``pyarrow.dataset`` over ``images/part-*.parquet`` reads only the columns it needs, batch by
-batch, and folds each batch into a small cube of counts keyed by (day, body part, equipment,
-status, label, histogram bin, PSI bin); every grouping is a roll-up of that cube. Memory follows
-the cube's size (the distinct keys), not the run's rows; ``studies.parquet`` is read only for the
+batch, and folds the rows into small cubes of counts, one per grouping, keyed by (group, status,
+label, histogram bin, PSI bin); every figure is a roll-up of a cube. Memory follows the cubes'
+size (groups x bins), not the run's rows; ``studies.parquet`` is read only for the
 reviewed studies.
 
 Groupings and where their keys come from:
@@ -171,16 +171,35 @@ def _part_files(run: str, options: StorageOptions | None) -> list[str]:
     return parts
 
 
-def _dataset(parts: list[str], options: StorageOptions | None) -> tuple[pads.Dataset, dict[str, str]]:
-    """The part files as one dataset with the union of the columns the report reads (a run resumed
-    across versions may have parts without the newer columns: null there), and each file's path ->
-    its modification day (the scoring date where a run has no per-row one)."""
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+    """The run's part files, read as pyarrow datasets of at most ``_FILES_PER_SCAN`` files at a
+    time: a dataset keeps every file's footer once read (~80 kB each with the findings' nested
+    schema), so one dataset over a 1M-row run's 3,900 files would hold ~300 MB for nothing."""
+
+    filesystem: Any
+    paths: tuple[str, ...]
+    schema: pa.Schema                 # the columns the report reads, as the files hold them
+    file_days: dict[str, str | None]  # path -> the file's modification day (UTC)
+
+    def datasets(self):
+        for i in range(0, len(self.paths), _FILES_PER_SCAN):
+            yield pads.dataset(list(self.paths[i:i + _FILES_PER_SCAN]), filesystem=self.filesystem, format="parquet",
+                               schema=self.schema)
+
+
+_FILES_PER_SCAN = 256
+
+
+def _dataset(parts: list[str], options: StorageOptions | None) -> _Parts:
+    """The part files with the union of the columns the report reads (a run resumed across
+    versions may have parts without the newer columns: null there), and each file's day."""
     fs, _ = storage.resolve(parts[0], options)
     paths = [storage.resolve(u, options)[1] for u in parts]
     schemas = []
     for uri, path in {parts[0]: paths[0], parts[-1]: paths[-1]}.items():
         schemas.append(_open_schema(uri, path, fs))
-    # Part-rejects is first or last in name order; one of the chunk parts carries the newest schema.
+    # Part-rejects is last in name order (written when the run starts, in that version's schema).
     try:
         schema = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -190,17 +209,11 @@ def _dataset(parts: list[str], options: StorageOptions | None) -> tuple[pads.Dat
     missing = [c for c in ("status", "fracture_probability", "label") if c not in schema.names]
     if missing:
         raise MonitoringError(f"{parts[0]} is not a fracray scoring part file: it lacks {missing}")
-    try:
-        dataset = pads.dataset(paths, filesystem=fs, format="parquet", schema=pa.schema(fields))
-    except (pa.ArrowException, OSError) as exc:
-        raise MonitoringError(f"Cannot open the part files under {parts[0].rsplit('/', 1)[0]}: {exc}") from None
-    days = {}
-    if "scored_at" not in schema.names:  # one listing of the folder, not a request per file
-        folder = paths[0].rsplit("/", 1)[0]
-        for info in fs.get_file_info(pafs.FileSelector(folder)):
-            mtime = info.mtime
-            days[info.path] = mtime.astimezone(_dt.timezone.utc).date().isoformat() if mtime else None
-    return dataset, days
+    days = {}  # where a row has no scored_at (runs before it, rejects of the indexer): its file's time
+    for info in fs.get_file_info(pafs.FileSelector(paths[0].rsplit("/", 1)[0])):  # one listing, not one per file
+        mtime = info.mtime
+        days[info.path] = mtime.astimezone(_dt.timezone.utc).date().isoformat() if mtime else None
+    return _Parts(fs, tuple(paths), pa.schema(fields), days)
 
 
 def _open_schema(uri: str, path: str, fs) -> pa.Schema:
@@ -223,10 +236,12 @@ def _study_day(batch: pa.RecordBatch) -> pa.Array:
     return column.cast(pa.date32()).cast(pa.string())
 
 
-def _scoring_day(batch: pa.RecordBatch, file_day: str | None) -> pa.Array:
+def _scoring_day(batch: pa.Table) -> pa.Array:
+    fallback = batch.column("_file_day")
     if "scored_at" in batch.schema.names:
-        return batch.column("scored_at").cast(pa.timestamp("s", tz="UTC")).cast(pa.date32()).cast(pa.string())
-    return pa.array([file_day] * batch.num_rows, pa.string())
+        scored = batch.column("scored_at").cast(pa.timestamp("s", tz="UTC")).cast(pa.date32()).cast(pa.string())
+        return pc.coalesce(scored, fallback)
+    return fallback
 
 
 def _body_part_key(batch: pa.RecordBatch) -> pa.Array:
@@ -251,53 +266,71 @@ def _equipment_key(batch: pa.RecordBatch, has: tuple[bool, bool]) -> pa.Array:
     return pc.if_else(pc.and_(pc.is_null(maker), pc.is_null(model)), UNKNOWN, joined)
 
 
-def _cube(dataset: pads.Dataset, file_days: dict[str, str], psi_edges: Sequence[float], run: str) -> pa.Table:
-    """Counts and probability sums by (day (StudyDate), scoring_day, body_part, equipment, status,
-    label, hbin, pbin): hbin, pbin the scored image's histogram and PSI bins, -1 when not scored."""
-    names = dataset.schema.names
+_DIMENSIONS = ("day", "scoring_day", "body_part", "equipment")
+_MEASURES = ["status", "label", "hbin", "pbin"]
+_FOLD_ROWS = 131_072  # rows of derived keys gathered before they are folded into the cubes
+
+
+def _cubes(parts: _Parts, psi_edges: Sequence[float], run: str) -> dict[str, dict[str, list]]:
+    """For each dimension (day = StudyDate, scoring_day, body_part, equipment) its cube: counts
+    ``n`` and probability sums ``p`` by (key, status, label, hbin, pbin), hbin and pbin the scored
+    image's histogram and PSI bins (-1 when not scored). One scan; the rows are folded every
+    ``_FOLD_ROWS``, so memory follows the cubes (keys x ~30 bins), not the run."""
+    names = parts.schema.names
     has_equipment = ("manufacturer" in names, "manufacturer_model" in names)
     hist_edges = drift.histogram_edges()
-    partials = []
-    scanner = dataset.scanner(columns=[c for c in _COLUMNS if c in names], batch_size=131_072)
+    folded: dict[str, list[pa.Table]] = {d: [] for d in _DIMENSIONS}
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+
+    def fold() -> None:  # the keys of the gathered rows, computed once for all of them, into the cubes
+        nonlocal pending, pending_rows
+        if not pending:
+            return
+        rows = pa.Table.from_batches(pending).combine_chunks()
+        pending, pending_rows = [], 0
+        p = rows.column("fracture_probability").to_numpy().astype(np.float64)
+        status = pc.fill_null(rows.column("status"), "unknown")
+        scored = pc.equal(status, "ok").to_numpy(zero_copy_only=False) & np.isfinite(p)
+        hbin = np.where(scored, drift.bin_index(np.nan_to_num(p), hist_edges), -1).astype(np.int16)
+        pbin = np.where(scored, drift.bin_index(np.nan_to_num(p), psi_edges), -1).astype(np.int16)
+        table = pa.table({
+            "day": pc.fill_null(_study_day(rows), UNKNOWN),
+            "scoring_day": pc.fill_null(_scoring_day(rows), UNKNOWN),
+            "body_part": _body_part_key(rows), "equipment": _equipment_key(rows, has_equipment),
+            "status": status, "label": pc.fill_null(rows.column("label").cast(pa.int8()), -1),
+            "hbin": hbin, "pbin": pbin, "p": np.where(scored, p, 0.0), "n": np.ones(rows.num_rows, np.int64),
+        })
+        for d in _DIMENSIONS:
+            folded[d].append(_fold(table, d))
+
     try:
-        for tagged in scanner.scan_batches():
+        for tagged in (t for dataset in parts.datasets()
+                       for t in dataset.scanner(columns=names, batch_size=_FOLD_ROWS).scan_batches()):
             batch = tagged.record_batch
             if batch.num_rows == 0:
                 continue
-            p = batch.column("fracture_probability").to_numpy(zero_copy_only=False).astype(np.float64)
-            status = pc.fill_null(batch.column("status"), "unknown")
-            ok = pc.equal(status, "ok").to_numpy(zero_copy_only=False)
-            scored = ok & np.isfinite(p)
-            hbin = np.where(scored, drift.bin_index(np.nan_to_num(p), hist_edges), -1).astype(np.int16)
-            pbin = np.where(scored, drift.bin_index(np.nan_to_num(p), psi_edges), -1).astype(np.int16)
-            table = pa.table({
-                "day": pc.fill_null(_study_day(batch), UNKNOWN),
-                "scoring_day": pc.fill_null(_scoring_day(batch, file_days.get(tagged.fragment.path)), UNKNOWN),
-                "body_part": _body_part_key(batch),
-                "equipment": _equipment_key(batch, has_equipment), "status": status,
-                "label": pc.fill_null(batch.column("label").cast(pa.int8()), -1),
-                "hbin": hbin, "pbin": pbin, "p": np.where(scored, p, 0.0), "n": np.ones(batch.num_rows, np.int64),
-            })
-            partials.append(_fold(table))
+            day = parts.file_days.get(tagged.fragment.path)
+            pending.append(batch.append_column("_file_day", pa.array([day] * batch.num_rows, pa.string())))
+            pending_rows += batch.num_rows
+            if pending_rows >= _FOLD_ROWS:
+                fold()
+        fold()
     except (pa.ArrowException, OSError) as exc:
         raise MonitoringError(f"Cannot read the scoring output under {run}/images: {_short(exc)}. A part file is "
                               f"damaged: delete it and rerun the same `fracray score` command to rescore its "
                               f"chunk.") from None
-    if not partials:
-        return _fold(pa.table({"day": pa.array([], pa.string()), "scoring_day": pa.array([], pa.string()),
-                               "body_part": pa.array([], pa.string()),
-                               "equipment": pa.array([], pa.string()), "status": pa.array([], pa.string()),
-                               "label": pa.array([], pa.int8()), "hbin": pa.array([], pa.int16()),
-                               "pbin": pa.array([], pa.int16()), "p": pa.array([], pa.float64()),
-                               "n": pa.array([], pa.int64())}))
-    return _fold(pa.concat_tables(partials))
+    out = {}
+    for d in _DIMENSIONS:
+        if folded[d]:
+            out[d] = _fold(pa.concat_tables(folded[d]), d).to_pydict()
+        else:
+            out[d] = {c: [] for c in [d, *_MEASURES, "n", "p"]}
+    return out
 
 
-_KEYS = ["day", "scoring_day", "body_part", "equipment", "status", "label", "hbin", "pbin"]
-
-
-def _fold(table: pa.Table) -> pa.Table:
-    out = table.group_by(_KEYS).aggregate([("n", "sum"), ("p", "sum")])
+def _fold(table: pa.Table, key: str) -> pa.Table:
+    out = table.group_by([key, *_MEASURES]).aggregate([("n", "sum"), ("p", "sum")])
     return out.rename_columns([{"n_sum": "n", "p_sum": "p"}.get(c, c) for c in out.column_names])
 
 
@@ -424,27 +457,27 @@ def monitoring_report(run: str, feedback: Sequence[FeedbackRecord] | None = None
     reference, reference_source = load_validation_distribution(validation, models, options)
     notes: list[str] = []
     psi_edges = reference["psi_edges"] if reference else [0.0, 1.0]
-    dataset, file_days = _dataset(parts, options)
-    names = dataset.schema.names
-    cube_table = _cube(dataset, file_days, psi_edges, run)
-    cube = cube_table.to_pydict()
+    files = _dataset(parts, options)
+    names = files.schema.names
+    cubes = _cubes(files, psi_edges, run)
     n_hist, n_psi = drift.HISTOGRAM_BINS, len(psi_edges) - 1
 
     overall_reference = reference["overall"] if reference else None
     per_part = {k: v for k, v in (reference or {}).get("per_body_part", {}).items()
                 if v.get("n", 0) >= _MIN_PART_REFERENCE}
-    overall = _stats("all", _rollup(cube, None, n_hist, n_psi).get(_ALL_PARTS) or _empty(n_hist, n_psi),
+    overall = _stats("all", _rollup(cubes["body_part"], None, n_hist, n_psi).get(_ALL_PARTS) or _empty(n_hist, n_psi),
                      overall_reference, "validation: all images" if reference else None)
 
     groupings: dict[str, Grouping] = {}
     for name in GROUPINGS:
-        source, note = _grouping_source(name, names, cube)
+        source, note = _grouping_source(name, names, cubes)
         if note:
             notes.append(note)
         if source is None:
             groupings[name] = Grouping(name, False, None, note)
             continue
-        rolled = _rollup(cube, "scoring_day" if source.startswith("scoring date") else name, n_hist, n_psi)
+        dimension = "scoring_day" if source.startswith("scoring date") else name
+        rolled = _rollup(cubes[dimension], dimension, n_hist, n_psi)
         groups = []
         for key in sorted(rolled):
             ref, ref_name = overall_reference, "validation: all images"
@@ -497,12 +530,14 @@ def _empty(n_hist: int, n_psi: int) -> dict[str, Any]:
             "hist": [0] * n_hist, "psi": [0] * n_psi}
 
 
-def _grouping_source(name: str, names: Sequence[str], cube: dict[str, list]) -> tuple[str | None, str | None]:
+def _grouping_source(name: str, names: Sequence[str],
+                     cubes: dict[str, dict[str, list]]) -> tuple[str | None, str | None]:
     if name == "day":
-        if "study_date" in names and any(d != UNKNOWN for d in cube["day"]):
+        if "study_date" in names and any(d != UNKNOWN for d in cubes["day"]["day"]):
             return "study_date (DICOM StudyDate)", None
         if "scored_at" in names:
-            return "scoring date (scored_at)", "Grouped by scoring date: the run has no DICOM StudyDate."
+            return ("scoring date (scored_at; the part file's time where a row has none)",
+                    "Grouped by scoring date: the run has no DICOM StudyDate.")
         return ("scoring date (the part files' modification time)",
                 "Grouped by scoring date (each part file's modification time): the run has no DICOM StudyDate.")
     if name == "body_part":
@@ -510,7 +545,7 @@ def _grouping_source(name: str, names: Sequence[str], cube: dict[str, list]) -> 
     if not ("manufacturer" in names or "manufacturer_model" in names):
         return None, "Equipment unavailable: the run has no manufacturer / manufacturer_model columns " \
                      "(scored before they were recorded)."
-    if all(e == UNKNOWN for e in cube["equipment"]):
+    if all(e == UNKNOWN for e in cubes["equipment"]["equipment"]):
         return None, "Equipment unavailable: no image of the run has a DICOM Manufacturer or ManufacturerModelName " \
                      "(not DICOM, or not recorded)."
     return "manufacturer / manufacturer_model (DICOM)", None
