@@ -325,6 +325,9 @@ def test_api_auth_bad_input_and_a_log_without_patient_data(app):
     assert wrong.status_code == 401 and "bearer token" in wrong.json()["error"]
     page = requests.get(app.url + "/", timeout=5, allow_redirects=False)
     assert page.status_code == 303 and page.headers["location"].endswith("/login")
+    once = requests.get(app.url + f"/?token={TOKEN}&label=flagged", timeout=5, allow_redirects=False)
+    assert once.status_code == 303 and once.headers["location"] == "/?label=flagged"
+    assert requests.get(app.url + "/api/run", cookies=once.cookies, timeout=5).ok  # the cookie signs in
     ok = app.get("/api/worklist?page_size=3")
     assert ok.ok and ok.json()["total"] == 12 and ok.headers["X-Request-Id"]
     assert app.get("/api/worklist?label=bogus").status_code == 400
