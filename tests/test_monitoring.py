@@ -86,12 +86,16 @@ def record(study: str, verdict: str, *, image: str | None = None, finding: int |
 
 
 def test_psi_and_wilson_by_hand():
-    # (0.25 - 0.5) ln(0.25 / 0.5) + (0.75 - 0.5) ln(0.75 / 0.5)
-    assert drift.psi([50, 50], [25, 75]) == pytest.approx(0.25 * math.log(2) + 0.25 * math.log(1.5))
+    # sum (a - e) ln(a / e), every count + 0.5: e = 50.5 / 101 each, a = 25.5 / 101 and 75.5 / 101
+    e, a1, a2 = 0.5, 25.5 / 101, 75.5 / 101
+    assert drift.psi([50, 50], [25, 75]) == pytest.approx((a1 - e) * math.log(a1 / e) + (a2 - e) * math.log(a2 / e))
+    assert drift.psi([50, 50], [25, 75]) == pytest.approx(0.2687, abs=1e-4)
+    assert drift.psi([100, 0], [0, 100]) == pytest.approx(2 * (100 / 101) * math.log(100.5 / 0.5), rel=1e-6)
     assert drift.psi([10, 10], [7, 7]) == 0.0
     assert drift.psi([10, 10], [0, 0]) is None
     assert drift.drift_level(0.25, 500) == "alarm" and drift.drift_level(0.15, 500) == "warn"
     assert drift.drift_level(0.05, 500) == "ok" and drift.drift_level(0.9, 199) == "insufficient"
+    assert drift.drift_level(0.9, 250, noise_floor=0.11) == "insufficient"  # a small reference: chance alone
     assert drift.psi_noise_floor(10, 200, 428) == pytest.approx(9 * (1 / 200 + 1 / 428))
     low, high = wilson_interval(8, 10)  # p = 0.8, z = 1.96
     assert (low, high) == (pytest.approx(0.4902, abs=1e-4), pytest.approx(0.9433, abs=1e-4))

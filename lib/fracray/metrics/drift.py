@@ -9,14 +9,17 @@ counted in the same bins.
 
     PSI = sum over bins of (a_i - e_i) * ln(a_i / e_i)
 
-with ``e_i`` the validation share and ``a_i`` the run's share of bin i (each floored at
-``PSI_FLOOR`` so an empty bin counts as very different, not infinite). Conventional reading,
+with ``e_i`` the validation share and ``a_i`` the run's share of bin i, each count plus
+``PSI_PSEUDO_COUNT`` (0.5, Jeffreys) so that a bin empty on one side is finite and a small
+reference (a body part with 24 validation images) is not read as certain about its empty bins. Conventional reading,
 used here: below ``PSI_WARN`` (0.1) stable, ``PSI_WARN`` to ``PSI_ALARM`` (0.2) a warning, at or
 above ``PSI_ALARM`` an alarm. PSI of two samples of one distribution is not 0: its expectation
 is about ``(bins - 1) * (1/n + 1/n_ref)`` (the chi-square approximation, :func:`psi_noise_floor`),
-so a group needs ``PSI_MIN_IMAGES`` scored images before it gets a verdict: with 200 images
-against the shipped model's 428 validation images the floor is 0.066, and an alarm (0.2) on
-data drawn from the validation distribution itself has a chance below 1 %.
+so a group gets a verdict only with at least ``PSI_MIN_IMAGES`` scored images and a noise floor
+of at most ``PSI_MAX_NOISE_FLOOR`` (0.1, which a small reference such as one body part's 135
+validation images only allows from about 400 images on): with 200 images against the shipped
+model's 428 validation images the floor is 0.066, and an alarm (0.2) on data drawn from the
+validation distribution itself has a chance below 1 %.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["PSI_BINS", "PSI_WARN", "PSI_ALARM", "PSI_MIN_IMAGES", "PSI_FLOOR", "HISTOGRAM_BINS",
+__all__ = ["PSI_BINS", "PSI_WARN", "PSI_ALARM", "PSI_MIN_IMAGES", "PSI_MAX_NOISE_FLOOR", "PSI_PSEUDO_COUNT", "HISTOGRAM_BINS",
            "VALIDATION_DISTRIBUTION_FORMAT", "decile_edges", "bin_index", "bin_counts", "histogram_edges",
            "psi", "psi_noise_floor", "drift_level", "validation_distribution", "check_validation_distribution"]
 
@@ -35,7 +38,8 @@ PSI_BINS = 10           # bins at the validation deciles
 PSI_WARN = 0.1
 PSI_ALARM = 0.2
 PSI_MIN_IMAGES = 200    # scored images a group needs before its PSI is read as a verdict
-PSI_FLOOR = 1e-4        # the smallest share a bin counts with
+PSI_MAX_NOISE_FLOOR = 0.1  # ... and the most PSI that chance alone may be expected to give
+PSI_PSEUDO_COUNT = 0.5  # added to every bin's count on both sides
 HISTOGRAM_BINS = 20     # equal-width bins of [0, 1], for the plots
 VALIDATION_DISTRIBUTION_FORMAT = "fracray-validation-distribution/1"
 
@@ -70,17 +74,18 @@ def bin_counts(probabilities: Sequence[float], edges: Sequence[float]) -> list[i
     return np.bincount(bin_index(p, edges), minlength=len(edges) - 1).astype(int).tolist()
 
 
-def psi(reference_counts: Sequence[float], counts: Sequence[float], floor: float = PSI_FLOOR) -> float | None:
-    """Population Stability Index of ``counts`` against ``reference_counts`` (same bins);
-    None when either has no images."""
+def psi(reference_counts: Sequence[float], counts: Sequence[float],
+        pseudo_count: float = PSI_PSEUDO_COUNT) -> float | None:
+    """Population Stability Index of ``counts`` against ``reference_counts`` (same bins, each
+    count plus ``pseudo_count``); None when either has no images."""
     e = np.asarray(reference_counts, dtype=np.float64)
     a = np.asarray(counts, dtype=np.float64)
     if e.shape != a.shape:
         raise ValueError(f"PSI needs counts in the same bins: {e.shape} vs {a.shape}")
     if e.sum() <= 0 or a.sum() <= 0:
         return None
-    e = np.maximum(e / e.sum(), floor)
-    a = np.maximum(a / a.sum(), floor)
+    e = (e + pseudo_count) / (e.sum() + pseudo_count * e.size)
+    a = (a + pseudo_count) / (a.sum() + pseudo_count * a.size)
     return float(np.sum((a - e) * np.log(a / e)))
 
 
@@ -91,9 +96,11 @@ def psi_noise_floor(bins: int, n: int, n_reference: int) -> float | None:
     return (bins - 1) * (1.0 / n + 1.0 / n_reference)
 
 
-def drift_level(value: float | None, n: int, min_images: int = PSI_MIN_IMAGES) -> str:
-    """"insufficient" (fewer than ``min_images`` scored images, or no PSI), "ok", "warn", "alarm"."""
-    if value is None or n < min_images:
+def drift_level(value: float | None, n: int, min_images: int = PSI_MIN_IMAGES,
+                noise_floor: float | None = None) -> str:
+    """"insufficient" (no PSI, fewer than ``min_images`` scored images, or a ``noise_floor`` above
+    ``PSI_MAX_NOISE_FLOOR``), else "ok", "warn" or "alarm"."""
+    if value is None or n < min_images or (noise_floor is not None and noise_floor > PSI_MAX_NOISE_FLOOR):
         return "insufficient"
     return "alarm" if value >= PSI_ALARM else ("warn" if value >= PSI_WARN else "ok")
 
@@ -119,7 +126,8 @@ def validation_distribution(probabilities: Sequence[float], body_parts: Sequence
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": dict(source or {}),
         "statistic": {"name": "psi", "warn": PSI_WARN, "alarm": PSI_ALARM, "min_images": PSI_MIN_IMAGES,
-                      "floor": PSI_FLOOR},
+                      "max_noise_floor": PSI_MAX_NOISE_FLOOR,
+                      "pseudo_count": PSI_PSEUDO_COUNT},
         "psi_edges": edges, "histogram_edges": histogram_edges(),
         "overall": _summary(p, edges), "per_body_part": {},
     }

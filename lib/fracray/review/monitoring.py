@@ -59,7 +59,7 @@ _ALL_PARTS = "all"  # the body part of a single all-parts classifier
 # Columns the report reads (the others of a part file are never read).
 _COLUMNS = ("status", "fracture_probability", "label", "body_part", "layout_body_part", "study_date", "scored_at",
             "manufacturer", "manufacturer_model")
-_MIN_PART_REFERENCE = 50  # validation images a body part needs to be its own drift reference
+_MIN_PART_REFERENCE = 100  # validation images a body part needs to be its own drift reference
 
 
 class MonitoringError(ValueError):
@@ -372,8 +372,8 @@ def _stats(key: str, g: dict[str, Any], reference: dict[str, Any] | None, refere
     if reference is not None:
         counts = reference["psi_counts"]
         value = drift.psi(counts, g["psi"])
-        level = drift.drift_level(value, g["scored"])
         floor = drift.psi_noise_floor(len(counts), g["scored"], int(sum(counts)))
+        level = drift.drift_level(value, g["scored"], noise_floor=floor)
     return GroupStats(
         key=key, images=g["images"], scored=g["scored"], rejected=g["rejected"], out_of_scope=g["out_of_scope"],
         positive=g["positive"], rejects_by_reason=dict(sorted(g["reasons"].items())),
@@ -497,8 +497,9 @@ def monitoring_report(run: str, feedback: Sequence[FeedbackRecord] | None = None
         "statistic": "psi",
         "definition": "Population Stability Index of the scored images' P(fracture) against the model's own "
                       "validation distribution, in bins at the validation deciles: sum (a - e) ln(a / e), "
-                      f"shares floored at {drift.PSI_FLOOR}",
+                      f"each bin's count plus {drift.PSI_PSEUDO_COUNT}",
         "warn": drift.PSI_WARN, "alarm": drift.PSI_ALARM, "min_images": drift.PSI_MIN_IMAGES,
+        "max_noise_floor": drift.PSI_MAX_NOISE_FLOOR,
         "noise_floor": "(bins - 1)(1/n + 1/n_reference): the PSI expected without any drift",
         "reference": reference_source, "available": reference is not None,
         "status": ("unavailable" if reference is None else
