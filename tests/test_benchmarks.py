@@ -27,7 +27,7 @@ def test_bench_serving_compares_the_engine_service_with_eager(ray_local):
     from fracray.benchmarks import serving
 
     result = serving.run(model="efficientnet_lite0", clients=(1, 2), requests_per_client=2, image_size=(256, 208),
-                         batch_size=4, log=lambda *_: None)
+                         batch_size=4, min_requests=3, in_process_requests=8, log=lambda *_: None)
     assert result["in_process"]["engine"] == "torch-float32"
     assert result["in_process_engine"]["engine"] == "onnxruntime-float32"
     engines = {label: {row["engine"] for row in rows} for label, rows in result["http"].items()}
@@ -36,6 +36,8 @@ def test_bench_serving_compares_the_engine_service_with_eager(ray_local):
                        "batched": {"onnxruntime-float32"}, "fused": {"onnxruntime-float32"}}
     assert {row["layout"] for row in result["http"]["fused"]} == {"fused"}  # the layout reached the app
     assert all(row["errors"] == 0 for rows in result["http"].values() for row in rows)
+    # --min-requests and --requests-per-client reach each row: max(2 x clients, 3) requests.
+    assert [row["requests"] for row in result["http"]["batched"]] == [3, 4]
     table = serving.format_table(result)
     assert "as before the engine" in table and "target >= 2" in table and "fused layout" in table
 

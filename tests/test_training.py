@@ -137,51 +137,15 @@ def test_a_small_cpu_cluster_trains_two_runs_at_once_sharing_its_cpus(ray_local)
     assert worker_cpu_share(gpu, 2) is None
 
 
-def test_train_classifier_writes_a_usable_bundle(ray_local, small_mura, tmp_path):
-    train, valid = small_mura
-    progress = tmp_path / "progress.jsonl"
-    config = TrainConfig(model="efficientnet_lite0", epochs=2, batch_size=16, early_stopping_patience=5,
-                         cpu_threads=2, progress_file=str(progress))
-    result = train_classifier(config, train, valid, output_uri=str(tmp_path), name="fracture_all")
-    start = json.loads(progress.read_text().splitlines()[0])
-    # Ray would give a 1-CPU worker one thread; cpu_threads lets it use the idle core too.
-    assert start["event"] == "start" and start["threads"] == min(2, len(os.sched_getaffinity(0)))
-    assert len(result.history) == 2 and [h["epoch"] for h in result.history] == [0, 1]
-    assert all(np.isfinite(h["train_loss"]) for h in result.history)
-    meta = read_bundle_meta(result.bundle_uri)
-    # A calibration slice of the training studies (default 10 %) is held out of training when it has both classes.
-    assert meta.data["train_images"] + meta.data["calibration_images"] == train.num_rows
-    assert sum(h["train_images"] for h in result.history) == 2 * meta.data["train_images"]
-    assert meta.calibration["fitted_on"] == ("calibration_slice" if meta.data["calibration_images"] else "valid")
-    valid_metrics = meta.metrics["valid"]
-    assert valid_metrics["n"] == valid.num_rows
-    assert {"tp", "fn", "fp", "tn", "auroc", "sensitivity", "specificity", "f1"} <= set(valid_metrics)
-    assert "kappa" in meta.metrics["valid_study"]
-    assert 0.0 <= meta.threshold <= 1.0 and meta.threshold_rule == "youden"
-    # Calibrated on the calibration slice (or validation without one); the operating points were
-    # chosen there on the calibrated probabilities and their figures measured on validation.
-    assert meta.temperature > 0 and meta.calibration["temperature"] == meta.temperature
-    assert meta.calibration["ece_after"] <= meta.calibration["ece_before"] + 1e-9
-    assert meta.calibration["valid"]["n"] == valid.num_rows
-    assert meta.operating_points["youden"]["threshold"] == pytest.approx(meta.threshold)
-    sens95 = meta.operating_points["sensitivity>=0.95"]
-    assert (sens95["chosen_on"] if meta.data["calibration_images"] else sens95)["sensitivity"] >= 0.95
-    assert {"high_sensitivity", "high_specificity"} <= set(meta.operating_points)
-    assert meta.preprocess["image_size"] == [224, 224] and meta.model["name"] == "efficientnet_lite0"
-    assert meta.model["weights"].startswith("imagenet")
-    model, _ = load_bundle(result.bundle_uri)
-    probs = model.predict_proba(torch.zeros(1, 3, 224, 224))
-    assert probs.shape == (1, 2)
-
-
 @pytest.mark.slow
-def test_killed_training_worker_resumes_from_the_last_checkpoint(ray_local, small_mura, tmp_path):
+def test_killed_training_worker_resumes_and_writes_a_usable_bundle(ray_local, small_mura, tmp_path):
     """A real SIGKILL of the Ray Train worker process after its first checkpoint: the run
-    restarts the worker group, resumes at epoch 1 from that checkpoint, and finishes."""
+    restarts the worker group, resumes at epoch 1 from that checkpoint, finishes, and writes a
+    bundle that carries its calibration, operating points and metrics (one run checks both)."""
     train, valid = small_mura
     progress = tmp_path / "progress.jsonl"
     config = TrainConfig(model="efficientnet_lite0", epochs=3, batch_size=16, max_failures=1,
-                         early_stopping_patience=10, progress_file=str(progress))
+                         early_stopping_patience=10, cpu_threads=2, progress_file=str(progress))
     outcome = {}
 
     def run():
@@ -210,36 +174,58 @@ def test_killed_training_worker_resumes_from_the_last_checkpoint(ray_local, smal
     starts = [e for e in events if e["event"] == "start"]
     assert len(starts) == 2 and starts[0]["pid"] == victim and starts[1]["pid"] != victim
     assert starts[1]["epoch"] == 1  # resumed after the checkpointed epoch 0, not from scratch
-    assert [h["epoch"] for h in outcome["result"].history] == [0, 1, 2]
+    result = outcome["result"]
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    # Ray would give a 1-CPU worker one thread; cpu_threads lets it use the idle core too.
+    assert starts[0]["threads"] == starts[1]["threads"] == min(2, len(os.sched_getaffinity(0)))
+    assert all(np.isfinite(h["train_loss"]) for h in result.history)
+    meta = read_bundle_meta(result.bundle_uri)
+    # A calibration slice of the training studies (default 10 %) is held out of training when it has both classes.
+    assert meta.data["train_images"] + meta.data["calibration_images"] == train.num_rows
+    assert sum(h["train_images"] for h in result.history) == 3 * meta.data["train_images"]
+    assert meta.calibration["fitted_on"] == ("calibration_slice" if meta.data["calibration_images"] else "valid")
+    valid_metrics = meta.metrics["valid"]
+    assert valid_metrics["n"] == valid.num_rows
+    assert {"tp", "fn", "fp", "tn", "auroc", "sensitivity", "specificity", "f1"} <= set(valid_metrics)
+    assert "kappa" in meta.metrics["valid_study"]
+    assert 0.0 <= meta.threshold <= 1.0 and meta.threshold_rule == "youden"
+    # Calibrated on the calibration slice (or validation without one); the operating points were
+    # chosen there on the calibrated probabilities and their figures measured on validation.
+    assert meta.temperature > 0 and meta.calibration["temperature"] == meta.temperature
+    assert meta.calibration["ece_after"] <= meta.calibration["ece_before"] + 1e-9
+    assert meta.calibration["valid"]["n"] == valid.num_rows
+    assert meta.operating_points["youden"]["threshold"] == pytest.approx(meta.threshold)
+    sens95 = meta.operating_points["sensitivity>=0.95"]
+    assert (sens95["chosen_on"] if meta.data["calibration_images"] else sens95)["sensitivity"] >= 0.95
+    assert {"high_sensitivity", "high_specificity"} <= set(meta.operating_points)
+    assert meta.preprocess["image_size"] == [224, 224] and meta.model["name"] == "efficientnet_lite0"
+    assert meta.model["weights"].startswith("imagenet")
+    model, _ = load_bundle(result.bundle_uri)
+    probs = model.predict_proba(torch.zeros(1, 3, 224, 224))
+    assert probs.shape == (1, 2)
 
 
 @pytest.mark.slow
-def test_ddp_over_two_cpu_workers(ray_local, small_mura, tmp_path):
+def test_ddp_over_two_cpu_workers_with_checkpoints_and_bundle_in_s3(ray_local, small_mura, s3_bucket, tmp_path):
     """Two Ray Train workers (DDP with gloo), each reading its own shard; validation
-    predictions are gathered from both before metrics are computed."""
-    train, valid = small_mura
-    progress = tmp_path / "progress.jsonl"
-    # Half a CPU each leaves a CPU for the Ray Data tasks that feed them on a 2-CPU machine.
-    config = TrainConfig(model="efficientnet_lite0", epochs=1, batch_size=8, num_workers=2, cpus_per_worker=0.5,
-                         progress_file=str(progress))
-    result = train_classifier(config, train, valid, output_uri=str(tmp_path), name="ddp")
-    events = [json.loads(line) for line in progress.read_text().splitlines()]
-    assert {e["rank"] for e in events} == {0, 1}
-    assert len({e["pid"] for e in events}) == 2
-    # Each worker trained on its shard; together they covered the training set once.
-    assert result.history[0]["train_images"] * 2 >= train.num_rows - 1
-    assert read_bundle_meta(result.bundle_uri).metrics["valid"]["n"] == valid.num_rows
-
-
-@pytest.mark.slow
-def test_checkpoints_and_bundle_in_s3(ray_local, small_mura, s3_bucket):
+    predictions are gathered from both before metrics are computed. The run's checkpoints and
+    its bundle go to S3 (the local S3 server) and the bundle loads back from there."""
     from fracray.storage import StorageOptions
 
     client, bucket, endpoint = s3_bucket
     train, valid = small_mura
     options = StorageOptions(endpoint_url=endpoint)
-    result = train_classifier(TrainConfig(model="efficientnet_lite0", epochs=1, batch_size=16), train, valid,
-                              output_uri=f"s3://{bucket}/runs/r1", name="fracture_all", storage_options=options)
+    progress = tmp_path / "progress.jsonl"
+    # Half a CPU each leaves a CPU for the Ray Data tasks that feed them on a 2-CPU machine.
+    config = TrainConfig(model="efficientnet_lite0", epochs=1, batch_size=8, num_workers=2, cpus_per_worker=0.5,
+                         progress_file=str(progress))
+    result = train_classifier(config, train, valid, output_uri=f"s3://{bucket}/runs/r1", name="fracture_all",
+                              storage_options=options)
+    events = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert {e["rank"] for e in events} == {0, 1}
+    assert len({e["pid"] for e in events}) == 2
+    # Each worker trained on its shard; together they covered the training set once.
+    assert result.history[0]["train_images"] * 2 >= train.num_rows - 1
     assert result.bundle_uri == f"s3://{bucket}/runs/r1/fracture_all"
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="runs/r1/")["Contents"]}
     assert {"runs/r1/fracture_all/model.safetensors", "runs/r1/fracture_all/bundle.json"} <= keys

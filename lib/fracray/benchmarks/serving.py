@@ -137,7 +137,9 @@ TARGET_RPS_RATIO = 2.0
 
 
 def run(*, model: str, clients: tuple[int, ...], requests_per_client: int, image_size: tuple[int, int],
-        batch_size: int, log=print) -> dict:
+        batch_size: int, min_requests: int = 40, in_process_requests: int = 60, log=print) -> dict:
+    """Each HTTP row sends ``max(requests_per_client x clients, min_requests)`` requests (so that one
+    client's p99 rests on more than a handful); each in-process row ``in_process_requests``."""
     from ray import serve
 
     from ..serving.app import build_app  # Ray Serve and FastAPI: imported by the run that measures them
@@ -147,9 +149,10 @@ def run(*, model: str, clients: tuple[int, ...], requests_per_client: int, image
     images = _images(16, image_size)
     threads = _replica_threads()
     log(f"In-process predictor ({threads} thread(s), as a replica), eager PyTorch and the default engine ...")
-    local = in_process(index, images, requests_=60, threads=threads, engine="torch")
-    local_engine = in_process(index, images, requests_=60, threads=threads)
-    local_default = in_process(index, images, requests_=60, threads=os.cpu_count() or 1, engine="torch")
+    local = in_process(index, images, requests_=in_process_requests, threads=threads, engine="torch")
+    local_engine = in_process(index, images, requests_=in_process_requests, threads=threads)
+    local_default = in_process(index, images, requests_=in_process_requests, threads=os.cpu_count() or 1,
+                               engine="torch")
     connect(include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -177,7 +180,7 @@ def run(*, model: str, clients: tuple[int, ...], requests_per_client: int, image
             http_load(url, images, 4, 16)  # warm-up
             results[label] = []
             for n in clients:
-                row = dict(http_load(url, images, n, max(requests_per_client * n, 40)), engine=warm.get("engine"),
+                row = dict(http_load(url, images, n, max(requests_per_client * n, min_requests)), engine=warm.get("engine"),
                            max_batch_size=max_batch, layout=served_layout, replicas=replicas)
                 log(f"  {label:13s} {n:3d} clients: p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
                     f"{row['requests_per_s']:6.1f} req/s  errors {row['errors']}  ({row['engine']})")
@@ -250,11 +253,16 @@ def main(argv: list[str] | None = None, *, prog: str = "bench_serving.py") -> in
     parser.add_argument("--requests-per-client", type=int, default=8, help="requests per client per setting")
     parser.add_argument("--image-size", default="512,416", help="height,width of the test JPEGs (MURA-like)")
     parser.add_argument("--batch-size", type=int, default=16, help="max dynamic batch size when batching")
+    parser.add_argument("--min-requests", type=int, default=40,
+                        help="at least this many requests per row, whatever the client count (default: %(default)s)")
+    parser.add_argument("--in-process-requests", type=int, default=60,
+                        help="requests of each in-process row (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     result = run(model=args.model, clients=tuple(int(c) for c in args.clients.split(",")),
                  requests_per_client=args.requests_per_client,
-                 image_size=tuple(int(v) for v in args.image_size.split(",")), batch_size=args.batch_size)
+                 image_size=tuple(int(v) for v in args.image_size.split(",")), batch_size=args.batch_size,
+                 min_requests=args.min_requests, in_process_requests=args.in_process_requests)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:
