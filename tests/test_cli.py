@@ -33,10 +33,10 @@ SAME_AS_SCRIPT = {"index": "index_dataset.py", "train": "train_all.py", "evaluat
                   "load-study": "load_study.py", "listen": "listen.py",
                   "check-scope": "check_scope.py", "ablation-table": "ablation_table.py",
                   "validate-fast-mode": "validate_fast_mode.py", "shift-eval": "shift_eval.py",
-                  "ship-model": "ship_model.py", "review": "review.py",
+                  "ship-model": "ship_model.py", "review": "review.py", "monitor": "monitor.py",
                   "bench preprocess": "bench_preprocess.py", "bench training": "bench_training.py",
                   "bench scoring": "bench_scoring.py", "bench serving": "bench_serving.py",
-                  "bench engine": "bench_engine.py"}
+                  "bench engine": "bench_engine.py", "bench review": "bench_review.py"}
 
 
 def _fracray(*args, timeout=600, **kw):
