@@ -26,8 +26,9 @@ from fracray.artifacts.bundle import load_bundle, save_bundle  # noqa: E402
 from fracray.artifacts.index import ModelIndex, read_model_index, write_model_index  # noqa: E402
 from fracray.data.synthetic import render_radiograph  # noqa: E402
 from fracray.imaging.decode import decode_image  # noqa: E402
-from fracray.inference.engines import (base, choice, export, factory, fast_gate, int8,  # noqa: E402
-                                       onnxruntime_engine, openvino_engine, torch_engine)
+from fracray.inference.engines import base, choice, factory, fast_gate, int8  # noqa: E402
+from fracray.inference.engines import export as engine_export  # noqa: E402
+from fracray.inference.engines import onnxruntime_engine, openvino_engine, torch_engine  # noqa: E402
 from fracray.inference.predictor import BundleModel  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -53,7 +54,7 @@ def engine_cache(tmp_path_factory):
     """A fresh export cache for this module, through the environment as replicas would see it."""
     cache = tmp_path_factory.mktemp("engine-cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(export.CACHE_ENV, str(cache))
+        mp.setenv(engine_export.CACHE_ENV, str(cache))
         mp.delenv(choice.ENGINE_ENV, raising=False)
         mp.delenv(choice.PRECISION_ENV, raising=False)
         yield cache
@@ -132,7 +133,7 @@ def test_gradcam_still_runs_on_torch(model_pairs, synthetic_images):
 # ----------------------------------------------------------------------------- the export cache
 
 def _onnx_files(cache: Path) -> list[Path]:
-    return sorted(cache.glob(f"*/{export.MODEL_FILE}"))
+    return sorted(cache.glob(f"*/{engine_export.MODEL_FILE}"))
 
 
 def test_a_second_model_for_the_same_bundle_reuses_the_export(bundles, model_pairs, engine_cache):
@@ -251,14 +252,14 @@ def test_one_runtime_thread_per_reserved_cpu_in_a_ray_actor(ray_local, tmp_path)
 def test_an_export_that_does_not_match_eager_is_never_used(tmp_path, monkeypatch):
     """auto falls back to torch with a warning; onnxruntime by name raises; no file is published."""
     monkeypatch.delenv(choice.ENGINE_ENV, raising=False)
-    monkeypatch.setattr(export, "EXPORT_TOLERANCE", -1.0)  # no export can pass
+    monkeypatch.setattr(engine_export, "EXPORT_TOLERANCE", -1.0)  # no export can pass
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                               torch.nn.Linear(4, 2)).eval()
     with pytest.warns(RuntimeWarning, match="ExportMismatch"):
         engine = factory.make_engine(net, (3, 16, 16), engine="auto", cache_dir=tmp_path)
     assert engine.name == "torch"
-    with pytest.raises(export.ExportMismatch):
+    with pytest.raises(engine_export.ExportMismatch):
         factory.make_engine(net, (3, 16, 16), engine="onnxruntime", cache_dir=tmp_path)
     assert _onnx_files(tmp_path) == [] and not list(tmp_path.glob("*/*.tmp"))
 
@@ -754,7 +755,7 @@ def test_quantize_int8_keeps_the_front_float_and_calibrates_in_strides(bundles, 
 
     model = BundleModel(str(bundles["localizing"]), engine="onnxruntime")
     size = (model.config.channels, *model.config.image_size)
-    export = export.cached_export(model.model, size, runtime=f"onnxruntime-{onnxruntime.__version__}",
+    export = engine_export.cached_export(model.model, size, runtime=f"onnxruntime-{onnxruntime.__version__}",
                                    run=onnxruntime_engine.onnxruntime_outputs, model_spec=model.meta.model)
     rng = np.random.default_rng(0)
     inputs = rng.normal(0, 1, (7, *size)).astype(np.float32)
@@ -778,7 +779,7 @@ def test_quantize_int8_refuses_an_empty_calibration(bundles, engine_cache, tmp_p
     import onnxruntime
 
     model = BundleModel(str(bundles["localizing"]), engine="onnxruntime")
-    export = export.cached_export(model.model, (model.config.channels, *model.config.image_size),
+    export = engine_export.cached_export(model.model, (model.config.channels, *model.config.image_size),
                                    runtime=f"onnxruntime-{onnxruntime.__version__}",
                                    run=onnxruntime_engine.onnxruntime_outputs, model_spec=model.meta.model)
     with pytest.raises(ValueError, match="No calibration images"):
