@@ -86,15 +86,23 @@ def max_concurrent_runs(settings: TrainingSettings, requested: int) -> int:
     limit = max(1, int(cpus // per_run_cpu))
     if settings.use_gpu:
         limit = min(limit, max(1, int(resources.get("GPU", 0) // settings.num_workers)))
-    elif limit == 1 and cpus >= 2:
+    elif limit == 1 and cpus >= 2 and _single_node():
         # A run is not busy all the time: Ray Train's start, each epoch's data stream and the
         # calibration pass leave its CPUs idle, for most of a small run's time (the embedded
         # default: ~25 s of ~35 s per model). Two runs that share the CPUs fill that time;
         # compute-bound runs lose nothing (the same work, one thread each instead of two).
+        # One machine only: on several small nodes the half-CPU workers could leave no node
+        # with the whole CPU a data task needs.
         limit = 2
     if settings.max_concurrent:
         limit = min(limit, settings.max_concurrent)
     return max(1, min(limit, requested))
+
+
+def _single_node() -> bool:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive")) == 1
 
 
 def worker_cpu_share(settings: TrainingSettings, concurrent_runs: int) -> float | None:
@@ -104,7 +112,7 @@ def worker_cpu_share(settings: TrainingSettings, concurrent_runs: int) -> float 
     no run's preprocessing waits on the other's training."""
     import ray
 
-    if settings.use_gpu:
+    if settings.use_gpu or concurrent_runs < 2:
         return None
     cpus = ray.cluster_resources().get("CPU", 1)
     workers = concurrent_runs * settings.num_workers
