@@ -123,6 +123,17 @@ def test_validation_distribution_from_probabilities():
         drift.check_validation_distribution({"format": "something else"})
 
 
+def test_evaluate_writes_the_validation_distribution_of_its_predictions():
+    from fracray.jobs.evaluate import EvaluateConfig, evaluation_distribution
+
+    preds = {"image_uri": ["a", "b", "c", "d"], "status": ["ok", "ok", "truncated", "ok"],
+             "fracture_probability": [0.1, 0.9, None, 0.5], "true_body_part": ["hand", "leg", "leg", "hand"],
+             "engine": ["onnxruntime-float32"] * 3 + [""]}
+    doc = evaluation_distribution(preds, EvaluateConfig(models="m/model_index.json", dataset="fracatlas", data="d"))
+    assert doc["overall"]["n"] == 3 and doc["source"]["scored"] == 3 and doc["source"]["split"] == "valid"
+    assert {k: v["n"] for k, v in doc["per_body_part"].items()} == {"hand": 2, "leg": 1}
+
+
 # ---------------------------------------------------------------- drift in a run
 
 

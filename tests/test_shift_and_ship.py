@@ -74,9 +74,15 @@ def test_ship_model_writes_the_folder_and_a_card_from_the_bundles_record(detecto
     shift.mkdir()
     (shift / "shift.json").write_text(json.dumps(
         {"images": 10, "per_variant": {"clean": {"n": 10, "auroc": 0.9}, "rot90": {"n": 10, "auroc": 0.88}}}))
+    from fracray.metrics.drift import validation_distribution
+
+    distribution = validation_distribution([0.01 * i for i in range(100)], source={"split": "valid"})
+    (evaluation / "validation_distribution.json").write_text(json.dumps(distribution))
     out = tmp_path / "shipped"
     assert main(["--bundle", bundle, "--output", str(out), "--evaluation", str(evaluation), "--shift", str(shift),
                  "--command", "train_all.py --config recipe.yaml"]) == 0
+    # The evaluation's validation distribution, the monitoring's drift reference, beside the index
+    assert json.loads((out / "validation_distribution.json").read_text()) == distribution
     card = (out / "MODEL_CARD.md").read_text()
     for needed in ("CC BY 4.0", "AUROC 0.910", "AP30 0.500", "| rot90 | 10 | 0.880 | -0.020 |",
                    "train_all.py --config recipe.yaml", "Intended use", "CPU cores"):
