@@ -84,6 +84,7 @@ def test_ship_model_writes_the_folder_and_a_card_from_the_bundles_record(detecto
     # The evaluation's validation distribution, the monitoring's drift reference, beside the index
     assert json.loads((out / "validation_distribution.json").read_text()) == distribution
     card = (out / "MODEL_CARD.md").read_text()
+    assert "`validation_distribution.json`: P(fracture) on the 100 validation images" in card
     for needed in ("CC BY 4.0", "AUROC 0.910", "AP30 0.500", "| rot90 | 10 | 0.880 | -0.020 |",
                    "train_all.py --config recipe.yaml", "Intended use", "CPU cores"):
         assert needed in card, needed

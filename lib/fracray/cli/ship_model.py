@@ -51,7 +51,8 @@ def _read_json(folder: str | None, name: str) -> dict[str, Any] | None:
     return json.loads(storage.read_bytes(storage.join(folder, name)))
 
 
-def model_card(meta, *, evaluation: dict | None, shift: dict | None, command: str | None, machine: str) -> str:
+def model_card(meta, *, evaluation: dict | None, shift: dict | None, command: str | None, machine: str,
+               distribution: dict | None = None) -> str:
     m = meta.metrics or {}
     valid, loc = m.get("valid") or {}, m.get("valid_localization") or {}
     points = {p.get("specificity_target"): p for p in m.get("valid_operating_points") or [] if isinstance(p, dict)}
@@ -114,7 +115,12 @@ def model_card(meta, *, evaluation: dict | None, shift: dict | None, command: st
                   ShiftResult(shift["images"], shift["per_variant"]).table(), ""]
     lines += ["## Files", "", "- `model_index.json`: the index `fracray serve|score|evaluate` use without --models",
               "- `models/<name>/model.safetensors` (float16) and `bundle.json` (preprocessing, classes, thresholds, "
-              "operating points, fusion and box calibration, metrics, training record)", ""]
+              "operating points, fusion and box calibration, metrics, training record)"]
+    if distribution:
+        lines.append(f"- `validation_distribution.json`: P(fracture) on the {distribution['overall']['n']} validation "
+                     f"images (PSI bins at their deciles, a histogram, per body part): the drift reference of "
+                     f"`fracray monitor`")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None, *, prog: str = "ship_model.py") -> int:
         written = ship_bundle(args.bundle, args.output, validation_distribution=distribution)
         card = model_card(meta, evaluation=_read_json(args.evaluation, "evaluation.json"),
                           shift=_read_json(args.shift, "shift.json"), command=args.command,
-                          machine=args.machine or machine_description())
+                          machine=args.machine or machine_description(), distribution=distribution)
         storage.write_bytes(storage.join(args.output, "MODEL_CARD.md"), card.encode())
     except (FileNotFoundError, ValueError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
