@@ -22,6 +22,7 @@ from starlette.requests import Request
 from ..artifacts.bundle import read_bundle_meta
 from ..artifacts.describe import describe_bundle, parse_threshold, resolve_threshold
 from ..artifacts.index import read_model_index
+from ..inference.engines.choice import requested
 from .args import ServeArgs
 from .auth import BearerAuth, BearerGate
 from .autoscaling import AUTOSCALING
@@ -122,8 +123,10 @@ class Ingress:
         self.models = {"router": describe_bundle(self.index.router, self.router_meta) if self.router_meta else None,
                        "classifiers": {p: describe_bundle(self.index.classifiers[p], m) for p, m in self.metas.items()},
                        "dataset": self.index.dataset, "index_created": self.index.created,
-                       # Asked of the replicas; each answer's "engine" names what ran.
-                       "engine": self.args.engine, "precision": self.args.precision,
+                       # Asked of the replicas (given, else this replica's $FRACRAY_ENGINE /
+                       # $FRACRAY_PRECISION, which the app's replicas share); each answer's "engine" names what ran.
+                       "engine": requested("engine", self.args.engine),
+                       "precision": requested("precision", self.args.precision),
                        "layout": self.args.layout,
                        "operating_point": self.args.operating_point}  # what a request that names none gets
         from ..imaging.preprocess import PreprocessConfig, shared_decode_config
