@@ -300,3 +300,19 @@ def test_monitor_command_writes_pngs_and_json(tmp_path, reference, capsys):
     assert json.loads(capsys.readouterr().out)["concordance"]["findings"]["missed_boxes"] == 1
     assert monitor_main([str(tmp_path / "nothing")]) == 2
     assert "not a scoring output" in capsys.readouterr().err
+
+
+def test_review_benchmark_runs_every_method_on_a_generated_run(tmp_path):
+    from fracray.benchmarks.review import format_table, run
+
+    result = run(rows=3000, rows_per_part=256, repeats=1, workdir=str(tmp_path), log=lambda line: None)
+    assert pq.read_table(tmp_path / "run" / "images").num_rows == 3000
+    assert len(list((tmp_path / "run" / "images").glob("part-0*.parquet"))) == 12
+    for method in ("worklist", "monitoring", "pandas"):
+        assert "error" not in result["results"][method][0], result["results"][method][0]
+    worklist, pandas = result["results"]["worklist"][0], result["results"]["pandas"][0]
+    assert worklist["first_rows"] == pandas["first_rows"] == 50 and worklist["top"] == pandas["top"]
+    assert worklist["filtered_total"] == pandas["filtered_total"] > 0
+    assert result["results"]["monitoring"][0]["images"] == 3000
+    table = format_table(result)
+    assert "| first worklist page" in table and "failed" not in table and "differ" not in table
