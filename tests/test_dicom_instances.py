@@ -71,7 +71,7 @@ def test_one_rule_decides_for_the_listener_and_stow():
     import pydicom
 
     from fracray.imaging.instances import refusal
-    from fracray.pacs.listener import skip_reason
+    from fracray.pacs.receiver import skip_reason
 
     for name, data in instance_zoo().items():
         ds = pydicom.dcmread(io.BytesIO(data), defer_size=1024, force=True)
@@ -90,7 +90,7 @@ class _BrokenElement:
 
 def test_an_unparseable_header_is_a_refusal_not_an_exception():
     from fracray.imaging.instances import refusal
-    from fracray.pacs.listener import skip_reason
+    from fracray.pacs.receiver import skip_reason
 
     refused = refusal(_BrokenElement(), "1.2.840.10008.5.1.4.1.1.1")
     assert refused.reason == "unreadable_header" and "Computed Radiography" in refused.detail

@@ -201,7 +201,8 @@ def check_results(pacs, study_uid: str, source_uids: list[str], source_series: s
 @needs_orthanc
 def test_a_study_by_c_store_is_classified_and_its_results_stored_by_stow_rs(pacs, service, tmp_path, caplog):
     from fracray import dicomweb
-    from fracray.pacs.listener import Listener, ListenerConfig, study_key
+    from fracray.pacs.listener import Listener, ListenerConfig
+    from fracray.pacs.privacy import study_key
 
     caplog.set_level(logging.INFO, logger="fracray")
     study_uid, files = make_study(3, 0)
@@ -244,7 +245,8 @@ def test_results_by_c_store_and_a_restarted_listener_finishes_its_spool(pacs, se
     Orthanc's DICOM port by C-STORE."""
     from fracray import dicomweb
     from fracray.pacs.dimse import DimseDestination
-    from fracray.pacs.listener import Listener, ListenerConfig, study_key
+    from fracray.pacs.listener import Listener, ListenerConfig
+    from fracray.pacs.privacy import study_key
 
     caplog.set_level(logging.INFO, logger="fracray")
     study_uid, files = make_study(2, 1, syntaxes=("jpeg-ls", "explicit"))
@@ -281,7 +283,8 @@ def test_results_by_c_store_and_a_restarted_listener_finishes_its_spool(pacs, se
 # ----------------------------------------------------------------------------- failures, TLS, config
 
 def test_a_service_that_is_down_keeps_the_study_and_retries_then_gives_up(tmp_path, caplog):
-    from fracray.pacs.listener import Listener, ListenerConfig, study_key
+    from fracray.pacs.listener import Listener, ListenerConfig
+    from fracray.pacs.privacy import study_key
 
     caplog.set_level(logging.INFO, logger="fracray")
     study_uid, files = make_study(2, 2)
@@ -339,7 +342,8 @@ def test_tls_both_ways_with_client_certificates(tmp_path):
 
 def test_config_is_checked_loudly(tmp_path):
     from fracray.pacs.dimse import DimseDestination, TlsFiles
-    from fracray.pacs.listener import DicomWebDestination, ListenerConfig, parse_destination
+    from fracray.pacs.destinations import DicomWebDestination, parse_destination
+    from fracray.pacs.listener import ListenerConfig
 
     spool = str(tmp_path / "spool")
     dest = parse_destination("dimses://PACS@pacs.example.org:2762", calling_ae="NODE1")
@@ -520,7 +524,9 @@ def test_a_study_the_pacs_refuses_is_dead_lettered_once_and_the_others_go_throug
     the reason, moved to the dead letter at once, never retried; the other study is stored. Then
     the command line lists it and replays it, and once the PACS takes it, it is stored.
     Before: the refusal was retried max_attempts times, each time classifying the study again."""
-    from fracray.pacs.listener import Listener, list_failed, study_key
+    from fracray.pacs.listener import Listener
+    from fracray.pacs.privacy import study_key
+    from fracray.pacs.spool import list_failed
 
     caplog.set_level(logging.INFO, logger="fracray")
     bad_uid, bad = make_study(2, 0, syntaxes=("explicit",))
@@ -563,7 +569,8 @@ def test_a_pacs_that_is_down_is_retried_with_the_results_already_built(stub, tmp
     """A 503 from the PACS is transient: retried with back-off until it takes the results, and
     the service is not asked again for each retry. Before: every retry classified the study again."""
     from fracray import dicomweb
-    from fracray.pacs.listener import Listener, study_key
+    from fracray.pacs.listener import Listener
+    from fracray.pacs.privacy import study_key
 
     caplog.set_level(logging.INFO, logger="fracray")
     study_uid, files = make_study(2, 2, syntaxes=("explicit",))
@@ -645,7 +652,8 @@ def test_twelve_idle_connections_do_not_lock_out_a_c_echo(tmp_path, caplog):
 def test_an_idle_connection_is_closed_after_the_acse_timeout(tmp_path, caplog):
     import socket
 
-    from fracray.pacs.listener import Listener, ServerLimits
+    from fracray.pacs.listener import Listener
+    from fracray.pacs.server import ServerLimits
 
     caplog.set_level(logging.INFO, logger="fracray")
     config = _fast_config(tmp_path, "dicomweb://127.0.0.1:9/dicom-web", "http://127.0.0.1:9", study_idle_s=600,
@@ -675,7 +683,8 @@ def test_oversized_lengths_and_random_bytes_are_answered_with_an_abort(tmp_path,
 
     import numpy as np
 
-    from fracray.pacs.listener import Listener, ServerLimits
+    from fracray.pacs.listener import Listener
+    from fracray.pacs.server import ServerLimits
 
     caplog.set_level(logging.INFO, logger="fracray")
     limits = ServerLimits(max_pdu_bytes=64 * 1024, network_timeout_s=3.0)

@@ -153,7 +153,7 @@ def test_publish_isolates_studies_without_type2_attributes_and_a_rerun_publishes
     from conftest import dicom_check, wrapped_study
     from fracray import dicomweb
     from fracray.cli.publish_results import main as publish_main
-    from fracray.pacs.listener import study_key
+    from fracray.pacs.privacy import study_key
     from fracray.pacs.publish import FAILURES_FILE, publish_scores
     from fracray.pacs.results import TYPE2_PATIENT_STUDY
     from fracray.scoring.archive import ScoreConfig, score_archive

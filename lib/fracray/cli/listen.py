@@ -16,8 +16,11 @@ import signal
 import sys
 import threading
 
+from ..pacs.destinations import parse_destination
 from ..pacs.dimse import TlsFiles
-from ..pacs.listener import Listener, ListenerConfig, ServerLimits, list_failed, parse_destination, replay_failed
+from ..pacs.listener import Listener, ListenerConfig
+from ..pacs.server import ServerLimits
+from ..pacs.spool import list_failed, replay_failed
 
 __all__ = ["build_parser", "main"]
 

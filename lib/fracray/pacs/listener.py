@@ -38,113 +38,44 @@ complete study through the Ray Serve service and sends the result back to the PA
 Logs name a study by a key (a hash of its StudyInstanceUID), never by the UID, and never hold
 patient names, IDs, accession numbers or other header values; pynetdicom's own logger (which
 names UIDs at INFO) is set to WARNING when the listener starts.
+
+The parts: ``receiver`` (the C-STORE SCP's handler and contexts), ``spool`` (the spool, the
+schedule, back-off and the dead letter), ``service_client`` (the service's study endpoint),
+``destinations`` (STOW-RS or C-STORE out), ``failures`` (how a study fails); this module wires
+them into the node.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import hashlib
 import io
-import json
 import logging
-import os
-import shutil
 import threading
-import time
-import traceback
-import uuid
-from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pydicom
-import requests
-from pydicom import uid as dicom_uid
-from pynetdicom import AE, AllStoragePresentationContexts, VerificationPresentationContexts, evt
+from pynetdicom import AE, evt
 
 from .. import dicomweb, storage
-from ..imaging.instances import RADIOGRAPH_SOP_CLASSES, refusal
-from ..metrics.study import study_decision
-from .dimse import (DimseDestination, DimseError, DimseRefused, TlsFiles, check_ae_title, is_dimse, send_instances,
-                    server_context)
+from ..imaging.instances import RADIOGRAPH_SOP_CLASSES
+from .destinations import DicomWebDestination, Destination, parse_destination, send_results
+from .dimse import DimseDestination, DimseError, DimseRefused, TlsFiles, check_ae_title, server_context
+from .failures import PermanentFailure, StudyRefused
 from .privacy import scrub as _scrub
 from .privacy import study_key
-from .results import StudyFinding, overlay_secondary_capture, structured_report
+from .receiver import DECODABLE_SYNTAXES, Receiver, add_contexts, skip_reason
+from .results import overlay_secondary_capture, structured_report
 from .server import ServerLimits, start_server
+from .service_client import ServiceClient, study_finding
+from .spool import FAILURE_FILE, Spool, list_failed, replay_failed
 
-__all__ = ["ListenerConfig", "DicomWebDestination", "Listener", "RADIOGRAPH_SOP_CLASSES", "DECODABLE_SYNTAXES",
-           "ServerLimits", "parse_destination", "study_key", "skip_reason", "list_failed", "replay_failed",
-           "FAILURE_FILE"]
+# The node's public names, wherever their part lives (fracray listen and the tests use them).
+__all__ = ["ListenerConfig", "ListenerStats", "Listener", "DicomWebDestination", "RADIOGRAPH_SOP_CLASSES",
+           "DECODABLE_SYNTAXES", "ServerLimits", "parse_destination", "study_key", "skip_reason", "list_failed",
+           "replay_failed", "FAILURE_FILE"]
 
 logger = logging.getLogger(__name__)
-
-# What is classified (RADIOGRAPH_SOP_CLASSES) and which instances: imaging.instances, the rule
-# the service's STOW-RS endpoint applies too.
-# Transfer syntaxes that the service decodes (pydicom with pylibjpeg, openjpeg and rle); only
-# these are accepted for the classes above, so a sender that could also send another syntax
-# sends one of these.
-DECODABLE_SYNTAXES = [
-    dicom_uid.ExplicitVRLittleEndian, dicom_uid.ImplicitVRLittleEndian, dicom_uid.DeflatedExplicitVRLittleEndian,
-    dicom_uid.ExplicitVRBigEndian,
-    dicom_uid.JPEGBaseline8Bit, dicom_uid.JPEGExtended12Bit, dicom_uid.JPEGLossless, dicom_uid.JPEGLosslessSV1,
-    dicom_uid.JPEGLSLossless, dicom_uid.JPEGLSNearLossless, dicom_uid.JPEG2000Lossless, dicom_uid.JPEG2000,
-    dicom_uid.RLELossless,
-]
-_REFUSED_BY_SERVICE = (400, 415, 422)  # the images themselves (unreadable, out of scope): not worth a retry
-_FAILED = ".failed"
-_PART = ".part"
-FAILURE_FILE = "failure.json"
-
-
-def _instance_file(sop_uid: str) -> str:
-    return hashlib.sha256(sop_uid.encode()).hexdigest()[:24] + ".dcm"
-
-
-def _sop_class_name(sop_class: str) -> str:
-    name = dicom_uid.UID(sop_class).name
-    return name if name != sop_class else f"SOP class {sop_class}"
-
-
-def skip_reason(sop_class: str, ds) -> str | None:
-    """Why an instance is acknowledged but not classified, or None to classify it: the one rule
-    (``imaging.instances.refusal``, which STOW-RS applies too). Says the SOP class and the reason,
-    never anything from the header that identifies someone."""
-    refused = refusal(ds, sop_class)
-    return refused.detail if refused else None
-
-
-@dataclasses.dataclass(frozen=True)
-class DicomWebDestination:
-    """Results stored by STOW-RS into a DICOMweb service (``dicomweb://`` HTTP, ``dicomwebs://``
-    HTTPS; credentials from FRACRAY_DICOMWEB_TOKEN or FRACRAY_DICOMWEB_USER/PASSWORD)."""
-
-    uri: str
-
-    def __post_init__(self):
-        loc = dicomweb.parse(self.uri)  # ValueError for another scheme or credentials in the URI
-        if loc.study or loc.query:
-            raise ValueError(f"A DICOMweb destination is the service's root (e.g. dicomweb://pacs:8042/dicom-web), "
-                             f"not a study or a query. Got {self.uri!r}")
-
-    def describe(self) -> str:
-        return dicomweb.parse(self.uri).uri_base
-
-
-Destination = DicomWebDestination | DimseDestination
-
-
-def parse_destination(text: str, *, calling_ae: str = "FRACRAY", tls_files: TlsFiles | None = None) -> Destination:
-    """``dicomweb[s]://host:port/root`` (STOW-RS) or ``dimse[s]://CALLED_AE@host:port`` (C-STORE)."""
-    if dicomweb.is_dicomweb(text):
-        if tls_files is not None:
-            raise ValueError(f"TLS files are for a dimses:// destination; a dicomwebs:// one verifies with the "
-                             f"system's CAs (or REQUESTS_CA_BUNDLE). Got {text!r}")
-        return DicomWebDestination(text)
-    if is_dimse(text):
-        return DimseDestination.parse(text, calling_ae=calling_ae, tls_files=tls_files)
-    raise ValueError(f"Results go to dicomweb[s]://host:port/root (STOW-RS) or dimse[s]://CALLED_AE@host:port "
-                     f"(C-STORE). Got {text!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,23 +139,6 @@ class ListenerConfig:
             raise ValueError(f"limits must be a ServerLimits. Got {self.limits!r}")
 
 
-class _Refused(Exception):
-    """The study cannot be classified (the service refused every image): logged and dropped."""
-
-
-class _Retry(Exception):
-    """A failure worth retrying (service or PACS down, overloaded, misconfigured). The message
-    is written to be logged: hosts and statuses, no patient data."""
-
-
-class _Permanent(Exception):
-    """A failure that trying again cannot mend (the results cannot be built from these images,
-    or the PACS refuses them): the study is dead-lettered at once. The message is written to be
-    logged (no patient data)."""
-
-
-
-
 @dataclasses.dataclass
 class ListenerStats:
     received: int = 0        # instances spooled
@@ -241,41 +155,32 @@ class Listener:
 
     def __init__(self, config: ListenerConfig):
         self.config = config
-        self.spool = Path(config.spool)
         self.stats = ListenerStats()
-        self._lock = threading.Lock()           # spool writes vs. a study's clean-up
+        self.spool = Spool(config.spool, self.stats, idle_s=config.study_idle_s, max_attempts=config.max_attempts,
+                           retry_backoff_s=config.retry_backoff_s, max_backoff_s=config.max_backoff_s,
+                           logged_errors=(dicomweb.DicomWebError, DimseError))
+        self.receiver = Receiver(self.spool, self.stats)
+        self.service = ServiceClient(url=config.service_url, token_env=config.token_env,
+                                     operating_point=config.operating_point, max_study_images=config.max_study_images,
+                                     max_request_mb=config.max_request_mb, timeout_s=config.service_timeout_s)
         self._stop = threading.Event()
         self._server = None
         self._ae: AE | None = None
         self._worker: threading.Thread | None = None
-        self._attempts: Counter[str] = Counter()
-        self._next_try: dict[str, float] = {}
-        self._receiving: set[str] = set()
-        # Per study: the results built from a snapshot of its spool, kept while a transient failure
-        # to store them is retried (so a retry does not classify the study again).
-        self._built: dict[str, tuple[dict[str, int], list, str]] = {}
 
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> "Listener":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines name UIDs
-        self.spool.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for stale in self.spool.glob(f"*/*{_PART}"):  # writes cut short by a crash; the sender got no success
-            stale.unlink(missing_ok=True)
+        self.spool.open()
         ae = AE(ae_title=self.config.ae_title)
         ae.require_called_aet = True
         if self.config.allowed_calling_aes:
             ae.require_calling_aet = list(self.config.allowed_calling_aes)
-        for context in VerificationPresentationContexts:
-            ae.add_supported_context(context.abstract_syntax)
-        for context in AllStoragePresentationContexts:
-            sop_class = context.abstract_syntax
-            # Classes that are skipped anyway accept anything; radiographs only what decodes.
-            ae.add_supported_context(sop_class, DECODABLE_SYNTAXES if sop_class in RADIOGRAPH_SOP_CLASSES
-                                     else list(dicom_uid.AllTransferSyntaxes))
+        add_contexts(ae)
         ssl_context = server_context(self.config.tls) if self.config.tls else None
         self._server = start_server(ae, (self.config.host, self.config.port), limits=self.config.limits,
-                                    ssl_context=ssl_context, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+                                    ssl_context=ssl_context, evt_handlers=[(evt.EVT_C_STORE, self.receiver.on_store)])
         self._ae = ae
         self._stop.clear()
         self._worker = threading.Thread(target=self._run, name="fracray-listener", daemon=True)
@@ -314,177 +219,30 @@ class Listener:
 
     def pending(self) -> list[str]:
         """Keys of the studies in the spool (not yet classified, or waiting for a retry)."""
-        if not self.spool.is_dir():
-            return []
-        return sorted(p.name for p in self.spool.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-    # ------------------------------------------------------------------ receiving
-
-    def _on_store(self, event) -> int:
-        sop_class = str(event.context.abstract_syntax)
-        try:
-            ds = event.dataset
-        except Exception as exc:  # a data set pydicom cannot parse: acknowledged, never a crash
-            self.stats.skipped += 1
-            logger.warning("skipped an instance of %s: unreadable data set (%s); acknowledged, not classified",
-                           _sop_class_name(sop_class), type(exc).__name__)
-            return 0x0000
-        try:
-            reason = skip_reason(sop_class, ds)
-        except Exception as exc:  # a header element that does not parse
-            reason = f"{_sop_class_name(sop_class)} with an unreadable header ({type(exc).__name__})"
-        if reason:
-            self.stats.skipped += 1
-            logger.info("skipped an instance: %s; acknowledged, not classified", reason)
-            return 0x0000
-        key = study_key(str(ds.StudyInstanceUID))
-        folder = self.spool / key
-        target = folder / _instance_file(str(ds.SOPInstanceUID))
-        try:
-            data = event.encoded_dataset(include_meta=True)  # as sent: no re-encoding
-            with self._lock:
-                folder.mkdir(exist_ok=True, mode=0o700)
-                part = target.with_suffix(_PART)
-                fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(part, target)
-                first = key not in self._receiving
-                self._receiving.add(key)
-                self._next_try.pop(key, None)  # new images: classify when the study is idle again
-        except OSError as exc:  # spool full or not writable: the sender keeps the image and may retry
-            logger.error("could not spool an instance of study %s (%s): answered 'out of resources' (0xA700)",
-                         key, type(exc).__name__)
-            return 0xA700
-        self.stats.received += 1
-        if first:
-            logger.info("study %s: receiving", key)
-        return 0x0000
+        return self.spool.pending()
 
     # ------------------------------------------------------------------ classifying
 
     def _run(self) -> None:
         while not self._stop.wait(self.config.poll_s):
-            for key in self._due():
+            for key in self.spool.due():
                 if self._stop.is_set():
                     return
-                self._process(key)
-
-    def _due(self) -> list[str]:
-        now, due = time.time(), []
-        for key in self.pending():
-            files = list((self.spool / key).glob("*.dcm"))
-            if not files:
-                continue
-            try:
-                last = max(f.stat().st_mtime for f in files)
-            except FileNotFoundError:  # being cleaned up
-                continue
-            if now - last >= self.config.study_idle_s and time.monotonic() >= self._next_try.get(key, 0.0):
-                due.append((last, key))
-        return [key for _, key in sorted(due)]
-
-    def _snapshot(self, folder: Path) -> dict[str, int]:
-        return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.dcm")}
-
-    def _process(self, key: str) -> None:
-        folder = self.spool / key
-        snapshot = self._snapshot(folder)
-        with self._lock:
-            self._receiving.discard(key)
-        try:
-            summary = self._classify_and_store(folder, snapshot)
-        except _Refused as exc:
-            self.stats.refused += 1
-            logger.warning("study %s: %s; no result written, study dropped from the spool", key, exc)
-            self._clean_up(key, snapshot)
-        except _Permanent as exc:
-            self.stats.failures += 1
-            self.stats.permanent += 1
-            self._dead_letter(key, "permanent", str(exc), exc)
-        except Exception as exc:
-            self.stats.failures += 1
-            if not isinstance(exc, (_Retry, dicomweb.DicomWebError, DimseError, OSError)):
-                # A bug of ours, not the service's or the PACS's: trying again changes nothing.
-                self.stats.permanent += 1
-                self._dead_letter(key, "permanent", f"an internal error ({type(exc).__name__}: "
-                                  f"{_scrub(str(exc), [])})", exc)
-                return
-            self._attempts[key] += 1
-            attempt = self._attempts[key]
-            # Our own messages (hosts, statuses) are logged as they are; an OSError's text is not
-            # (a path in the spool names a study only by its key, but be safe): its type is.
-            why = str(exc) if isinstance(exc, (_Retry, dicomweb.DicomWebError, DimseError)) else \
-                f"{type(exc).__name__} (a local I/O error)"
-            if attempt >= self.config.max_attempts:
-                self.stats.given_up += 1
-                self._dead_letter(key, "transient", f"{attempt} attempts failed; the last: {why}", exc)
-                return
-            delay = min(self.config.max_backoff_s, self.config.retry_backoff_s * 2 ** (attempt - 1))
-            self._next_try[key] = time.monotonic() + delay
-            logger.warning("study %s: attempt %d of %d failed: %s; kept in the spool, retrying in %.3g s", key,
-                           attempt, self.config.max_attempts, why, delay)
-        else:
-            self.stats.studies += 1
-            logger.info("study %s: %s", key, summary)
-            self._clean_up(key, snapshot)
-
-    def _dead_letter(self, key: str, kind: str, reason: str, exc: BaseException) -> None:
-        """Move the study's spool to spool/.failed/<key>/ with failure.json; log it once."""
-        folder = self.spool / key
-        moved = self.spool / _FAILED / key
-        attempts = self._attempts.pop(key, 0) or 1
-        self._next_try.pop(key, None)
-        self._built.pop(key, None)
-        record = {"study": key, "kind": kind, "reason": reason, "attempts": attempts,
-                  "failed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "replay": f"listen.py --spool {self.spool} --replay {key}",
-                  "traceback": "".join(traceback.format_exception(exc))}
-        with self._lock:
-            moved.parent.mkdir(exist_ok=True, mode=0o700)
-            if moved.exists():  # dead-lettered before: keep what it had, add what came since
-                for f in folder.glob("*.dcm"):
-                    os.replace(f, moved / f.name)
-                shutil.rmtree(folder, ignore_errors=True)
-            else:
-                os.replace(folder, moved)
-            fd = os.open(moved / FAILURE_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f, indent=1)
-        what = "permanent failure, not retried" if kind == "permanent" else "gave up"
-        logger.error("study %s: %s: %s; dead-lettered to %s (replay: listen.py --spool %s --replay %s)", key, what,
-                     reason, moved, self.spool, key)
-
-    def _clean_up(self, key: str, snapshot: dict[str, int]) -> None:
-        folder = self.spool / key
-        self._attempts.pop(key, None)
-        self._next_try.pop(key, None)
-        self._built.pop(key, None)
-        with self._lock:
-            now = self._snapshot(folder) if folder.is_dir() else {}
-            if now == snapshot:
-                shutil.rmtree(folder, ignore_errors=True)
-                return
-        # More of the study arrived meanwhile: keep it all, so that the next round classifies
-        # the whole study and its results replace these.
-        logger.info("study %s: %d more instance(s) arrived while it was classified; it will be classified again "
-                    "with them", key, len(set(now) - set(snapshot)) or len(now))
+                self.spool.process(key, self._classify_and_store)
 
     def _classify_and_store(self, folder: Path, snapshot: dict[str, int]) -> str:
         key = folder.name
-        built = self._built.get(key)
+        built = self.spool.kept.get(key)
         if built is not None and built[0] == snapshot:  # a retry after a failed store: send the same results
             instances, summary = built[1], built[2]
             logger.info("study %s: sending its results again", key)
         else:
             instances, summary = self._classify_and_build(folder, sorted(snapshot))
-            self._built[key] = (snapshot, instances, summary)
+            self.spool.kept[key] = (snapshot, instances, summary)
         try:
-            self._send(instances)
+            send_results(self.config.destination, instances)
         except (dicomweb.DicomWebRefused, DimseRefused) as exc:
-            raise _Permanent(f"the PACS refused the results: {exc}") from exc
+            raise PermanentFailure(f"the PACS refused the results: {exc}") from exc
         return summary
 
     def _classify_and_build(self, folder: Path, names: list[str]) -> tuple[list, str]:
@@ -494,18 +252,19 @@ class Listener:
             try:
                 items.append((data, pydicom.dcmread(io.BytesIO(data))))
             except Exception as exc:  # it was read when it arrived; a spool file damaged since
-                raise _Permanent(f"a spooled instance ({name}) is unreadable ({type(exc).__name__})") from exc
+                raise PermanentFailure(f"a spooled instance ({name}) is unreadable ({type(exc).__name__})") from exc
         items.sort(key=lambda item: (str(item[1].get("SeriesInstanceUID", "")), int(item[1].get("InstanceNumber") or 0),
                                      str(item[1].SOPInstanceUID)))
         logger.info("study %s: %d image(s), classifying", folder.name, len(items))
-        results, errors, requests_made = self._classify(items)
+        answers = self.service.classify(items)
+        results, errors = answers.results, answers.errors
         scored = [(data, ds, results[i]) for i, (data, ds) in enumerate(items) if i in results]
         if not scored:
-            raise _Refused("the service scored none of its images (" + ", ".join(
+            raise StudyRefused("the service scored none of its images (" + ", ".join(
                 f"{n} {code}" for code, n in sorted(errors.items())) + ")")
         sources = [ds for _, ds, _ in scored]
         try:
-            finding = self._finding(scored)
+            finding = study_finding(scored, self.config.operating_point)
             instances = [structured_report(sources, finding)]
             if self.config.overlays:
                 from ..imaging.decode import decode_image  # Pillow and the DICOM decoders: only for overlays
@@ -513,148 +272,11 @@ class Listener:
                 instances += [overlay_secondary_capture(ds, decode_image(data).pixels, finding)
                               for data, ds, _ in scored]
         except Exception as exc:  # these images and answers do not make valid results: so it stays
-            raise _Permanent(f"its results could not be built ({type(exc).__name__}: "
-                             f"{_scrub(str(exc), sources)})") from exc
+            raise PermanentFailure(f"its results could not be built ({type(exc).__name__}: "
+                                   f"{_scrub(str(exc), sources)})") from exc
         verdict = "fracture suspected" if finding.label else "no fracture found"
         skipped = f"; {sum(errors.values())} image(s) not scored (" + ", ".join(
             f"{n} {code}" for code, n in sorted(errors.items())) + ")" if errors else ""
-        return instances, (f"{len(scored)} image(s) scored in {requests_made} request(s), {verdict}; stored 1 report "
-                           f"and {len(instances) - 1} overlay(s) in {self.config.destination.describe()}{skipped}")
-
-    def _chunks(self, items: list, errors: Counter) -> list[list[int]]:
-        """Indexes of the images per request: at most max_study_images and max_request_mb each."""
-        limit = int(self.config.max_request_mb * 1024 * 1024)
-        chunks: list[list[int]] = []
-        size = 0
-        for i, (data, _) in enumerate(items):
-            if len(data) > limit:
-                errors["larger_than_max_request_mb"] += 1
-                continue
-            if not chunks or len(chunks[-1]) >= self.config.max_study_images or size + len(data) > limit:
-                chunks.append([])
-                size = 0
-            chunks[-1].append(i)
-            size += len(data)
-        return chunks
-
-    def _classify(self, items: list) -> tuple[dict[int, dict], Counter, int]:
-        """Each scored image's result (by index), the count of each reason an image was not
-        scored, and the number of requests made."""
-        token = os.environ.get(self.config.token_env)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        params = {"operating_point": self.config.operating_point} if self.config.operating_point else {}
-        url = self.config.service_url.rstrip("/") + "/v1/classify/study"
-        host = urlparse(url).netloc
-        results: dict[int, dict] = {}
-        errors: Counter = Counter()
-        chunks = self._chunks(items, errors)
-        for chunk in chunks:
-            # Parts are named by their index: no UID travels in a name or comes back in an error.
-            files = [("files", (f"{i}.dcm", items[i][0], "application/dicom")) for i in chunk]
-            request_id = f"listener-{uuid.uuid4().hex[:12]}"
-            try:
-                response = requests.post(url, files=files, params=params, timeout=self.config.service_timeout_s,
-                                         headers={**headers, "X-Request-Id": request_id})
-            except requests.RequestException as exc:
-                raise _Retry(f"the service at {host} did not answer ({type(exc).__name__})") from exc
-            try:
-                body = response.json()
-            except ValueError:
-                body = {}
-            error = body.get("error") if isinstance(body, dict) else None
-            if response.status_code in (401, 403):
-                raise _Retry(f"the service at {host} refused the bearer token ({response.status_code} {error}); "
-                             f"set {self.config.token_env} to the service's token")
-            if response.status_code in _REFUSED_BY_SERVICE and error:
-                errors[error] += len(chunk)  # e.g. out_of_scope, no_readable_image: every image of the request
-                continue
-            if response.status_code != 200 or not isinstance(body, dict) or "images" not in body:
-                hint = ("; lower max_study_images or max_request_mb to the service's"
-                        if response.status_code == 413 else "")
-                raise _Retry(f"the service at {host} answered {response.status_code} {error or ''}".rstrip()
-                             + f" (request id {request_id}){hint}")
-            for answer in body["images"]:
-                index = int(str(answer["image"]["name"]).split(".", 1)[0])
-                if "fracture_probability" in answer:
-                    results[index] = answer
-                else:
-                    errors[str(answer.get("error", "error"))] += 1
-        return results, errors, len(chunks)
-
-    def _finding(self, scored: list) -> StudyFinding:
-        answers = [r for _, _, r in scored]
-        decision = study_decision([r["fracture_probability"] for r in answers], [r["threshold"] for r in answers],
-                                  [r.get("body_part") for r in answers])
-        models = sorted({str(r.get("classifier") or "unknown") for r in answers})
-        names, versions = zip(*(m.partition("@")[::2] for m in models))
-        regions = {}
-        for _, ds, r in scored:
-            cols, rows = int(ds.Columns), int(ds.Rows)
-            boxes = []
-            for f in r.get("findings") or []:
-                x0, y0, x1, y1 = (float(v) for v in f["box"])
-                x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(cols), x1), min(float(rows), y1)
-                if x0 < x1 and y0 < y1:
-                    boxes.append({"box": [x0, y0, x1, y1], "score": float(f["score"])})
-            if boxes:
-                regions[str(ds.SOPInstanceUID)] = boxes
-        return StudyFinding(fracture_probability=decision["fracture_probability"], threshold=decision["threshold"],
-                            label=decision["label"], model_name="+".join(names),
-                            model_version="+".join(v or "unknown" for v in versions),
-                            operating_point=self.config.operating_point or "default", regions=regions)
-
-    def _send(self, instances: list) -> None:
-        destination = self.config.destination
-        if isinstance(destination, DicomWebDestination):
-            files = []
-            for ds in instances:
-                buf = io.BytesIO()
-                ds.save_as(buf, enforce_file_format=True)
-                files.append(buf.getvalue())
-            dicomweb.store_instances(destination.uri, files)
-        else:
-            send_instances(destination, instances)
-
-
-def list_failed(spool: str | os.PathLike) -> list[dict]:
-    """The dead-lettered studies of a spool: each one's failure.json (study key, kind, reason,
-    attempts, time) without the traceback, plus how many images it holds; oldest first."""
-    folder = Path(spool) / _FAILED
-    found = []
-    for study in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if not study.is_dir():
-            continue
-        try:
-            record = json.loads((study / FAILURE_FILE).read_text())
-        except (OSError, ValueError):
-            record = {"study": study.name, "kind": "unknown", "reason": f"no readable {FAILURE_FILE}"}
-        record.pop("traceback", None)
-        record["images"] = len(list(study.glob("*.dcm")))
-        found.append(record)
-    return sorted(found, key=lambda r: str(r.get("failed_at", "")))
-
-
-def replay_failed(spool: str | os.PathLike, keys: list[str] | None = None) -> list[str]:
-    """Move dead-lettered studies (``keys``, or all of them) back into the spool, where a running
-    listener, or the next one started, classifies them again; their failure.json is kept as
-    ``spool/.failed/<key>.replayed.json``. Returns the keys moved. Raises ValueError for a key
-    that is not in the dead letter."""
-    root = Path(spool)
-    failed = root / _FAILED
-    present = sorted(p.name for p in failed.iterdir() if p.is_dir()) if failed.is_dir() else []
-    wanted = present if keys is None else list(keys)
-    unknown = sorted(set(wanted) - set(present))
-    if unknown:
-        raise ValueError(f"Not in the dead letter ({failed}): {', '.join(unknown)}. There: "
-                         f"{', '.join(present) or 'nothing'}")
-    for key in wanted:
-        source, target = failed / key, root / key
-        record = source / FAILURE_FILE
-        if record.exists():
-            os.replace(record, failed / f"{key}.replayed.json")
-        target.mkdir(exist_ok=True, mode=0o700)
-        for f in source.glob("*.dcm"):
-            os.replace(f, target / f.name)
-        shutil.rmtree(source, ignore_errors=True)
-        logger.info("study %s: moved from the dead letter back into the spool", key)
-    return wanted
+        return instances, (f"{len(scored)} image(s) scored in {answers.requests} request(s), {verdict}; stored 1 "
+                           f"report and {len(instances) - 1} overlay(s) in {self.config.destination.describe()}"
+                           f"{skipped}")
