@@ -3,7 +3,10 @@ on 127.0.0.1), synthetic datasets in the released layouts, and the real FracAtla
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -129,6 +132,96 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+def wait_ready(url: str, timeout: float = 180, headers=None) -> None:
+    """Until ``url``'s /readyz answers 200 (a condition, not a sleep), or an AssertionError
+    with the last answer."""
+    import requests
+
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            last = requests.get(f"{url}/readyz", timeout=60, headers=headers)
+            if last.status_code == 200:
+                return
+        except requests.RequestException as exc:  # not listening yet, or still loading models
+            last = exc
+        time.sleep(0.5)
+    raise AssertionError(f"service not ready after {timeout}s: {getattr(last, 'text', last)}")
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_local) -> str:
+    """One Ray Serve instance (HTTP on a free port of 127.0.0.1) for the whole session: each
+    test module deploys its named application on it (:func:`served`) and deletes it after,
+    instead of starting and stopping Serve and its proxy every time."""
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@contextlib.contextmanager
+def served(serve_url: str, app_args: dict, name: str, *, ready: bool = True, headers=None):
+    """The application built from ``app_args`` deployed as ``name`` on the session's Serve
+    (``serve_url``), ready (unless ``ready`` is False: the caller waits its own way); yields the
+    URL and deletes the application after. Serve is started again on the same port if
+    something (a benchmark) shut it down."""
+    from ray import serve
+
+    from fracray.serving.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": int(serve_url.rsplit(":", 1)[1])})
+    serve.run(build_app(app_args), name=name, route_prefix="/", blocking=False)
+    try:
+        if ready:
+            wait_ready(serve_url, headers=headers)
+        yield serve_url
+    finally:
+        serve.delete(name)
+
+
+def radiograph_bytes(part="wrist", h=900, w=700, fmt="JPEG", seed=0, fracture=True) -> bytes:
+    """One synthetic radiograph of ``part`` encoded as ``fmt`` (what a client uploads)."""
+    import numpy as np
+    from PIL import Image
+
+    from fracray.data.synthetic import render_radiograph
+
+    pixels = render_radiograph(np.random.default_rng(seed), part, h, w, fracture=fracture).pixels
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt, quality=92) if fmt == "JPEG" else Image.fromarray(pixels).save(buf, fmt)
+    return buf.getvalue()
+
+
+def stop_sessions(sessions: list[int]) -> None:
+    """Stop only the processes of these sessions (`ray stop` would stop every Ray on the machine,
+    the test session's own included). Each `ray start` a test makes runs in a session of its own,
+    and the daemons it forks (GCS, raylet, dashboard, agents, workers) stay in it."""
+    def members() -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    if os.getsid(int(proc.name)) in sessions:
+                        pids.append(int(proc.name))
+                except OSError:
+                    pass
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in members():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 3
+        while members() and time.time() < deadline:  # gone already: no need to wait the whole grace
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,8 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, _free_port
-from test_serving import _wait_ready
+from conftest import REPO, _free_port, stop_sessions, wait_ready
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PINS = {re.split(r"[\[=<>]", d)[0].lower(): d.split("==")[1] for d in PYPROJECT["project"]["dependencies"] if "==" in d}
@@ -160,30 +158,6 @@ def test_rayservice_runs_serving_config_yaml():
 # ----------------------------------------------------------------------------- two nodes, ray job submit
 
 
-def _stop_cluster(sessions: list[int]) -> None:
-    """Stop only this cluster's processes (`ray stop` would stop every Ray on the machine,
-    the test session's own included). Each `ray start` ran in a session of its own, and
-    the daemons it forked (GCS, raylet, dashboard, agents, workers) stay in it."""
-    def members() -> list[int]:
-        pids = []
-        for proc in Path("/proc").iterdir():
-            if proc.name.isdigit():
-                try:
-                    if os.getsid(int(proc.name)) in sessions:
-                        pids.append(int(proc.name))
-                except OSError:
-                    pass
-        return pids
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in members():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(3)
-
-
 def _ray_start(args: list[str], env: dict, sessions: list[int]) -> None:
     proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -218,7 +192,7 @@ def two_node_cluster():
                     *agent_ports()], env, sessions)
         yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     finally:
-        _stop_cluster(sessions)
+        stop_sessions(sessions)
 
 
 def _run_cli(command: list[str], env: dict, timeout: int) -> str:
@@ -290,7 +264,7 @@ def test_train_all_and_score_archive_run_on_both_nodes(two_node_cluster, tmp_pat
     path.write_text(yaml.safe_dump(config))
     _run_cli([str(Path(sys.executable).parent / "serve"), "deploy", str(path), "-a", two_node_cluster["dashboard"]],
              two_node_cluster["env"], 300)
-    _wait_ready(f"http://127.0.0.1:{port}", timeout=300)
+    wait_ready(f"http://127.0.0.1:{port}", timeout=300)
     image = next((out / "synthetic-mura").rglob("*.png"), None) or next((out / "synthetic-mura").rglob("*.jpg"))
     answer = requests.post(f"http://127.0.0.1:{port}/v1/classify", data=image.read_bytes(), timeout=60)
     assert answer.status_code == 200 and answer.json()["body_part"] in ("wrist", "humerus"), answer.text

@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO, _free_port
-from test_cluster import _stop_cluster
+from conftest import REPO, _free_port, stop_sessions
 
 RAY = str(Path(sys.executable).parent / "ray")
 # What a user's shell may carry that would change which cluster, mode or token the test sees.
@@ -76,7 +75,7 @@ def token_cluster():
         yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
                "token": token}
     finally:
-        _stop_cluster(sessions)
+        stop_sessions(sessions)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
 

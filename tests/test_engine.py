@@ -636,13 +636,13 @@ def test_score_and_evaluate_run_at_the_engine_and_precision_asked(ray_local, str
 
 
 @needs_openvino
-def test_serve_runs_the_precision_asked_and_refuses_fast_where_unvalidated(ray_local, strict_index, bundles,
+def test_serve_runs_the_precision_asked_and_refuses_fast_where_unvalidated(serve_url, strict_index, bundles,
                                                                            tmp_path, engine_cache):
     import requests
-    from ray import serve
 
+    from conftest import radiograph_bytes as _image
     from fracray.serving.app import build_app
-    from test_serving import _image, served
+    from conftest import served
 
     # Refused by the builder, before a replica starts (they load classifiers on demand).
     unvalidated = _single_index(bundles["localizing"], tmp_path)
@@ -650,7 +650,7 @@ def test_serve_runs_the_precision_asked_and_refuses_fast_where_unvalidated(ray_l
         build_app({"models": unvalidated, "precision": "fast"})
     with pytest.raises(ValueError, match="precision must be one of exact, fast. Got 'half'"):
         build_app({"models": strict_index, "precision": "half"})
-    with served({"models": strict_index, "min_replicas": 1, "precision": "fast"}, "fast") as url:
+    with served(serve_url, {"models": strict_index, "min_replicas": 1, "precision": "fast"}, "fast") as url:
         got = requests.post(f"{url}/v1/classify", data=_image(seed=12), timeout=120).json()
         assert got["engine"] == _fast_label(), got
         assert requests.get(f"{url}/v1/models", timeout=30).json()["precision"] == "fast"

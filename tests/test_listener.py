@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO, SERVE_TEST_TOKEN, SERVE_TEST_TOKEN_ENV, _free_port, radiographs
+from conftest import REPO, SERVE_TEST_TOKEN, SERVE_TEST_TOKEN_ENV, _free_port, radiographs, served
 
 HAVE_ORTHANC = shutil.which("Orthanc") is not None and Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so").exists()
 needs_orthanc = pytest.mark.skipif(not HAVE_ORTHANC, reason="Orthanc with DICOMweb is not installed: bash "
@@ -51,38 +51,19 @@ def pacs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(ray_local, localizing_single_index):
+def service(serve_url, localizing_single_index):
     """The Serve application on the fracture-map model, with a bearer token and at most 2 images
     per study request (so that a 3-image study goes in two requests); one replica each."""
-    from ray import serve
-
-    from fracray.serving.app import build_app
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"models": localizing_single_index, "auth_token_env": SERVE_TEST_TOKEN_ENV,
-                         "max_study_images": 2, "min_replicas": 1}), name="fracray", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {SERVE_TEST_TOKEN}"}
-    deadline, last = time.time() + 240, None
-    while time.time() < deadline:
-        try:
-            last = requests.get(f"{url}/readyz", headers=headers, timeout=60)
-            if last.status_code == 200:
-                break
-        except requests.RequestException as exc:
-            last = exc
-        time.sleep(1)
-    else:
-        raise AssertionError(f"service not ready: {getattr(last, 'text', last)}")
-    previous = os.environ.get(SERVE_TEST_TOKEN_ENV)
-    os.environ[SERVE_TEST_TOKEN_ENV] = SERVE_TEST_TOKEN  # the listener reads the token here
-    yield url
-    if previous is None:
-        os.environ.pop(SERVE_TEST_TOKEN_ENV, None)
-    else:
-        os.environ[SERVE_TEST_TOKEN_ENV] = previous
-    serve.shutdown()
+    with served(serve_url, {"models": localizing_single_index, "auth_token_env": SERVE_TEST_TOKEN_ENV,
+                            "max_study_images": 2, "min_replicas": 1}, "fracray", headers=headers) as url:
+        previous = os.environ.get(SERVE_TEST_TOKEN_ENV)
+        os.environ[SERVE_TEST_TOKEN_ENV] = SERVE_TEST_TOKEN  # the listener reads the token here
+        yield url
+        if previous is None:
+            os.environ.pop(SERVE_TEST_TOKEN_ENV, None)
+        else:
+            os.environ[SERVE_TEST_TOKEN_ENV] = previous
 
 
 def make_study(n: int, k: int = 0, syntaxes=("jpeg-ls", "jpeg2000", "rle")) -> tuple[str, list[bytes]]:

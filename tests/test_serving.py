@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,73 +17,24 @@ import requests
 import yaml
 from PIL import Image
 
-from conftest import REPO, SERVE_TEST_TOKEN, SERVE_TEST_TOKEN_ENV, _free_port
+from conftest import REPO, SERVE_TEST_TOKEN, SERVE_TEST_TOKEN_ENV, _free_port, served, wait_ready
+from conftest import radiograph_bytes as _image
 from fracray.data.synthetic import render_radiograph
 from fracray.inference.predictor import FracturePredictor
 from test_decode import _dicom_bytes
 
 
 
-def _image(part="wrist", h=900, w=700, fmt="JPEG", seed=0, fracture=True) -> bytes:
-    pixels = render_radiograph(np.random.default_rng(seed), part, h, w, fracture=fracture).pixels
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, fmt, quality=92) if fmt == "JPEG" else Image.fromarray(pixels).save(buf, fmt)
-    return buf.getvalue()
-
-
-def _wait_ready(url: str, timeout: float = 180, headers=None) -> None:
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        try:
-            last = requests.get(f"{url}/readyz", timeout=60, headers=headers)
-            if last.status_code == 200:
-                return
-        except requests.RequestException as exc:  # not listening yet, or still loading models
-            last = exc
-        time.sleep(1)
-    raise AssertionError(f"service not ready after {timeout}s: {getattr(last, 'text', last)}")
-
-
-@contextlib.contextmanager
-def served(app_args: dict, name: str):
-    """The application built from ``app_args`` on its own Serve instance (a free port), ready;
-    yields its URL and shuts Serve down after."""
-    from ray import serve
-
-    from conftest import _free_port
-    from fracray.serving.app import build_app
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app(app_args), name=name, route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        _wait_ready(url)
-        yield url
-    finally:
-        serve.shutdown()
-
-
 @pytest.fixture(scope="module")
-def service(ray_local, localizing_index):
+def service(serve_url, localizing_index):
     """The application with a bearer token, a 2 MB upload limit and a 4-Mpixel decode limit, on
     untrained models: a router, a plain humerus model and a wrist model with a fracture map."""
-    from ray import serve
-
-    from fracray.serving.app import build_app
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"models": localizing_index, "max_upload_mb": 2, "max_pixels": 4_000_000,
-                     "auth_token_env": SERVE_TEST_TOKEN_ENV, "max_study_images": 4})
-    serve.run(app, name="fracray", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {SERVE_TEST_TOKEN}"
-    _wait_ready(url, headers=session.headers)
-    yield url, session
-    serve.shutdown()
+    with served(serve_url, {"models": localizing_index, "max_upload_mb": 2, "max_pixels": 4_000_000,
+                            "auth_token_env": SERVE_TEST_TOKEN_ENV, "max_study_images": 4}, "fracray",
+                headers=session.headers) as url:
+        yield url, session
 
 
 def test_health_readiness_models_and_openapi(service):
@@ -330,7 +279,7 @@ def test_serve_run_config_yaml(tmp_path, untrained_index):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, timeout=240)
+        wait_ready(url, timeout=240)
         r = requests.post(f"{url}/v1/classify", data=_image(seed=9), timeout=60)
         assert r.status_code == 200 and r.json()["body_part"] in ("wrist", "humerus")
     finally:
@@ -354,7 +303,7 @@ def test_pipelines_serve_one_command_start(tmp_path, untrained_index):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, timeout=240)
+        wait_ready(url, timeout=240)
         answer = requests.post(f"{url}/v1/classify", data=_image(seed=11), timeout=60)
         assert answer.status_code == 200 and answer.json()["engine"] == "torch-float32"  # --engine reached the replicas
         assert answer.json()["threshold"] == 0.25 and answer.json()["operating_point"] == "0.25"  # --operating-point

@@ -151,7 +151,7 @@ def _port_free(port: int) -> bool:
 def test_serve_run_with_command_line_arguments(tmp_path, localizing_single_index):
     """`serve run fracray.serving.app:build_app models=... max_upload_mb=2` (its own local Ray) starts,
     and the ingress refuses a 3 MB upload with 413 while a 1.5 MB one gets past the size check."""
-    from test_serving import _wait_ready
+    from conftest import wait_ready
 
     port = 8000  # `serve run IMPORT_PATH` has no port option: Serve's default
     if not _port_free(port):
@@ -173,7 +173,7 @@ def test_serve_run_with_command_line_arguments(tmp_path, localizing_single_index
             if proc.poll() is not None:
                 pytest.fail(f"serve run exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
             try:
-                _wait_ready(url, timeout=5)
+                wait_ready(url, timeout=5)
                 break
             except AssertionError:
                 if time.time() > deadline:

@@ -20,8 +20,8 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import SERVE_TEST_TOKEN, SERVE_TEST_TOKEN_ENV, _free_port
-from test_serving import _image, _wait_ready
+from conftest import SERVE_TEST_TOKEN, SERVE_TEST_TOKEN_ENV, served
+from conftest import radiograph_bytes as _image
 
 APP = "hardening"
 AUTH = {"Authorization": f"Bearer {SERVE_TEST_TOKEN}"}
@@ -44,33 +44,25 @@ def _broken_model_index(localizing_index: str, root: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def hardened(ray_local, localizing_index, tmp_path_factory):
+def hardened(serve_url, localizing_index, tmp_path_factory):
     """Token, 2 MB uploads, 4 images per study, a 120-Mpixel decode limit (so a 9999 x 9999
     PNG is decoded), two replicas of each deployment (the default)."""
-    from ray import serve
-
-    from fracray.serving.app import build_app
-
     index = _broken_model_index(localizing_index, tmp_path_factory.mktemp("broken"))
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"models": index, "max_upload_mb": 2, "max_pixels": 120_000_000,
-                         "auth_token_env": SERVE_TEST_TOKEN_ENV, "max_study_images": 4}),
-              name=APP, route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    # Not /readyz: with a broken elbow model the service never reports ready (see the auth test).
-    deadline = time.time() + 240
-    while True:
-        try:
-            if requests.post(f"{url}/v1/classify", params={"body_part": "wrist"}, data=_image(seed=0), headers=AUTH,
-                             timeout=60).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        assert time.time() < deadline, "service did not come up"
-        time.sleep(1)
-    yield url
-    serve.shutdown()
+    with served(serve_url, {"models": index, "max_upload_mb": 2, "max_pixels": 120_000_000,
+                            "auth_token_env": SERVE_TEST_TOKEN_ENV, "max_study_images": 4}, APP,
+                ready=False) as url:
+        # Not /readyz: with a broken elbow model the service never reports ready (see the auth test).
+        deadline = time.time() + 240
+        while True:
+            try:
+                if requests.post(f"{url}/v1/classify", params={"body_part": "wrist"}, data=_image(seed=0),
+                                 headers=AUTH, timeout=60).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.time() < deadline, "service did not come up"
+            time.sleep(0.5)
+        yield url
 
 
 def _post(url, path="/v1/classify", **kw):
@@ -313,15 +305,24 @@ def _running_replicas(deployment: str) -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
-def _kill_under_load(deployment: str, clients: int, client) -> int:
-    """``clients`` threads run ``client(k)``, which loops until ``client.stop`` is set; after 4 s
-    one ``deployment`` replica is SIGKILLed, 10 s later the clients stop. Returns the victim's pid."""
+def _kill_under_load(deployment: str, clients: int, client, answered) -> int:
+    """``clients`` threads run ``client(k)``, which loops until ``client.stop`` is set; once every
+    client has had answers (``answered()`` counts them) one ``deployment`` replica is SIGKILLed,
+    and the clients go on until 4 answers per client have come back after the kill (at least 3 s,
+    while Serve notices the death and replaces the replica). Returns the victim's pid."""
     victim = _replica_pids()[deployment][0]
+
+    def until(condition, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while not condition() and time.time() < deadline:
+            time.sleep(0.1)
+
     with ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(client, k) for k in range(clients)]
-        time.sleep(4)
+        until(lambda: answered() >= 2 * clients, 60)  # load is flowing
         os.kill(victim, signal.SIGKILL)
-        time.sleep(10)
+        killed_at, before = time.time(), answered()
+        until(lambda: answered() - before >= 4 * clients and time.time() - killed_at >= 3, 60)
         client.stop.set()
         for f in futures:
             f.result()
@@ -332,7 +333,7 @@ def _healed(deployment: str, victim: int) -> bool:
     """Wait (up to 120 s) until ``deployment`` runs two replicas again, none of them the victim."""
     deadline = time.time() + 120
     while time.time() < deadline and (_running_replicas(deployment) < 2 or victim in _replica_pids()[deployment]):
-        time.sleep(2)
+        time.sleep(0.5)
     return _running_replicas(deployment) == 2 and victim not in _replica_pids()[deployment]
 
 
@@ -350,7 +351,7 @@ def test_a_killed_replica_under_load_costs_no_500_and_heals(hardened, deployment
                 assert r.headers.get("Retry-After") and r.json()["error"] in ("replica_unavailable", "overloaded")
 
     client.stop = threading.Event()
-    victim = _kill_under_load(deployment, 6, client)
+    victim = _kill_under_load(deployment, 6, client, lambda: len(codes))
     assert codes and 500 not in codes, codes
     assert codes.count(200) >= 0.8 * len(codes), codes  # retried on the other replica, not refused
     assert _healed(deployment, victim)
@@ -410,7 +411,7 @@ def test_a_killed_ingress_replica_under_load_answers_json_and_no_500(hardened):
                 assert set(r.json()) == {"error", "detail"}, r.text[:300]
 
     client.stop = threading.Event()
-    victim = _kill_under_load("Ingress", 8, client)
+    victim = _kill_under_load("Ingress", 8, client, lambda: len(answers))
     assert answers and all(ct.startswith("application/json") for _, ct in answers), answers
     codes = [c for c, _ in answers]
     assert 500 not in codes, codes

@@ -1,4 +1,4 @@
-"""Overload: its own Serve instance (after test_serving's module fixture has shut down)."""
+"""Overload, layouts and single-model indexes: each test its own application on the session's Serve."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from test_serving import _image, served
+from conftest import radiograph_bytes as _image
+from conftest import served
 
 
 
 @pytest.mark.slow
-def test_overload_returns_503_with_retry_after_then_recovers(ray_local, untrained_index):
+def test_overload_returns_503_with_retry_after_then_recovers(serve_url, untrained_index):
     """An ingress that takes one request at a time and queues one more."""
-    with served({"models": untrained_index, "max_ongoing_requests": 1, "max_queued_requests": 1}, "small") as url:
+    with served(serve_url, {"models": untrained_index, "max_ongoing_requests": 1, "max_queued_requests": 1}, "small") as url:
         data = _image(seed=8)
         with ThreadPoolExecutor(12) as pool:
             responses = list(pool.map(lambda _: requests.post(f"{url}/v1/classify", params={"gradcam": "true"},
@@ -28,13 +29,13 @@ def test_overload_returns_503_with_retry_after_then_recovers(ray_local, untraine
         assert requests.post(f"{url}/v1/classify", data=data, timeout=60).status_code == 200
 
 
-def test_a_single_model_index_serves_without_a_router(ray_local, localizing_single_index):
+def test_a_single_model_index_serves_without_a_router(serve_url, localizing_single_index):
     """No router in the index: every image goes to the one classifier, with the same numbers as
     the batch predictor (the router replica gets the model-sized input, never the full image)."""
     from fracray.inference.predictor import FracturePredictor
 
     # The service's own operating point (a named one of the bundle) labels every request that names none.
-    with served({"models": localizing_single_index, "min_replicas": 1, "engine": "torch",
+    with served(serve_url, {"models": localizing_single_index, "min_replicas": 1, "engine": "torch",
                  "operating_point": "sensitivity>=0.90"}, "single") as url:
         data = _image(seed=12)
         expected = FracturePredictor(localizing_single_index).predict_bytes([data])[0]
@@ -53,7 +54,7 @@ def test_a_single_model_index_serves_without_a_router(ray_local, localizing_sing
                                                                       abs=2e-4)
 
 
-def test_the_fused_layout_runs_the_models_in_the_ingress_with_the_same_answers(ray_local, untrained_index):
+def test_the_fused_layout_runs_the_models_in_the_ingress_with_the_same_answers(serve_url, untrained_index):
     """layout=fused: one deployment (the ingress holds the router and the classifiers), the
     same answers as the batch predictor, overlays included; a bad layout is refused."""
     from ray import serve
@@ -63,7 +64,7 @@ def test_the_fused_layout_runs_the_models_in_the_ingress_with_the_same_answers(r
 
     with pytest.raises(ValueError, match="layout must be one of graph, fused. Got 'star'"):
         ServeArgs.parse({"models": untrained_index, "layout": "star"})
-    with served({"models": untrained_index, "min_replicas": 1, "layout": "fused"}, "fused") as url:
+    with served(serve_url, {"models": untrained_index, "min_replicas": 1, "layout": "fused"}, "fused") as url:
         assert set(serve.status().applications["fused"].deployments) == {"Ingress"}
         assert requests.get(f"{url}/v1/models", timeout=30).json()["layout"] == "fused"
         predictor = FracturePredictor(untrained_index)
@@ -88,17 +89,17 @@ def test_a_service_operating_point_the_models_lack_is_refused_before_deploying(l
     assert build_app({"models": localizing_single_index, "operating_point": "0.25"}) is not None
 
 
-def test_an_index_without_a_router_starts_no_router_replicas(ray_local, localizing_single_index):
+def test_an_index_without_a_router_starts_no_router_replicas(serve_url, localizing_single_index):
     """A single-model index: Serve runs the Ingress and the classifiers only, and still answers."""
     from ray import serve
 
-    with served({"models": localizing_single_index, "min_replicas": 1}, "single") as url:
+    with served(serve_url, {"models": localizing_single_index, "min_replicas": 1}, "single") as url:
         assert set(serve.status().applications["single"].deployments) == {"Ingress", "FractureClassifiers"}
         r = requests.post(f"{url}/v1/classify", data=_image(seed=3), timeout=120)
         assert r.status_code == 200 and r.json()["body_part"] == "all" and r.json()["router"] is None, r.text
 
 
-def test_detector_boxes_over_http_are_the_predictors(ray_local, detector_single_index):
+def test_detector_boxes_over_http_are_the_predictors(serve_url, detector_single_index):
     """A box-detector bundle served over HTTP (graph layout, one replica each): the same findings,
     box for box, and the same fused P(fracture) as the batch predictor that scoring and evaluation
     use (tests/test_explain.py holds evaluation and scoring to the predictor)."""
@@ -107,7 +108,7 @@ def test_detector_boxes_over_http_are_the_predictors(ray_local, detector_single_
     images = [_image(seed=11), _image("humerus", 1000, 700, fmt="PNG", seed=12)]
     local = FracturePredictor(detector_single_index).predict_bytes(images)
     assert any(r["findings"] for r in local), "the untrained detector's raised class bias should give boxes"
-    with served({"models": detector_single_index, "min_replicas": 1}, "detector") as url:
+    with served(serve_url, {"models": detector_single_index, "min_replicas": 1}, "detector") as url:
         for data, expected in zip(images, local):
             r = requests.post(f"{url}/v1/classify", data=data, timeout=120)
             assert r.status_code == 200, r.text

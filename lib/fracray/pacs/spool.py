@@ -163,9 +163,11 @@ class Spool:
             logger.warning("study %s: attempt %d of %d failed: %s; kept in the spool, retrying in %.3g s", key,
                            attempt, self.max_attempts, why, delay)
         else:
+            # The spool first, then the count: whoever sees the study counted done (a test, a
+            # supervisor) also sees it gone from the spool.
+            self._clean_up(key, snapshot)
             self.stats.studies += 1
             logger.info("study %s: %s", key, summary)
-            self._clean_up(key, snapshot)
 
     def _dead_letter(self, key: str, kind: str, reason: str, exc: BaseException) -> None:
         """Move the study's spool to spool/.failed/<key>/ with failure.json; log it once."""
