@@ -224,6 +224,134 @@ def stop_sessions(sessions: list[int]) -> None:
             time.sleep(0.2)
 
 
+# ----------------------------------------------------------------------------- test inputs
+
+def dicom_bytes(pixels, *, photometric="MONOCHROME2", window=None, rescale=None, body_part=None,
+                 voi_lut=None, with_pixels=True, transfer_syntax=None) -> bytes:
+    """A DX radiograph as a Part 10 file, with the attribute under test set (photometric
+    interpretation, window, rescale, VOI LUT sequence, no pixels, a syntax no handler decodes)."""
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    if body_part:
+        ds.BodyPartExamined = body_part
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if voi_lut is not None:
+        from pydicom.dataset import Dataset
+        item = Dataset()
+        item.LUTDescriptor = [len(voi_lut), 0, 8]
+        item.LUTData = np.asarray(voi_lut, np.uint16).tobytes()
+        ds.VOILUTSequence = [item]
+    if with_pixels and transfer_syntax is not None:
+        from pydicom.encaps import encapsulate
+        # A JPEG 2000 codestream start; no pixel handler for it is installed.
+        ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])
+    elif with_pixels:
+        ds.PixelData = pixels.astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def synthetic_jpeg(rng, part="wrist", h=400, w=320) -> bytes:
+    """A synthetic radiograph of ``part`` as JPEG, fractured or not at random (``rng``)."""
+    from PIL import Image
+
+    from fracray.data.synthetic import render_radiograph
+
+    buf = io.BytesIO()
+    Image.fromarray(render_radiograph(rng, part, h, w, fracture=bool(rng.random() < 0.5)).pixels).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def instance_zoo() -> dict[str, bytes]:
+    """Part 10 files, one per case the rule decides: radiographs it classifies, and pydicom's own
+    test objects and edited radiographs it refuses."""
+    import numpy as np
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    from fracray.pacs.wrap import StudyIdentity, wrap_radiograph
+
+    study = StudyIdentity(patient_id="Z1", patient_name="Zoo^Pat", study_uid=generate_uid(), accession="ZACC")
+    series = generate_uid()
+    pixels = (np.arange(256 * 200, dtype=np.uint32).reshape(256, 200) % 251).astype(np.uint8)
+    dx = wrap_radiograph(pixels, study, series_uid=series, instance_number=1, modality="DX", body_part="WRIST")
+    cr = wrap_radiograph(pixels, study, series_uid=series, instance_number=2, modality="CR", body_part="WRIST")
+
+    def edited(data: bytes, change) -> bytes:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        change(ds)
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        return out.getvalue()
+
+    def own_result(ds):
+        ds.Manufacturer = "fracray"
+
+    def no_pixels(ds):
+        del ds.PixelData
+
+    def bad_frames(ds):
+        ds.NumberOfFrames = "7"  # replaced by "x1" in the bytes below (pydicom writes no invalid IS)
+
+    def no_study(ds):
+        ds.StudyInstanceUID = ""
+
+    files = {"dx": dx, "cr": cr, "own_result": edited(dx, own_result), "no_pixels": edited(dx, no_pixels),
+             "bad_frames": edited(dx, bad_frames).replace(b"\x28\x00\x08\x00IS\x02\x007 ", b"\x28\x00\x08\x00IS\x02\x00x1"),
+             "no_study_uid": edited(dx, no_study)}
+    for name in ("test-SR.dcm", "rtplan.dcm", "waveform_ecg.dcm", "SC_rgb_rle_2frame.dcm", "CT_small.dcm",
+                 "MR_small.dcm"):
+        files[name] = open(get_testdata_file(name), "rb").read()
+    return files
+
+
+def corpus_dir() -> Path:
+    import pydicom
+
+    return Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def corpus_files() -> list[Path]:
+    return sorted(p for p in corpus_dir().rglob("*") if p.is_file())
+
+
+# One file of each compressed transfer syntax PACS store: these must decode (the pixel-data
+# handlers pydicom documents, pylibjpeg with libjpeg/openjpeg/rle, are dependencies).
+MUST_DECODE = {
+    "JPEG Baseline": "SC_rgb_jpeg_dcmtk.dcm",
+    "JPEG Extended 12-bit": "JPGExtended.dcm",
+    "JPEG Lossless (Process 14)": "SC_rgb_jpeg_gdcm.dcm",
+    "JPEG-LS lossless": "MR_small_jpeg_ls_lossless.dcm",
+    "JPEG-LS near-lossless": "JPEGLSNearLossless_16.dcm",
+    "JPEG 2000 lossless": "MR_small_jp2klossless.dcm",
+    "JPEG 2000": "JPEG2000.dcm",
+    "RLE Lossless": "MR_small_RLE.dcm",
+    "Explicit VR Big Endian": "MR_small_bigendian.dcm",
+    "Deflated": "image_dfl.dcm",
+}
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server as its own process on 127.0.0.1; yields the endpoint URL."""

@@ -28,7 +28,6 @@ from fracray.imaging.regions import findings_from_heatmap, rasterize_regions
 from fracray.metrics.calibration import operating_points
 from fracray.metrics.classification import binary_metrics
 from fracray.models.registry import create_model, list_models
-from fracray.training.orchestrate import TrainingSettings
 from fracray.training.trainer import TrainConfig
 
 

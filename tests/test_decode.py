@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import dicom_bytes
 from fracray.imaging.decode import ImageRejected, RejectReason, decode_image
 from fracray.imaging.preprocess import PreprocessConfig, preprocess_bytes
 
@@ -61,49 +62,9 @@ def test_jpeg_draft_decodes_large_images_smaller_but_reports_their_true_size():
     assert max(decoded.pixels.shape) < 2048 and min(decoded.pixels.shape) >= 200
 
 
-def _dicom_bytes(pixels: np.ndarray, *, photometric="MONOCHROME2", window=None, rescale=None, body_part=None,
-                 voi_lut=None, with_pixels=True, transfer_syntax=None) -> bytes:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 0
-    if body_part:
-        ds.BodyPartExamined = body_part
-    if window:
-        ds.WindowCenter, ds.WindowWidth = window
-    if rescale:
-        ds.RescaleSlope, ds.RescaleIntercept = rescale
-    if voi_lut is not None:
-        from pydicom.dataset import Dataset
-        item = Dataset()
-        item.LUTDescriptor = [len(voi_lut), 0, 8]
-        item.LUTData = np.asarray(voi_lut, np.uint16).tobytes()
-        ds.VOILUTSequence = [item]
-    if with_pixels and transfer_syntax is not None:
-        from pydicom.encaps import encapsulate
-        # A JPEG 2000 codestream start; no pixel handler for it is installed.
-        ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])
-    elif with_pixels:
-        ds.PixelData = pixels.astype(np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def test_dicom_monochrome2_full_range_and_body_part():
     pixels = np.linspace(100, 4000, 64, dtype=np.float64).round().astype(np.uint16).reshape(8, 8)
-    decoded = decode_image(_dicom_bytes(pixels, body_part="WRIST"))
+    decoded = decode_image(dicom_bytes(pixels, body_part="WRIST"))
     assert decoded.source_format == "DICOM" and decoded.body_part == "wrist"
     assert decoded.pixels.min() == 0.0 and decoded.pixels.max() == pytest.approx(1.0)
     np.testing.assert_allclose(decoded.pixels, (pixels - 100.0) / 3900.0, atol=1e-6)
@@ -111,8 +72,8 @@ def test_dicom_monochrome2_full_range_and_body_part():
 
 def test_dicom_monochrome1_is_inverted():
     pixels = np.linspace(0, 4095, 64).round().astype(np.uint16).reshape(8, 8)
-    mono2 = decode_image(_dicom_bytes(pixels)).pixels
-    mono1 = decode_image(_dicom_bytes(pixels, photometric="MONOCHROME1")).pixels
+    mono2 = decode_image(dicom_bytes(pixels)).pixels
+    mono1 = decode_image(dicom_bytes(pixels, photometric="MONOCHROME1")).pixels
     np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
 
 
@@ -120,7 +81,7 @@ def test_dicom_window_and_modality_lut():
     pixels = np.array([[0, 1000, 2000, 3000]], np.uint16).repeat(8, 0)
     pixels = np.pad(pixels, ((0, 0), (0, 4)), mode="edge")
     # Modality LUT: value = 2 * stored - 1000 -> [-1000, 1000, 3000, 5000]; window 1000 +/- 1000.
-    decoded = decode_image(_dicom_bytes(pixels, rescale=(2, -1000), window=(1000, 2000)))
+    decoded = decode_image(dicom_bytes(pixels, rescale=(2, -1000), window=(1000, 2000)))
     row = decoded.pixels[0]
     assert row[0] == 0.0 and row[2] == 1.0 and row[3] == 1.0  # outside the window: clipped, as the standard says
     assert row[1] == pytest.approx(((1000 - 999.5) / 1999 + 0.5), abs=1e-6)
@@ -128,19 +89,19 @@ def test_dicom_window_and_modality_lut():
 
 def test_dicom_voi_lut_sequence():
     pixels = np.array([[0, 1, 2, 3] * 2] * 8, np.uint16)
-    decoded = decode_image(_dicom_bytes(pixels, voi_lut=[0, 51, 102, 255]))
+    decoded = decode_image(dicom_bytes(pixels, voi_lut=[0, 51, 102, 255]))
     np.testing.assert_allclose(decoded.pixels[0, :4], np.array([0, 51, 102, 255]) / 255.0, atol=1e-6)
 
 
 def test_dicom_without_pixels_is_rejected_as_unsupported():
     with pytest.raises(ImageRejected) as exc:
-        decode_image(_dicom_bytes(np.zeros((8, 8), np.uint16), with_pixels=False))
+        decode_image(dicom_bytes(np.zeros((8, 8), np.uint16), with_pixels=False))
     assert exc.value.reason is RejectReason.UNSUPPORTED_DICOM and "no pixel data" in exc.value.detail
 
 
 def test_dicom_with_a_transfer_syntax_we_cannot_decode_is_rejected_with_advice():
     from pydicom.uid import JPEG2000Lossless
-    data = _dicom_bytes(np.zeros((8, 8), np.uint16), transfer_syntax=JPEG2000Lossless)
+    data = dicom_bytes(np.zeros((8, 8), np.uint16), transfer_syntax=JPEG2000Lossless)
     with pytest.raises(ImageRejected) as exc:
         decode_image(data)
     assert exc.value.reason is RejectReason.UNSUPPORTED_DICOM

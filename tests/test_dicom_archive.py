@@ -7,7 +7,7 @@ from fracray.data import adapters
 from fracray.data.pipeline import StreamTally, build_image_dataset, iter_model_batches
 from fracray.data.probe import probe_manifest
 from fracray.imaging.preprocess import PreprocessConfig
-from test_decode import _dicom_bytes
+from conftest import dicom_bytes
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def dicom_folder(tmp_path):
         pixels = rng.integers(0, 4095, (64, 48)).astype(np.uint16)
         path = tmp_path / "train" / cls / f"img{i}.dcm"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_dicom_bytes(pixels, body_part=part, photometric="MONOCHROME1" if i == 1 else "MONOCHROME2"))
+        path.write_bytes(dicom_bytes(pixels, body_part=part, photometric="MONOCHROME1" if i == 1 else "MONOCHROME2"))
     (tmp_path / "train" / "normal" / "notes.dcm").write_bytes(b"not dicom at all" * 20)
     return tmp_path
 

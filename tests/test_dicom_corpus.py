@@ -12,33 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import MUST_DECODE, corpus_dir, corpus_files
 from fracray.imaging.decode import ImageRejected, RejectReason, decode_image
 
-
-def corpus_dir() -> Path:
-    import pydicom
-
-    return Path(pydicom.__file__).parent / "data" / "test_files"
-
-
-def corpus_files() -> list[Path]:
-    return sorted(p for p in corpus_dir().rglob("*") if p.is_file())
-
-
-# One file of each compressed transfer syntax PACS store: these must decode (the pixel-data
-# handlers pydicom documents, pylibjpeg with libjpeg/openjpeg/rle, are dependencies).
-MUST_DECODE = {
-    "JPEG Baseline": "SC_rgb_jpeg_dcmtk.dcm",
-    "JPEG Extended 12-bit": "JPGExtended.dcm",
-    "JPEG Lossless (Process 14)": "SC_rgb_jpeg_gdcm.dcm",
-    "JPEG-LS lossless": "MR_small_jpeg_ls_lossless.dcm",
-    "JPEG-LS near-lossless": "JPEGLSNearLossless_16.dcm",
-    "JPEG 2000 lossless": "MR_small_jp2klossless.dcm",
-    "JPEG 2000": "JPEG2000.dcm",
-    "RLE Lossless": "MR_small_RLE.dcm",
-    "Explicit VR Big Endian": "MR_small_bigendian.dcm",
-    "Deflated": "image_dfl.dcm",
-}
 
 # pydicom ships these as broken on purpose: the pixel data cannot be decoded by any handler.
 KNOWN_BROKEN = {"JPEG-lossy.dcm", "JPEG2000-embedded-sequence-delimiter.dcm", "MR_truncated.dcm"}

@@ -9,53 +9,9 @@ import io
 import json
 import types
 
-import numpy as np
 import pytest
 
-
-def instance_zoo() -> dict[str, bytes]:
-    """Part 10 files, one per case the rule decides: radiographs it classifies, and pydicom's own
-    test objects and edited radiographs it refuses."""
-    import pydicom
-    from pydicom.data import get_testdata_file
-    from pydicom.uid import generate_uid
-
-    from fracray.pacs.wrap import StudyIdentity, wrap_radiograph
-
-    study = StudyIdentity(patient_id="Z1", patient_name="Zoo^Pat", study_uid=generate_uid(), accession="ZACC")
-    series = generate_uid()
-    pixels = (np.arange(256 * 200, dtype=np.uint32).reshape(256, 200) % 251).astype(np.uint8)
-    dx = wrap_radiograph(pixels, study, series_uid=series, instance_number=1, modality="DX", body_part="WRIST")
-    cr = wrap_radiograph(pixels, study, series_uid=series, instance_number=2, modality="CR", body_part="WRIST")
-
-    def edited(data: bytes, change) -> bytes:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        change(ds)
-        out = io.BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-        return out.getvalue()
-
-    def own_result(ds):
-        ds.Manufacturer = "fracray"
-
-    def no_pixels(ds):
-        del ds.PixelData
-
-    def bad_frames(ds):
-        ds.NumberOfFrames = "7"  # replaced by "x1" in the bytes below (pydicom writes no invalid IS)
-
-    def no_study(ds):
-        ds.StudyInstanceUID = ""
-
-    files = {"dx": dx, "cr": cr, "own_result": edited(dx, own_result), "no_pixels": edited(dx, no_pixels),
-             "bad_frames": edited(dx, bad_frames).replace(b"\x28\x00\x08\x00IS\x02\x007 ", b"\x28\x00\x08\x00IS\x02\x00x1"),
-             "no_study_uid": edited(dx, no_study)}
-    for name in ("test-SR.dcm", "rtplan.dcm", "waveform_ecg.dcm", "SC_rgb_rle_2frame.dcm", "CT_small.dcm",
-                 "MR_small.dcm"):
-        files[name] = open(get_testdata_file(name), "rb").read()
-    return files
+from conftest import instance_zoo
 
 
 EXPECTED = {"dx": None, "cr": None, "own_result": "own_result", "no_pixels": "no_pixel_data",

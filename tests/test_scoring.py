@@ -20,13 +20,7 @@ from fracray.data.synthetic import render_radiograph
 from fracray.inference.predictor import FracturePredictor
 from fracray.scoring.archive import ScoreConfig, read_image_results, score_archive
 from fracray.storage import StorageOptions
-from test_decode import _dicom_bytes
-
-
-def _jpeg(rng, part="wrist", h=400, w=320) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(render_radiograph(rng, part, h, w, fracture=bool(rng.random() < 0.5)).pixels).save(buf, "JPEG")
-    return buf.getvalue()
+from conftest import dicom_bytes, synthetic_jpeg
 
 
 def _make_archive(root: Path, studies: int = 6, per_study: int = 3, seed: int = 0) -> dict[str, str]:
@@ -40,15 +34,15 @@ def _make_archive(root: Path, studies: int = 6, per_study: int = 3, seed: int = 
             part = "wrist" if s % 2 else "humerus"
             if i == 0 and s % 3 == 0:
                 pixels = render_radiograph(rng, part, 300, 260, fracture=False).pixels
-                (folder / f"IM{i:04d}").write_bytes(_dicom_bytes(pixels.astype(np.uint16) * 16))
+                (folder / f"IM{i:04d}").write_bytes(dicom_bytes(pixels.astype(np.uint16) * 16))
             elif i == 1:
                 buf = io.BytesIO()
                 Image.fromarray(render_radiograph(rng, part, 500, 300, fracture=True).pixels).save(buf, "PNG")
                 (folder / f"img{i}.png").write_bytes(buf.getvalue())
             else:
-                (folder / f"img{i}.jpg").write_bytes(_jpeg(rng, part))
+                (folder / f"img{i}.jpg").write_bytes(synthetic_jpeg(rng, part))
     bad = root / "patient000" / "study0"
-    (bad / "cut.jpg").write_bytes(_jpeg(rng)[:1500])
+    (bad / "cut.jpg").write_bytes(synthetic_jpeg(rng)[:1500])
     (bad / "empty.png").write_bytes(b"")
     (bad / "notes.txt").write_text("report to follow")
     (bad / "._img1.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
@@ -166,7 +160,7 @@ def test_findings_column_matches_the_predictor_and_survives_resume(ray_local, lo
         pixels = render_radiograph(rng, "wrist", h, w, fracture=True).pixels.astype(np.float32)
         pixels = np.clip(pixels + rng.normal(0, 10, pixels.shape), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(archive / f"img{i}.png")
-    (archive / "cut.jpg").write_bytes(_jpeg(rng)[:1500])
+    (archive / "cut.jpg").write_bytes(synthetic_jpeg(rng)[:1500])
     output = tmp_path / "scores"
     config = ScoreConfig(input=str(tmp_path / "archive"), models=localizing_single_index, output=str(output),
                          chunk_size=2, batch_size=2)

@@ -18,7 +18,7 @@ import pytest
 from fracray import storage
 from fracray.data import adapters
 from fracray.scoring.archive import ScoreConfig, read_image_results, score_archive
-from test_scoring import _jpeg
+from conftest import synthetic_jpeg
 
 NOT_UTF8 = b"caf\xe9-\xff.jpg"  # Latin-1 and a 0xFF byte: not UTF-8
 
@@ -31,7 +31,7 @@ def _hostile_folder(tmp_path: Path) -> tuple[Path, set[str], dict[str, str]]:
     for folder in (s1, s2, outside):
         folder.mkdir(parents=True)
     for path in (s1 / "a.jpg", s1 / "b.jpg", s2 / "c.jpg", outside / "d.jpg"):
-        path.write_bytes(_jpeg(rng, h=200, w=160))
+        path.write_bytes(synthetic_jpeg(rng, h=200, w=160))
     (s2 / "loop").symlink_to("..")                    # back to the archive's root: a loop
     (s2 / "up").symlink_to("../study2")               # to the folder that holds it: a loop
     (s1 / "again").symlink_to("../study2")            # a folder already walked
@@ -44,7 +44,7 @@ def _hostile_folder(tmp_path: Path) -> tuple[Path, set[str], dict[str, str]]:
     (s1 / "gone.jpg").symlink_to("missing.jpg")       # dangling
     os.mkfifo(s2 / "pipe.jpg")                        # a FIFO named like an image: never opened
     with open(os.fsencode(s2) + b"/" + NOT_UTF8, "wb") as f:
-        f.write(_jpeg(rng, h=200, w=160))
+        f.write(synthetic_jpeg(rng, h=200, w=160))
     files = {str(s1 / "a.jpg"), str(s1 / "b.jpg"), str(s2 / "c.jpg"), str(root / "linked" / "study3" / "d.jpg")}
     rejects = {
         str(s2 / "loop"): "symlink_loop", str(s2 / "up"): "symlink_loop", str(root / "self"): "symlink_loop",
@@ -134,7 +134,7 @@ def _three_images(root: Path) -> set[str]:
     paths = [root / "s1" / "a.jpg", root / "s1" / "b.jpg", root / "s2" / "c.jpg"]
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_jpeg(rng, h=200, w=160))
+        path.write_bytes(synthetic_jpeg(rng, h=200, w=160))
     return {str(p) for p in paths}
 
 

@@ -21,7 +21,7 @@ from conftest import REPO, SERVE_TEST_TOKEN, SERVE_TEST_TOKEN_ENV, _free_port, s
 from conftest import radiograph_bytes as _image
 from fracray.data.synthetic import render_radiograph
 from fracray.inference.predictor import FracturePredictor
-from test_decode import _dicom_bytes
+from conftest import dicom_bytes
 
 
 
@@ -162,7 +162,7 @@ def test_findings_in_the_uploads_pixels_and_overlay(service, localizing_index):
 def test_dicom_upload(service):
     url, session = service
     pixels = render_radiograph(np.random.default_rng(5), "wrist", 512, 400, fracture=False).pixels
-    dicom = _dicom_bytes(pixels.astype(np.uint16) * 16, body_part="WRIST")
+    dicom = dicom_bytes(pixels.astype(np.uint16) * 16, body_part="WRIST")
     r = session.post(f"{url}/v1/classify", data=dicom, headers={"content-type": "application/dicom"})
     assert r.status_code == 200, r.text
     assert r.json()["image"]["format"] == "DICOM"
@@ -333,7 +333,7 @@ def test_out_of_scope_uploads_get_422_with_a_reason_and_studies_score_the_rest(s
     assert r.status_code == 422 and r.json()["error"] == "out_of_scope", r.text
     assert r.json()["detail"].startswith("colour_photo") and "fracture_probability" not in r.json()
     pixels = render_radiograph(np.random.default_rng(3), "wrist", 600, 500, fracture=False).pixels
-    chest = _dicom_bytes(pixels, body_part="CHEST")
+    chest = dicom_bytes(pixels, body_part="CHEST")
     r = session.post(f"{url}/v1/classify", data=chest, headers={"content-type": "application/dicom"})
     assert r.status_code == 422 and r.json()["detail"].startswith("dicom_body_part:chest"), r.text
     files = [("files", ("wrist.jpg", _image("wrist", seed=31), "image/jpeg")),
@@ -420,7 +420,7 @@ def test_stow_rs_refuses_exactly_what_the_dicom_node_skips(service):
     import pydicom
 
     from fracray.pacs.listener import skip_reason
-    from test_dicom_instances import instance_zoo
+    from conftest import instance_zoo
 
     url, session = service
     zoo = instance_zoo()

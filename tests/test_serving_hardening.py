@@ -425,7 +425,7 @@ def test_a_killed_ingress_replica_under_load_answers_json_and_no_500(hardened):
 def test_every_pydicom_test_file_gets_an_answer_over_http(hardened):
     """Each of pydicom's real-world test files: a result or a JSON error with a named reason,
     never a 500, and the service keeps serving."""
-    from test_dicom_corpus import MUST_DECODE, corpus_files
+    from conftest import MUST_DECODE, corpus_files
 
     known = {"ok", "empty_file", "corrupt", "truncated", "too_small", "not_an_image", "unsupported_format",
              "unsupported_dicom", "decompression_bomb", "out_of_scope", "upload_too_large", "undecodable"}

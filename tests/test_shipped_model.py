@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
 from fracray.artifacts.shipped import MODELS_ENV, SHIPPED_MODELS, default_models, ship_bundle, shipped_model_index
 
 INDEX = SHIPPED_MODELS / "model_index.json"
