@@ -232,11 +232,16 @@ def _nodes_used(cluster: dict) -> dict[str, set[str]]:
 def test_train_all_and_score_archive_run_on_both_nodes(two_node_cluster, tmp_path):
     python = "python"  # the job runs in the cluster's Python: this environment, which started Ray
     out = tmp_path / "run"
+    # One model over both parts (the router and per-bone runs are the embedded default's, test_train_all)
+    # and the backbone comparison's two runs: three Ray Train runs spread over the two nodes.
     _submit(two_node_cluster, [python, "pipelines/train_all.py", "--output", str(out), "--body-parts",
                                "wrist,humerus", "--synthetic-patients-per-part", "4", "--epochs", "1",
-                               "--train-batch-size", "8", "--compare-backbones", "efficientnet_lite0"], timeout=1500)
+                               "--train-batch-size", "8", "--single-model",
+                               "--compare-backbones", "efficientnet_lite0"], timeout=1500)
     index = out / "model_index.json"
     assert index.exists() and (out / "report.md").exists()
+    written = json.loads(index.read_text())
+    assert written["router"] is None and list(written["classifiers"]) == ["all"]  # --single-model
     # --compare-backbones: the backbone with and without ImageNet weights, validation metrics and a plot.
     report = json.loads((out / "report.json").read_text())
     assert set(report["comparison"]) == {"compare_efficientnet_lite0_imagenet", "compare_efficientnet_lite0_scratch"}
@@ -267,4 +272,5 @@ def test_train_all_and_score_archive_run_on_both_nodes(two_node_cluster, tmp_pat
     wait_ready(f"http://127.0.0.1:{port}", timeout=300)
     image = next((out / "synthetic-mura").rglob("*.png"), None) or next((out / "synthetic-mura").rglob("*.jpg"))
     answer = requests.post(f"http://127.0.0.1:{port}/v1/classify", data=image.read_bytes(), timeout=60)
-    assert answer.status_code == 200 and answer.json()["body_part"] in ("wrist", "humerus"), answer.text
+    assert answer.status_code == 200 and answer.json()["body_part"] == "all", answer.text
+    assert 0 <= answer.json()["fracture_probability"] <= 1
