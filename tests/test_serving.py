@@ -272,6 +272,7 @@ def test_serve_run_config_yaml(tmp_path, untrained_index):
     port = _free_port()
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     config["applications"][0]["args"]["models"] = untrained_index
+    config["applications"][0]["args"]["min_replicas"] = 1  # as the file says for a small laptop
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
