@@ -311,7 +311,11 @@ async function monitoring() {
   let data;
   try { data = await api("monitoring"); } catch (e) { loading.hidden = true; showError(e.message); return; }
   loading.hidden = true;
+  summarise(data.report);
   const plots = document.getElementById("plots");
+  // The run over time first, then by body part and equipment, then the reviewers' concordance.
+  const rank = (n) => ["day", "body_part", "equipment", "concordance"].findIndex((k) => n.startsWith(k));
+  data.plots.sort((a, b) => ((rank(a) + 5) % 5) - ((rank(b) + 5) % 5) || a.localeCompare(b));
   for (const name of data.plots) {
     plots.append(el("h3", {}, name.replace(/_/g, " ")),
                  el("img", {alt: name, src: PREFIX + "/api/monitoring/plot/" + encodeURIComponent(name)}));
@@ -319,6 +323,38 @@ async function monitoring() {
   document.getElementById("report").textContent = JSON.stringify(data.report, null, 2);
   document.getElementById("report-details").hidden = false;
   if (!data.plots.length) document.getElementById("report-details").open = true;
+}
+
+// What a monitoring page is read for, before any plot: is there an alarm, how much was scored, how
+// far the scores are from the model's validation distribution (PSI), what the reviewers say.
+function summarise(report) {
+  const box = document.getElementById("summary");
+  if (!report || !report.overall) return;
+  const o = report.overall, d = report.drift || {}, pct = (x) => (100 * x).toFixed(1) + "%";
+  const alarms = report.alarms || [];
+  const status = alarms.length ? el("p", {class: "alarm", role: "alert"},
+      `${alarms.length} alarm${alarms.length > 1 ? "s" : ""}: ` +
+      alarms.map((a) => typeof a === "string" ? a : (a.message || JSON.stringify(a))).join("; "))
+    : el("p", {class: "ok"}, "No alarm.");
+  const psi = o.psi === null || o.psi === undefined ? "n/a"
+    : `${o.psi.toFixed(3)} (${o.psi_level}; warn ${d.warn}, alarm ${d.alarm}; chance alone ~${(o.psi_noise_floor ?? 0).toFixed(3)})`;
+  const rows = [
+    ["Images", `${o.images}: ${o.scored} scored, ${o.rejected} rejected, ${o.out_of_scope} out of scope`],
+    ["Flagged (positive rate)", o.scored ? `${o.positive} (${pct(o.positive / o.scored)})` : "n/a"],
+    ["Mean P(fracture)", o.mean_probability === null || o.mean_probability === undefined ? "n/a" : o.mean_probability.toFixed(3)],
+    ["Drift: PSI against validation", psi],
+  ];
+  const c = report.concordance;
+  const rate = (r) => !r || r.value === null || r.value === undefined ? "n/a"
+    : `${pct(r.value)} (95% CI ${r.ci95 ? pct(r.ci95[0]) + "-" + pct(r.ci95[1]) : "n/a"})`;
+  rows.push(["Concordance with reviewers", c && c.decided_studies
+    ? `${c.decided_studies} reviewed studies decided (TP ${c.tp}, FP ${c.fp}, TN ${c.tn}, FN ${c.fn}): ` +
+      `sensitivity ${rate(c.sensitivity)}, specificity ${rate(c.specificity)}`
+    : "no reviewed studies yet"]);
+  const table = el("table", {class: "facts"}, ...rows.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v))));
+  const notes = el("ul", {class: "notes"}, ...(report.notes || []).map((n) => el("li", {}, n)));
+  box.replaceChildren(el("h2", {}, "Summary"), status, table, notes);
+  box.hidden = false;
 }
 
 ({worklist, study, monitoring})[PAGE]?.();
