@@ -500,3 +500,30 @@ def test_browser_bad_run_folder_and_corrupt_part(browser, tmp_path, shots):
         assert requests.get(app.url + "/healthz", timeout=5).ok
     finally:
         app.stop()
+
+
+@pytest.mark.slow
+def test_the_exported_feedback_trains(ray_local, run_dir, tmp_path):
+    """The feedback loop closed: reviewers' verdicts on every study of a run, exported, then
+    `fracray train --dataset manifest --data FILE` trains a model on it (one small epoch)."""
+    import json
+
+    from fracray.cli.train_all import parse_config
+    from fracray.jobs.train import run_train_all
+    from fracray.review.export import export_manifest
+
+    run = ScoringRun(str(run_dir))
+    now = dt.datetime.now(UTC)
+    studies = [f"patient{k:03d}/study1" for k in range(12)]
+    records = [FeedbackRecord(study, None, None, "agree", None, "Dr A", now) for study in studies]
+    manifest = tmp_path / "feedback.parquet"
+    counts = export_manifest(run, records, str(manifest))
+    assert counts["images"] == 24 and 0 < counts["fractured"] < 24
+    config = parse_config(["--dataset", "manifest", "--data", str(manifest), "--output", str(tmp_path / "retrain"),
+                           "--single-model", "--epochs", "1", "--image-size", "64", "--train-batch-size", "4"])
+    run_train_all(config, log=lambda *_: None)
+    index = json.loads((tmp_path / "retrain" / "model_index.json").read_text())
+    bundle = json.loads((tmp_path / "retrain" / index["classifiers"]["all"] / "bundle.json").read_text())
+    assert bundle["data"]["dataset"] == "manifest"
+    assert bundle["data"]["train_images"] + bundle["data"].get("calibration_images", 0) + \
+        bundle["data"]["valid_images"] == 24

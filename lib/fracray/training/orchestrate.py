@@ -253,6 +253,12 @@ def train_models(manifest: pa.Table, settings: TrainingSettings, *, output_uri: 
         require_hardware_labels(manifest, dataset)  # a manifest without hardware labels is refused, not kept whole
         manifest = filter_rows(manifest, exclude_hardware=True)
     train, valid = filter_rows(manifest, split="train"), filter_rows(manifest, split="valid")
+    unassigned = filter_rows(manifest, split="unassigned")
+    if unassigned.num_rows:
+        # A manifest that names no split (a CSV of labels, the review app's export) trains: its
+        # images join the training split, and validation is held out of them by study below.
+        log(f"note: {unassigned.num_rows} images have no split; training on them")
+        train = pa.concat_tables([train, unassigned.cast(train.schema)]) if train.num_rows else unassigned
     if valid.num_rows == 0:
         train, valid = split_by_study(train, 0.2)
         log(f"note: no validation split; holding out {valid.num_rows} training images (20% of studies) to validate")
