@@ -33,9 +33,9 @@ __all__ = ["BundleMeta", "save_bundle", "load_bundle", "read_bundle_meta", "BUND
 BUNDLE_FORMAT = "fracray-bundle/1"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "bundle.json"
-# A bundle's fast-precision validation (inference.engine's OpenVINO bf16) is recorded in
+# A bundle's fast-precision validation (inference.engines' OpenVINO bf16 or INT8) is recorded in
 # bundle.json as inference[FAST_MODE_KEY]. Its gate, the only place these numbers live
-# (evaluation.fast_mode measures against it, inference.engine enforces it):
+# (evaluation.fast_mode measures against it, inference.engines.fast_gate enforces it):
 # |AUROC(fast) - AUROC(exact)| and |sensitivity(fast) - sensitivity(exact)| at the bundle's own
 # threshold, at most these, on a split the model was not trained on. A record made against a
 # looser gate, or on a split that holds training images, does not count.

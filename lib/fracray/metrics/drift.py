@@ -17,7 +17,7 @@ above ``PSI_ALARM`` an alarm. PSI of two samples of one distribution is not 0: i
 is about ``(bins - 1) * (1/n + 1/n_ref)`` (the chi-square approximation, :func:`psi_noise_floor`),
 so a group gets a verdict only with at least ``PSI_MIN_IMAGES`` scored images and a noise floor
 of at most ``PSI_MAX_NOISE_FLOOR`` (0.1, which a small reference such as one body part's 135
-validation images only allows from about 400 images on): with 200 images against the shipped
+validation images only allows from about 270 images on: 9 (1/n + 1/135) <= 0.1): with 200 images against the shipped
 model's 428 validation images the floor is 0.066, and an alarm (0.2) on data drawn from the
 validation distribution itself has a chance below 1 %.
 """

@@ -5,5 +5,7 @@ worklist.py   queries over a ``score_archive`` output where it lies (DuckDB / py
 feedback.py   FeedbackRecord and the feedback stores (SQLite by default, PostgreSQL given a URL)
 export.py     feedback -> a labelled manifest that ``train_all`` reads
 app.py        the ASGI application (FastAPI) and its Ray Serve builder
-monitoring.py the monitoring report (plots by day, body part, equipment; drift; concordance)
+monitoring.py the monitoring report (by day, body part, equipment; drift against validation)
+monitoring_plots.py  its PNGs and report.json
+concordance.py       reviewers' feedback -> study-level sensitivity / specificity with intervals
 """

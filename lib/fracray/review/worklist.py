@@ -98,7 +98,7 @@ class ScoringRun:
         self.parts = parts
         self.summary = self._read_summary()
         self.complete = self.summary is not None
-        # The columns the run's files hold: the first scored part's (and the rejects'): a run
+        # The columns the run's files hold: the last scored part's (and the rejects'): a run
         # written by one version has one schema; a resumed one across versions reads missing as null.
         self.columns = self._columns()
         self.unavailable = {why: f"this run's image rows have no {col} column (scored before it was recorded)"
