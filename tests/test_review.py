@@ -503,13 +503,12 @@ def test_browser_bad_run_folder_and_corrupt_part(browser, tmp_path, shots):
 
 
 @pytest.mark.slow
-def test_the_exported_feedback_trains(ray_local, run_dir, tmp_path):
+def test_the_exported_feedback_trains(run_dir, tmp_path):
     """The feedback loop closed: reviewers' verdicts on every study of a run, exported, then
-    `fracray train --dataset manifest --data FILE` trains a model on it (one small epoch)."""
+    `fracray train --dataset manifest --data FILE` trains a model on it (one small epoch; the
+    command as a user runs it, on a Ray of its own)."""
     import json
 
-    from fracray.cli.train_all import parse_config
-    from fracray.jobs.train import run_train_all
     from fracray.review.export import export_manifest
 
     run = ScoringRun(str(run_dir))
@@ -519,9 +518,13 @@ def test_the_exported_feedback_trains(ray_local, run_dir, tmp_path):
     manifest = tmp_path / "feedback.parquet"
     counts = export_manifest(run, records, str(manifest))
     assert counts["images"] == 24 and 0 < counts["fractured"] < 24
-    config = parse_config(["--dataset", "manifest", "--data", str(manifest), "--output", str(tmp_path / "retrain"),
-                           "--single-model", "--epochs", "1", "--image-size", "64", "--train-batch-size", "4"])
-    run_train_all(config, log=lambda *_: None)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([str(Path(sys.executable).parent / "fracray"), "train", "--dataset", "manifest", "--data",
+                           str(manifest), "--output", str(tmp_path / "retrain"), "--single-model", "--epochs", "1",
+                           "--image-size", "64", "--train-batch-size", "4"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "24 images have no split; training on them" in done.stdout + done.stderr
     index = json.loads((tmp_path / "retrain" / "model_index.json").read_text())
     bundle = json.loads((tmp_path / "retrain" / index["classifiers"]["all"] / "bundle.json").read_text())
     assert bundle["data"]["dataset"] == "manifest"
