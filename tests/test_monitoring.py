@@ -316,3 +316,19 @@ def test_review_benchmark_runs_every_method_on_a_generated_run(tmp_path):
     assert result["results"]["monitoring"][0]["images"] == 3000
     table = format_table(result)
     assert "| first worklist page" in table and "failed" not in table and "differ" not in table
+
+
+def test_monitor_reads_the_review_apps_store_whatever_the_runs_spelling(tmp_path, capsys, monkeypatch):
+    """The review app stores feedback under the run's absolute URI; `fracray monitor scores/` (a
+    relative path, a trailing slash) reads the same rows from the default SQLite store beside it."""
+    from fracray.review.feedback import default_store_path, open_store
+
+    run = write_run(tmp_path, [0.9, 0.05, 0.6], parts=1)
+    store = open_store(None, str(run))  # as the app opens it: the default store beside the run
+    store.add(record("s00000", "agree"))
+    store.add(record("s00001", "disagree"))
+    store.close()
+    assert default_store_path(str(run))
+    monkeypatch.chdir(run.parent)
+    assert monitor_main([run.name + "/", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["concordance"]["reviewed_studies"] == 2

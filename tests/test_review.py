@@ -291,6 +291,11 @@ def test_serve_builder_validates_its_arguments():
     with pytest.raises(ValidationError):
         ReviewArgs(run="s3://b/scores", max_image_side=10)
     assert ReviewArgs.model_validate({"run": "s3://b/scores", "anonymous": "true"}).anonymous is True
+    # In a Serve replica (require_token) the app is not built without its token: it shows patient images.
+    from fracray.review.app import create_app
+
+    with pytest.raises(RuntimeError, match="FRACRAY_UNSET_TOKEN is not set"):
+        create_app({"run": "scores/", "token_env": "FRACRAY_UNSET_TOKEN"}, require_token=True)
 
 
 def test_dicom_headers_give_date_and_equipment(tmp_path):
@@ -530,3 +535,30 @@ def test_the_exported_feedback_trains(run_dir, tmp_path):
     assert bundle["data"]["dataset"] == "manifest"
     assert bundle["data"]["train_images"] + bundle["data"].get("calibration_images", 0) + \
         bundle["data"]["valid_images"] == 24
+
+
+@pytest.mark.slow
+def test_the_review_app_runs_beside_the_service_on_serve(serve_url, run_dir):
+    """`serve run fracray.review.app:build_review_app run=... feedback=...` as a deployment on the
+    session's Serve, under its own route prefix: the app is built in the replica, reads the token
+    from the replica's environment and refuses requests without it."""
+    from ray import serve
+
+    from conftest import SERVE_TEST_TOKEN, SERVE_TEST_TOKEN_ENV
+    from fracray.review.app import build_review_app
+
+    with pytest.raises(ValueError, match="feedback=postgresql"):
+        build_review_app({"run": "s3://bucket/scores"})  # the default store would live in the replica
+    app = build_review_app({"run": str(run_dir), "feedback": str(run_dir.parent / "serve-feedback.sqlite"),
+                            "token_env": SERVE_TEST_TOKEN_ENV, "route_prefix": "/review"})
+    serve.run(app, name="review", route_prefix="/review", blocking=False)
+    try:
+        auth = {"Authorization": f"Bearer {SERVE_TEST_TOKEN}"}
+        _wait(lambda: requests.get(f"{serve_url}/review/healthz", timeout=5).ok, 120, "the review deployment")
+        assert requests.get(f"{serve_url}/review/api/run", timeout=30).status_code == 401
+        run = requests.get(f"{serve_url}/review/api/run", headers=auth, timeout=60)
+        assert run.status_code == 200 and run.json()["auth"] is True, run.text
+        page = requests.get(f"{serve_url}/review/api/worklist", headers=auth, timeout=60).json()
+        assert page["total"] == 12 and page["studies"][0]["flagged"]
+    finally:
+        serve.delete("review")

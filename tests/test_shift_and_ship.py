@@ -90,3 +90,7 @@ def test_ship_model_writes_the_folder_and_a_card_from_the_bundles_record(detecto
         assert needed in card, needed
     assert read_model_index(str(out)).classifiers["all"].endswith("models/fracture_all")
     assert main(["--bundle", str(tmp_path / "nothing"), "--output", str(tmp_path / "x")]) == 2
+    # A distribution from another split is not a drift reference: refused, saying which split to use.
+    (evaluation / "validation_distribution.json").write_text(json.dumps(
+        validation_distribution([0.01 * i for i in range(100)], source={"split": "test"})))
+    assert main(["--bundle", bundle, "--output", str(tmp_path / "y"), "--evaluation", str(evaluation)]) == 2

@@ -95,14 +95,10 @@ def _feedback(args: argparse.Namespace, options) -> list[FeedbackRecord] | None:
     target = args.feedback
     if target and target.lower().endswith(_FILE_SUFFIXES):
         return read_feedback_file(target, options)
-    default_path = getattr(feedback_store, "default_store_path", None)
-    reader = getattr(feedback_store, "read_feedback", None)
     if target is None:
-        if default_path is None or storage.is_remote(args.run) or not storage.exists(default_path(args.run)):
+        if storage.is_remote(args.run) or not storage.exists(feedback_store.default_store_path(args.run)):
             return None  # no review yet: the report leaves concordance out
-    if reader is None:
-        raise ValueError("this installation's review app has no feedback store: pass --feedback FILE.json|.jsonl|.csv")
-    return reader(target, args.run)
+    return feedback_store.read_feedback(target, args.run)
 
 
 def _pct(value: float | None) -> str:

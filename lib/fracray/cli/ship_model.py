@@ -133,6 +133,12 @@ def main(argv: list[str] | None = None, *, prog: str = "ship_model.py") -> int:
         distribution = None
         if args.evaluation and storage.exists(storage.join(args.evaluation, VALIDATION_DISTRIBUTION_FILE)):
             distribution = _read_json(args.evaluation, VALIDATION_DISTRIBUTION_FILE)
+            split = (distribution.get("source") or {}).get("split")
+            if split != "valid":
+                # Drift is judged against what the model was validated on, not its training or test images.
+                raise ValueError(f"{args.evaluation}: its {VALIDATION_DISTRIBUTION_FILE} comes from the {split!r} split; "
+                                 f"the drift reference must be the validation split: fracray evaluate --split valid "
+                                 f"--output DIR, then --evaluation DIR")
         written = ship_bundle(args.bundle, args.output, validation_distribution=distribution)
         card = model_card(meta, evaluation=_read_json(args.evaluation, "evaluation.json"),
                           shift=_read_json(args.shift, "shift.json"), command=args.command,

@@ -161,12 +161,18 @@ def _png(pixels, max_side: int) -> bytes:
     return out.getvalue()
 
 
-def create_app(args: ReviewArgs | dict, state: ReviewState | None = None) -> FastAPI:
+def create_app(args: ReviewArgs | dict, state: ReviewState | None = None, *, require_token: bool = False) -> FastAPI:
+    """The application. ``require_token``: refuse to build it when ``$token_env`` is not set in
+    this process (a Serve replica, reachable from the whole cluster: it shows patient images)."""
     args = args if isinstance(args, ReviewArgs) else ReviewArgs.model_validate(args)
+    token = os.environ.get(args.token_env, "") or ""
+    if require_token and not token:
+        raise RuntimeError(f"${args.token_env} is not set in this replica's environment: on a cluster the review "
+                           f"application shows patient images to whoever reaches it, so it requires a bearer token "
+                           f"(set the variable on the cluster, or in the application's runtime_env env_vars)")
     state = state or ReviewState(args)
     app = FastAPI(title="fracray review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.review = state
-    token = os.environ.get(args.token_env, "") or ""
     token_bytes = token.encode()
     prefix = args.route_prefix.rstrip("/")
     public = ("/healthz", "/login", "/static/")
@@ -424,12 +430,22 @@ def build_review_app(args: ReviewArgs):
     from ray import serve
 
     args = args if isinstance(args, ReviewArgs) else ReviewArgs.model_validate(args)
-    api = create_app(args)
+    if args.feedback is None and storage.is_remote(args.run):
+        raise ValueError("On Serve, give feedback=postgresql://... (or a SQLite path on storage every replica "
+                         "shares): the default beside an s3:// run is the replica's own working folder, lost "
+                         "when the replica restarts")
 
+    # The app is built in the replica (Serve calls the builder there): the token is read from the
+    # replica's environment, and the app's locks and open files are never pickled.
     @serve.deployment(name="FracrayReview", num_replicas=1, ray_actor_options={"num_cpus": 1})
-    @serve.ingress(api)
+    @serve.ingress(lambda: create_app(args, require_token=True))
     class FracrayReview:
         pass
 
     return FracrayReview.bind()
 
+
+
+# Serve converts `key=value` arguments with the pydantic model only when the builder's annotation is
+# the class itself; `from __future__ import annotations` leaves a string there.
+build_review_app.__annotations__["args"] = ReviewArgs

@@ -98,7 +98,9 @@ class FeedbackStore:
     Thread-safe: one connection behind a lock."""
 
     def __init__(self, target: str, run: str):
-        self.run = run
+        # The run's one spelling (absolute, no trailing slash): the app opens "scores/", a job
+        # `fracray monitor /data/scores`; both must find the same rows.
+        self.run = storage.normalize(run).rstrip("/") or run
         self.target = target
         self.kind = "postgresql" if target.startswith(("postgresql://", "postgres://")) else "sqlite"
         self._lock = threading.Lock()
