@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hmac
-import inspect
 import io
 import json
 import logging
@@ -40,17 +39,8 @@ from .export import feedback_manifest
 from .feedback import FeedbackRecord, FeedbackStore, open_store
 from .worklist import RunError, ScoringRun, WorklistQuery
 
-# The monitoring (another part of this package): optional at run time, so a broken or missing module
-# makes the Monitoring page say "monitoring unavailable" and nothing else.
-try:
-    from . import monitoring as _monitoring_module
-    _monitoring_missing = None
-except Exception as _exc:  # noqa: BLE001
-    _monitoring_module, _monitoring_missing = None, f"{type(_exc).__name__}: {_exc}"
-try:
-    from . import monitoring_plots as _plots_module
-except Exception:  # noqa: BLE001
-    _plots_module = None
+from .monitoring import monitoring_report
+from .monitoring_plots import render_plots
 
 __all__ = ["ReviewArgs", "ReviewState", "create_app", "build_review_app", "LOGGER_NAME"]
 
@@ -132,21 +122,6 @@ def _query(params) -> WorklistQuery:
                              page_size=int(get("page_size") or 50))
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
-
-
-def _monitoring():
-    if _monitoring_module is None:
-        return None, _monitoring_missing
-    if not hasattr(_monitoring_module, "monitoring_report"):
-        return None, "fracray.review.monitoring has no monitoring_report()"
-    return _monitoring_module, None
-
-
-def _renderer(monitoring):
-    """monitoring_plots.render_plots (or monitoring.render_plots): report -> {name: PNG bytes}; None if absent."""
-    if _plots_module is not None and hasattr(_plots_module, "render_plots"):
-        return _plots_module.render_plots
-    return getattr(monitoring, "render_plots", None)
 
 
 def _png(pixels, max_side: int) -> bytes:
@@ -380,32 +355,22 @@ def create_app(args: ReviewArgs | dict, state: ReviewState | None = None, *, req
 
     def monitoring_now() -> dict[str, Any]:
         """The report and its plots, computed once and reused for 2 minutes while the feedback is unchanged."""
-        monitoring, why = _monitoring()
-        if monitoring is None:
-            raise ApiError(503, f"Monitoring unavailable: {why}")
         feedback = state.store.all()
+        # The feedback's ids too: a removal and an addition keep the count but change the report.
+        key = tuple(sorted(repr(r.to_dict()) for r in feedback))
         with cache_lock:
-            if cache and cache["feedback"] == len(feedback) and time.time() - cache["at"] < 120:
+            if cache and cache["feedback"] == key and time.time() - cache["at"] < 120:
                 return cache
             try:
-                kwargs: dict[str, Any] = {"feedback": feedback}
-                parameters = inspect.signature(monitoring.monitoring_report).parameters
-                for name in ("storage_options", "options"):
-                    if name in parameters:
-                        kwargs[name] = state.run.options
-                        break
-                report = monitoring.monitoring_report(state.run.uri, **kwargs)
+                report = monitoring_report(state.run.uri, feedback, storage_options=state.run.options)
                 raw = report.to_json()
                 body = json.loads(raw) if isinstance(raw, str) else raw
-                render = _renderer(monitoring)
-                plots = {str(k).removesuffix(".png"): v for k, v in render(report).items()} if render else {}
-            except ApiError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the monitoring's failure stays on its page
+                plots = {str(k).removesuffix(".png"): v for k, v in render_plots(report).items()}
+            except Exception as exc:  # noqa: BLE001 - a run the monitoring cannot read: said on its page
                 log.error("monitoring failed: %s", type(exc).__name__)
                 raise ApiError(503, f"Monitoring unavailable: {type(exc).__name__}: {str(exc)[:300]}") from None
             cache.clear()
-            cache.update(at=time.time(), feedback=len(feedback), body=body, plots=plots)
+            cache.update(at=time.time(), feedback=key, body=body, plots=plots)
             return cache
 
     @app.get("/api/monitoring")
