@@ -562,3 +562,31 @@ def test_the_review_app_runs_beside_the_service_on_serve(serve_url, run_dir):
         assert page["total"] == 12 and page["studies"][0]["flagged"]
     finally:
         serve.delete("review")
+
+
+def test_export_and_concordance_read_the_feedback_alike(run_dir, tmp_path):
+    """One truth rule (review.truth) for the manifest and the concordance: a finding agreed with,
+    then disagreed with, decides nothing in either; a missed fracture drawn in a study whose latest
+    verdict calls it normal makes both the image and the study fractured in both."""
+    from fracray.review.concordance import study_truths
+    from fracray.review.export import feedback_manifest
+
+    run = ScoringRun(str(run_dir))
+    now = dt.datetime.now(UTC)
+    later = now + dt.timedelta(seconds=1)
+    s8 = run.study("patient008/study1")  # flagged, with findings
+    s2 = run.study("patient002/study1")  # not flagged, with findings
+    a8 = s8["images"][0]["image_uri"]
+    a2, b2 = (i["image_uri"] for i in s2["images"])
+    records = [
+        FeedbackRecord("patient008/study1", a8, 0, "agree", None, "Dr A", now),
+        FeedbackRecord("patient008/study1", a8, 0, "disagree", None, "Dr B", later),   # changed: no box, no label
+        FeedbackRecord("patient002/study1", None, None, "agree", None, "Dr A", now),   # "normal" ...
+        FeedbackRecord("patient002/study1", a2, None, "missed", (10, 20, 60, 80), "Dr B", later),  # ... but a fracture
+    ]
+    rows = {r["image_uri"]: r for r in feedback_manifest(run, records).to_pylist()}
+    assert a8 not in rows
+    assert rows[a2]["image_label"] == 1 and rows[a2]["study_label"] == 1 and len(rows[a2]["boxes"]) == 1
+    assert b2 not in rows  # a fractured study says nothing of its other images
+    truths = study_truths(records, {"patient008/study1": 1, "patient002/study1": 0})
+    assert truths["patient008/study1"]["truth"] is None and truths["patient002/study1"]["truth"] == 1

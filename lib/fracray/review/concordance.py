@@ -1,20 +1,9 @@
 """Concordance of the model with its reviewers: study-level sensitivity and specificity
 estimated from reviewers' feedback (:class:`~fracray.review.feedback.FeedbackRecord`).
 
-Each reviewed study gets a reviewer truth, compared with the model's study decision (the
-``label`` of ``studies.parquet``, MURA's rule):
-
-- positive if any reviewer marked a ``missed`` fracture in it, or agreed with one of its
-  findings, or said an image is fractured (``agree`` with a flagged image, ``disagree`` with an
-  unflagged one);
-- otherwise the latest study-level verdict decides: ``agree`` -> the model's decision is the
-  truth (a flagged study: TP, an unflagged one: TN), ``disagree`` -> the opposite (a flagged
-  study: FP, an unflagged one: FN);
-- a study with nothing else than finding-level ``disagree`` verdicts (a wrong box says nothing
-  about the rest of the image) or image-level verdicts that clear one image stays undecided and
-  is counted as such, not guessed.
-
-So a ``missed`` fracture in an unflagged study is a false negative; in a flagged study the
+Each reviewed study gets a reviewer truth (:mod:`fracray.review.truth`, the rule the export
+uses too), compared with the model's study decision (the ``label`` of ``studies.parquet``,
+MURA's rule). A missed fracture in an unflagged study is a false negative; in a flagged study the
 study-level call was right (TP) and the miss is counted among the missed boxes.
 
 Verification bias: only studies someone reviewed are counted, and reviewers open flagged studies
@@ -29,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from ..metrics.classification import wilson_interval
 from .feedback import FeedbackRecord
+from .truth import image_truth, latest_verdicts, study_truth
 
 __all__ = ["study_truths", "concordance", "VERIFICATION_BIAS_NOTE"]
 
@@ -40,38 +30,29 @@ VERIFICATION_BIAS_NOTE = ("Estimated from reviewed studies only (verification bi
 def study_truths(feedback: Sequence[FeedbackRecord], study_labels: Mapping[str, int],
                  image_labels: Mapping[str, int] | None = None) -> dict[str, dict[str, Any]]:
     """{study_id: {"truth": 1 | 0 | None, "model": the study's label or None, "reason": ...}} for
-    every study with feedback. ``study_labels``: the run's study decisions (1, 0, -1 not scored);
-    ``image_labels``: the run's image labels by image_uri, for image-level verdicts."""
+    every study with feedback, by :mod:`fracray.review.truth` (the rule the export uses too).
+    ``study_labels``: the run's study decisions (1, 0, -1 not scored); ``image_labels``: the run's
+    image labels by image_uri, for image-level verdicts."""
     image_labels = image_labels or {}
     by_study: dict[str, list[FeedbackRecord]] = defaultdict(list)
-    for record in feedback:
+    for record in latest_verdicts(feedback):
         by_study[record.study_id].append(record)
+    said: dict[str, set[str]] = defaultdict(set)  # every study-level verdict, not only the latest
+    for record in feedback:
+        if record.scope == "study":
+            said[record.study_id].add(record.verdict)
     out: dict[str, dict[str, Any]] = {}
     for study, records in by_study.items():
         model = study_labels.get(study)
         model = int(model) if model in (0, 1) else None
-        positive = None
+        by_image: dict[str, list[FeedbackRecord]] = defaultdict(list)
         for r in records:
-            if r.scope == "missed":
-                positive = "missed fracture"
-            elif r.scope == "finding" and r.verdict == "agree":
-                positive = positive or "agreed finding"
-            elif r.scope == "image" and image_labels.get(r.image_id) in (0, 1):
-                says_fractured = (r.verdict == "agree") == (image_labels[r.image_id] == 1)
-                if says_fractured:
-                    positive = positive or "image verdict"
-        study_level = sorted((r for r in records if r.scope == "study"), key=lambda r: r.created_at)
-        conflicting = len({r.verdict for r in study_level}) > 1
-        if positive:
-            truth, reason = 1, positive
-        elif study_level and model is not None:
-            latest = study_level[-1]
-            truth = model if latest.verdict == "agree" else 1 - model
-            reason = f"study verdict: {latest.verdict}"
-        else:
-            truth, reason = None, ("not scored" if model is None and study_level else "no study-level verdict")
-        out[study] = {"truth": truth, "model": model, "reason": reason, "conflicting": conflicting,
-                      "records": len(records)}
+            if r.image_id is not None:
+                by_image[r.image_id].append(r)
+        images = [image_truth(v, image_labels.get(uri)) for uri, v in by_image.items()]
+        decided = study_truth(records, model, images)
+        out[study] = {"truth": decided.truth, "model": model, "reason": decided.reason,
+                      "conflicting": len(said[study]) > 1, "records": len(records)}
     return out
 
 

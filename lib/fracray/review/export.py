@@ -6,14 +6,10 @@ One row per image that the feedback labels, in the manifest schema (:data:`fracr
 ``study_label``, ``boxes`` (YOLO-normalised: the findings a reviewer agreed with and the fractures a reviewer
 drew as missed), ``width``/``height`` and ``label_note`` (which verdicts decided it).
 
-The rules, per target (a study, an image, a finding) the latest verdict wins, whoever gave it:
-
-- an image with a drawn missed fracture or an agreed finding is fractured (1);
-- else its own verdict: agree keeps the model's label at the run's threshold, disagree flips it;
-- else a study verdict: the study is fractured or not (agree keeps the model's study label, disagree
-  flips it); a normal study makes every image 0, a fractured one labels the images the model flagged 1
-  on agreement and leaves the others unknown;
-- else, every finding of a flagged image disagreed with: 0.
+What the feedback says of each image and study is :mod:`fracray.review.truth` (the rule the
+concordance uses too); an image it leaves undecided takes its study's truth where that decides it:
+a normal study makes every image 0, a fractured study the reviewer agreed with labels the images
+the model flagged 1.
 
 Images left unknown (-1) are not written: train_all needs labels.
 """
@@ -27,20 +23,12 @@ import pyarrow as pa
 
 from ..data.manifest import make_manifest, write_manifest
 from ..storage import StorageOptions
+from ..metrics.study import study_decision
 from .feedback import FeedbackRecord
+from .truth import image_truth, latest_verdicts, study_truth
 from .worklist import ScoringRun
 
 __all__ = ["feedback_manifest", "export_manifest"]
-
-
-def _latest(records: list[FeedbackRecord]) -> dict[tuple, FeedbackRecord]:
-    """The latest verdict per target (missed boxes are all kept, each its own target)."""
-    out: dict[tuple, FeedbackRecord] = {}
-    for i, r in enumerate(sorted(records, key=lambda r: r.created_at)):
-        key = ("missed", r.study_id, r.image_id, i) if r.verdict == "missed" else \
-              (r.scope, r.study_id, r.image_id, r.finding)
-        out[key] = r
-    return out
 
 
 def _yolo(box, width: int, height: int) -> dict[str, Any]:
@@ -53,13 +41,11 @@ def _yolo(box, width: int, height: int) -> dict[str, Any]:
 
 def feedback_manifest(run: ScoringRun, records: list[FeedbackRecord]) -> pa.Table:
     """The manifest (a pyarrow table in MANIFEST_SCHEMA) of the images the feedback labels."""
-    latest = _latest(records)
     by_study: dict[str, list[FeedbackRecord]] = defaultdict(list)
-    for r in latest.values():
+    for r in latest_verdicts(records):
         by_study[r.study_id].append(r)
-    images = run.images_of(sorted(by_study)).to_pylist()
     members: dict[str, list[dict]] = defaultdict(list)
-    for row in images:
+    for row in run.images_of(sorted(by_study)).to_pylist():
         if row["status"] == "ok":
             members[row["study_id"]].append(row)
     rows = []
@@ -67,65 +53,28 @@ def feedback_manifest(run: ScoringRun, records: list[FeedbackRecord]) -> pa.Tabl
         scored = members.get(study_id, [])
         if not scored:
             continue
-        probability = sum(r["fracture_probability"] for r in scored) / len(scored)
-        threshold = sum(r["threshold"] for r in scored) / len(scored)
-        model_study = int(probability >= threshold)
-        study_verdict = next((r for r in verdicts if r.scope == "study"), None)
-        study_label = (model_study if study_verdict.verdict == "agree" else 1 - model_study) if study_verdict else -1
-        labelled = []
+        model_study = study_decision([r["fracture_probability"] for r in scored], [r["threshold"] for r in scored])
+        truths = {img["image_uri"]: image_truth([r for r in verdicts if r.image_id == img["image_uri"]],
+                                                img["label"], img["findings"] or []) for img in scored}
+        study = study_truth(verdicts, model_study["label"], list(truths.values()))
         for img in scored:
-            uri = img["image_uri"]
-            mine = [r for r in verdicts if r.image_id == uri]
-            findings = img["findings"] or []
+            own = truths[img["image_uri"]]
+            label, note = own.label, own.reason
+            if label is None and study.truth == 0:
+                label, note = 0, f"{study.reason}: a normal study"
+            elif label is None and study.truth == 1 and study.agreed and img["label"] == 1:
+                label, note = 1, f"{study.reason}: an image the model flagged"
+            if label is None:
+                continue  # train_all needs labels
             width, height = img["width"] or 0, img["height"] or 0
-            boxes, notes = [], []
-            for r in mine:
-                if r.verdict == "missed":
-                    boxes.append(r.box)
-                    notes.append(f"missed fracture drawn by {r.reviewer}")
-                elif r.scope == "finding" and r.verdict == "agree" and r.finding is not None \
-                        and 0 <= r.finding < len(findings):
-                    f = findings[r.finding]
-                    boxes.append((f["x0"], f["y0"], f["x1"], f["y1"]))
-                    notes.append(f"finding {r.finding} agreed by {r.reviewer}")
-            image_verdict = next((r for r in mine if r.scope == "image"), None)
-            finding_verdicts = [r for r in mine if r.scope == "finding"]
-            if boxes:
-                label = 1
-            elif image_verdict:
-                label = img["label"] if image_verdict.verdict == "agree" else 1 - img["label"]
-                notes.append(f"image {image_verdict.verdict}d by {image_verdict.reviewer}"
-                             if image_verdict.verdict == "agree" else f"image disagreed by {image_verdict.reviewer}")
-            elif study_label == 0:
-                label = 0
-                notes.append(f"study {study_verdict.verdict} ({study_verdict.reviewer}): normal")
-            elif study_label == 1 and study_verdict.verdict == "agree" and img["label"] == 1:
-                label = 1
-                notes.append(f"study agreed ({study_verdict.reviewer}): flagged image")
-            elif findings and finding_verdicts and len({r.finding for r in finding_verdicts
-                                                        if r.verdict == "disagree"}) == len(findings):
-                label = 0
-                notes.append("every finding disagreed")
-            else:
-                label = -1
-            if label == -1:
-                continue
-            if label == 1 and study_label == -1:
-                study_label_here = 1
-            else:
-                study_label_here = study_label
-            yolo = [_yolo(b, width, height) for b in boxes] if width and height else []
-            labelled.append({
-                "image_uri": uri, "dataset": "review", "split": "unassigned",
+            yolo = [_yolo(b, width, height) for b in own.boxes] if width and height and label else []
+            rows.append({
+                "image_uri": img["image_uri"], "dataset": "review", "split": "unassigned",
                 "body_part": (img["body_part"] or "unknown").lower(), "study_id": study_id,
-                "image_label": label, "study_label": study_label_here, "fracture_count": len(yolo) if label else 0,
-                "boxes": yolo if label else [], "width": img["width"], "height": img["height"],
-                "label_note": "review: " + "; ".join(notes),
+                "image_label": label, "study_label": -1 if study.truth is None else study.truth,
+                "fracture_count": len(yolo), "boxes": yolo, "width": img["width"], "height": img["height"],
+                "label_note": "review: " + note,
             })
-        if labelled and study_label == -1 and any(r["image_label"] == 1 for r in labelled):
-            for r in labelled:
-                r["study_label"] = 1
-        rows += labelled
     return make_manifest(rows)
 
 
