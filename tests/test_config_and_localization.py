@@ -28,7 +28,7 @@ from fracray.imaging.regions import findings_from_heatmap, rasterize_regions
 from fracray.metrics.calibration import operating_points
 from fracray.metrics.classification import binary_metrics
 from fracray.models.registry import create_model, list_models
-from fracray.training.trainer import TrainConfig
+from fracray.training.config import TrainConfig
 
 
 # ----------------------------------------------------------------------------- 1. every option lands somewhere
@@ -356,7 +356,8 @@ def test_a_trained_detector_records_fusion_box_calibration_and_detection_metrics
 
 
 def test_localization_without_boxes_is_refused_before_training(tiny_fracatlas, tmp_path):
-    from fracray.training.trainer import TrainConfig, train_classifier
+    from fracray.training.config import TrainConfig
+    from fracray.training.trainer import train_classifier
 
     train, valid = tiny_fracatlas
     bare = train.drop_columns([c for c in ("boxes", "outlines") if c in train.column_names])
@@ -564,7 +565,7 @@ def test_real_fracatlas_outlines(shared_fracatlas):
 def test_seed_and_negatives_per_positive_decide_which_images_train_each_epoch():
     """--negatives-per-positive keeps every fractured image and that share of the others each
     epoch; --seed and the epoch decide which (the same on every worker, different each epoch)."""
-    from fracray.training.trainer import _epoch_sample
+    from fracray.training.loop import _epoch_sample
 
     uris = [f"/img/{i}.png" for i in range(4000)]
     labels = np.array([1] * 500 + [0] * 3500)
@@ -626,7 +627,8 @@ def test_loss_options_reach_the_loss():
     import torch
     import torch.nn.functional as F
 
-    from fracray.training.trainer import TrainConfig, make_loss
+    from fracray.training.config import TrainConfig
+    from fracray.training.losses import make_loss
 
     torch.manual_seed(0)
     logits, y = torch.randn(6, 2), torch.tensor([0, 1, 0, 1, 1, 0])

@@ -64,7 +64,8 @@ def test_train_classifier_on_a_gpu_worker(ray_local, tmp_path):
 
     from fracray.data.synthetic import generate_mura
     from fracray.artifacts.bundle import read_bundle_meta
-    from fracray.training.trainer import TrainConfig, train_classifier
+    from fracray.training.config import TrainConfig
+    from fracray.training.trainer import train_classifier
 
     if ray.cluster_resources().get("GPU", 0) < 1:
         pytest.skip("the local Ray sees no GPU")

@@ -20,7 +20,7 @@ from fracray.jobs import train as train_job
 from fracray.reports.ablation import _recipe
 from fracray.training import orchestrate
 from fracray.training.orchestrate import TrainingSettings, train_models
-from fracray.training.trainer import TrainConfig
+from fracray.training.config import TrainConfig
 
 
 class _Stop(Exception):

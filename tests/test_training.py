@@ -15,7 +15,8 @@ from fracray.data import adapters
 from fracray.data.manifest import filter_rows
 from fracray.artifacts.bundle import BundleMeta, load_bundle, read_bundle_meta, save_bundle
 from fracray.models.registry import create_model
-from fracray.training.trainer import TrainConfig, train_classifier
+from fracray.training.config import TrainConfig
+from fracray.training.trainer import train_classifier
 
 
 def test_bundle_round_trip_without_pickle(tmp_path):
@@ -196,7 +197,9 @@ def test_killed_training_worker_resumes_and_writes_a_usable_bundle(ray_local, sm
     # Calibrated on the calibration slice (or validation without one); the operating points were
     # chosen there on the calibrated probabilities and their figures measured on validation.
     assert meta.temperature > 0 and meta.calibration["temperature"] == meta.temperature
-    assert meta.calibration["ece_after"] <= meta.calibration["ece_before"] + 1e-9
+    # Temperature scaling minimises the NLL on the set it is fitted on (ECE may move either way
+    # by a bin's worth on a few dozen images): the NLL is what it guarantees.
+    assert meta.calibration["nll_after"] <= meta.calibration["nll_before"] + 1e-6
     assert meta.calibration["valid"]["n"] == valid.num_rows
     assert meta.operating_points["youden"]["threshold"] == pytest.approx(meta.threshold)
     sens95 = meta.operating_points["sensitivity>=0.95"]

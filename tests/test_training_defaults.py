@@ -13,7 +13,7 @@ from fracray.jobs.train import TrainAllConfig
 from fracray.training import orchestrate
 from fracray.training.defaults import DATASET_TRAINING_DEFAULTS, EMBEDDED_TRAINING_DEFAULTS
 from fracray.training.orchestrate import TrainingSettings, train_models
-from fracray.training.trainer import TrainConfig
+from fracray.training.config import TrainConfig
 
 # As docs/training.md states them: the embedded default trains up to 10 epochs of batch 8 at Adam
 # 1e-3 on the last 60 layers, the router 2 epochs on its last 30; with a dataset, 2 epochs of batch

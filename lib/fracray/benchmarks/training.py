@@ -26,7 +26,8 @@ from ..imaging.preprocess import AugmentConfig, PreprocessConfig
 from ..models.registry import create_model
 from ..raycluster import connect
 from ..training.step import TrainStep, model_input, place_model
-from ..training.trainer import TrainConfig, make_loss
+from ..training.config import TrainConfig
+from ..training.losses import make_loss
 from .preprocess import machine_description
 
 MURA_TRAIN_IMAGES = 36_808  # MURA v1.1 training images (router sees all, the 7 bone models split them)

@@ -18,7 +18,7 @@ from ..jobs.train import TrainAllConfig, run_train_all
 from ..storage import StorageOptions
 from ..training.defaults import DATASET_TRAINING_DEFAULTS, EMBEDDED_TRAINING_DEFAULTS
 from ..training.orchestrate import TrainingSettings
-from ..training.trainer import TrainConfig
+from ..training.config import TrainConfig
 from .common import add_storage_arguments, add_verbose_argument
 
 __all__ = ["main", "build_parser", "parse_config", "config_from_args"]

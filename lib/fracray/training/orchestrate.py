@@ -22,7 +22,8 @@ from ..data.manifest import filter_rows, require_hardware_labels, split_by_study
 from ..storage import StorageOptions
 from .defaults import DATASET_TRAINING_DEFAULTS
 from .progress import new_lines, open_board
-from .trainer import TrainConfig, train_classifier
+from .config import TrainConfig
+from .trainer import train_classifier
 
 __all__ = ["TrainingSettings", "ModelRun", "TrainedModels", "train_models", "max_concurrent_runs",
            "cpu_threads_per_worker", "worker_cpu_share"]
