@@ -211,6 +211,9 @@ def test_sqlite_store(tmp_path):
     _store_round_trip(str(tmp_path / "fb" / "feedback.sqlite"), "/runs/a")
 
 
+PG_RESTART: dict = {}  # the throwaway cluster's restart, by URL
+
+
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory):
     """A throwaway PostgreSQL cluster from Debian's packages (initdb + pg_ctl as the postgres user)."""
@@ -232,8 +235,11 @@ def postgres(tmp_path_factory):
     subprocess.run(as_user + [str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o",
                               f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True,
                    capture_output=True)
+    url = f"postgresql://fracray@127.0.0.1:{port}/postgres"
+    PG_RESTART[url] = lambda: subprocess.run(as_user + [str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(root / "log"),
+                                                        "-w", "-m", "fast", "restart"], check=True, capture_output=True)
     try:
-        yield f"postgresql://fracray@127.0.0.1:{port}/postgres"
+        yield url
     finally:
         subprocess.run(as_user + [str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True)
@@ -242,6 +248,24 @@ def postgres(tmp_path_factory):
 
 def test_postgresql_store(postgres):
     _store_round_trip(postgres, "/runs/pg")
+
+
+def test_postgresql_restarted_under_the_app_is_reconnected(postgres):
+    """The database restarts while the store is open: reads go on, on a new connection; a write
+    that met the dead connection is refused with what to do (not silently repeated), the next lands."""
+    store = open_store(postgres, "/runs/pg-restart")
+    try:
+        now = dt.datetime.now(UTC)
+        store.add(FeedbackRecord("s1", None, None, "agree", None, "Dr A", now))
+        PG_RESTART[postgres]()
+        assert [r.study_id for r in store.all()] == ["s1"]  # a read: reconnected and answered
+        PG_RESTART[postgres]()
+        with pytest.raises(ConnectionError, match="send the verdict again"):
+            store.add(FeedbackRecord("s2", None, None, "agree", None, "Dr A", now))
+        store.add(FeedbackRecord("s2", None, None, "agree", None, "Dr A", now))
+        assert [r.study_id for r in store.all()] == ["s1", "s2"]
+    finally:
+        store.close()
 
 
 def test_postgresql_unreachable_is_a_clear_error():

@@ -106,13 +106,10 @@ class FeedbackStore:
         self._lock = threading.Lock()
         if self.kind == "postgresql":
             try:
-                import psycopg
+                import psycopg  # noqa: F401 - here for its clear message when missing
             except ImportError as exc:  # pragma: no cover - psycopg is a dependency
                 raise RuntimeError("PostgreSQL feedback needs psycopg (pip install 'psycopg[binary]')") from exc
-            try:
-                self._con = psycopg.connect(target, autocommit=True, connect_timeout=10)
-            except psycopg.Error as exc:
-                raise ConnectionError(f"Cannot connect to the feedback database: {_redact(str(exc))}") from None
+            self._con = self._connect_postgresql()
             self._mark = "%s"
             key = "BIGSERIAL PRIMARY KEY"
         else:
@@ -135,10 +132,34 @@ class FeedbackStore:
     def describe(self) -> str:
         return "PostgreSQL" if self.kind == "postgresql" else f"SQLite ({self.target})"
 
+    def _connect_postgresql(self):
+        import psycopg
+
+        try:
+            return psycopg.connect(self.target, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise ConnectionError(f"Cannot connect to the feedback database: {_redact(str(exc))}") from None
+
     def _execute(self, sql: str, params: Sequence = ()):
         sql = sql.replace("?", self._mark)
         with self._lock:
-            cursor = self._con.execute(sql, tuple(params))
+            if self.kind != "postgresql":
+                cursor = self._con.execute(sql, tuple(params))
+                return cursor.fetchall() if cursor.description else None
+            import psycopg
+
+            if self._con.closed or self._con.broken:  # the database restarted, the network dropped
+                self._con = self._connect_postgresql()
+            try:
+                cursor = self._con.execute(sql, tuple(params))
+            except psycopg.OperationalError as exc:
+                # A connection that went away since the last request: a read runs again on a new one;
+                # a write is not repeated (it may have landed): the reviewer is told to send it again.
+                self._con = self._connect_postgresql()
+                if not sql.lstrip().upper().startswith("SELECT"):
+                    raise ConnectionError(f"The feedback database connection was lost ({_redact(str(exc))[:200]}); "
+                                          f"it is open again: send the verdict again") from None
+                cursor = self._con.execute(sql, tuple(params))
             return cursor.fetchall() if cursor.description else None
 
     def add(self, record: FeedbackRecord) -> int:
