@@ -614,3 +614,17 @@ def test_export_and_concordance_read_the_feedback_alike(run_dir, tmp_path):
     assert b2 not in rows  # a fractured study says nothing of its other images
     truths = study_truths(records, {"patient008/study1": 1, "patient002/study1": 0})
     assert truths["patient008/study1"]["truth"] is None and truths["patient002/study1"]["truth"] == 1
+
+
+def test_a_study_is_read_from_its_own_part_files_only(tmp_path):
+    """Opening a study reads the part files of its chunks, not every part of the run (a million
+    images are ~4,000 parts): with another part gone bad after opening, the study still opens."""
+    run = ScoringRun(str(make_run(tmp_path, studies=12)))  # 4 studies per part file
+    (tmp_path / "run" / "images" / "part-000000.parquet").write_bytes(b"PAR1 garbage")
+    study = run.study("patient009/study1")
+    assert [i["study_id"] for i in study["images"]] == ["patient009/study1"] * 2
+    assert run.image_row("patient009/study1", study["images"][0]["image_uri"])["status"] == "ok"
+    assert run.images_of(["patient005/study1", "patient010/study1"]).num_rows == 4
+    with pytest.raises(RunError, match="cannot be read"):
+        run.study("patient000/study1")  # its own part is the bad one
+    run.close()

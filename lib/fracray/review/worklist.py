@@ -106,6 +106,11 @@ class ScoringRun:
         fs, _ = storage.resolve(self.uri, self.options)
         paths = [storage.resolve(p, self.options)[1] for p in parts]
         self.dataset = pads.dataset(paths, schema=IMAGE_RESULT_SCHEMA, format="parquet", filesystem=fs)
+        self._fs = fs
+        # Each part file holds one chunk (part-<chunk_id>.parquet): a study's rows are read from its
+        # chunks' files only, not by scanning the ~4,000 parts of a million-image run.
+        self._part_of_chunk = {int(_PART.search(u).group(1)): path for u, path in zip(parts, paths)
+                               if _PART.search(u).group(1).isdigit()}
         self.models = self.summary.get("models") if self.summary else self._run_json().get("models")
         self._con = duckdb.connect()
         self._con.execute("SET threads TO 2")
@@ -202,7 +207,8 @@ class ScoringRun:
                        AVG(threshold) FILTER (WHERE status = 'ok') AS thr_run{point_cols},
                        {date} AS study_date,
                        ANY_VALUE(classifier) AS classifier,
-                       MAX(known_label) AS known_label
+                       MAX(known_label) AS known_label,
+                       LIST(DISTINCT chunk_id) AS chunks
                 FROM images WHERE study_id IS NOT NULL GROUP BY study_id""")
             self.study_count = self._con.execute("SELECT COUNT(*) FROM studies").fetchone()[0]
             self.body_parts = [r[0] for r in self._con.execute(
@@ -297,6 +303,22 @@ class ScoringRun:
             return {"previous": None, "next": None, "position": None, "total": None}
         return dict(zip(("previous", "next", "position", "total"), row))
 
+    def _rows_of(self, study_ids: list[str], row_filter=None) -> pa.Table:
+        """The image rows of these studies, read from the part files of their chunks only (every
+        part where a row carries no chunk id, as an older run's may)."""
+        with self._lock:
+            found = self._con.execute(
+                f"SELECT chunks FROM studies WHERE study_id IN ({', '.join('?' * len(study_ids))})",
+                list(study_ids)).fetchall()
+        chunks = {c for (row,) in found for c in (row or [None])}
+        if chunks and None not in chunks and all(c in self._part_of_chunk for c in chunks):
+            source = pads.dataset([self._part_of_chunk[c] for c in sorted(chunks)], schema=IMAGE_RESULT_SCHEMA,
+                                  format="parquet", filesystem=self._fs)
+        else:
+            source = self.dataset
+        wanted = pads.field("study_id").isin(study_ids)
+        return source.to_table(filter=wanted if row_filter is None else wanted & row_filter)
+
     def study(self, study_id: str, operating_point: str = "run") -> dict[str, Any]:
         """A study's images (every column the study view shows) and its decision at the operating point."""
         threshold = self._threshold_column(operating_point)
@@ -308,7 +330,7 @@ class ScoringRun:
         if head is None:
             raise KeyError(study_id)
         try:
-            table = self.dataset.to_table(filter=pads.field("study_id") == study_id)
+            table = self._rows_of([study_id])
         except (pa.ArrowException, OSError) as exc:
             raise RunError(f"the image rows of study {study_id} cannot be read: {_short(exc)}") from None
         table = table.sort_by("image_uri")
@@ -328,15 +350,14 @@ class ScoringRun:
 
     def image_row(self, study_id: str, image_uri: str) -> dict[str, Any] | None:
         """One image row of a study (None when the study has no such image)."""
-        table = self.dataset.to_table(filter=(pads.field("study_id") == study_id)
-                                      & (pads.field("image_uri") == image_uri))
+        table = self._rows_of([study_id], pads.field("image_uri") == image_uri)
         return table.to_pylist()[0] if table.num_rows else None
 
     def images_of(self, study_ids: list[str]) -> pa.Table:
         """The image rows of these studies (the export's join)."""
         if not study_ids:
             return IMAGE_RESULT_SCHEMA.empty_table()
-        return self.dataset.to_table(filter=pads.field("study_id").isin(study_ids))
+        return self._rows_of(list(study_ids))
 
     def describe(self) -> dict[str, Any]:
         return {"run": self.uri, "studies": self.study_count, "files": len(self.parts),
