@@ -628,3 +628,20 @@ def test_a_study_is_read_from_its_own_part_files_only(tmp_path):
     with pytest.raises(RunError, match="cannot be read"):
         run.study("patient000/study1")  # its own part is the bad one
     run.close()
+
+
+def test_a_run_in_s3_opens_where_it_lies(s3_bucket, tmp_path):
+    """RUN as s3:// (the local S3 server): the worklist, a study and the export's rows, read through
+    the storage layer (the endpoint from the storage options, as every command takes it)."""
+    from conftest import upload_tree
+    from fracray.storage import StorageOptions
+
+    client, bucket, endpoint = s3_bucket
+    local = make_run(tmp_path, studies=12)
+    assert upload_tree(client, local, bucket, "runs/scores") > 3
+    run = ScoringRun(f"s3://{bucket}/runs/scores", StorageOptions(endpoint_url=endpoint))
+    page = run.worklist(WorklistQuery())
+    assert page["total"] == 12 and page["studies"][0]["flagged"]
+    assert len(run.study("patient008/study1")["images"]) == 2
+    assert run.images_of(["patient001/study1"]).num_rows == 2
+    run.close()
