@@ -327,7 +327,7 @@ def test_dicom_headers_give_date_and_equipment(tmp_path):
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    from fracray.scoring.archive import _dicom_headers
+    from fracray.scoring.dicom_headers import dicom_headers
 
     ds = pydicom.Dataset()
     ds.file_meta = FileMetaDataset()
@@ -339,7 +339,7 @@ def test_dicom_headers_give_date_and_equipment(tmp_path):
     ds.save_as(path, enforce_file_format=True)
     batch = pa.table({"image_uri": [str(path), str(tmp_path / "b.png"), str(tmp_path / "gone.dcm")],
                       "sop_instance_uid": [ds.SOPInstanceUID, None, "1.2.3"]})
-    out = _dicom_headers(batch).to_pylist()
+    out = dicom_headers(batch).to_pylist()
     assert (out[0]["study_date"], out[0]["manufacturer"], out[0]["manufacturer_model"]) == \
         (dt.date(2026, 2, 14), "ACME Medical", "DR-9000")
     assert out[1]["study_date"] is None and out[2]["manufacturer"] is None  # not DICOM; unreadable

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import io
 import json
 import math
 import re
@@ -31,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import dicomweb, storage
+from .. import storage
 from ..artifacts.index import check_model_index, check_operating_point
 from ..data import adapters
 from ..data.manifest import read_table, write_table
@@ -39,6 +38,7 @@ from ..imaging.regions import FINDINGS_TYPE
 from ..inference.pool import map_predictor, plan_actors
 from ..metrics.study import study_decision
 from ..storage import StorageOptions
+from .dicom_headers import dicom_headers
 
 __all__ = ["ScoreConfig", "ScoringSummary", "score_archive", "IMAGE_RESULT_SCHEMA", "STUDY_RESULT_SCHEMA", "read_image_results"]
 
@@ -183,53 +183,6 @@ def _prepare(config: ScoreConfig, output: str, log: Callable) -> tuple[pa.Table,
     }
     storage.write_bytes(run_uri, json.dumps(run, indent=2).encode(), options)  # written last: the set-up is done
     return work, run
-
-
-_HEADER_BYTES = 64 * 1024  # a DICOM header's prefix: read again for the study date and equipment
-
-
-def _dicom_date(ds) -> _dt.date | None:
-    for keyword in ("StudyDate", "AcquisitionDate", "ContentDate"):
-        text = str(ds.get(keyword, "") or "").strip()
-        if re.fullmatch(r"\d{8}", text):
-            try:
-                return _dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
-            except ValueError:
-                continue
-    return None
-
-
-def _dicom_headers(batch: pa.Table, options: StorageOptions | None = None) -> pa.Table:
-    """study_date, manufacturer, manufacturer_model of the batch's DICOM rows (those with a SOP
-    Instance UID), from the first 64 KiB of each file; null for other rows, PACS (dicomweb://)
-    instances, and headers that do not parse. A Ray Data stage after the predictor."""
-    import pydicom
-
-    dates, makers, models = [], [], []
-    for uri, sop in zip(batch["image_uri"].to_pylist(), batch["sop_instance_uid"].to_pylist()):
-        date = maker = model = None
-        if sop and uri and not dicomweb.is_dicomweb(uri):
-            try:
-                data, _ = storage.read_prefix(uri, _HEADER_BYTES, options)
-                ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True,
-                                     specific_tags=["StudyDate", "AcquisitionDate", "ContentDate", "Manufacturer",
-                                                    "ManufacturerModelName"])
-                date = _dicom_date(ds)
-                maker = str(ds.get("Manufacturer", "") or "").strip() or None
-                model = str(ds.get("ManufacturerModelName", "") or "").strip() or None
-            except Exception:  # noqa: BLE001 - a header that does not parse in its prefix: nulls, the score stands
-                pass
-        dates.append(date)
-        makers.append(maker)
-        models.append(model)
-    for name, values, kind in (("study_date", dates, pa.date32()), ("manufacturer", makers, pa.string()),
-                               ("manufacturer_model", models, pa.string())):
-        column = pa.array(values, kind)
-        if name in batch.column_names:
-            batch = batch.set_column(batch.column_names.index(name), name, column)
-        else:
-            batch = batch.append_column(name, column)
-    return batch
 
 
 def _conform_results(table: pa.Table, chunk_id: int | None = None) -> pa.Table:
@@ -402,7 +355,7 @@ def score_archive(config: ScoreConfig, *, log: Callable[[str], None] = print,
                             "precision": config.precision},
                            batch_size=config.batch_size, plan=plan)
         # DICOM inputs' date and equipment, read from their headers beside the predictor (nulls elsewhere).
-        ds = ds.map_batches(_dicom_headers, batch_format="pyarrow", batch_size=None,
+        ds = ds.map_batches(dicom_headers, batch_format="pyarrow", batch_size=None,
                             fn_kwargs={"options": options})
         log(f"Scoring with {plan.actors} predictor actor(s)"
             + (f", {plan.gpus_per_actor:g} GPU each" if plan.gpus_per_actor else ""))
