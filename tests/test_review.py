@@ -319,7 +319,7 @@ def test_serve_builder_validates_its_arguments():
     from fracray.review.app import create_app
 
     with pytest.raises(RuntimeError, match="FRACRAY_UNSET_TOKEN is not set"):
-        create_app({"run": "scores/", "token_env": "FRACRAY_UNSET_TOKEN"}, require_token=True)
+        create_app({"run": "scores/", "auth_token_env": "FRACRAY_UNSET_TOKEN"}, require_token=True)
 
 
 def test_dicom_headers_give_date_and_equipment(tmp_path):
@@ -574,7 +574,7 @@ def test_the_review_app_runs_beside_the_service_on_serve(serve_url, run_dir):
     with pytest.raises(ValueError, match="feedback=postgresql"):
         build_review_app({"run": "s3://bucket/scores"})  # the default store would live in the replica
     app = build_review_app({"run": str(run_dir), "feedback": str(run_dir.parent / "serve-feedback.sqlite"),
-                            "token_env": SERVE_TEST_TOKEN_ENV, "route_prefix": "/review"})
+                            "auth_token_env": SERVE_TEST_TOKEN_ENV, "route_prefix": "/review"})
     serve.run(app, name="review", route_prefix="/review", blocking=False)
     try:
         auth = {"Authorization": f"Bearer {SERVE_TEST_TOKEN}"}

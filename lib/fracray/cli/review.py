@@ -40,7 +40,7 @@ def build_parser(prog: str = "review.py") -> argparse.ArgumentParser:
     parser.add_argument("--export", metavar="FILE", default=None,
                         help="write the feedback as a labelled manifest (Parquet, local or s3://) that "
                              "`fracray train --dataset manifest --data FILE` reads, and exit")
-    parser.add_argument("--token-env", default="FRACRAY_API_TOKEN",
+    parser.add_argument("--auth-token-env", "--token-env", dest="auth_token_env", default="FRACRAY_API_TOKEN",
                         help="environment variable holding the bearer token (default: %(default)s)")
     add_storage_arguments(parser)
     return parser
@@ -58,7 +58,7 @@ def _loopback(host: str) -> bool:
 def main(argv: list[str] | None = None, *, prog: str = "review.py") -> int:
     args = build_parser(prog).parse_args(argv)
     options = storage_options_from_args(args)
-    review_args = ReviewArgs(run=args.run, feedback=args.feedback, token_env=args.token_env,
+    review_args = ReviewArgs(run=args.run, feedback=args.feedback, auth_token_env=args.auth_token_env,
                              endpoint_url=options.endpoint_url, region=options.region, anonymous=options.anonymous)
     state = ReviewState(review_args)
     try:
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None, *, prog: str = "review.py") -> int:
               f"{counts['boxes']} boxes) from {counts['records']} feedback records to {counts['output']}")
         state.close()
         return 0
-    token = os.environ.get(args.token_env, "")
+    token = os.environ.get(args.auth_token_env, "")
     if not token and not _loopback(args.host):
-        print(f"{prog}: refusing to listen on {args.host} without a token: set ${args.token_env} (or use "
+        print(f"{prog}: refusing to listen on {args.host} without a token: set ${args.auth_token_env} (or use "
               f"--host 127.0.0.1)", file=sys.stderr)
         return 2
     import uvicorn
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None, *, prog: str = "review.py") -> int:
     if run.unavailable:
         for what, why in run.unavailable.items():
             print(f"  {what} filter unavailable: {why}")
-    print(f"Open http://{args.host}:{args.port}/" + (f" (sign in with ${args.token_env})" if token else
+    print(f"Open http://{args.host}:{args.port}/" + (f" (sign in with ${args.auth_token_env})" if token else
                                                     " (no token set: anyone on this machine can open it)"))
     app = create_app(review_args, state)
     try:

@@ -4,7 +4,7 @@
 :func:`build_review_app` deploys the same application on Ray Serve beside the service
 (``serve run fracray.review.app:build_review_app run=s3://...``).
 
-Auth as the service: when ``$FRACRAY_API_TOKEN`` (``token_env``) is set, every path but /healthz, /login
+Auth as the service: when ``$FRACRAY_API_TOKEN`` (``auth_token_env``) is set, every path but /healthz, /login
 and /static needs ``Authorization: Bearer <token>`` or the cookie the login form (or ``?token=`` once)
 sets. Logs: one line per request with its id, status and time; never a path, study, file or name
 (patient data stays in the pages).
@@ -59,7 +59,7 @@ class ReviewArgs(BaseModel):
 
     run: str = Field(min_length=1)                 # the score_archive output (local or s3://)
     feedback: str | None = None                    # SQLite file or postgresql:// URL; None: beside the run
-    token_env: str = "FRACRAY_API_TOKEN"           # bearer token required when this variable is set
+    auth_token_env: str = "FRACRAY_API_TOKEN"           # bearer token required when this variable is set
     endpoint_url: str | None = None                # s3:// storage options, as the other commands
     region: str | None = None
     anonymous: bool = False
@@ -137,12 +137,12 @@ def _png(pixels, max_side: int) -> bytes:
 
 
 def create_app(args: ReviewArgs | dict, state: ReviewState | None = None, *, require_token: bool = False) -> FastAPI:
-    """The application. ``require_token``: refuse to build it when ``$token_env`` is not set in
+    """The application. ``require_token``: refuse to build it when ``$auth_token_env`` is not set in
     this process (a Serve replica, reachable from the whole cluster: it shows patient images)."""
     args = args if isinstance(args, ReviewArgs) else ReviewArgs.model_validate(args)
-    token = os.environ.get(args.token_env, "") or ""
+    token = os.environ.get(args.auth_token_env, "") or ""
     if require_token and not token:
-        raise RuntimeError(f"${args.token_env} is not set in this replica's environment: on a cluster the review "
+        raise RuntimeError(f"${args.auth_token_env} is not set in this replica's environment: on a cluster the review "
                            f"application shows patient images to whoever reaches it, so it requires a bearer token "
                            f"(set the variable on the cluster, or in the application's runtime_env env_vars)")
     state = state or ReviewState(args)
