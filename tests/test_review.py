@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from conftest import REPO
+from conftest import REPO, _free_port
 from review_support import make_run
 
 from fracray.review.feedback import FeedbackRecord, open_store
@@ -30,12 +29,6 @@ from fracray.review.worklist import RunError, ScoringRun, WorklistQuery
 TOKEN = "review-test-token"
 UTC = dt.timezone.utc
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout=30.0, what="condition"):
