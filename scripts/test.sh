@@ -6,4 +6,11 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 bash scripts/install_pacs_tools.sh || true  # dcmtk + Orthanc for the DICOM tests (they skip without)
 bash scripts/install_review_tools.sh || true  # Chromium + PostgreSQL for the review app's tests (skip without)
-exec .venv/bin/python -m pytest "$@"
+# Two workers: the suite waits on processes starting (Ray, Serve replicas, PACS servers) as much as it
+# computes, so a second worker fills the idle core. Each worker has its own Ray and Serve; a module
+# stays on one worker (tests/conftest.py). FRACRAY_TEST_WORKERS=0 runs it in one process.
+workers=${FRACRAY_TEST_WORKERS:-2}
+if [ "$workers" = 0 ]; then
+  exec .venv/bin/python -m pytest "$@"
+fi
+exec .venv/bin/python -m pytest -n "$workers" --dist loadgroup --no-loadscope-reorder "$@"

@@ -29,6 +29,10 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 import tempfile  # noqa: E402
 
 os.environ.setdefault("FRACRAY_ENGINE_CACHE", tempfile.mkdtemp(prefix="fracray-engines-"))
+# Under pytest-xdist each worker is its own session: its own Ray temp dir, so a `ray start` record a
+# test leaves (where the CLIs look for a cluster) is never seen by the other worker's commands.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"ray-{os.environ['PYTEST_XDIST_WORKER']}-")
 # The bearer token the test Serve application requires (its replicas read it from their environment).
 SERVE_TEST_TOKEN_ENV = "FRACRAY_TEST_API_TOKEN"
 SERVE_TEST_TOKEN = "test-token-4f2a"
@@ -108,6 +112,28 @@ def dicom_check(path, *, sr: bool | None = None) -> str:
         image = hd.imread(path)
         assert image.pixel_array.size > 0
     return report
+
+
+# ----------------------------------------------------------------------------- running on two workers
+
+# scripts/test.sh runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup
+# --no-loadscope-reorder`): a module's tests stay on one worker, so its module fixtures are built
+# once; modules that share a fixed resource share a worker (`serve run IMPORT_PATH` has no port
+# option: Serve's 8000); and the longest modules start first (longest-first keeps both workers busy
+# to the end). Order from docs/test-suite.md's per-file times; the rest keep their own order.
+_SHARED_WORKER = {"test_serving": "serve-port-8000", "test_serving_args": "serve-port-8000"}
+_LONGEST_FIRST = ["test_train_all", "test_cluster", "test_serving", "test_cli", "test_benchmarks", "test_scoring",
+                  "test_review", "test_training", "test_config_and_localization", "test_listener", "test_orthanc",
+                  "test_serving_overload", "test_engine", "test_serving_hardening", "test_explain",
+                  "test_cluster_auth", "test_raycluster", "test_serving_args"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: within a module, as written
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_SHARED_WORKER.get(item.path.stem, item.path.stem)))
 
 
 def _free_port() -> int:
