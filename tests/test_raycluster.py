@@ -120,8 +120,11 @@ connect(num_cpus=1, include_dashboard=False)
 class Holder:
     def pid(self):
         return os.getpid()
+    def env(self, name):
+        return os.environ.get(name)
 holder = Holder.remote()
 ray.get(holder.pid.remote())
+print("POLL", ray.get(holder.env.remote("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")), flush=True)
 print("SESSION", os.path.realpath(ray._private.worker._global_node.get_session_dir_path()), flush=True)
 time.sleep(600)
 """
@@ -148,14 +151,18 @@ def test_a_sigkilled_driver_takes_its_local_ray_with_it(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(_DRIVER)
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO / "lib")}
+    env.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)  # what connect() gives the Ray it starts (below)
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, start_new_session=True)
     try:
-        line = ""
+        line, lines = "", []
         deadline = time.time() + 180
         while not line.startswith("SESSION") and time.time() < deadline:
             line = proc.stdout.readline()
+            lines.append(line)
             assert line or proc.poll() is None, "the driver exited before its Ray started"
+        # The local Ray's workers poll Ray Train's workers every 0.5 s (raycluster.LOCAL_RAY_ENVIRONMENT).
+        assert "POLL 0.5\n" in lines, lines
         session = line.split(None, 1)[1].strip()
         before = _holding(session)
         assert any("raylet" in p for p in before) and any("DashboardA" in p or "RuntimeEnv" in p for p in before), before
