@@ -84,10 +84,10 @@ def test_runtime_env_file_is_valid_and_ships_the_package():
     RuntimeEnv(**env)  # raises on unknown fields
     for module in env["py_modules"]:
         assert (REPO / module / "__init__.py").exists(), module
-    from fracray.raycluster import TRAIN_POLL_ENVIRONMENT
+    from fracray.raycluster import LOCAL_RAY_ENVIRONMENT
 
     # A job on a cluster gets what a command's own local Ray gets (Ray Train's 0.5 s poll).
-    assert TRAIN_POLL_ENVIRONMENT.items() <= env["env_vars"].items()
+    assert LOCAL_RAY_ENVIRONMENT.items() <= env["env_vars"].items()
 
 
 # ----------------------------------------------------------------------------- KubeRay

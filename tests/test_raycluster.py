@@ -125,7 +125,6 @@ class Holder:
 holder = Holder.remote()
 ray.get(holder.pid.remote())
 print("POLL", ray.get(holder.env.remote("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")), flush=True)
-print("IDLE", ray.get(holder.env.remote("RAY_num_workers_soft_limit")), flush=True)
 print("SESSION", os.path.realpath(ray._private.worker._global_node.get_session_dir_path()), flush=True)
 time.sleep(600)
 """
@@ -152,8 +151,7 @@ def test_a_sigkilled_driver_takes_its_local_ray_with_it(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(_DRIVER)
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO / "lib")}
-    for name in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_num_workers_soft_limit"):
-        env.pop(name, None)  # what connect() gives the Ray it starts (below)
+    env.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)  # what connect() gives the Ray it starts (below)
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, start_new_session=True)
     try:
@@ -163,10 +161,8 @@ def test_a_sigkilled_driver_takes_its_local_ray_with_it(tmp_path):
             line = proc.stdout.readline()
             lines.append(line)
             assert line or proc.poll() is None, "the driver exited before its Ray started"
-        # The local Ray's workers poll Ray Train's workers every 0.5 s (raycluster.local_ray_environment).
+        # The local Ray's workers poll Ray Train's workers every 0.5 s (raycluster.LOCAL_RAY_ENVIRONMENT).
         assert "POLL 0.5\n" in lines, lines
-        # ... and its raylet keeps at least 8 idle workers (1 CPU here) instead of ending them after a second.
-        assert "IDLE 8\n" in lines, lines
         session = line.split(None, 1)[1].strip()
         before = _holding(session)
         assert any("raylet" in p for p in before) and any("DashboardA" in p or "RuntimeEnv" in p for p in before), before

@@ -27,7 +27,7 @@ import warnings
 from typing import Any, Callable, Mapping
 
 __all__ = ["ClusterChoice", "RayClusterUnreachable", "choose_cluster", "check_reachable", "connect",
-           "session_file_path", "verbose", "VERBOSE_ENV", "TRAIN_POLL_ENVIRONMENT", "local_ray_environment"]
+           "session_file_path", "verbose", "VERBOSE_ENV", "LOCAL_RAY_ENVIRONMENT"]
 
 # What to do when the cluster cannot be reached: the two ways out, in every message.
 ADVICE = ("Set RAY_ADDRESS=local to start a private local Ray, or `ray stop` to clear the dead cluster's "
@@ -39,15 +39,12 @@ LOCAL_ONLY = ("num_cpus", "num_gpus", "resources", "labels", "object_store_memor
 JOIN_ATTEMPTS = "1"
 # Set (by --verbose) to show Ray's own logs on the console as well as the product's progress.
 VERBOSE_ENV = "FRACRAY_VERBOSE"
-# Ray Train's controller looks at its workers every 2 s by default, and a run's reports and its end
-# wait for that look: ~6 s of a ~33 s run on a 2-core laptop (docs/training.md). 0.5 s costs one
-# small call per worker. Cluster jobs get the same from cluster/runtime_env.yaml.
-TRAIN_POLL_ENVIRONMENT = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-# Ray keeps as many idle worker processes as the node has CPUs and ends the rest after a second
-# idle. A training run holds ~8 processes on fractional CPUs (controller, workers, data
-# coordinators, preprocessing tasks), so on a 2-CPU laptop the embedded default ended ~30 idle
-# workers and started new ones, each importing torch again: at least 8 kept, 103 -> 74 processes.
-MIN_IDLE_WORKERS = 8
+# The environment of a local Ray a command starts (its processes inherit the driver's; a value the
+# user set wins). Ray Train's controller looks at its workers every 2 s by default, and a run's
+# reports and its end wait for that look: ~6 s of a ~33 s run on a 2-core laptop (measured in
+# docs/training.md). 0.5 s costs one small call per worker. Cluster jobs get
+# the same from cluster/runtime_env.yaml.
+LOCAL_RAY_ENVIRONMENT = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 RAY_DATA_LOGGING_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
 
 
@@ -151,12 +148,6 @@ def check_reachable(address: str, *, timeout_s: float = 5.0) -> str | None:
         time.sleep(0.25)
 
 
-def local_ray_environment(num_cpus: float | None = None) -> dict[str, str]:
-    """Environment variables for a local Ray that a command (or the test session) starts."""
-    cpus = int(num_cpus) if num_cpus is not None else (os.cpu_count() or 1)
-    return {**TRAIN_POLL_ENVIRONMENT, "RAY_num_workers_soft_limit": str(max(MIN_IDLE_WORKERS, cpus))}
-
-
 def _local_cpus(init_kwargs: Mapping[str, Any]) -> str:
     if init_kwargs.get("num_cpus") is not None:
         return f"{init_kwargs['num_cpus']:g}"
@@ -190,8 +181,8 @@ def connect(address: str | None = None, *, timeout_s: float = 5.0, log: Callable
             log(f"Ray: joining a running local Ray ({choice.source})")
         else:
             log(f"Ray: starting a local Ray instance ({_local_cpus(init_kwargs)} CPUs; {choice.source})")
-            for name, value in local_ray_environment(init_kwargs.get("num_cpus")).items():
-                os.environ.setdefault(name, value)  # its processes inherit the driver's; a value already set wins
+            for name, value in LOCAL_RAY_ENVIRONMENT.items():
+                os.environ.setdefault(name, value)
         ray.init(address=choice.init_address, **init_kwargs)
         _start_watchdog()
         _after_init(log)
