@@ -153,10 +153,9 @@ def ray_local():
         # Serve's proxy runs fracray's guard (it must be in the environment before Ray starts):
         # small limits here, so that tests reach them quickly.
         configure_environment(max_body_mb=4, max_header_kb=16, body_timeout_s=5)
-        from fracray.raycluster import LOCAL_RAY_ENVIRONMENT
+        from fracray.raycluster import apply_local_ray_environment
 
-        for name, value in LOCAL_RAY_ENVIRONMENT.items():  # what a command's own local Ray gets
-            os.environ.setdefault(name, value)
+        apply_local_ray_environment()  # what a command's own local Ray gets
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "lib"), SERVE_TEST_TOKEN_ENV: SERVE_TEST_TOKEN}})
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -84,10 +84,12 @@ def test_runtime_env_file_is_valid_and_ships_the_package():
     RuntimeEnv(**env)  # raises on unknown fields
     for module in env["py_modules"]:
         assert (REPO / module / "__init__.py").exists(), module
-    from fracray.raycluster import LOCAL_RAY_ENVIRONMENT
+    from fracray.raycluster import LOCAL_RAY_ENVIRONMENT, RAY_TRAIN_ENVIRONMENT
 
-    # A job on a cluster gets what a command's own local Ray gets (Ray Train's 0.5 s poll).
-    assert LOCAL_RAY_ENVIRONMENT.items() <= env["env_vars"].items()
+    # A job on a cluster gets what a command's own local Ray gives Ray Train (the 0.5 s poll), but
+    # not the raylet's settings: a job's env_vars reach its workers, never the raylet.
+    assert RAY_TRAIN_ENVIRONMENT.items() <= env["env_vars"].items()
+    assert not (LOCAL_RAY_ENVIRONMENT.keys() - RAY_TRAIN_ENVIRONMENT.keys()) & env["env_vars"].keys()
 
 
 # ----------------------------------------------------------------------------- KubeRay

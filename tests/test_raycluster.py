@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import REPO, _free_port
-from fracray.raycluster import ADVICE, check_reachable, choose_cluster, session_file_path
+from fracray.raycluster import ADVICE, LOCAL_RAY_ENVIRONMENT, check_reachable, choose_cluster, session_file_path
 
 
 def _dead_address() -> str:
@@ -125,6 +125,13 @@ class Holder:
 holder = Holder.remote()
 ray.get(holder.pid.remote())
 print("POLL", ray.get(holder.env.remote("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")), flush=True)
+@ray.remote(num_cpus=0.25)
+def busy():
+    time.sleep(2)
+    return os.getpid()
+first = set(ray.get([busy.remote() for _ in range(4)]))
+time.sleep(3)  # idle longer than Ray's 1 s before it stops workers beyond one per CPU
+print("REUSED", len(first), len(first & set(ray.get([busy.remote() for _ in range(4)]))), flush=True)
 print("SESSION", os.path.realpath(ray._private.worker._global_node.get_session_dir_path()), flush=True)
 time.sleep(600)
 """
@@ -151,7 +158,8 @@ def test_a_sigkilled_driver_takes_its_local_ray_with_it(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(_DRIVER)
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO / "lib")}
-    env.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)  # what connect() gives the Ray it starts (below)
+    for name in LOCAL_RAY_ENVIRONMENT:  # what connect() gives the Ray it starts (below)
+        env.pop(name, None)
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, start_new_session=True)
     try:
@@ -163,6 +171,10 @@ def test_a_sigkilled_driver_takes_its_local_ray_with_it(tmp_path):
             assert line or proc.poll() is None, "the driver exited before its Ray started"
         # The local Ray's workers poll Ray Train's workers every 0.5 s (raycluster.LOCAL_RAY_ENVIRONMENT).
         assert "POLL 0.5\n" in lines, lines
+        # ... and keep idle workers 10 s, not 1 s: the second round of tasks runs in the first
+        # round's processes (Ray's 1 s keeps one per CPU, here 1, and starts the others anew).
+        first, reused = map(int, next(x for x in lines if x.startswith("REUSED")).split()[1:])
+        assert first >= 2 and reused >= 2, lines
         session = line.split(None, 1)[1].strip()
         before = _holding(session)
         assert any("raylet" in p for p in before) and any("DashboardA" in p or "RuntimeEnv" in p for p in before), before

@@ -24,10 +24,11 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, MutableMapping
 
 __all__ = ["ClusterChoice", "RayClusterUnreachable", "choose_cluster", "check_reachable", "connect",
-           "session_file_path", "verbose", "VERBOSE_ENV", "LOCAL_RAY_ENVIRONMENT"]
+           "session_file_path", "verbose", "VERBOSE_ENV", "LOCAL_RAY_ENVIRONMENT", "RAY_TRAIN_ENVIRONMENT",
+           "apply_local_ray_environment"]
 
 # What to do when the cluster cannot be reached: the two ways out, in every message.
 ADVICE = ("Set RAY_ADDRESS=local to start a private local Ray, or `ray stop` to clear the dead cluster's "
@@ -39,12 +40,27 @@ LOCAL_ONLY = ("num_cpus", "num_gpus", "resources", "labels", "object_store_memor
 JOIN_ATTEMPTS = "1"
 # Set (by --verbose) to show Ray's own logs on the console as well as the product's progress.
 VERBOSE_ENV = "FRACRAY_VERBOSE"
+# What a job's Ray Train runs get, on a local Ray or a cluster (cluster/runtime_env.yaml carries the
+# same): Ray Train's controller looks at its workers every 2 s by default, and a run's reports and
+# its end wait for that look: ~6 s of a ~33 s run on a 2-core laptop (measured in docs/training.md).
+# 0.5 s costs one small call per worker.
+RAY_TRAIN_ENVIRONMENT = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 # The environment of a local Ray a command starts (its processes inherit the driver's; a value the
-# user set wins). Ray Train's controller looks at its workers every 2 s by default, and a run's
-# reports and its end wait for that look: ~6 s of a ~33 s run on a 2-core laptop (measured in
-# docs/training.md). 0.5 s costs one small call per worker. Cluster jobs get
-# the same from cluster/runtime_env.yaml.
-LOCAL_RAY_ENVIRONMENT = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# user set wins). Beyond one per CPU, Ray stops a worker process after 1 s idle; a training run's
+# data tasks idle longer than that between epochs, so every epoch started new workers that imported
+# torch again (~2 s of CPU each). Kept 30 s, the embedded default took 449 -> 347 s of CPU
+# (docs/training.md). A raylet setting: it acts only where the raylet starts, hence local only.
+LOCAL_RAY_ENVIRONMENT = RAY_TRAIN_ENVIRONMENT | {"RAY_idle_worker_killing_time_threshold_ms": "30000"}
+
+
+def apply_local_ray_environment(environ: MutableMapping[str, str] | None = None) -> None:
+    """Put :data:`LOCAL_RAY_ENVIRONMENT` into ``environ`` (this process's by default) before a
+    local Ray starts from it; a value already set wins."""
+    environ = os.environ if environ is None else environ
+    for name, value in LOCAL_RAY_ENVIRONMENT.items():
+        environ.setdefault(name, value)
+
+
 RAY_DATA_LOGGING_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
 
 
@@ -181,8 +197,7 @@ def connect(address: str | None = None, *, timeout_s: float = 5.0, log: Callable
             log(f"Ray: joining a running local Ray ({choice.source})")
         else:
             log(f"Ray: starting a local Ray instance ({_local_cpus(init_kwargs)} CPUs; {choice.source})")
-            for name, value in LOCAL_RAY_ENVIRONMENT.items():
-                os.environ.setdefault(name, value)
+            apply_local_ray_environment()
         ray.init(address=choice.init_address, **init_kwargs)
         _start_watchdog()
         _after_init(log)
