@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from conftest import REPO, _free_port, stop_sessions, wait_ready
+from fracray.raycluster import RAYLET_ENVIRONMENT
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PINS = {re.split(r"[\[=<>]", d)[0].lower(): d.split("==")[1] for d in PYPROJECT["project"]["dependencies"] if "==" in d}
@@ -57,13 +58,20 @@ def test_ray_cluster_yaml_names_the_projects_python_and_pins():
     assert pythons == {f"{sys.version_info.major}.{sys.version_info.minor}"}, pythons
     assert "pip install --quiet -e ~/fracray" in text  # the rest of the pins come from pyproject.toml
     config = _load(REPO / "ray-cluster.yaml")
+    from fracray.raycluster import RAYLET_ENVIRONMENT
     from fracray.serving.proxy_guard import CALLBACK
 
+    # Every node's raylet starts with Serve's proxy running the request limits and with
+    # RAYLET_ENVIRONMENT (idle workers kept), from ray-cluster.yaml and from the image alike.
+    node_env = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK} | RAYLET_ENVIRONMENT
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
     for cmd in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
         assert "~/venv/bin/ray " in cmd  # the project's Ray
-        if " start " in cmd:  # Serve's proxy on every node runs the request limits
-            assert cmd.startswith(f"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH={CALLBACK} ~/venv/bin/ray start"), cmd
-    assert f"ENV RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH={CALLBACK}" in (REPO / "cluster" / "Dockerfile").read_text()
+        if " start " in cmd:
+            prefix = cmd.split("~/venv/bin/ray start")[0].split()
+            assert dict(v.split("=", 1) for v in prefix) == node_env, cmd
+    for name, value in node_env.items():
+        assert f"ENV {name}={value}" in dockerfile, name
 
 
 def test_dockerfile_uses_the_pinned_ray_and_python():
@@ -181,6 +189,7 @@ def two_node_cluster():
     # Ray started from inside the project's environment (as an activated venv would), so a job's
     # `python` is this environment's Python.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env |= RAYLET_ENVIRONMENT  # as ray-cluster.yaml starts each node
     temp = tempfile.mkdtemp(prefix="fr-ray-", dir="/tmp")  # short: Ray's sockets live here
     sessions: list[int] = []
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, MutableMapping
 
 __all__ = ["ClusterChoice", "RayClusterUnreachable", "choose_cluster", "check_reachable", "connect",
            "session_file_path", "verbose", "VERBOSE_ENV", "LOCAL_RAY_ENVIRONMENT", "RAY_TRAIN_ENVIRONMENT",
-           "apply_local_ray_environment"]
+           "RAYLET_ENVIRONMENT", "apply_local_ray_environment"]
 
 # What to do when the cluster cannot be reached: the two ways out, in every message.
 ADVICE = ("Set RAY_ADDRESS=local to start a private local Ray, or `ray stop` to clear the dead cluster's "
@@ -45,13 +45,15 @@ VERBOSE_ENV = "FRACRAY_VERBOSE"
 # its end wait for that look: ~6 s of a ~33 s run on a 2-core laptop (measured in docs/training.md).
 # 0.5 s costs one small call per worker.
 RAY_TRAIN_ENVIRONMENT = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# A raylet's setting, so it acts only where a raylet starts: a command's local Ray, and the `ray start`
+# commands of ray-cluster.yaml and the image's environment (cluster/Dockerfile). Beyond one per CPU,
+# Ray stops a worker process after 1 s idle; a training run's data tasks idle longer than that
+# between epochs, so every epoch started new workers that imported torch again (~2 s of CPU each).
+# Kept 30 s, the embedded default took 449 -> 347 s of CPU (docs/training.md).
+RAYLET_ENVIRONMENT = {"RAY_idle_worker_killing_time_threshold_ms": "30000"}
 # The environment of a local Ray a command starts (its processes inherit the driver's; a value the
-# user set wins). Beyond one per CPU, Ray stops a worker process after 1 s idle; a training run's
-# data tasks idle longer than that between epochs, so every epoch started new workers that imported
-# torch again (~2 s of CPU each). Kept 30 s, the embedded default took 449 -> 347 s of CPU
-# (docs/training.md). A raylet setting: it acts only where the raylet starts, hence local only.
-LOCAL_RAY_ENVIRONMENT = RAY_TRAIN_ENVIRONMENT | {"RAY_idle_worker_killing_time_threshold_ms": "30000"}
-
+# user set wins).
+LOCAL_RAY_ENVIRONMENT = RAY_TRAIN_ENVIRONMENT | RAYLET_ENVIRONMENT
 
 def apply_local_ray_environment(environ: MutableMapping[str, str] | None = None) -> None:
     """Put :data:`LOCAL_RAY_ENVIRONMENT` into ``environ`` (this process's by default) before a
