@@ -145,7 +145,7 @@ def test_killed_training_worker_resumes_and_writes_a_usable_bundle(ray_local, sm
     bundle that carries its calibration, operating points and metrics (one run checks both)."""
     train, valid = small_mura
     progress = tmp_path / "progress.jsonl"
-    config = TrainConfig(model="efficientnet_lite0", epochs=4, batch_size=16, max_failures=1,
+    config = TrainConfig(model="efficientnet_lite0", epochs=3, batch_size=16, max_failures=1,
                          early_stopping_patience=10, cpu_threads=2, progress_file=str(progress))
     outcome = {}
 
@@ -180,14 +180,14 @@ def test_killed_training_worker_resumes_and_writes_a_usable_bundle(ray_local, sm
     # checkpoint was still being registered at the kill), not from scratch.
     assert 1 <= starts[1]["epoch"] in (ended, ended + 1), (starts, ended)
     result = outcome["result"]
-    assert [h["epoch"] for h in result.history] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
     # Ray would give a 1-CPU worker one thread; cpu_threads lets it use the idle core too.
     assert starts[0]["threads"] == starts[1]["threads"] == min(2, len(os.sched_getaffinity(0)))
     assert all(np.isfinite(h["train_loss"]) for h in result.history)
     meta = read_bundle_meta(result.bundle_uri)
     # A calibration slice of the training studies (default 10 %) is held out of training when it has both classes.
     assert meta.data["train_images"] + meta.data["calibration_images"] == train.num_rows
-    assert sum(h["train_images"] for h in result.history) == 4 * meta.data["train_images"]
+    assert sum(h["train_images"] for h in result.history) == 3 * meta.data["train_images"]
     assert meta.calibration["fitted_on"] == ("calibration_slice" if meta.data["calibration_images"] else "valid")
     valid_metrics = meta.metrics["valid"]
     assert valid_metrics["n"] == valid.num_rows

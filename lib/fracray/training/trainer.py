@@ -133,6 +133,9 @@ def train_classifier(config: TrainConfig, train: pa.Table, valid: pa.Table, *, o
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                                resources_per_worker={"CPU": config.cpus_per_worker}),
         datasets=datasets,
+        # One worker needs no split: it reads the streams itself. A split puts a Ray Data coordinator
+        # actor (a process of its own, importing the pipeline) per stream and run between them.
+        dataset_config=ray.train.DataConfig(datasets_to_split="all" if config.num_workers > 1 else []),
         run_config=ray.train.RunConfig(
             name=name, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
