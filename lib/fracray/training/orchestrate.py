@@ -23,7 +23,6 @@ from ..storage import StorageOptions
 from .defaults import DATASET_TRAINING_DEFAULTS
 from .progress import new_lines, open_board
 from .config import TrainConfig
-from .trainer import train_classifier
 
 __all__ = ["TrainingSettings", "ModelRun", "TrainedModels", "train_models", "max_concurrent_runs",
            "cpu_threads_per_worker", "worker_cpu_share"]
@@ -176,6 +175,8 @@ class ModelRun:
 
 def _train_remote(config: TrainConfig, train: pa.Table, valid: pa.Table, output_uri: str, name: str,
                   options: StorageOptions | None, data_info: dict, run_config: dict) -> ModelRun:
+    from .trainer import train_classifier  # torch and timm: here, so that `fracray train --help` is instant
+
     result = train_classifier(config, train, valid, output_uri=output_uri, name=name, storage_options=options,
                               data_info=data_info, run_config=run_config, log=lambda *_: None)
     return ModelRun(name=name, bundle=result.bundle_uri, seconds=round(result.seconds, 1), history=result.history,
