@@ -29,7 +29,8 @@ DEFERRED = {
     "fracray.inference.engines.onnxruntime_engine": "torch",  # ... checking it with ONNX Runtime's reading
     "fracray.inference.gradcam": "torch",     # evaluation and serving draw heatmaps
     "fracray.models.registry": "timm",        # a model is built only where a bundle is made or loaded
-    "fracray.jobs.train": "torch",            # serve trains the default only when no model exists
+    "fracray.jobs.train": "cv2",              # serve trains the default only when no model exists
+    "fracray.training.trainer": "torch",      # train_all's command line parses without it (`--help`)
     "fracray.serving.app": "ray",             # the serving benchmark starts Ray Serve
     "fracray.imaging.preprocess": "cv2",      # the service's ingress, the evaluation, check_scope, bundle metadata
     "fracray.imaging.findings": "cv2",        # the evaluation reads a bundle's findings settings
@@ -204,7 +205,7 @@ def test_the_checker_finds_an_import_upwards_a_neighbour_and_a_useless_deferral(
         "fracray.training.orchestrate": "def run():\n    from ..evaluation import graph\n",
         "fracray.inference.predictor": ("import torch\nfrom .. import storage\n"
                                         "from ..artifacts import bundle\n"
-                                        "def f():\n    from ..training.trainer import TrainConfig\n"),
+                                        "def f():\n    from ..training.config import TrainConfig\n"),
         "fracray.artifacts.bundle": ("from typing import TYPE_CHECKING\n"
                                      "if TYPE_CHECKING:\n    from ..inference import predictor\n"),
         "fracray.evaluation.graph": ("import torch\n"
@@ -214,11 +215,11 @@ def test_the_checker_finds_an_import_upwards_a_neighbour_and_a_useless_deferral(
     problems = layering_violations(imports)
     assert any("fracray.training.trainer imports fracray.inference.predictor, its own layer" in p for p in problems)
     assert any("fracray.training.orchestrate imports fracray.evaluation.graph, a higher layer" in p for p in problems)
-    assert any("fracray.inference.predictor imports fracray.training.trainer, its own layer" in p for p in problems)
+    assert any("fracray.inference.predictor imports fracray.training.config, its own layer" in p for p in problems)
     assert any("fracray.artifacts.bundle imports fracray.inference.predictor" in p for p in problems)
     assert not any("imports fracray.storage" in p for p in problems)
     deferrals = deferral_problems(imports)
-    assert any("fracray.inference.predictor imports fracray.training.trainer inside a function: import it at the "
+    assert any("fracray.inference.predictor imports fracray.training.config inside a function: import it at the "
                "top" in p for p in deferrals)
     assert any("fracray.evaluation.graph imports fracray.inference.predictor inside a function, but "
                "fracray.evaluation.graph imports torch already" in p for p in deferrals)

@@ -69,7 +69,7 @@ def start_service(config: ServeJobConfig, *, log: Callable[[str], None] = print,
     models = args.models
     if "models" not in config.args.model_fields_set and models == TRAINED_DEFAULT and not storage.exists(storage.normalize(models)):
         log(f"No model index at {models}: training the embedded default first (a few minutes) ...")
-        from .train import TrainAllConfig, run_train_all  # torch, Ray Train: only when it trains
+        from .train import TrainAllConfig, run_train_all  # OpenCV, and torch as it trains: only when it trains
 
         run_train_all(TrainAllConfig(), log=log)
     check_model_index(models, args.storage_options)
