@@ -55,15 +55,15 @@ RAYLET_ENVIRONMENT = {"RAY_idle_worker_killing_time_threshold_ms": "30000"}
 # user set wins).
 LOCAL_RAY_ENVIRONMENT = RAY_TRAIN_ENVIRONMENT | RAYLET_ENVIRONMENT
 
+RAY_DATA_LOGGING_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
+
+
 def apply_local_ray_environment(environ: MutableMapping[str, str] | None = None) -> None:
     """Put :data:`LOCAL_RAY_ENVIRONMENT` into ``environ`` (this process's by default) before a
     local Ray starts from it; a value already set wins."""
     environ = os.environ if environ is None else environ
     for name, value in LOCAL_RAY_ENVIRONMENT.items():
         environ.setdefault(name, value)
-
-
-RAY_DATA_LOGGING_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
 
 
 class RayClusterUnreachable(ConnectionError):
