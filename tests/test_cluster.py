@@ -58,7 +58,6 @@ def test_ray_cluster_yaml_names_the_projects_python_and_pins():
     assert pythons == {f"{sys.version_info.major}.{sys.version_info.minor}"}, pythons
     assert "pip install --quiet -e ~/fracray" in text  # the rest of the pins come from pyproject.toml
     config = _load(REPO / "ray-cluster.yaml")
-    from fracray.raycluster import RAYLET_ENVIRONMENT
     from fracray.serving.proxy_guard import CALLBACK
 
     # Every node's raylet starts with Serve's proxy running the request limits and with

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Any, Callable, Mapping, MutableMapping
+from typing import Any, Callable, Mapping
 
 __all__ = ["ClusterChoice", "RayClusterUnreachable", "choose_cluster", "check_reachable", "connect",
            "session_file_path", "verbose", "VERBOSE_ENV", "LOCAL_RAY_ENVIRONMENT", "RAY_TRAIN_ENVIRONMENT",
@@ -58,12 +58,11 @@ LOCAL_RAY_ENVIRONMENT = RAY_TRAIN_ENVIRONMENT | RAYLET_ENVIRONMENT
 RAY_DATA_LOGGING_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
 
 
-def apply_local_ray_environment(environ: MutableMapping[str, str] | None = None) -> None:
-    """Put :data:`LOCAL_RAY_ENVIRONMENT` into ``environ`` (this process's by default) before a
-    local Ray starts from it; a value already set wins."""
-    environ = os.environ if environ is None else environ
+def apply_local_ray_environment() -> None:
+    """Put :data:`LOCAL_RAY_ENVIRONMENT` into this process's environment before a local Ray starts
+    from it; a value already set wins."""
     for name, value in LOCAL_RAY_ENVIRONMENT.items():
-        environ.setdefault(name, value)
+        os.environ.setdefault(name, value)
 
 
 class RayClusterUnreachable(ConnectionError):
