@@ -72,13 +72,18 @@ def wrapped_study(n: int, *, start: int = 0, patient: tuple[str, str] = ("T2-000
 
     from fracray.pacs.wrap import StudyIdentity, wrap_radiograph
 
+    from fracray.data.synthetic import BODY_PART_BONES
+
+    # The tag says ``body_part``; the synthetic pixels (no shared data) are a hand where the renderer
+    # has no drawing of that part (CHEST: the out-of-scope tests read the tag, not the pixels).
+    drawn = body_part.lower() if body_part.lower() in BODY_PART_BONES else "hand"
     study = StudyIdentity(patient_id=patient[0], patient_name=patient[1], study_uid=generate_uid(),
                           accession=accession)
     series = generate_uid()
     files = [wrap_radiograph(pixels, study, series_uid=series, instance_number=i + 1, modality=("DX", "CR")[i % 2],
                              body_part=body_part, monochrome1=(i == 1), transfer_syntax=syntaxes[i % len(syntaxes)],
                              omit=omit, laterality=laterality)
-             for i, pixels in enumerate(radiographs(n, start=start, body_part=body_part.lower()))]
+             for i, pixels in enumerate(radiographs(n, start=start, body_part=drawn))]
     return study.study_uid, files
 
 
