@@ -1,7 +1,9 @@
 """The scoring and serving benchmarks at toy sizes: every row they print is measured, on the
 engine it names (numbers are not asserted: timings do not belong in tests)."""
 
+import json
 import math
+import os
 
 import pytest
 
@@ -62,15 +64,17 @@ def test_bench_engine_times_eager_exact_and_fast_side_by_side(tmp_path):
 def test_bench_engine_threading_measures_one_thread_per_cpu_against_oversubscription(tmp_path, capsys):
     from fracray.benchmarks import engine
 
-    rows = engine.threading_check(model="efficientnet_lite0", size=64, seconds=0.5, cache_dir=str(tmp_path),
-                                  cpus=2, log=lambda *_: None)
-    assert [(r["processes"], r["threads_per_process"]) for r in rows] == [(2, 1), (2, 2), (1, 2)]
-    assert rows[0]["vs_engine"] == 1.0 and all(r["images_per_s"] > 0 for r in rows)
-    assert "oversubscribed" in engine.format_threading(rows, "efficientnet_lite0", 64)
-    # The flag reaches it: --threading SECONDS adds the table to the run's output; 0 leaves it out.
+    # --threading SECONDS reaches the run: the table in its output and the rows in its JSON.
     assert engine.main(["--sizes", "64", "--runs", "1", "--warmup", "0", "--no-fast", "--threading", "0.5",
-                        "--cache-dir", str(tmp_path)]) == 0
-    assert "Threading: efficientnet_lite0 at 64" in capsys.readouterr().out
+                        "--cache-dir", str(tmp_path), "--json", str(tmp_path / "with.json")]) == 0
+    out = capsys.readouterr().out
+    assert "Threading: efficientnet_lite0 at 64" in out and "oversubscribed" in out
+    rows = json.loads((tmp_path / "with.json").read_text())["threading"]
+    cpus = os.cpu_count()
+    assert [(r["processes"], r["threads_per_process"]) for r in rows] == [(cpus, 1), (cpus, cpus), (1, cpus)]
+    assert rows[0]["vs_engine"] == 1.0 and all(r["images_per_s"] > 0 for r in rows)
+    # 0 (the default) leaves it out.
     assert engine.main(["--sizes", "64", "--runs", "1", "--warmup", "0", "--no-fast",
-                        "--cache-dir", str(tmp_path)]) == 0
+                        "--cache-dir", str(tmp_path), "--json", str(tmp_path / "without.json")]) == 0
     assert "Threading:" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "without.json").read_text())["threading"] is None

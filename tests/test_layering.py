@@ -27,10 +27,13 @@ DEFERRED = {
     "fracray.inference.engines.base": "torch",            # serving and the benchmarks name the engine that ran
     "fracray.inference.engines.export": "torch",          # the fast-mode validation quantises the cached export
     "fracray.inference.engines.onnxruntime_engine": "torch",  # ... checking it with ONNX Runtime's reading
+    "fracray.inference.engines.openvino_engine": "torch",  # the engine benchmark's --help without torch
     "fracray.inference.gradcam": "torch",     # evaluation and serving draw heatmaps
     "fracray.models.registry": "timm",        # a model is built only where a bundle is made or loaded
     "fracray.jobs.train": "cv2",              # serve trains the default only when no model exists
     "fracray.training.trainer": "torch",      # train_all's command line parses without it (`--help`)
+    "fracray.training.step": "torch",         # the training benchmark's --help without torch
+    "fracray.training.losses": "torch",       # ... and without the losses
     "fracray.serving.app": "ray",             # the serving benchmark starts Ray Serve
     "fracray.imaging.preprocess": "cv2",      # the service's ingress, the evaluation, check_scope, bundle metadata
     "fracray.imaging.findings": "cv2",        # the evaluation reads a bundle's findings settings
