@@ -225,7 +225,7 @@ def test_ddp_over_two_cpu_workers_with_checkpoints_and_bundle_in_s3(ray_local, s
     progress = tmp_path / "progress.jsonl"
     # Half a CPU each leaves a CPU for the Ray Data tasks that feed them on a 2-CPU machine.
     config = TrainConfig(model="efficientnet_lite0", epochs=1, batch_size=8, num_workers=2, cpus_per_worker=0.5,
-                         progress_file=str(progress))
+                         image_size=64, progress_file=str(progress))
     result = train_classifier(config, train, valid, output_uri=f"s3://{bucket}/runs/r1", name="fracture_all",
                               storage_options=options)
     events = [json.loads(line) for line in progress.read_text().splitlines()]
