@@ -53,6 +53,32 @@ def test_preprocess_batch_without_ray_accounts_for_every_row(messy_folder):
         assert (status == OK) == (err == ""), (uri, status, err)
 
 
+def test_float16_transport_is_the_float32_image_rounded_to_nearest_and_needs_no_torch(messy_folder):
+    """The stream ships float16 (half the bytes): exactly the float32 batch rounded as NumPy
+    rounds (OpenCV's SIMD conversion), without importing torch into a data worker."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    _, expected = messy_folder
+    manifest = make_manifest({"image_uri": u, "dataset": "test"} for u in expected)
+    config = PreprocessConfig(image_size=(64, 64), max_pixels=50_000_000)
+    half = preprocess_batch(manifest, preprocess=config, output_dtype="float16")
+    full = preprocess_batch(manifest, preprocess=config, output_dtype="float32")
+    assert half["image"].dtype == np.float16 and full["image"].dtype == np.float32
+    assert (full["image"] != 0).any()
+    np.testing.assert_array_equal(half["image"], full["image"].astype(np.float16))
+    worker = subprocess.run([sys.executable, "-c", "import sys; from fracray.data.pipeline import preprocess_batch; "
+                             "from fracray.data.manifest import make_manifest; "
+                             "from fracray.imaging.preprocess import PreprocessConfig; "
+                             f"preprocess_batch(make_manifest([{{'image_uri': {next(iter(expected))!r}, "
+                             "'dataset': 'test'}]), preprocess=PreprocessConfig(image_size=(64, 64)), "
+                             "output_dtype='float16'); print('torch' in sys.modules)"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert worker.returncode == 0 and worker.stdout.strip() == "False", worker.stderr[-2000:]
+
+
 def test_ray_pipeline_accounts_for_every_input(ray_local, messy_folder):
     _, expected = messy_folder
     manifest = make_manifest({"image_uri": u, "dataset": "test", "image_label": i % 2}

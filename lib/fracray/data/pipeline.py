@@ -17,6 +17,7 @@ import math
 from collections import Counter
 from typing import Any, Iterator
 
+import cv2
 import numpy as np
 import pyarrow as pa
 
@@ -86,6 +87,15 @@ def _row_rng(uri: str, seed: int | None, copy: int) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
+def _shipped(plane: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A float32 plane in the shipped dtype. OpenCV's float16 conversion is SIMD (F16C), ~20x
+    NumPy's ``astype``, and rounds alike (to nearest even); unlike torch's, it costs a data
+    worker no import (torch's is ~1.2 s of CPU in every new worker process)."""
+    if dtype == np.float16:
+        return cv2.convertFp16(np.ascontiguousarray(plane, dtype=np.float32)).view(np.float16)
+    return plane
+
+
 def preprocess_batch(batch: pa.Table | dict[str, Any], *, preprocess: PreprocessConfig,
                      storage_options: StorageOptions | None = None, augment: AugmentConfig | None = None,
                      seed: int | None = 0, output_dtype: str = "float32",
@@ -98,10 +108,9 @@ def preprocess_batch(batch: pa.Table | dict[str, Any], *, preprocess: Preprocess
         columns = {name: list(values) for name, values in batch.items()}
     uris = columns["image_uri"]
     n = len(uris)
-    import torch  # its float32 -> float16 copy is SIMD (F16C), ~20x NumPy's
-
     height, width = preprocess.image_size
-    images_t = torch.zeros((n, 1, height, width), dtype=getattr(torch, output_dtype))
+    dtype = np.dtype(output_dtype)
+    images = np.zeros((n, 1, height, width), dtype)
     status = np.empty(n, dtype=object)
     errors = np.empty(n, dtype=object)
     src_w = np.full(n, -1, np.int32)
@@ -110,7 +119,7 @@ def preprocess_batch(batch: pa.Table | dict[str, Any], *, preprocess: Preprocess
     dicom_part = np.empty(n, dtype=object)
     copies = columns.get("augment_copy") or [0] * n
     if masks or boxes:
-        masks_t = torch.zeros((n, 1, height, width), dtype=getattr(torch, output_dtype)) if masks else None
+        mask_planes = np.zeros((n, 1, height, width), dtype) if masks else None
         boxes_out = np.zeros((n, MAX_BOXES, 4), np.float32) if boxes else None
         mask_known = np.zeros(n, dtype=bool)
         boxes_col, outlines_col = columns.get("boxes") or [None] * n, columns.get("outlines") or [None] * n
@@ -129,13 +138,13 @@ def preprocess_batch(batch: pa.Table | dict[str, Any], *, preprocess: Preprocess
             params = augment_params(_row_rng(uri, seed, copy), augment or AugmentConfig())
         try:
             decoded = decode_for(data, preprocess, name=uri)
-            images_t[i, 0].copy_(torch.from_numpy(preprocess_base(decoded, preprocess, params)))
+            images[i, 0] = _shipped(preprocess_base(decoded, preprocess, params), dtype)
             if masks or boxes:
                 if has_regions(boxes_col[i], outlines_col[i]) and (masks or boxes_col[i]):
                     if masks:
                         plane = rasterize_regions(decoded.pixels.shape[:2], boxes=boxes_col[i],
                                                   outlines=outlines_col[i])
-                        masks_t[i, 0].copy_(torch.from_numpy(geometry(plane, preprocess, params)))
+                        mask_planes[i, 0] = _shipped(geometry(plane, preprocess, params), dtype)
                     if boxes:
                         found = input_boxes(boxes_col[i], decoded.pixels.shape[:2], preprocess, params)[:MAX_BOXES]
                         boxes_out[i, :len(found)] = found
@@ -151,14 +160,14 @@ def preprocess_batch(batch: pa.Table | dict[str, Any], *, preprocess: Preprocess
         status[i], errors[i] = OK, ""
         src_w[i], src_h[i], src_fmt[i], dicom_part[i] = decoded.width, decoded.height, decoded.source_format, decoded.body_part
     out: dict[str, np.ndarray] = {
-        "image": images_t.numpy(), "status": status.astype(str), "error": errors.astype(str),
+        "image": images, "status": status.astype(str), "error": errors.astype(str),
         "source_width": src_w, "source_height": src_h,
         "source_format": np.array([f or "" for f in src_fmt], dtype=str),
         "dicom_body_part": np.array([p or "" for p in dicom_part], dtype=str),
         "augment_copy": np.asarray(copies, dtype=np.int16),
     }
     if masks:
-        out["mask"] = masks_t.numpy()
+        out["mask"] = mask_planes
     if boxes:
         out["boxes_px"] = boxes_out
     if masks or boxes:
