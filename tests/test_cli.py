@@ -136,11 +136,13 @@ def test_train_all_data_stage_and_its_console_quiet_and_verbose(tmp_path):
     assert any(m in loud_console for m in ray_info), loud_console[-3000:]
 
 
-def test_train_all_reads_a_yaml_config(tmp_path, fracatlas_root):
+def test_train_all_reads_a_yaml_config(tmp_path, fracatlas_root, ray_local):
     config = tmp_path / "job.yaml"
     config.write_text(f"dataset: fracatlas\ndata: {fracatlas_root}\nimage-size: 128\nbatch_size: 8\n"
                       f"output: {tmp_path / 'run'}\nskip_training: true\n")
-    out = _run(REPO / "pipelines" / "train_all.py", "--config", config)
+    # On the session's Ray, as on a cluster (the data-stage test above runs it on a Ray of its own).
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    out = _run(REPO / "pipelines" / "train_all.py", "--config", config, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "data_stage.json").read_text())
     assert report["model_input_shape"] == [3, 128, 128]

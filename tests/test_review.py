@@ -525,10 +525,10 @@ def test_browser_bad_run_folder_and_corrupt_part(browser, tmp_path, shots):
 
 
 @pytest.mark.slow
-def test_the_exported_feedback_trains(run_dir, tmp_path):
+def test_the_exported_feedback_trains(run_dir, tmp_path, ray_local):
     """The feedback loop closed: reviewers' verdicts on every study of a run, exported, then
     `fracray train --dataset manifest --data FILE` trains a model on it (one small epoch; the
-    command as a user runs it, on a Ray of its own)."""
+    command as a user runs it on a cluster, here the session's Ray)."""
     import json
 
     from fracray.review.export import export_manifest
@@ -540,7 +540,7 @@ def test_the_exported_feedback_trains(run_dir, tmp_path):
     manifest = tmp_path / "feedback.parquet"
     counts = export_manifest(run, records, str(manifest))
     assert counts["images"] == 24 and 0 < counts["fractured"] < 24
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     done = subprocess.run([str(Path(sys.executable).parent / "fracray"), "train", "--dataset", "manifest", "--data",
                            str(manifest), "--output", str(tmp_path / "retrain"), "--single-model", "--epochs", "1",
                            "--image-size", "64", "--train-batch-size", "4"],

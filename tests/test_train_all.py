@@ -3,6 +3,7 @@ models with Ray Train, evaluation of the composed graph, report, plots, model in
 report that shows the system learning; then evaluate.py and the shared predictor on the result."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -84,10 +85,12 @@ def test_train_all_trains_router_and_per_bone_models_and_reports(trained):
 @pytest.mark.slow
 def test_evaluate_command_and_predictor_on_the_trained_models(trained, ray_local):
     run, _, _ = trained
+    # On the session's Ray, as on a cluster (the embedded default above started a Ray of its own).
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     out = subprocess.run(
         [sys.executable, str(REPO / "pipelines" / "evaluate.py"), "--models", str(run / "model_index.json"),
          "--dataset", "mura", "--data", str(run / "synthetic-mura"), "--split", "all", "--output", str(run / "ev")],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
     assert summary["images"] == summary["scored"] > 0 and summary["overall"]["n"] == summary["labelled"]
