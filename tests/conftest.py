@@ -130,7 +130,7 @@ _SHARED_WORKER = {"test_serving": "serve-port-8000", "test_serving_args": "serve
 _LONGEST_FIRST = ["test_train_all", "test_cluster", "test_serving", "test_cli", "test_benchmarks", "test_scoring",
                   "test_review", "test_training", "test_config_and_localization", "test_listener", "test_orthanc",
                   "test_serving_overload", "test_engine", "test_serving_hardening", "test_explain",
-                  "test_cluster_auth", "test_raycluster", "test_serving_args"]
+                  "test_raycluster", "test_serving_args"]
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -1,6 +1,16 @@
 """Cluster deployment files: ray-cluster.yaml against Ray's own schema and the project's pins,
 the KubeRay manifests against each other, the code and serving/config.yaml, and a real
-two-node Ray cluster on this machine running train_all and score_archive via `ray job submit`."""
+two-node Ray cluster on this machine, token-authenticated as Ray 2.60 sets it up (docs/scale-out.md),
+running train_all and score_archive via `ray job submit` and refusing clients without the token.
+
+`ray start --head` turns token authentication on by itself when RAY_AUTH_MODE is unset and a
+token exists (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, which `ray get-auth-token
+--generate` or the first local `ray.init()` writes). Its clients do not follow: `ray job submit`,
+`ray start --address` and a `ray.init(address=...)` driver send the token only with
+RAY_AUTH_MODE=token in their own environment. Every process here gets a HOME of its own, so the
+token this test generates never touches the user's ~/.ray/auth_token; RAY_TMPDIR points `ray job
+submit` without --address at this cluster (not at /tmp/ray, another Ray's); each node runs in a
+session of its own, so the test stops exactly its processes (never `ray stop`)."""
 
 from __future__ import annotations
 
@@ -8,6 +18,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import shlex
 import subprocess
 import sys
@@ -17,6 +28,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 from conftest import REPO, _free_port, stop_sessions, wait_ready
@@ -168,28 +180,47 @@ def test_rayservice_runs_serving_config_yaml():
     assert callable(getattr(importlib.import_module(module), attr))
 
 
-# ----------------------------------------------------------------------------- two nodes, ray job submit
+# ----------------------------------------------------------------------------- two nodes, token auth, ray job submit
+
+RAY = str(Path(sys.executable).parent / "ray")
+# What a user's shell may carry that would change which cluster, mode or token the test sees.
+AUTH_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+# What Ray prints: `ray start --head` with a token at hand, and clients without RAY_AUTH_MODE=token
+# (`ray job submit` finding the cluster itself asks the GCS first; with --address http://... the dashboard).
+ENABLED = "Token authentication is enabled for this Ray cluster"
+GCS_REFUSED = "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: Authentication token is missing or incorrect"
+DASHBOARD_REFUSED = "ray.exceptions.AuthenticationError: Authentication required: Unauthorized: Missing authentication token"
+NOT_TOKEN_MODE = "Note: RAY_AUTH_MODE is currently 'disabled' (not 'token')"
+DRIVER_REFUSED = "Unauthenticated: RPC error: InvalidAuthToken: Authentication token is missing or incorrect"
 
 
-def _ray_start(args: list[str], env: dict, sessions: list[int]) -> None:
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+def _run(command: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _ray_start(args: list[str], env: dict, sessions: list[int]) -> str:
+    proc = subprocess.Popen([RAY, "start", *args], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     sessions.append(proc.pid)
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, f"ray start {' '.join(args)}\n{output[-3000:]}"
+    return output
 
 
-@pytest.fixture
-def two_node_cluster():
-    """A Ray head and a second Ray node, each its own `ray start` (1 CPU each)."""
-    port, dashboard = _free_port(), _free_port()
-    # Token auth off: a throwaway cluster on 127.0.0.1 (a second node would need the head's token).
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
+@pytest.fixture(scope="module")
+def token_cluster():
+    """A Ray head and a second Ray node (1 CPU each), started as docs/scale-out.md says: a token in
+    ~/.ray/auth_token, a plain `ray start --head` (RAY_AUTH_MODE unset: Ray turns token
+    authentication on itself), then `RAY_AUTH_MODE=token ray start --address=<head>` for the second
+    node, each node as ray-cluster.yaml starts it (RAYLET_ENVIRONMENT)."""
+    home = Path(tempfile.mkdtemp(prefix="fr-home-", dir="/tmp"))
+    tmp = tempfile.mkdtemp(prefix="fr-ray-", dir="/tmp")  # short: Ray's sockets live under it
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_VARS} | {"HOME": str(home), "RAY_TMPDIR": tmp}
     # Ray started from inside the project's environment (as an activated venv would), so a job's
     # `python` is this environment's Python.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env |= RAYLET_ENVIRONMENT  # as ray-cluster.yaml starts each node
-    temp = tempfile.mkdtemp(prefix="fr-ray-", dir="/tmp")  # short: Ray's sockets live here
+    env |= RAYLET_ENVIRONMENT
+    port, dashboard = _free_port(), _free_port()
     sessions: list[int] = []
 
     def agent_ports() -> list[str]:
@@ -199,59 +230,121 @@ def two_node_cluster():
                 f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
 
     try:
-        _ray_start(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
-                    f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
-                    "--disable-usage-stats", *agent_ports()], env, sessions)
-        _ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats",
-                    *agent_ports()], env, sessions)
-        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
+        generated = _run([RAY, "get-auth-token", "--generate"], env, 120)
+        assert generated.returncode == 0, generated.stderr[-3000:]
+        token = (home / ".ray" / "auth_token").read_text()
+        assert token and generated.stdout == token
+        # --temp-dir = Ray's default under RAY_TMPDIR, where `ray job submit` looks for the cluster.
+        output = _ray_start(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
+                             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", f"--temp-dir={tmp}/ray",
+                             "--disable-usage-stats", *agent_ports()], env, sessions)
+        assert ENABLED in output, output[-3000:]
+        _ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--temp-dir={tmp}/ray", "--disable-usage-stats",
+                    *agent_ports()], env | {"RAY_AUTH_MODE": "token"}, sessions)
+        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "token": token}
     finally:
         stop_sessions(sessions)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
 
 
-def _run_cli(command: list[str], env: dict, timeout: int) -> str:
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-    return done.stdout
-
-
-def _submit(cluster: dict, entrypoint: list[str], timeout: int) -> str:
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    command = [ray_bin, "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
-               "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--", *entrypoint]
+def _submit(cluster: dict, env: dict, entrypoint: list[str], *, address: bool = True,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """The README's command, from the repository: `ray job submit --working-dir . -- ...`, with or
+    without --address http://<dashboard>."""
+    command = [RAY, "job", "submit", *(["--address", cluster["dashboard"]] if address else []),
+               "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--", *entrypoint]
     for _ in range(30):  # right after `ray start` the job agent may still be coming up
-        done = subprocess.run(command, env=cluster["env"], capture_output=True, text=True, timeout=timeout)
+        done = _run(command, env, timeout)
         if "No available agent to submit job" not in done.stderr:
-            break
+            return done
         time.sleep(3)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    return done
+
+
+def _token(cluster: dict) -> dict:
+    return cluster["env"] | {"RAY_AUTH_MODE": "token"}
+
+
+def _jobs(cluster: dict) -> str:
+    listed = _run([RAY, "job", "list", "--address", cluster["dashboard"]], _token(cluster), 120)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    return listed.stdout + listed.stderr
 
 
 def _nodes_used(cluster: dict) -> dict[str, set[str]]:
-    """Node ids that ran tasks and actors, by job (Ray's state API on the cluster)."""
-    from ray.util.state import list_actors, list_tasks
-
-    used: dict[str, set[str]] = {}
-    for item in list_tasks(address=cluster["dashboard"], limit=10000, detail=True, raise_on_missing_output=False) + \
-            list_actors(address=cluster["dashboard"], limit=10000, detail=True, raise_on_missing_output=False):
-        node = item.get("node_id") if isinstance(item, dict) else getattr(item, "node_id", None)
-        job = item.get("job_id") if isinstance(item, dict) else getattr(item, "job_id", None)
-        if node:
-            used.setdefault(job, set()).add(node)
-    return used
+    """Node ids that ran tasks and actors, by job (Ray's state API on the cluster, with the token)."""
+    code = """import json, sys
+from ray.util.state import list_actors, list_tasks
+used = {}
+options = dict(address=sys.argv[1], limit=10000, detail=True, raise_on_missing_output=False)
+for item in list_tasks(**options) + list_actors(**options):
+    node = item.get("node_id") if isinstance(item, dict) else getattr(item, "node_id", None)
+    job = item.get("job_id") if isinstance(item, dict) else getattr(item, "job_id", None)
+    if node:
+        used.setdefault(str(job), set()).add(node)
+print(json.dumps({job: sorted(nodes) for job, nodes in used.items()}))
+"""
+    done = _run([sys.executable, "-c", code, cluster["dashboard"]], _token(cluster), 120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {job: set(nodes) for job, nodes in json.loads(done.stdout).items()}
 
 
 @pytest.mark.slow
-def test_train_all_and_score_archive_run_on_both_nodes(two_node_cluster, tmp_path):
+def test_clients_without_ray_auth_mode_token_are_refused(token_cluster, tmp_path):
+    env = token_cluster["env"]  # RAY_AUTH_MODE unset, the cluster's token in ~/.ray/auth_token
+    never = ["python", "pipelines/train_all.py", "--skip-training", "--output"]
+    found = _submit(token_cluster, env, [*never, str(tmp_path / "found")], address=False)
+    assert found.returncode != 0, found.stdout[-3000:]
+    assert GCS_REFUSED in found.stderr and NOT_TOKEN_MODE in found.stderr, found.stderr[-3000:]
+    named = _submit(token_cluster, env, [*never, str(tmp_path / "named")])
+    assert named.returncode != 0, named.stdout[-3000:]
+    assert DASHBOARD_REFUSED in named.stderr and NOT_TOKEN_MODE in named.stderr, named.stderr[-3000:]
+    assert str(tmp_path) not in _jobs(token_cluster)  # nothing was submitted
+
+    # The dashboard's HTTP API (what `ray job submit` talks to) wants the token as a bearer header.
+    jobs = f"{token_cluster['dashboard']}/api/jobs/"
+    anonymous = requests.get(jobs, timeout=30)
+    assert anonymous.status_code == 401 and "Missing authentication token" in anonymous.text
+    assert requests.get(jobs, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 403
+    assert requests.get(jobs, headers={"Authorization": f"Bearer {token_cluster['token']}"}, timeout=30).status_code == 200
+
+    # A Python driver given the address is refused by the GCS without RAY_AUTH_MODE=token, joins with it.
+    driver = [sys.executable, "-c", f"import ray; ray.init(address={token_cluster['gcs']!r}, log_to_driver=False); "
+                                    "print('CPUs', ray.cluster_resources()['CPU'])"]
+    refused = _run(driver, env | {"RAY_gcs_server_port_wait_time_s": "1"}, 120)
+    assert refused.returncode != 0 and DRIVER_REFUSED in refused.stderr, refused.stderr[-3000:]
+    joined = _run(driver, _token(token_cluster), 120)
+    assert joined.returncode == 0 and "CPUs 2.0" in joined.stdout, joined.stderr[-3000:]  # both nodes
+
+    # A second machine (a laptop) has no ~/.ray/auth_token: it gets the head's token, here in
+    # RAY_AUTH_TOKEN, and names the head's dashboard.
+    other_home = tmp_path / "second-machine"
+    other_home.mkdir()
+    laptop = _token(token_cluster) | {"HOME": str(other_home)}
+    remote = _submit(token_cluster, laptop | {"RAY_AUTH_TOKEN": token_cluster["token"]},
+                     ["python", "-c", "print('from the laptop')"])
+    assert remote.returncode == 0 and "from the laptop" in remote.stdout, remote.stderr[-3000:]
+    missing = _submit(token_cluster, laptop, ["python", "-c", "print('never')"])
+    assert missing.returncode != 0 and "couldn't find an authentication token" in missing.stderr, missing.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_train_all_and_score_archive_run_on_both_nodes(token_cluster, tmp_path):
     python = "python"  # the job runs in the cluster's Python: this environment, which started Ray
     out = tmp_path / "run"
-    # One model over both parts (the router and per-bone runs are the embedded default's, test_train_all)
-    # and the backbone comparison's two runs: three Ray Train runs spread over the two nodes.
-    _submit(two_node_cluster, [python, "pipelines/train_all.py", "--output", str(out), "--body-parts",
-                               "wrist,humerus", "--synthetic-patients-per-part", "4", "--epochs", "1",
-                               "--train-batch-size", "8", "--single-model",
-                               "--compare-backbones", "efficientnet_lite0"], timeout=1500)
+    # The design card's usage: `ray job submit -- python pipelines/train_all.py` (no --address: the
+    # cluster the last `ray start` recorded), the token from ~/.ray/auth_token. One model over both
+    # parts (the router and per-bone runs are the embedded default's, test_train_all) and the backbone
+    # comparison's two runs: three Ray Train runs spread over the two nodes.
+    trained = _submit(token_cluster, _token(token_cluster),
+                      [python, "pipelines/train_all.py", "--output", str(out), "--body-parts", "wrist,humerus",
+                       "--synthetic-patients-per-part", "4", "--epochs", "1", "--train-batch-size", "8",
+                       "--single-model", "--compare-backbones", "efficientnet_lite0"], address=False, timeout=1500)
+    log = trained.stdout + trained.stderr
+    assert trained.returncode == 0, log[-6000:]
+    assert "Every image accounted for" in log and "succeeded" in log, log[-6000:]
+    assert str(out) in _jobs(token_cluster)
     index = out / "model_index.json"
     assert index.exists() and (out / "report.md").exists()
     written = json.loads(index.read_text())
@@ -262,27 +355,27 @@ def test_train_all_and_score_archive_run_on_both_nodes(two_node_cluster, tmp_pat
     assert all(c["valid"] and c["valid"]["n"] > 0 and c["seconds"] > 0 for c in report["comparison"].values())
     assert (out / "backbone_comparison.png").exists()
     scores = tmp_path / "scores"
-    stdout = _submit(two_node_cluster, [python, "pipelines/score_archive.py", "--input", str(out / "synthetic-mura"),
-                                        "--models", str(index), "--output", str(scores), "--concurrency", "2"],
-                     timeout=900)
-    assert "Scored" in stdout and (scores / "summary.json").exists()
+    scored = _submit(token_cluster, _token(token_cluster),
+                     [python, "pipelines/score_archive.py", "--input", str(out / "synthetic-mura"), "--models",
+                      str(index), "--output", str(scores), "--concurrency", "2"], timeout=900)
+    assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-3000:]
+    assert "Scored" in scored.stdout and (scores / "summary.json").exists()
     summary = json.loads((scores / "summary.json").read_text())
     assert summary["scored"] > 0
-    used = _nodes_used(two_node_cluster)
+    used = _nodes_used(token_cluster)
     both = [job for job, nodes in used.items() if len(nodes) == 2]
     assert len(both) >= 2, f"train_all and score_archive should each use both nodes; nodes by job: {used}"
 
     # `serve deploy` of serving/config.yaml onto the same cluster, pointed at the run just trained.
-    import requests
-
     config = _load(REPO / "serving" / "config.yaml")
     port = _free_port()
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     config["applications"][0]["args"]["models"] = str(index)
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    _run_cli([str(Path(sys.executable).parent / "serve"), "deploy", str(path), "-a", two_node_cluster["dashboard"]],
-             two_node_cluster["env"], 300)
+    deployed = _run([str(Path(sys.executable).parent / "serve"), "deploy", str(path), "-a", token_cluster["dashboard"]],
+                    _token(token_cluster), 300)
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
     wait_ready(f"http://127.0.0.1:{port}", timeout=300)
     image = next((out / "synthetic-mura").rglob("*.png"), None) or next((out / "synthetic-mura").rglob("*.jpg"))
     answer = requests.post(f"http://127.0.0.1:{port}/v1/classify", data=image.read_bytes(), timeout=60)
