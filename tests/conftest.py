@@ -70,9 +70,8 @@ def wrapped_study(n: int, *, start: int = 0, patient: tuple[str, str] = ("T2-000
     Returns (StudyInstanceUID, Part 10 files)."""
     from pydicom.uid import generate_uid
 
-    from fracray.pacs.wrap import StudyIdentity, wrap_radiograph
-
     from fracray.data.synthetic import BODY_PART_BONES
+    from fracray.pacs.wrap import StudyIdentity, wrap_radiograph
 
     # The tag says ``body_part``; the synthetic pixels (no shared data) are a hand where the renderer
     # has no drawing of that part (CHEST: the out-of-scope tests read the tag, not the pixels).
@@ -166,6 +165,12 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+def joining_session_ray(ray) -> dict[str, str]:
+    """This process's environment with ``RAY_ADDRESS`` at the session's Ray (``ray_local``): a
+    command run in it joins that cluster, as on a cluster, instead of starting a Ray of its own."""
+    return dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
 
 
 def wait_ready(url: str, timeout: float = 180, headers=None) -> None:

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import joining_session_ray, REPO
 
 SCRIPTS = sorted(p.name for p in (REPO / "pipelines").glob("*.py"))
 
@@ -141,7 +141,7 @@ def test_train_all_reads_a_yaml_config(tmp_path, fracatlas_root, ray_local):
     config.write_text(f"dataset: fracatlas\ndata: {fracatlas_root}\nimage-size: 128\nbatch_size: 8\n"
                       f"output: {tmp_path / 'run'}\nskip_training: true\n")
     # On the session's Ray, as on a cluster (the data-stage test above runs it on a Ray of its own).
-    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    env = joining_session_ray(ray_local)
     out = _run(REPO / "pipelines" / "train_all.py", "--config", config, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "data_stage.json").read_text())

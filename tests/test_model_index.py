@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, _free_port, upload_tree
+from conftest import _free_port, joining_session_ray, REPO, upload_tree
 from fracray.artifacts.index import ModelIndex, check_model_index, read_model_index, write_model_index
 from fracray.storage import StorageOptions
 
@@ -112,7 +112,7 @@ def test_score_archive_on_a_moved_run_folder_from_another_directory(tmp_path, un
     _archive(tmp_path / "archive")
     cwd = tmp_path / "somewhere"
     cwd.mkdir()
-    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    env = joining_session_ray(ray_local)
     out = subprocess.run([sys.executable, str(REPO / "pipelines" / "score_archive.py"), "--input",
                           str(tmp_path / "archive"), "--models", str(moved / "model_index.json"), "--output",
                           str(tmp_path / "scores")], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

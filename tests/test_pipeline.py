@@ -2,6 +2,8 @@
 
 import collections
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from conftest import REPO
 from fracray.data import adapters
 from fracray.data.manifest import make_manifest
 from fracray.data.pipeline import (OK, StreamConfig, StreamTally, balance_positives, build_image_dataset,
@@ -56,11 +59,6 @@ def test_preprocess_batch_without_ray_accounts_for_every_row(messy_folder):
 def test_float16_transport_is_the_float32_image_rounded_to_nearest_and_needs_no_torch(messy_folder):
     """The stream ships float16 (half the bytes): exactly the float32 batch rounded as NumPy
     rounds (OpenCV's SIMD conversion), without importing torch into a data worker."""
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
     _, expected = messy_folder
     manifest = make_manifest({"image_uri": u, "dataset": "test"} for u in expected)
     config = PreprocessConfig(image_size=(64, 64), max_pixels=50_000_000)

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from conftest import REPO, _free_port
+from conftest import _free_port, joining_session_ray, REPO
 from review_support import make_run
 
 from fracray.review.feedback import FeedbackRecord, open_store
@@ -540,7 +540,7 @@ def test_the_exported_feedback_trains(run_dir, tmp_path, ray_local):
     manifest = tmp_path / "feedback.parquet"
     counts = export_manifest(run, records, str(manifest))
     assert counts["images"] == 24 and 0 < counts["fractured"] < 24
-    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    env = joining_session_ray(ray_local)
     done = subprocess.run([str(Path(sys.executable).parent / "fracray"), "train", "--dataset", "manifest", "--data",
                            str(manifest), "--output", str(tmp_path / "retrain"), "--single-model", "--epochs", "1",
                            "--image-size", "64", "--train-batch-size", "4"],

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import joining_session_ray, REPO
 from fracray.data.synthetic import render_radiograph
 from fracray.inference.predictor import FracturePredictor
 from fracray.scoring.archive import ScoreConfig, read_image_results, score_archive
@@ -203,7 +203,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(ray_local, untrained_inde
     _make_archive(archive, studies=30, per_study=4)  # 124 inputs, 30 chunks of 4
     output = tmp_path / "scores"
     parts = output / "images"
-    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    env = joining_session_ray(ray_local)
     command = [sys.executable, str(REPO / "pipelines" / "score_archive.py"), "--input", str(archive),
                "--models", untrained_index, "--output", str(output), "--chunk-size", "4", "--batch-size", "4"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

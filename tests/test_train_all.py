@@ -3,14 +3,13 @@ models with Ray Train, evaluation of the composed graph, report, plots, model in
 report that shows the system learning; then evaluate.py and the shared predictor on the result."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import joining_session_ray, REPO
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +85,7 @@ def test_train_all_trains_router_and_per_bone_models_and_reports(trained):
 def test_evaluate_command_and_predictor_on_the_trained_models(trained, ray_local):
     run, _, _ = trained
     # On the session's Ray, as on a cluster (the embedded default above started a Ray of its own).
-    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    env = joining_session_ray(ray_local)
     out = subprocess.run(
         [sys.executable, str(REPO / "pipelines" / "evaluate.py"), "--models", str(run / "model_index.json"),
          "--dataset", "mura", "--data", str(run / "synthetic-mura"), "--split", "all", "--output", str(run / "ev")],
