@@ -78,3 +78,12 @@ def test_bench_engine_threading_measures_one_thread_per_cpu_against_oversubscrip
                         "--cache-dir", str(tmp_path), "--json", str(tmp_path / "without.json")]) == 0
     assert "Threading:" not in capsys.readouterr().out
     assert json.loads((tmp_path / "without.json").read_text())["threading"] is None
+
+
+def test_bench_engine_refuses_an_unknown_model_with_the_registered_ones(capsys):
+    from fracray.benchmarks import engine
+
+    with pytest.raises(SystemExit) as exc:
+        engine.main(["--models", "efficientnet_lite0,nope"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "unknown models ['nope']; registered: [" in err and "efficientnet_lite0" in err
