@@ -1,0 +1,49 @@
+"""`uv pip install` with what pip is configured with here (pip.conf files and PIP_* variables:
+index URLs, find-links, constraints, the certificate bundle), which uv does not read itself.
+
+    .venv/bin/python scripts/uv_install.py -e '.[test]'
+
+Used by scripts/bootstrap.sh; the arguments go to `uv pip install` after the ones read from pip.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# pip's option -> uv's, with the same meaning (pip's configuration separates several values by spaces)
+OPTIONS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url",
+           "find-links": "--find-links", "constraint": "--constraint"}
+
+
+def pip_configuration() -> tuple[list[str], dict[str, str]]:
+    """uv's options and environment for what `pip config list` shows."""
+    listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                             check=True).stdout
+    args: list[str] = []
+    env: dict[str, str] = {}
+    for line in listing.splitlines():
+        key, _, value = line.partition("=")
+        option = key.rsplit(".", 1)[-1]
+        value = value.strip().strip("'\"")
+        if option == "cert" and value:
+            env["SSL_CERT_FILE"] = value        # uv's TLS roots
+        for item in value.split() if option in OPTIONS else ():
+            if item not in args:
+                args += [OPTIONS[option], item]
+    if "--extra-index-url" in args or "--find-links" in args:
+        # pip takes the best version from all indexes together; uv only from the first that has the
+        # package, which would miss PyPI's release when a local index holds an older one of it.
+        args += ["--index-strategy", "unsafe-best-match"]
+    return args, env
+
+
+def main(argv: list[str]) -> int:
+    args, env = pip_configuration()
+    uv = Path(sys.executable).with_name("uv")
+    command = [str(uv), "pip", "install", "--python", sys.executable, *args, *argv]
+    return subprocess.run(command, env={**os.environ, **env}).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
