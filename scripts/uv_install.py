@@ -6,6 +6,7 @@ index URLs, find-links, constraints, the certificate bundle), which uv does not 
 Used by scripts/bootstrap.sh; the arguments go to `uv pip install` after the ones read from pip.
 """
 
+import ast
 import os
 import subprocess
 import sys
@@ -13,21 +14,28 @@ from pathlib import Path
 
 # pip's option -> uv's, with the same meaning (pip's configuration separates several values by spaces)
 OPTIONS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url",
-           "find-links": "--find-links", "constraint": "--constraint"}
+           "find-links": "--find-links", "constraint": "--constraint", "trusted-host": "--allow-insecure-host"}
 
 
-def pip_configuration() -> tuple[list[str], dict[str, str]]:
-    """uv's options and environment for what `pip config list` shows."""
-    listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
-                             check=True).stdout
+def pip_configuration(listing: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """uv's options and environment for what `pip config list` shows (``key='value'`` lines,
+    the value as Python's repr, so a multi-line pip.conf value arrives with its newlines)."""
+    if listing is None:
+        listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                                 check=True).stdout
     args: list[str] = []
     env: dict[str, str] = {}
     for line in listing.splitlines():
-        key, _, value = line.partition("=")
+        key, _, raw = line.partition("=")
         option = key.rsplit(".", 1)[-1]
-        value = value.strip().strip("'\"")
+        try:
+            value = str(ast.literal_eval(raw.strip()))
+        except (ValueError, SyntaxError):
+            value = raw.strip()
         if option == "cert" and value:
             env["SSL_CERT_FILE"] = value        # uv's TLS roots
+        elif option == "no-index" and value.lower() in ("1", "true", "yes", "on"):
+            args.append("--no-index")
         for item in value.split() if option in OPTIONS else ():
             if item not in args:
                 args += [OPTIONS[option], item]
