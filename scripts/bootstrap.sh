@@ -18,8 +18,8 @@ stamp=.venv/.fracray-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "Installing fracray and its pinned dependencies into .venv (a few minutes the first time) ..."
-  # uv unpacks the ~7 GB of wheels (torch's CUDA libraries are most of it) on every core: 40 s here
-  # against pip's 87 s. It reads none of pip's configuration, so it gets the indexes, links,
+  # uv unpacks the ~7 GB of wheels (torch's CUDA libraries are most of it) on every core: 55-62 s
+  # here against pip's 88-111 s. It reads none of pip's configuration, so it gets the indexes, links,
   # constraints and certificates pip is configured with (scripts/uv_install.py). Where uv cannot
   # be had or fails, pip installs the same pins.
   if .venv/bin/python -m pip install --quiet "uv==0.13.9" 2>/dev/null \

@@ -15,6 +15,8 @@ from pathlib import Path
 # pip's option -> uv's, with the same meaning (pip's configuration separates several values by spaces)
 OPTIONS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url",
            "find-links": "--find-links", "constraint": "--constraint", "trusted-host": "--allow-insecure-host"}
+# The sections `pip install` reads, in its override order (pip.conf's [global], [install], then PIP_*)
+SECTIONS = {"global": 0, "install": 1, ":env:": 2}
 
 
 def pip_configuration(listing: str | None = None) -> tuple[list[str], dict[str, str]]:
@@ -23,22 +25,25 @@ def pip_configuration(listing: str | None = None) -> tuple[list[str], dict[str, 
     if listing is None:
         listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
                                  check=True).stdout
-    args: list[str] = []
-    env: dict[str, str] = {}
-    for line in listing.splitlines():
-        key, _, raw = line.partition("=")
-        option = key.rsplit(".", 1)[-1]
+    # As pip's install command reads them: the [global] sections of every file, then [install],
+    # then the PIP_* variables (":env:"); a later one overrides an earlier one, file by file.
+    lines = [line.partition("=") for line in listing.splitlines()]
+    lines = sorted((line for line in lines if line[0].rsplit(".", 1)[0] in SECTIONS),
+                   key=lambda line: SECTIONS[line[0].rsplit(".", 1)[0]])
+    values: dict[str, str] = {}
+    for key, _, raw in lines:
         try:
             value = str(ast.literal_eval(raw.strip()))
         except (ValueError, SyntaxError):
             value = raw.strip()
-        if option == "cert" and value:
-            env["SSL_CERT_FILE"] = value        # uv's TLS roots
-        elif option == "no-index" and value.lower() in ("1", "true", "yes", "on"):
-            args.append("--no-index")
-        for item in value.split() if option in OPTIONS else ():
-            if item not in args:
-                args += [OPTIONS[option], item]
+        values[key.rsplit(".", 1)[-1]] = value
+    args: list[str] = []
+    for option, flag in OPTIONS.items():
+        for item in values.get(option, "").split():
+            args += [flag, item]
+    if values.get("no-index", "").lower() in ("1", "true", "yes", "on"):
+        args.append("--no-index")
+    env = {"SSL_CERT_FILE": values["cert"]} if values.get("cert") else {}  # uv's TLS roots
     if "--extra-index-url" in args or "--find-links" in args:
         # pip takes the best version from all indexes together; uv only from the first that has the
         # package, which would miss PyPI's release when a local index holds an older one of it.

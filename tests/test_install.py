@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def _uv_install():
@@ -19,14 +19,15 @@ def _uv_install():
 
 
 def test_pip_configuration_becomes_uv_options():
+    # As `pip config list` prints them: the files' lines, then PIP_* variables' (":env:"), later overriding.
     listing = "\n".join([
-        "global.extra-index-url='\\nfile:///a/simple\\nfile:///b/simple'",   # a multi-line pip.conf value
-        ":env:.find-links='/opt/wheels'",
-        "global.find-links='/opt/wheels'",                                  # the same place twice: once
-        "global.constraint='/etc/pip/constraints.txt'",
         "global.cert='/etc/ca.crt'",
-        "global.trusted-host='mirror.local'",
+        "global.constraint='/etc/pip/constraints.txt'",
+        "global.extra-index-url='\\nfile:///a/simple\\nfile:///b/simple'",   # a multi-line pip.conf value
+        "global.find-links='/srv/old-wheels'",
         "global.timeout='60'",                                              # nothing of uv's
+        "global.trusted-host='mirror.local'",
+        ":env:.find-links='/opt/wheels'",                                   # PIP_FIND_LINKS wins, as in pip
     ])
     args, env = _uv_install().pip_configuration(listing)
     assert args == ["--extra-index-url", "file:///a/simple", "--extra-index-url", "file:///b/simple",
@@ -37,6 +38,11 @@ def test_pip_configuration_becomes_uv_options():
     assert env == {"SSL_CERT_FILE": "/etc/ca.crt"}
     assert _uv_install().pip_configuration("global.index-url='https://pypi.example/simple'\n:env:.no-index='1'") == \
         (["--index-url", "https://pypi.example/simple", "--no-index"], {})
+    # [install] of one file over [global] of a later one; [download] is not the install's.
+    assert _uv_install().pip_configuration("install.index-url='https://mirror/simple'\n"
+                                           "download.find-links='/elsewhere'\n"
+                                           "global.index-url='https://pypi.example/simple'") == \
+        (["--index-url", "https://mirror/simple"], {})
     assert _uv_install().pip_configuration("") == ([], {})
 
 
